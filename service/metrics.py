@@ -1,0 +1,29 @@
+"""Prometheus metrics (prometheus-client), served on --metrics-port."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+QUEUE_DEPTH = Gauge("esm_queue_items", "Work items waiting for a batch")
+REJECTED = Counter("esm_rejected_requests_total", "Requests refused because the queue was full")
+DROPPED = Counter("esm_dropped_items_total", "Queued items dropped before reaching the model", ["reason"])
+BATCHES = Counter("esm_batches_total", "Batches run by the model worker", ["model"])
+ITEMS = Counter("esm_items_total", "Items run by the model worker", ["model"])
+RESIDUES = Counter("esm_residues_total", "Residues (BOS/EOS excluded) run by the model worker", ["model"])
+PADDED_TOKENS = Counter("esm_padded_tokens_total", "Batch size x longest item, summed over batches", ["model"])
+BATCH_SECONDS = Histogram(
+    "esm_batch_seconds", "Model worker time per batch", ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+BATCH_SIZE = Histogram("esm_batch_items", "Items per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+REQUESTS = Counter("esm_requests_total", "RPCs finished", ["method", "code"])
+
+
+def observe_batch(batch, seconds: float) -> None:
+    model = batch[0].model
+    BATCHES.labels(model).inc()
+    ITEMS.labels(model).inc(len(batch))
+    RESIDUES.labels(model).inc(sum(item.length - 2 for item in batch))
+    PADDED_TOKENS.labels(model).inc(len(batch) * max(item.length for item in batch))
+    BATCH_SECONDS.labels(model).observe(seconds)
+    BATCH_SIZE.labels(model).observe(len(batch))

@@ -1,0 +1,160 @@
+"""The one thread that owns the device and calls the models.
+
+fair-esm's rotary-embedding cache is mutable module state that breaks under
+concurrent calls with different lengths, so nothing else ever runs a model. The
+worker takes ready-made batches of token ids and returns numpy outputs per item;
+it never sees a request message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from service.checkpoints import LoadedModel
+from service.esm_forward import BatchPlan, forward
+
+log = logging.getLogger(__name__)
+
+
+class ItemFailed(Exception):
+    """A work item could not be computed; `code` names the gRPC status to report."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One sequence of one request, ready for the model."""
+
+    model: str
+    token_ids: torch.Tensor  # int64 [BOS, residues..., EOS]
+    include: frozenset[str]
+    layers: tuple[int, ...]
+    future: object  # asyncio.Future, resolved by the scheduler
+    deadline: float | None  # time.monotonic() seconds
+    enqueued_at: float
+
+    @property
+    def length(self) -> int:  # tokens, BOS and EOS included
+        return self.token_ids.numel()
+
+    @property
+    def needs_maps(self) -> bool:
+        return "contacts" in self.include or "attentions" in self.include
+
+
+@dataclass
+class ItemResult:
+    """float32 outputs of one item, residues only."""
+
+    mean: dict[int, np.ndarray] = field(default_factory=dict)
+    bos: dict[int, np.ndarray] = field(default_factory=dict)
+    per_token: dict[int, np.ndarray] = field(default_factory=dict)
+    contacts: np.ndarray | None = None
+    attentions: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {requested}: CUDA is not available on this machine")
+    return device
+
+
+_PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    # A copy, so that no item keeps the whole batch's tensor alive.
+    return tensor.float().cpu().numpy().copy()
+
+
+class ModelWorker:
+    def __init__(
+        self,
+        models: dict[str, LoadedModel],
+        device: torch.device,
+        precision: str = "fp32",
+        fast_attention: bool = True,
+        simulate_oom_above_tokens: int = 0,
+    ):
+        self.models = models
+        self.device = device
+        self.autocast_dtype = _PRECISIONS[precision]
+        self.fast_attention = fast_attention
+        # Testing aid: behave as if the device ran out of memory on larger batches.
+        self.simulate_oom_above_tokens = simulate_oom_above_tokens
+        for loaded in models.values():
+            loaded.model.to(device)
+
+    def run(self, batch: list[WorkItem]) -> list[ItemResult | ItemFailed]:
+        """Compute a batch (all items of one model); never raises."""
+        try:
+            return self._run(batch)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                return [ItemFailed("RESOURCE_EXHAUSTED", f"a {batch[0].length - 2}-residue sequence does not fit in {self.device} memory")]
+            half = len(batch) // 2
+            log.warning("out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
+            return self.run(batch[:half]) + self.run(batch[half:])
+        except Exception as exc:  # a failing batch fails only its own items
+            log.exception("batch of %d items failed", len(batch))
+            return [ItemFailed("INTERNAL", f"model failure: {exc}")] * len(batch)
+
+    def _run(self, batch: list[WorkItem]) -> list[ItemResult]:
+        loaded = self.models[batch[0].model]
+        width = max(item.length for item in batch)
+        if self.simulate_oom_above_tokens and width * len(batch) > self.simulate_oom_above_tokens:
+            raise torch.OutOfMemoryError(f"simulated: {len(batch)} x {width} tokens")
+        tokens = torch.full((len(batch), width), loaded.alphabet.padding_idx, dtype=torch.int64)
+        for row, item in enumerate(batch):
+            tokens[row, : item.length] = item.token_ids
+        plan = BatchPlan(
+            layers=frozenset(layer for item in batch for layer in item.layers if item.include & {"mean", "bos", "per_token"}),
+            logits=any("logits" in item.include for item in batch),
+            attentions=any("attentions" in item.include for item in batch),
+            contacts=any("contacts" in item.include for item in batch),
+            fast_attention=self.fast_attention,
+        )
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            out = forward(loaded.model, tokens.to(self.device), plan)
+        return [self._extract(out, row, item) for row, item in enumerate(batch)]
+
+    @staticmethod
+    def _extract(out, row: int, item: WorkItem) -> ItemResult:
+        residues = item.length - 2
+        result = ItemResult()
+        for layer in item.layers:
+            if layer not in out.representations:
+                continue
+            rep = out.representations[layer][row]
+            if "mean" in item.include:
+                result.mean[layer] = _numpy(rep[1 : residues + 1].mean(0))
+            if "bos" in item.include:
+                result.bos[layer] = _numpy(rep[0])
+            if "per_token" in item.include:
+                result.per_token[layer] = _numpy(rep[1 : residues + 1])
+        if "logits" in item.include:
+            result.logits = _numpy(out.logits[row, 1 : residues + 1])
+        if "contacts" in item.include:
+            result.contacts = _numpy(out.contacts[row, :residues, :residues])
+        if "attentions" in item.include:
+            result.attentions = _numpy(out.attentions[row, 1 : residues + 1, 1 : residues + 1])
+        return result

@@ -1,0 +1,80 @@
+"""Write random-weight ESM-2 checkpoints in fair-esm's file format.
+
+For tests, benchmarks and offline demos: throughput does not depend on the weights'
+values, and parity tests compare against fair-esm loading the very same file. Every
+checkpoint written here is marked, and the server says loudly that it is random.
+
+    python -m service.random_checkpoints --shape 8m --out checkpoints/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import esm
+import torch
+
+from service.checkpoints import RANDOM_WEIGHTS_KEY, STANDARD_MODELS, regression_path
+
+# shape name -> (layers, embed_dim, heads, file stem); real shapes use fair-esm's names.
+SHAPES = {
+    "tiny": (2, 64, 4, "esm2_t2_tiny_random"),
+    "8m": (6, 320, 20, STANDARD_MODELS["esm2-8m"]),
+    "35m": (12, 480, 20, STANDARD_MODELS["esm2-35m"]),
+    "150m": (30, 640, 20, STANDARD_MODELS["esm2-150m"]),
+    "650m": (33, 1280, 20, STANDARD_MODELS["esm2-650m"]),
+}
+
+
+def write_random_checkpoint(shape: str, out_dir: Path, seed: int = 0) -> Path:
+    """Write `<stem>.pt` and `<stem>-contact-regression.pt` into out_dir; return the .pt path."""
+    layers, dim, heads, stem = SHAPES[shape]
+    torch.manual_seed(seed)
+    model = esm.model.esm2.ESM2(
+        num_layers=layers, embed_dim=dim, attention_heads=heads, alphabet="ESM-1b", token_dropout=True
+    )
+    # fair-esm's init leaves LayerNorms at identity and biases at zero; perturb them so
+    # that tests exercise every parameter.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name or name.endswith("bias"):
+                param.add_(0.02 * torch.randn_like(param))
+    state = model.state_dict()
+    regression = {k: state.pop(k) for k in list(state) if k.startswith("contact_head.")}
+    cfg = argparse.Namespace(
+        encoder_layers=layers,
+        encoder_embed_dim=dim,
+        encoder_attention_heads=heads,
+        token_dropout=True,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.pt"
+    # Same layout as the released checkpoints: prefixed keys that fair-esm strips.
+    torch.save(
+        {
+            "model": {f"encoder.sentence_encoder.{k}": v for k, v in state.items()},
+            "cfg": {"model": cfg},
+            RANDOM_WEIGHTS_KEY: True,
+        },
+        path,
+    )
+    torch.save({"model": regression, RANDOM_WEIGHTS_KEY: True}, regression_path(path))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), action="append", required=True)
+    parser.add_argument("--out", type=Path, required=True, help="directory to write into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for shape in args.shape:
+        path = write_random_checkpoint(shape, args.out, args.seed)
+        print(f"wrote {path} (RANDOM WEIGHTS, shape {shape})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

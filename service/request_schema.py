@@ -1,0 +1,52 @@
+"""JSON schema of the REST request bodies, as served at /api/v3/schema/<model>/<action>/.
+
+BioLM's Python client reads `properties.items.maxItems` to size its batches.
+"""
+
+from __future__ import annotations
+
+from service.validation import INCLUDE_ALIASES, INCLUDE_VALUES, Limits
+
+
+def request_schema(model: str, action: str, limits: Limits) -> dict:
+    sequence_pattern = "^[ACDEFGHIKLMNPQRSTVWYBXZUO-]+$" if action == "encode" else (
+        "^([ACDEFGHIKLMNPQRSTVWYBXZUO]|<mask>)*<mask>([ACDEFGHIKLMNPQRSTVWYBXZUO]|<mask>)*$"
+    )
+    params = {
+        "type": "object",
+        "properties": {
+            "repr_layers": {"type": "array", "items": {"type": "integer"}, "default": [-1]},
+            "include": {
+                "type": "array",
+                "items": {"type": "string", "enum": [*INCLUDE_VALUES, *INCLUDE_ALIASES]},
+                "default": ["mean"],
+            },
+        },
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"{model} {action} request",
+        "type": "object",
+        "required": ["items"],
+        "properties": {
+            "params": params,
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": limits.max_items,
+                "items": {
+                    "type": "object",
+                    "required": ["sequence"],
+                    "properties": {
+                        "sequence": {
+                            "type": "string",
+                            "minLength": 1,
+                            # <mask> counts as one residue; the server checks the exact length.
+                            "maxLength": limits.max_sequence_length * (6 if action == "predict" else 1),
+                            "pattern": sequence_pattern,
+                        }
+                    },
+                },
+            },
+        },
+    }

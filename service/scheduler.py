@@ -1,0 +1,171 @@
+"""Batches work items across concurrent requests and feeds the model worker.
+
+Runs on the event loop and never blocks it: batches go to the worker thread through
+`run_in_executor`. A batch holds items of one model and one attention mode (items that
+need attention maps take the slower exact path, so they are not mixed with the rest),
+of similar lengths, under a padded-token budget and a size cap. The oldest waiting
+item anchors every batch, so no item starves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from service import metrics
+from service.model_worker import ItemFailed, ModelWorker, WorkItem
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_tokens: int = 8192  # padded tokens (batch size x longest item)
+    max_batch_size: int = 64
+    max_wait_s: float = 0.005  # how long an idle worker waits to fill a batch
+    max_queue_items: int = 256
+
+
+def take_batch(pending: list[WorkItem], limits: BatchLimits) -> list[WorkItem]:
+    """Remove and return the next batch: the oldest item plus its nearest-length peers."""
+    anchor = pending[0]
+    peers = sorted(
+        (it for it in pending if it.model == anchor.model and it.needs_maps == anchor.needs_maps),
+        key=lambda it: it.length,
+    )
+    lo = hi = peers.index(anchor)
+    width = anchor.length
+    while hi - lo + 1 < limits.max_batch_size:
+        shorter = peers[lo - 1] if lo > 0 else None
+        longer = peers[hi + 1] if hi + 1 < len(peers) else None
+        count = hi - lo + 2
+        # Added padding: a shorter item pads itself; a longer one widens every row.
+        cost_shorter = width - shorter.length if shorter else None
+        cost_longer = (longer.length - width) * (count - 1) if longer else None
+        if shorter and (cost_longer is None or cost_shorter <= cost_longer):
+            if width * count > limits.max_batch_tokens:
+                break
+            lo -= 1
+        elif longer:
+            if longer.length * count > limits.max_batch_tokens:
+                break
+            hi += 1
+            width = longer.length
+        else:
+            break
+    batch = peers[lo : hi + 1]
+    chosen = set(map(id, batch))
+    pending[:] = [it for it in pending if id(it) not in chosen]
+    return batch
+
+
+class Scheduler:
+    def __init__(self, worker: ModelWorker, limits: BatchLimits):
+        self.worker = worker
+        self.limits = limits
+        self._pending: list[WorkItem] = []
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esm-model-worker")
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="esm-scheduler")
+
+    def submit(self, items: list[WorkItem]) -> None:
+        """Queue all items of one request, or none of them."""
+        if self._closing:
+            raise QueueFull("server is shutting down")
+        if len(self._pending) + len(items) > self.limits.max_queue_items:
+            metrics.REJECTED.inc()
+            raise QueueFull(
+                f"server busy: {len(self._pending)} items queued (limit {self.limits.max_queue_items}); retry later"
+            )
+        self._pending.extend(items)
+        metrics.QUEUE_DEPTH.set(len(self._pending))
+        self._arrived.set()
+
+    async def run_once(self, batch: list[WorkItem]) -> None:
+        """Run one batch on the worker thread (also used for warm-up)."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        results = await loop.run_in_executor(self._executor, self.worker.run, batch)
+        metrics.observe_batch(batch, time.perf_counter() - started)
+        for item, result in zip(batch, results):
+            if item.future.done():  # cancelled while running
+                continue
+            if isinstance(result, ItemFailed):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        alive = []
+        for item in self._pending:
+            if item.future.done():
+                metrics.DROPPED.labels("cancelled").inc()
+            elif item.deadline is not None and now >= item.deadline:
+                metrics.DROPPED.labels("deadline").inc()
+                item.future.set_exception(ItemFailed("DEADLINE_EXCEEDED", "deadline passed while queued"))
+            else:
+                alive.append(item)
+        self._pending[:] = alive
+        metrics.QUEUE_DEPTH.set(len(alive))
+
+    def _batch_is_full(self) -> bool:
+        anchor = self._pending[0]
+        same = [it for it in self._pending if it.model == anchor.model and it.needs_maps == anchor.needs_maps]
+        width = max(it.length for it in same)
+        return len(same) >= self.limits.max_batch_size or width * len(same) >= self.limits.max_batch_tokens
+
+    async def _fill_window(self) -> None:
+        """Give concurrent callers a moment to join before an idle worker starts."""
+        deadline = self._pending[0].enqueued_at + self.limits.max_wait_s
+        while not self._batch_is_full():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    async def _loop(self) -> None:
+        while True:
+            self._drop_dead()
+            if not self._pending:
+                if self._closing:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await self._fill_window()
+            self._drop_dead()
+            if not self._pending:
+                continue
+            batch = take_batch(self._pending, self.limits)
+            metrics.QUEUE_DEPTH.set(len(self._pending))
+            try:
+                await self.run_once(batch)
+            except Exception:  # the loop must survive anything
+                log.exception("scheduler failed to run a batch")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(ItemFailed("INTERNAL", "scheduler failure"))
+
+    async def close(self) -> None:
+        """Finish everything queued, then stop."""
+        self._closing = True
+        self._arrived.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)

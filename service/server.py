@@ -1,0 +1,179 @@
+"""Start the ESM-2 gRPC server: load and warm the models, then serve until SIGTERM.
+
+    python -m service.server --models esm2-8m --model-dir /models
+
+Every flag can also be set by an environment variable (ESM_ plus the flag name in
+capitals, e.g. ESM_MODELS, ESM_PORT); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import prometheus_client
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service import checkpoints
+from service.auth import ApiKeyInterceptor, load_keys
+from service.model_worker import ModelWorker, WorkItem, resolve_device
+from service.proto import pb, pb_grpc
+from service.scheduler import BatchLimits, Scheduler
+from service.servicer import Esm2Servicer
+from service.validation import Limits
+
+log = logging.getLogger("service")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
+MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; streaming is preferred
+
+
+def _env(name: str, default):
+    return os.environ.get(f"ESM_{name.upper()}", default)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="esm2-server", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default=_env("host", "0.0.0.0"))
+    p.add_argument("--port", type=int, default=int(_env("port", 50051)), help="gRPC port (0 picks a free one)")
+    p.add_argument("--models", default=_env("models", "esm2-8m"), help="comma-separated served models")
+    p.add_argument("--model-dir", type=Path, default=_env("model_dir", None), help="directory of fair-esm .pt files")
+    p.add_argument(
+        "--checkpoint", action="append", default=[c for c in _env("checkpoints", "").split(",") if c],
+        metavar="NAME=PATH", help="explicit checkpoint for a model (repeatable; ESM_CHECKPOINTS is comma-separated)",
+    )
+    p.add_argument("--offline", action="store_true", default=_env("offline", "") in ("1", "true"),
+                   help="never download missing checkpoints")
+    p.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=_env("precision", "fp32"),
+                   help="autocast precision (fp16/bf16 only make sense on CUDA)")
+    p.add_argument("--attention", choices=("fast", "exact"), default=_env("attention", "fast"),
+                   help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
+    p.add_argument("--max-items", type=int, default=int(_env("max_items", 8)))
+    p.add_argument("--max-sequence-length", type=int, default=int(_env("max_sequence_length", 2048)))
+    p.add_argument("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", 8192)))
+    p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", 64)))
+    p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", 5)))
+    p.add_argument("--max-queue-items", type=int, default=int(_env("max_queue_items", 256)))
+    p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9090)), help="0 disables")
+    p.add_argument("--api-keys-file", default=_env("api_keys_file", None), help="one key per line")
+    p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)))
+    p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once ready")
+    p.add_argument("--simulate-oom-above-tokens", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.max_queue_items < args.max_items:
+        p.error("--max-queue-items must be at least --max-items")
+    return args
+
+
+def load_models(args) -> dict[str, checkpoints.LoadedModel]:
+    explicit = {}
+    for entry in args.checkpoint:
+        name, sep, path = entry.partition("=")
+        if not sep:
+            raise SystemExit(f"--checkpoint {entry!r}: expected NAME=PATH")
+        explicit[name.strip()] = Path(path.strip())
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    models = {}
+    for name in names:
+        path = checkpoints.locate(name, explicit.get(name), args.model_dir, allow_download=not args.offline)
+        loaded = checkpoints.load(name, path)
+        if loaded.random_weights:
+            log.warning("!" * 72)
+            log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", name, path)
+            log.warning("!" * 72)
+        log.info("loaded %s from %s: %d layers, dim %d", name, path, loaded.num_layers, loaded.embed_dim)
+        models[name] = loaded
+    return models
+
+
+async def warm_up(scheduler: Scheduler, servicer: Esm2Servicer) -> None:
+    """One pass per model and attention mode, so the first request pays no start-up cost."""
+    loop = asyncio.get_running_loop()
+    for name, loaded in servicer.models.items():
+        tokens = [loaded.alphabet.cls_idx] + [loaded.alphabet.get_idx(c) for c in "MKTAYIAKQR"] + [loaded.alphabet.eos_idx]
+        for include in ({"mean", "logits"}, {"attentions"}):
+            item = WorkItem(name, torch.tensor(tokens), frozenset(include), (loaded.num_layers,),
+                            loop.create_future(), None, time.monotonic())
+            await scheduler.run_once([item])
+            item.future.result()
+        servicer.ready.add(name)
+
+
+async def serve(args) -> None:
+    models = load_models(args)
+    device = resolve_device(args.device)
+    worker = ModelWorker(models, device, args.precision, args.attention == "fast", args.simulate_oom_above_tokens)
+    limits = Limits(args.max_items, args.max_sequence_length)
+    scheduler = Scheduler(
+        worker,
+        BatchLimits(args.max_batch_tokens, args.max_batch_size, args.max_wait_ms / 1000, args.max_queue_items),
+    )
+    servicer = Esm2Servicer(models, scheduler, limits, str(device))
+
+    keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
+    server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(keys)] if keys else [],
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", 64 << 20),
+        ],
+    )
+    pb_grpc.add_Esm2ServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    for name in ["", SERVICE_NAME, *models]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if args.metrics_port:
+        prometheus_client.start_http_server(args.metrics_port, addr=args.host)
+    await server.start()
+    log.info("gRPC listening on %s:%d; warming up on %s", args.host, port, device)
+
+    await warm_up(scheduler, servicer)
+    scheduler.start()
+    for name in ["", SERVICE_NAME, *models]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if keys:
+        log.info("API keys required (%d configured)", len(keys))
+    log.info("ready: serving %s on port %d", ", ".join(models), port)
+    if args.port_file:
+        args.port_file.write_text(str(port))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(args.grace_seconds)
+    await scheduler.close()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        asyncio.run(serve(args))
+    except checkpoints.CheckpointNotFound as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""gRPC handlers: validate, queue work items, await them, render the answer.
+
+Nothing here touches a model; results come back from the scheduler's futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import orjson
+import torch
+from google.api import httpbody_pb2
+
+from service import metrics, rendering
+from service.checkpoints import LoadedModel
+from service.esm_forward import amino_acid_columns
+from service.model_worker import ItemFailed, ItemResult, WorkItem
+from service.proto import pb, pb_grpc
+from service.request_schema import request_schema
+from service.scheduler import QueueFull, Scheduler
+from service.validation import InvalidRequest, Limits, ParsedItem, parse_items, parse_options
+
+log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Job:
+    """A validated request: which model, which items, what to compute."""
+
+    model: LoadedModel
+    items: list[ParsedItem]
+    include: frozenset[str]
+    layers: tuple[int, ...]
+
+
+class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
+    def __init__(self, models: dict[str, LoadedModel], scheduler: Scheduler, limits: Limits, device: str):
+        self.models = models
+        self.scheduler = scheduler
+        self.limits = limits
+        self.device = device
+        self.ready: set[str] = set()
+        self._vocab = {
+            name: [m.alphabet.all_toks[i] for i in amino_acid_columns(m.alphabet)] for name, m in models.items()
+        }
+
+    # ---- request preparation -------------------------------------------------
+    def _model(self, name: str) -> LoadedModel:
+        loaded = self.models.get(name)
+        if loaded is None:
+            raise Rejected(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {name!r} is not served here; served models: {', '.join(sorted(self.models))}",
+            )
+        return loaded
+
+    def _encode_job(self, model: str, params: pb.EncodeParams, items) -> Job:
+        loaded = self._model(model)
+        parsed = parse_items([it.sequence for it in items], predict=False, limits=self.limits)
+        options = parse_options(list(params.include), list(params.repr_layers), loaded.num_layers, model)
+        if "contacts" in options.include and not loaded.has_contact_regression:
+            raise Rejected(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"params.include: model {model} has no contact regression weights "
+                f"({loaded.checkpoint.stem}-contact-regression.pt was not found), so contacts are unavailable",
+            )
+        return Job(loaded, parsed, options.include, options.layers)
+
+    def _predict_job(self, model: str, items) -> Job:
+        loaded = self._model(model)
+        parsed = parse_items([it.sequence for it in items], predict=True, limits=self.limits)
+        return Job(loaded, parsed, frozenset({"logits"}), ())
+
+    def _submit(self, job: Job, context) -> list[asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        remaining = context.time_remaining()
+        alphabet = job.model.alphabet
+        work = [
+            WorkItem(
+                model=job.model.name,
+                token_ids=_token_ids(alphabet, item.tokens),
+                include=job.include,
+                layers=job.layers,
+                future=loop.create_future(),
+                deadline=None if remaining is None else now + remaining,
+                enqueued_at=now,
+            )
+            for item in job.items
+        ]
+        self.scheduler.submit(work)
+        return [w.future for w in work]
+
+    async def _results(self, job: Job, context) -> list[ItemResult]:
+        futures = self._submit(job, context)
+        try:
+            return await asyncio.gather(*futures)
+        finally:
+            for future in futures:  # drops still-queued work on failure or cancellation
+                future.cancel()
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, context):
+        """Map failures to gRPC statuses, and count every RPC."""
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            yield
+        except InvalidRequest as exc:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except Rejected as exc:
+            code, message = exc.code, str(exc)
+        except QueueFull as exc:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        except ItemFailed as exc:
+            code, message = getattr(grpc.StatusCode, exc.code), str(exc)
+        except asyncio.CancelledError:
+            metrics.REQUESTS.labels(method, "CANCELLED").inc()
+            raise
+        metrics.REQUESTS.labels(method, code.name).inc()
+        if code is not grpc.StatusCode.OK:
+            await context.abort(code, message)
+
+    # ---- unary ---------------------------------------------------------------
+    async def Encode(self, request, context):
+        async with self._rpc("Encode", context):
+            job = self._encode_job(request.model, request.params, request.items)
+            results = await self._results(job, context)
+            vocab = self._vocab[job.model.name]
+            return await asyncio.to_thread(
+                lambda: pb.EncodeResponse(
+                    results=[rendering.encode_result(i, r, vocab) for i, r in enumerate(results)]
+                )
+            )
+
+    async def Predict(self, request, context):
+        async with self._rpc("Predict", context):
+            job = self._predict_job(request.model, request.items)
+            results = await self._results(job, context)
+            vocab = self._vocab[job.model.name]
+            return await asyncio.to_thread(
+                lambda: pb.PredictResponse(
+                    results=[
+                        rendering.predict_result(i, r, job.items[i].tokens, vocab) for i, r in enumerate(results)
+                    ]
+                )
+            )
+
+    # ---- JSON (through the Envoy gateway) --------------------------------------
+    async def EncodeJson(self, request, context):
+        async with self._rpc("EncodeJson", context):
+            job = self._encode_job(request.model, request.params, request.items)
+            results = await self._results(job, context)
+            vocab = self._vocab[job.model.name]
+            body = await asyncio.to_thread(
+                lambda: rendering.json_body([rendering.encode_json_result(i, r, vocab) for i, r in enumerate(results)])
+            )
+            return httpbody_pb2.HttpBody(content_type="application/json", data=body)
+
+    async def PredictJson(self, request, context):
+        async with self._rpc("PredictJson", context):
+            job = self._predict_job(request.model, request.items)
+            results = await self._results(job, context)
+            vocab = self._vocab[job.model.name]
+            body = await asyncio.to_thread(
+                lambda: rendering.json_body(
+                    [rendering.predict_json_result(i, r, job.items[i].tokens, vocab) for i, r in enumerate(results)]
+                )
+            )
+            return httpbody_pb2.HttpBody(content_type="application/json", data=body)
+
+    async def GetRequestSchema(self, request, context):
+        async with self._rpc("GetRequestSchema", context):
+            loaded = self._model(request.model)
+            if request.action not in ("encode", "predict"):
+                raise Rejected(grpc.StatusCode.NOT_FOUND, f"action {request.action!r} does not exist; use encode or predict")
+            schema = request_schema(loaded.name, request.action, self.limits)
+            return httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(schema))
+
+    # ---- streaming ------------------------------------------------------------
+    async def _stream(self, job: Job, context, options: pb.StreamOptions, response_type, predict: bool):
+        futures = self._submit(job, context)
+        vocab = self._vocab[job.model.name]
+        chunk_bytes = rendering.chunk_size(options.max_chunk_bytes)
+        try:
+            for index, future in enumerate(futures):
+                result = await future
+                item = job.items[index]
+                header = pb.ItemHeader(sequence_index=index, sequence_length=len(item.tokens))
+                if result.logits is not None:
+                    header.vocab_tokens.extend(vocab)
+                if predict:
+                    header.sequence_tokens.extend(item.tokens)
+                yield response_type(item_header=header)
+                for chunk in rendering.encode_stream_chunks(index, result, options.data_type, chunk_bytes):
+                    yield response_type(chunk=chunk)
+        finally:
+            for future in futures:
+                future.cancel()
+
+    async def EncodeStream(self, request, context):
+        async with self._rpc("EncodeStream", context):
+            job = self._encode_job(request.model, request.params, request.items)
+            async for message in self._stream(job, context, request.stream_options, pb.EncodeStreamResponse, False):
+                yield message
+
+    async def PredictStream(self, request, context):
+        async with self._rpc("PredictStream", context):
+            job = self._predict_job(request.model, request.items)
+            async for message in self._stream(job, context, request.stream_options, pb.PredictStreamResponse, True):
+                yield message
+
+    # ---- models ---------------------------------------------------------------
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[self.model_info(name) for name in sorted(self.models)])
+
+    def model_info(self, name: str) -> pb.ModelInfo:
+        m = self.models[name]
+        return pb.ModelInfo(
+            name=name, checkpoint=str(m.checkpoint), num_layers=m.num_layers, embed_dim=m.embed_dim,
+            attention_heads=m.attention_heads, parameters=m.parameters, random_weights=m.random_weights,
+            ready=name in self.ready, max_items=self.limits.max_items,
+            max_sequence_length=self.limits.max_sequence_length, device=self.device,
+        )
+
+
+def _token_ids(alphabet, tokens: tuple[str, ...]) -> torch.Tensor:
+    ids = [alphabet.cls_idx, *(alphabet.tok_to_idx[t] for t in tokens), alphabet.eos_idx]
+    return torch.tensor(ids, dtype=torch.int64)

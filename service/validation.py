@@ -1,0 +1,133 @@
+"""Request validation and tokenization, before any model work.
+
+fair-esm's tokenizer raises KeyError on unknown letters, silently drops whitespace and
+accepts special tokens such as `<pad>` inside a sequence, so sequences are checked
+here character by character and tokenized with the alphabet's index directly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ENCODE_LETTERS = frozenset("ACDEFGHIKLMNPQRSTVWYBXZUO-")
+PREDICT_LETTERS = ENCODE_LETTERS - {"-"}
+MASK = "<mask>"
+INCLUDE_VALUES = ("mean", "per_token", "bos", "contacts", "logits", "attentions")
+INCLUDE_ALIASES = {"per_residue": "per_token"}
+DEFAULT_INCLUDE = ("mean",)
+DEFAULT_REPR_LAYERS = (-1,)
+_MASK_SPLIT = re.compile(re.escape(MASK))
+
+
+class InvalidRequest(ValueError):
+    """Input the caller must fix (gRPC INVALID_ARGUMENT, HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_items: int = 8
+    max_sequence_length: int = 2048
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    include: frozenset[str]
+    layers: tuple[int, ...]  # non-negative, in request order, deduplicated
+
+
+@dataclass(frozen=True)
+class ParsedItem:
+    tokens: tuple[str, ...]  # residues and `<mask>`, one per position (no BOS/EOS)
+
+
+def _describe(char: str) -> str:
+    if char.isspace():
+        return f"whitespace {char!r}"
+    if char.islower():
+        return f"lowercase letter {char!r} (use upper case)"
+    return repr(char)
+
+
+def _check_letters(field: str, text: str, allowed: frozenset[str], offset: int, what: str) -> str | None:
+    for position, char in enumerate(text, start=offset):
+        if char not in allowed:
+            return f"{field}: invalid character {_describe(char)} at position {position}; {what}"
+    return None
+
+
+def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) -> ParsedItem | str:
+    """Tokens of one sequence, or an error message naming the item and the problem."""
+    field = f"items[{index}].sequence"
+    if not sequence:
+        return f"{field}: must not be empty"
+    if predict:
+        pieces = _MASK_SPLIT.split(sequence)
+        allowed_text = "allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and <mask> ('-' is not allowed in predict)"
+        offset = 0
+        tokens: list[str] = []
+        for number, piece in enumerate(pieces):
+            error = _check_letters(field, piece, PREDICT_LETTERS, offset, allowed_text)
+            if error:
+                return error
+            tokens.extend(piece)
+            offset += len(piece)
+            if number < len(pieces) - 1:
+                tokens.append(MASK)
+                offset += len(MASK)
+        if len(pieces) == 1:
+            return f"{field}: must contain at least one {MASK} token"
+    else:
+        if MASK in sequence:
+            return f"{field}: {MASK} is only accepted by predict"
+        error = _check_letters(
+            field, sequence, ENCODE_LETTERS, 0, "allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and '-'"
+        )
+        if error:
+            return error
+        tokens = list(sequence)
+    if len(tokens) > limits.max_sequence_length:
+        return f"{field}: {len(tokens)} residues; at most {limits.max_sequence_length} are allowed"
+    return ParsedItem(tuple(tokens))
+
+
+def parse_items(sequences: list[str], *, predict: bool, limits: Limits) -> list[ParsedItem]:
+    count = len(sequences)
+    if not 1 <= count <= limits.max_items:
+        raise InvalidRequest(f"items: expected 1 to {limits.max_items} items, got {count}")
+    parsed, errors = [], []
+    for index, sequence in enumerate(sequences):
+        result = parse_sequence(index, sequence, predict=predict, limits=limits)
+        (errors.append if isinstance(result, str) else parsed.append)(result)
+    if errors:
+        raise InvalidRequest("; ".join(errors))
+    return parsed
+
+
+def parse_options(include: list[str], repr_layers: list[int], num_layers: int, model: str) -> EncodeOptions:
+    errors = []
+    chosen = set()
+    for index, value in enumerate(include or DEFAULT_INCLUDE):
+        name = INCLUDE_ALIASES.get(value, value)
+        if name in INCLUDE_VALUES:
+            chosen.add(name)
+        else:
+            errors.append(
+                f"params.include[{index}]: unknown value {value!r}; allowed: "
+                + ", ".join(INCLUDE_VALUES)
+                + " (per_residue is an alias of per_token)"
+            )
+    layers: list[int] = []
+    for index, layer in enumerate(repr_layers or DEFAULT_REPR_LAYERS):
+        if -(num_layers + 1) <= layer <= num_layers:
+            absolute = layer if layer >= 0 else num_layers + 1 + layer
+            if absolute not in layers:
+                layers.append(absolute)
+        else:
+            errors.append(
+                f"params.repr_layers[{index}]: layer {layer} is out of range for {model} "
+                f"({num_layers} layers); allowed: {-(num_layers + 1)} to {num_layers}"
+            )
+    if errors:
+        raise InvalidRequest("; ".join(errors))
+    return EncodeOptions(include=frozenset(chosen), layers=tuple(layers))

@@ -1,0 +1,50 @@
+"""Direct fair-esm forward passes, one sequence alone: the ground truth for every test."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+STANDARD_ORDER = "LAGVSERTIDPKQNFYMHWC"  # the 20 standard amino acids in ESM-2 alphabet order
+
+# fp32 CPU: fair-esm itself differs by a few float32 ulps between batched and solo runs
+# (logits of random weights reach |60|), so compare with a relative and an absolute bound.
+RTOL = 1e-5
+ATOL = 1e-5
+
+
+def reference(loaded, sequence: str, layers=None) -> dict:
+    """All outputs of `sequence` from fair-esm's stock ESM2.forward, residues only.
+
+    `sequence` may contain `<mask>`; fair-esm's batch converter tokenizes it.
+    """
+    model, alphabet = loaded.model, loaded.alphabet
+    n = model.num_layers
+    layers = list(range(n + 1)) if layers is None else layers
+    _, _, tokens = alphabet.get_batch_converter()([("x", sequence)])
+    with torch.no_grad():
+        out = model(tokens, repr_layers=layers, return_contacts=True)
+    L = tokens.shape[1] - 2
+    columns = [alphabet.get_idx(a) for a in STANDARD_ORDER]
+    reps = {k: v[0].numpy() for k, v in out["representations"].items()}
+    return {
+        "mean": {k: v[1 : L + 1].mean(0) for k, v in reps.items()},
+        "bos": {k: v[0] for k, v in reps.items()},
+        "per_token": {k: v[1 : L + 1] for k, v in reps.items()},
+        "logits": out["logits"][0, 1 : L + 1][:, columns].numpy(),
+        "contacts": out["contacts"][0].numpy(),
+        "attentions": out["attentions"][0, :, :, 1 : L + 1, 1 : L + 1].mean((0, 1)).numpy(),
+        "length": L,
+    }
+
+
+def assert_close(actual, expected, what: str = "") -> None:
+    actual = np.asarray(actual, dtype=np.float32)
+    expected = np.asarray(expected, dtype=np.float32)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL, err_msg=what)
+
+
+def matrix(message) -> np.ndarray:
+    """esm.v1.Matrix -> numpy."""
+    return np.asarray(message.values, dtype=np.float32).reshape(message.rows, message.cols)
