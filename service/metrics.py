@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 QUEUE_DEPTH = Gauge("esm_queue_items", "Work items waiting for a batch")
+WORKER_BUSY = Gauge("esm_worker_busy", "1 while the model worker runs a batch")
 REJECTED = Counter("esm_rejected_requests_total", "Requests refused because the queue was full")
 DROPPED = Counter("esm_dropped_items_total", "Queued items dropped before reaching the model", ["reason"])
 BATCHES = Counter("esm_batches_total", "Batches run by the model worker", ["model"])

@@ -21,6 +21,8 @@ from service.checkpoints import RANDOM_WEIGHTS_KEY, STANDARD_MODELS, regression_
 # shape name -> (layers, embed_dim, heads, file stem); real shapes use fair-esm's names.
 SHAPES = {
     "tiny": (2, 64, 4, "esm2_t2_tiny_random"),
+    # One layer at the 650M width: 650M-sized per-token tensors from a model that runs fast.
+    "wide": (1, 1280, 20, "esm2_t1_wide_random"),
     "8m": (6, 320, 20, STANDARD_MODELS["esm2-8m"]),
     "35m": (12, 480, 20, STANDARD_MODELS["esm2-35m"]),
     "150m": (30, 640, 20, STANDARD_MODELS["esm2-150m"]),

@@ -96,7 +96,11 @@ class Scheduler:
         """Run one batch on the worker thread (also used for warm-up)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        results = await loop.run_in_executor(self._executor, self.worker.run, batch)
+        metrics.WORKER_BUSY.set(1)
+        try:
+            results = await loop.run_in_executor(self._executor, self.worker.run, batch)
+        finally:
+            metrics.WORKER_BUSY.set(0)
         metrics.observe_batch(batch, time.perf_counter() - started)
         for item, result in zip(batch, results):
             if item.future.done():  # cancelled while running

@@ -1,0 +1,139 @@
+"""Running the service: health, reflection, model info, overload, deadlines, OOM, shutdown."""
+
+import signal
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from reference import assert_close, reference
+
+from conftest import ServerProcess, encode_request
+from service.proto import pb
+
+rng = np.random.default_rng(11)
+LONG = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 2000)) for _ in range(8)]
+
+
+def test_health_per_model(server):
+    health = health_pb2_grpc.HealthStub(server.channel)
+    for name in ("", "esm.v1.Esm2Service", "esm2-tiny", "esm2-8m"):
+        response = health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING, name
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="esm2-3b"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_describes_the_api(server):
+    database = ProtoReflectionDescriptorDatabase(server.channel)
+    services = set(database.get_services())
+    assert {"esm.v1.Esm2Service", "grpc.health.v1.Health"} <= services
+    file = database.FindFileContainingSymbol("esm.v1.Esm2Service")
+    assert "EncodeRequest" in [m.name for m in file.message_type]
+
+
+def test_list_models_reports_shapes_and_random_weights(server, stub):
+    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+    assert sorted(models) == ["esm2-8m", "esm2-tiny"]
+    m = models["esm2-8m"]
+    assert (m.num_layers, m.embed_dim, m.attention_heads) == (6, 320, 20)
+    assert m.random_weights and m.ready and m.device == "cpu"
+    assert m.checkpoint.endswith("esm2_t6_8M_UR50D.pt")
+    assert (m.max_items, m.max_sequence_length) == (8, 2048)
+    assert 7_000_000 < m.parameters < 8_000_000
+    assert "MODEL esm2-8m HAS RANDOM WEIGHTS" in server.log()
+
+
+@pytest.fixture(scope="module")
+def busy_server(tmp_path_factory, checkpoint_dir):
+    """8M shape with a queue of 8 items: one long request keeps the worker busy for seconds."""
+    proc = ServerProcess(tmp_path_factory.mktemp("busy"), "--models", "esm2-8m", "--model-dir", str(checkpoint_dir),
+                         "--max-queue-items", "8", "--max-batch-tokens", "16384").wait_ready()
+    yield proc
+    proc.stop()
+
+
+def wait_for(condition, timeout=30):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+def test_queue_full_and_deadlines_drop_work_before_the_model(busy_server):
+    stub = busy_server.stub
+    items_before = busy_server.metric("esm_items_total", 'model="esm2-8m"')
+    long_call = stub.Encode.future(encode_request("esm2-8m", LONG))  # fills the worker
+    wait_for(lambda: busy_server.metric("esm_worker_busy") == 1 and busy_server.metric("esm_queue_items") == 0)
+    queued_call = stub.Encode.future(encode_request("esm2-8m", ["MKTAYIAKQR"] * 6))
+    wait_for(lambda: busy_server.metric("esm_queue_items") == 6)
+
+    # 6 queued + 3 > 8: refused at once, nothing queued.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Encode(encode_request("esm2-8m", ["MKT"] * 3))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "8" in info.value.details() and "retry" in info.value.details()
+
+    # 2 more fit, but their deadline passes while the long batch runs.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Encode(encode_request("esm2-8m", ["MKTAYI", "MKTAYIAK"]), timeout=0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    assert len(long_call.result(timeout=300).results) == 8
+    assert len(queued_call.result(timeout=300).results) == 6
+    dropped = busy_server.metric("esm_dropped_items_total", 'reason="cancelled"') + busy_server.metric(
+        "esm_dropped_items_total", 'reason="deadline"')
+    assert dropped == 2
+    assert busy_server.metric("esm_items_total", 'model="esm2-8m"') - items_before == 8 + 6
+    assert busy_server.metric("esm_rejected_requests_total") == 1
+
+
+def test_out_of_memory_splits_the_batch_and_fails_only_what_cannot_fit(tmp_path, tiny_checkpoint, reference_models):
+    server = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
+                           "--simulate-oom-above-tokens", "300", "--max-wait-ms", "200").wait_ready()
+    try:
+        fits = ["M" + "KTAYIAKQRQ" * 10, "A" * 90, "G" * 95, "W" * 99]  # 4 x 103 > 300; 2 x 103 fits
+        too_long = ["MKTAYIAKQR" * 40]  # 402 tokens alone
+        ok_call = server.stub.Encode.future(encode_request("esm2-tiny", fits))
+        failing_call = server.stub.Encode.future(encode_request("esm2-tiny", too_long))
+        response = ok_call.result(timeout=60)
+        with pytest.raises(grpc.RpcError) as info:
+            failing_call.result(timeout=60)
+    finally:
+        server.stop()
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "400-residue sequence does not fit in cpu memory" in info.value.details()
+    for sequence, result in zip(fits, response.results):
+        assert_close(result.embeddings[0].embedding, reference(reference_models["esm2-tiny"], sequence)["mean"][2])
+    assert "retrying as" in server.log()
+
+
+def test_sigterm_finishes_in_flight_work_then_exits(tmp_path, checkpoint_dir):
+    server = ServerProcess(tmp_path, "--models", "esm2-8m", "--model-dir", str(checkpoint_dir)).wait_ready()
+    call = server.stub.Encode.future(encode_request("esm2-8m", LONG[:4]))
+    wait_for(lambda: server.metric("esm_worker_busy") == 1)
+    server.proc.send_signal(signal.SIGTERM)
+    response = call.result(timeout=120)
+    assert len(response.results) == 4
+    assert server.proc.wait(60) == 0
+    assert "shutting down" in server.log() and "stopped" in server.log()
+    server.stop()
+
+
+def test_contacts_need_the_regression_file(tmp_path, tiny_checkpoint):
+    copy = tmp_path / "esm2_t2_copy.pt"
+    copy.write_bytes(tiny_checkpoint.read_bytes())  # no -contact-regression.pt beside it
+    server = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={copy}").wait_ready()
+    try:
+        assert server.stub.Encode(encode_request("esm2-tiny", ["MKT"], ["mean"])).results[0].embeddings
+        with pytest.raises(grpc.RpcError) as info:
+            server.stub.Encode(encode_request("esm2-tiny", ["MKT"], ["contacts"]))
+    finally:
+        server.stop()
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "esm2_t2_copy-contact-regression.pt was not found" in info.value.details()
