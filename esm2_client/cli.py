@@ -1,0 +1,296 @@
+"""`esm2`: embeddings, masked predictions and variant scores from an ESM-2 server.
+
+    esm2 embed proteins.fasta -o out.h5 --model esm2-35m --include mean per_token --repr-layers -1 0
+    esm2 predict 'MKT<mask>AYIAK' --top-k 5
+    esm2 score --sequence MKTAYIAK --mutations K2A T3G:A4C
+    esm2 score --pll library.fasta -o pll.csv
+    esm2 health | esm2 models
+
+Every failure is one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from esm2_client import scoring
+from esm2_client.client import DEFAULT_TARGET, Esm2Client, Esm2Error
+from esm2_client.fasta import InputError, Record, read_fasta
+from esm2_client.outputs import EmbeddingStore, OutputError, output_arrays, output_format
+
+INCLUDE_CHOICES = ("mean", "per_token", "bos", "contacts", "attentions", "logits")
+INCLUDE_ALIASES = {"per_tok": "per_token", "per_residue": "per_token"}  # esm-extract's and BioLM's names
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A request the user must change; one line."""
+
+
+def _client(args) -> Esm2Client:
+    return Esm2Client(args.server, args.api_key, max_in_flight=args.max_in_flight, timeout=args.timeout)
+
+
+def _open_csv(path: Path | None):
+    return open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
+
+
+def _interrupt_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ---- embed -----------------------------------------------------------------------
+def _fit_lengths(records: list[Record], limit: int, truncate: int | None, model: str) -> list[Record]:
+    if truncate is not None:
+        cut = limit if truncate <= 0 else min(truncate, limit)
+        return [Record(r.id, r.sequence[:cut]) for r in records]
+    long = [f"{r.id} ({len(r.sequence)})" for r in records if len(r.sequence) > limit]
+    if long:
+        shown = ", ".join(long[:20]) + (f" and {len(long) - 20} more" if len(long) > 20 else "")
+        raise UsageError(
+            f"{len(long)} sequences are longer than {model}'s limit of {limit} residues: {shown}; "
+            f"pass --truncate to cut them to {limit}"
+        )
+    return records
+
+
+def cmd_embed(args) -> int:
+    output_format(args.output)  # unknown extension: fail before any work
+    include = sorted({INCLUDE_ALIASES.get(i, i) for i in args.include})
+    records = read_fasta(args.fasta)
+    with _client(args) as client:
+        info = client.model_info(args.model)
+        records = _fit_lengths(records, info.max_sequence_length, args.truncate, args.model)
+        n = info.num_layers
+        bad_layers = [layer for layer in args.repr_layers if not -(n + 1) <= layer <= n]
+        if bad_layers:
+            raise UsageError(f"--repr-layers {bad_layers}: {args.model} has {n} layers; allowed: {-(n + 1)} to {n}")
+        layers = list(dict.fromkeys(layer % (n + 1) for layer in args.repr_layers))
+        settings = {"model": args.model, "include": include, "repr_layers": layers, "truncate": args.truncate}
+        store = EmbeddingStore(args.output, settings)
+        done = store.open()
+        todo = [r for r in records if r.id not in done]
+        written = 0
+        _interrupt_on_sigterm()
+        # The bar starts with the first result, so that a request refused outright
+        # (wrong key, bad input) leaves only its one error line.
+        bar = None
+        try:
+            for index, outputs in client.encode_iter([r.sequence for r in todo], args.model, include, layers):
+                store.add(todo[index].id, output_arrays(outputs, include))
+                written += 1
+                if bar is None:
+                    bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="seq", desc="embed",
+                               disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+                bar.update()
+        except KeyboardInterrupt:
+            interrupted = True
+        else:
+            interrupted = False
+        finally:
+            if bar is not None:
+                bar.close()
+            store.publish()  # on failure too: keep what finished, a re-run resumes from it
+        if interrupted:
+            print(f"esm2: interrupted: {len(records) - len(todo) + written} of {len(records)} sequences are in "
+                  f"{args.output}; run the same command again to finish", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    skipped = len(records) - len(todo)
+    print(f"esm2: wrote {written} sequences to {args.output}"
+          + (f" ({skipped} already there)" if skipped else ""), file=sys.stderr)
+    return 0
+
+
+# ---- predict -------------------------------------------------------------------------
+def cmd_predict(args) -> int:
+    records = [Record(f"seq{i + 1}", s) for i, s in enumerate(args.sequences)]
+    if args.fasta:
+        records += read_fasta(args.fasta, allowed=None)
+    if not records:
+        raise UsageError("predict: give masked sequences as arguments or --fasta FILE")
+    with _client(args) as client, _open_csv(args.output) as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sequence_id", "position", "rank", "token", "probability"])
+        for index, outputs in client.predict_iter([r.sequence for r in records], args.model):
+            for row, token in enumerate(outputs.sequence_tokens):
+                if token != scoring.MASK:
+                    continue
+                logits = outputs.logits[row].astype(np.float64)
+                probabilities = np.exp(logits - logits.max())
+                probabilities /= probabilities.sum()
+                for rank, column in enumerate(np.argsort(-probabilities)[: args.top_k], start=1):
+                    writer.writerow([records[index].id, row + 1, rank, outputs.vocab_tokens[column],
+                                     f"{probabilities[column]:.6g}"])
+    return 0
+
+
+# ---- score ------------------------------------------------------------------------------
+def _wild_type(args) -> str:
+    if args.sequence:
+        return args.sequence
+    records = read_fasta(args.sequence_fasta)
+    if len(records) != 1:
+        raise UsageError(f"{args.sequence_fasta}: expected one wild-type record, found {len(records)}")
+    return records[0].sequence
+
+
+def _variants(args, sequence: str) -> tuple[list[dict], list[str], str]:
+    """Rows to write, their column names, and which column holds the mutations."""
+    if args.mutations_csv:
+        try:
+            with open(args.mutations_csv, newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                rows, columns = list(reader), list(reader.fieldnames or [])
+        except OSError as exc:
+            raise UsageError(f"{args.mutations_csv}: {exc.strerror}") from None
+        if args.column not in columns:
+            raise UsageError(f"{args.mutations_csv}: no column {args.column!r}; columns: {', '.join(columns)}")
+        return rows, columns, args.column
+    return [{"mutant": m} for m in args.mutations], ["mutant"], "mutant"
+
+
+def cmd_score(args) -> int:
+    if args.pll and (args.mutations or args.mutations_csv):
+        raise UsageError("score: --pll scores whole sequences; --mutations and --mutations-csv need --sequence")
+    with _client(args) as client:
+        if args.pll:
+            records = read_fasta(args.pll)
+            with _open_csv(args.output) as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["sequence_id", "length", "scored_positions", "pseudo_log_likelihood", "perplexity"])
+                for record in tqdm(records, unit="seq", desc="pll", disable=args.quiet, file=sys.stderr):
+                    result = scoring.pseudo_log_likelihood(client, args.model, record.sequence)
+                    writer.writerow([record.id, len(record.sequence), result.scored_positions,
+                                     f"{result.pseudo_log_likelihood:.6f}", f"{result.perplexity:.6f}"])
+            return 0
+        sequence = _wild_type(args)
+        rows, columns, column = _variants(args, sequence)
+        if not rows:
+            raise UsageError("score: no mutations given (use --mutations A23G ... or --mutations-csv FILE)")
+        variants, errors = [], []
+        for number, row in enumerate(rows, start=1):
+            try:
+                variants.append(scoring.parse_variant(row[column] or "", sequence))
+            except ValueError as exc:
+                errors.append(f"row {number}: {exc}" if args.mutations_csv else str(exc))
+        if errors:
+            raise UsageError(f"{len(errors)} invalid mutations: " + "; ".join(errors[:10])
+                             + (f"; and {len(errors) - 10} more" if len(errors) > 10 else ""))
+        scores = scoring.masked_marginal_scores(client, args.model, sequence, variants)
+    with _open_csv(args.output) as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*columns, "masked_marginal_score"], extrasaction="ignore")
+        writer.writeheader()
+        for row, score in zip(rows, scores):
+            writer.writerow({**row, "masked_marginal_score": f"{score:.6f}"})
+    return 0
+
+
+# ---- health and models -------------------------------------------------------------------
+def cmd_health(args) -> int:
+    with _client(args) as client:
+        status = client.health(timeout=args.timeout or 10)
+        models = client.list_models(timeout=args.timeout or 10)
+    print(f"{args.server}: {status}")
+    for m in models:
+        print(f"{m.name}: {'ready' if m.ready else 'loading'}")
+    return 0 if status == "SERVING" and all(m.ready for m in models) else 1
+
+
+def cmd_models(args) -> int:
+    with _client(args) as client:
+        models = client.list_models()
+    header = ("model", "ready", "layers", "dim", "heads", "parameters", "max_items", "max_length", "device", "weights")
+    rows = [
+        (m.name, "yes" if m.ready else "no", m.num_layers, m.embed_dim, m.attention_heads, f"{m.parameters:,}",
+         m.max_items, m.max_sequence_length, m.device, "RANDOM" if m.random_weights else m.checkpoint)
+        for m in models
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip())
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default=os.environ.get("ESM2_SERVER", DEFAULT_TARGET),
+                        help="HOST:PORT of the gRPC server (env ESM2_SERVER; default %(default)s)")
+    common.add_argument("--api-key", default=os.environ.get("ESM2_API_KEY"),
+                        help="sent as 'authorization: Token KEY' (env ESM2_API_KEY)")
+    common.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    common.add_argument("--max-in-flight", type=int, default=4, help="requests running at once (default 4)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("-m", "--model", default=os.environ.get("ESM2_MODEL", "esm2-8m"),
+                       help="served model (env ESM2_MODEL; default %(default)s)")
+
+    parser = argparse.ArgumentParser(prog="esm2", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    embed = commands.add_parser("embed", parents=[common, model], help="embeddings of a FASTA file into a file")
+    embed.add_argument("fasta", type=Path, help="FASTA file, plain or gzipped")
+    embed.add_argument("-o", "--output", type=Path, required=True, help=".h5/.hdf5, .npz or .safetensors")
+    embed.add_argument("--include", nargs="+", default=["mean"],
+                       choices=[*INCLUDE_CHOICES, *INCLUDE_ALIASES], help="outputs (default mean)")
+    embed.add_argument("--repr-layers", type=int, nargs="+", default=[-1],
+                       help="layers: 0 = embeddings, -1 = last (default -1)")
+    embed.add_argument("--truncate", type=int, nargs="?", const=0, default=None, metavar="N",
+                       help="cut longer sequences to N residues (default: the server's limit) instead of failing")
+    embed.set_defaults(run=cmd_embed)
+
+    predict = commands.add_parser("predict", parents=[common, model], help="top-k tokens at each <mask>")
+    predict.add_argument("sequences", nargs="*", help="sequences containing <mask>")
+    predict.add_argument("--fasta", type=Path, help="FASTA file of masked sequences")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("-o", "--output", type=Path, help="CSV file (default stdout)")
+    predict.set_defaults(run=cmd_predict)
+
+    score = commands.add_parser("score", parents=[common, model],
+                                help="masked-marginal variant scores, or pseudo-log-likelihoods")
+    target = score.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sequence", help="wild-type sequence")
+    target.add_argument("--sequence-fasta", type=Path, help="FASTA file holding the wild-type sequence")
+    target.add_argument("--pll", type=Path, metavar="FASTA",
+                        help="pseudo-log-likelihood and perplexity of every sequence of FASTA")
+    score.add_argument("--mutations", nargs="+", default=[], help="e.g. A23G K45R:A2C (1-based positions)")
+    score.add_argument("--mutations-csv", type=Path, help="CSV file with a column of mutations")
+    score.add_argument("--column", default="mutant", help="mutation column of --mutations-csv (default mutant)")
+    score.add_argument("-o", "--output", type=Path, help="CSV file (default stdout)")
+    score.set_defaults(run=cmd_score)
+
+    health = commands.add_parser("health", parents=[common], help="is the server serving, are models ready")
+    health.set_defaults(run=cmd_health)
+    models = commands.add_parser("models", parents=[common], help="served models and their limits")
+    models.set_defaults(run=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (Esm2Error, InputError, OutputError, UsageError) as exc:
+        message = str(exc)
+    except OSError as exc:
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    except KeyboardInterrupt:
+        message = "interrupted"
+        print(f"esm2: {message}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"esm2: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

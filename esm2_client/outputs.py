@@ -1,0 +1,191 @@
+"""Resumable, crash-safe output files for `esm2 embed`: HDF5, .npz or .safetensors.
+
+Work goes into `<output>.partial.h5` (HDF5): one group per finished sequence, marked
+complete and flushed before the next one starts, so a killed run loses at most the
+sequence being written. The output itself is only ever replaced whole, by an atomic
+rename of a finished file, when the run ends or is interrupted; it is never half
+written. A re-run reopens the work file (or, when that is missing or damaged, starts
+from the output) and skips the sequences it holds.
+
+Keys (HDF5 paths, npz names, safetensors names): `<id>/<output>/<layer>` for mean,
+bos and per_token, `<id>/<output>` for contacts, attentions and logits. `%` and `/` in
+ids are written `%25` and `%2F`; HDF5 groups also carry the id as attribute `id`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from pathlib import Path
+from urllib.parse import unquote
+
+import h5py
+import numpy as np
+import safetensors.numpy
+
+log = logging.getLogger(__name__)
+
+FORMATS = {".h5": "hdf5", ".hdf5": "hdf5", ".npz": "npz", ".safetensors": "safetensors"}
+SETTINGS_KEY = "__esm2_settings__"  # npz member / safetensors metadata holding the run's settings
+
+
+class OutputError(Exception):
+    """An output file that cannot be used for this run."""
+
+
+def output_format(path: Path) -> str:
+    try:
+        return FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise OutputError(
+            f"{path}: unknown output type {path.suffix!r}; use .h5, .hdf5, .npz or .safetensors"
+        ) from None
+
+
+def escape_id(seq_id: str) -> str:
+    escaped = seq_id.replace("%", "%25").replace("/", "%2F")
+    return escaped.replace(".", "%2E") if escaped in (".", "..") else escaped
+
+
+def output_arrays(outputs, include) -> dict[str, np.ndarray]:
+    """`<output>/<layer>` or `<output>` -> array, for the outputs asked for."""
+    arrays = {}
+    for name in ("mean", "bos", "per_token"):
+        if name in include:
+            arrays.update({f"{name}/{layer}": array for layer, array in getattr(outputs, name).items()})
+    for name in ("contacts", "attentions", "logits"):
+        if name in include:
+            arrays[name] = getattr(outputs, name)
+    return arrays
+
+
+class EmbeddingStore:
+    def __init__(self, path: Path, settings: dict):
+        self.path = path
+        self.format = output_format(path)
+        self.work_path = path.with_name(path.name + ".partial.h5")
+        self.settings = json.dumps(settings, sort_keys=True)
+        self._file: h5py.File | None = None
+
+    # ---- opening ----------------------------------------------------------------
+    def open(self) -> set[str]:
+        """Open the work file and return the ids already written."""
+        self._file = self._reopen_work() or self._start_work()
+        found = self._file.attrs.get(SETTINGS_KEY)
+        if found != self.settings:
+            self._file.close()
+            raise OutputError(
+                f"{self.path} was written with other settings ({found}); this run asks for {self.settings}. "
+                "Use another output file, or delete it to start over"
+            )
+        done = set()
+        for name, group in list(self._file.items()):
+            if group.attrs.get("complete"):
+                done.add(group.attrs["id"])
+            else:  # a sequence that was being written when the run died
+                del self._file[name]
+        return done
+
+    def _reopen_work(self) -> h5py.File | None:
+        if not self.work_path.exists():
+            return None
+        try:
+            return h5py.File(self.work_path, "a")
+        except OSError as exc:
+            log.warning("%s is damaged (%s); starting again from %s", self.work_path, exc, self.path)
+            self.work_path.unlink()
+            return None
+
+    def _start_work(self) -> h5py.File:
+        tmp = self.work_path.with_name(self.work_path.name + ".tmp")
+        with h5py.File(tmp, "w") as work:
+            if self.path.exists():
+                self._import(work)
+            else:
+                work.attrs[SETTINGS_KEY] = self.settings
+        os.replace(tmp, self.work_path)
+        return h5py.File(self.work_path, "a")
+
+    def _import(self, work: h5py.File) -> None:
+        """Copy a finished output into a fresh work file."""
+        try:
+            if self.format == "hdf5":
+                with h5py.File(self.path, "r") as source:
+                    for key, value in source.attrs.items():
+                        work.attrs[key] = value
+                    for name in source:
+                        source.copy(source[name], work, name)
+                return
+            if self.format == "npz":
+                with np.load(self.path, allow_pickle=False) as source:
+                    arrays = {key: source[key] for key in source.files}
+                settings = str(arrays.pop(SETTINGS_KEY, ""))
+            else:
+                arrays = safetensors.numpy.load_file(self.path)
+                with safetensors.safe_open(self.path, framework="numpy") as source:
+                    settings = (source.metadata() or {}).get(SETTINGS_KEY, "")
+        except (OSError, ValueError, zipfile.BadZipFile, safetensors.SafetensorError) as exc:
+            raise OutputError(
+                f"{self.path} exists but cannot be read ({exc}); move it away or choose another -o"
+            ) from None
+        work.attrs[SETTINGS_KEY] = settings
+        for key, array in arrays.items():
+            name, _, dataset = key.partition("/")
+            group = work.require_group(name)
+            group.attrs["id"] = unquote(name)
+            group.attrs["complete"] = True
+            group.create_dataset(dataset, data=array)
+
+    # ---- writing ----------------------------------------------------------------
+    def add(self, seq_id: str, arrays: dict[str, np.ndarray]) -> None:
+        group = self._file.create_group(escape_id(seq_id))
+        group.attrs["id"] = seq_id
+        for key, array in arrays.items():
+            group.create_dataset(key, data=array)
+        group.attrs["complete"] = True
+        self._file.flush()
+
+    def publish(self) -> None:
+        """Replace the output with everything written so far, atomically."""
+        self._file.close()
+        self._file = None
+        if self.format == "hdf5":
+            os.replace(self.work_path, self.path)
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with h5py.File(self.work_path, "r") as work:
+            if self.format == "npz":
+                _write_npz(work, tmp, self.settings)
+            else:
+                _write_safetensors(work, tmp, self.settings)
+        os.replace(tmp, self.path)
+        self.work_path.unlink()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _datasets(work: h5py.File):
+    for name, group in work.items():
+        found = []
+        group.visititems(lambda key, obj: found.append((key, obj)) if isinstance(obj, h5py.Dataset) else None)
+        for key, dataset in found:
+            yield f"{name}/{key}", dataset
+
+
+def _write_npz(work: h5py.File, path: Path, settings: str) -> None:
+    # One array at a time into the zip, so memory holds one array, not the whole file.
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, dataset in [(SETTINGS_KEY, None), *_datasets(work)]:
+            array = np.asarray(settings) if dataset is None else dataset[()]
+            with archive.open(key + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+
+
+def _write_safetensors(work: h5py.File, path: Path, settings: str) -> None:
+    tensors = {key: dataset[()] for key, dataset in _datasets(work)}
+    safetensors.numpy.save_file(tensors, str(path), metadata={SETTINGS_KEY: settings})

@@ -1,0 +1,313 @@
+"""`esm2` end to end as a subprocess against real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import esm
+import h5py
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+from conftest import ServerProcess, free_port
+from reference import STANDARD_ORDER, assert_close, reference
+
+AMINO = "ACDEFGHIKLMNPQRSTVWY"
+ESM2 = Path(sys.executable).with_name("esm2")
+ESM_EXTRACT = shutil.which("esm-extract") or shutil.which("esm-extract", path=str(Path(sys.executable).parent))
+
+
+def esm2(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    command = [str(ESM2)] if ESM2.exists() else [sys.executable, "-m", "esm2_client.cli"]
+    result = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=120, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def write_fasta(path: Path, records: dict[str, str], gzipped: bool = False) -> Path:
+    text = "".join(f">{name}\n{seq[i:i + 60]}\n" if i == 0 else f"{seq[i:i + 60]}\n"
+                   for name, seq in records.items() for i in range(0, len(seq), 60))
+    if gzipped:
+        with gzip.open(path, "wt") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def random_records(count: int, low: int, high: int, seed: int) -> dict[str, str]:
+    rng = random.Random(seed)
+    return {f"p{i}|x": "".join(rng.choice(AMINO) for _ in range(rng.randint(low, high))) for i in range(count)}
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("esm2: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# ---- embed ---------------------------------------------------------------------------------
+def test_embed_hdf5_from_gzipped_fasta(server, reference_models, tmp_path):
+    records = random_records(10, 5, 50, seed=1)
+    fasta = write_fasta(tmp_path / "p.fasta.gz", records, gzipped=True)
+    out = tmp_path / "out.h5"
+    result = esm2("embed", fasta, "-o", out, "--model", "esm2-tiny", "--server", server.target,
+                  "--include", "mean", "per_token", "bos", "contacts", "--repr-layers", "-1", "0")
+    assert "seq/s" in result.stderr
+    with h5py.File(out, "r") as f:
+        assert sorted(f[name].attrs["id"] for name in f) == sorted(records)
+        for name, sequence in records.items():
+            group, expected = f[name], reference(reference_models["esm2-tiny"], sequence)
+            for output in ("mean", "bos", "per_token"):
+                assert sorted(group[output]) == ["0", "2"]
+                for layer in (0, 2):
+                    assert_close(group[f"{output}/{layer}"][()], expected[output][layer], f"{name} {output} {layer}")
+            assert_close(group["contacts"][()], expected["contacts"], f"{name} contacts")
+    assert not (tmp_path / "out.h5.partial.h5").exists()
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_embed_npz_and_safetensors(server, reference_models, tmp_path, suffix):
+    records = {"a/b": "MKTAYIAKQRQISFVKSHFSRQ", "c": "MLKKV"}
+    fasta = write_fasta(tmp_path / "p.fasta", records)
+    out = tmp_path / f"out{suffix}"
+    esm2("embed", fasta, "-o", out, "-m", "esm2-tiny", "--server", server.target, "--include", "mean", "per_tok")
+    arrays = dict(np.load(out)) if suffix == ".npz" else safetensors.numpy.load_file(out)
+    assert sorted(k for k in arrays if not k.startswith("__")) == [
+        "a%2Fb/mean/2", "a%2Fb/per_token/2", "c/mean/2", "c/per_token/2"]
+    for key, name in (("a%2Fb", "a/b"), ("c", "c")):
+        expected = reference(reference_models["esm2-tiny"], records[name])
+        assert_close(arrays[f"{key}/mean/2"], expected["mean"][2], name)
+        assert_close(arrays[f"{key}/per_token/2"], expected["per_token"][2], name)
+    again = esm2("embed", fasta, "-o", out, "-m", "esm2-tiny", "--server", server.target,
+                 "--include", "mean", "per_tok")
+    assert "wrote 0 sequences" in again.stderr and "(2 already there)" in again.stderr
+
+
+def _wait_for_progress(work: Path, proc: subprocess.Popen, min_bytes: int) -> None:
+    end = time.monotonic() + 60
+    while time.monotonic() < end and proc.poll() is None:
+        if work.exists() and work.stat().st_size > min_bytes:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"no progress before the run ended (exit {proc.poll()}): {proc.stderr.read() if proc.stderr else ''}")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_embed_resumes_after_interruption(server, reference_models, tmp_path, how):
+    records = random_records(24, 80, 150, seed=2)
+    fasta = write_fasta(tmp_path / "p.fasta", records)
+    out = tmp_path / "out.h5"
+    args = ["embed", fasta, "-o", out, "-m", "esm2-8m", "--server", server.target, "--include", "mean", "per_token",
+            "--max-in-flight", "1"]
+    command = [str(ESM2)] if ESM2.exists() else [sys.executable, "-m", "esm2_client.cli"]
+    proc = subprocess.Popen([*command, *map(str, args)], stderr=subprocess.PIPE, text=True)
+    _wait_for_progress(tmp_path / "out.h5.partial.h5", proc, min_bytes=300_000)  # a few sequences in
+    proc.send_signal(how)
+    _, stderr = proc.communicate(timeout=60)
+    if how == signal.SIGINT:
+        assert proc.returncode == 130 and "run the same command again" in stderr
+        with h5py.File(out, "r") as f:  # published, valid, partial
+            assert 0 < len(f) < len(records)
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert not out.exists()  # never half-written: only replaced whole at the end
+    rerun = esm2(*args, "-q")
+    assert "already there" in rerun.stderr
+    with h5py.File(out, "r") as f:
+        assert sorted(f[name].attrs["id"] for name in f) == sorted(records)
+        for name in list(records)[:3] + list(records)[-2:]:
+            expected = reference(reference_models["esm2-8m"], records[name])
+            assert_close(f[name]["mean/6"][()], expected["mean"][6], name)
+            assert_close(f[name]["per_token/6"][()], expected["per_token"][6], name)
+
+
+def _fair_esm_extraction(loaded, fasta: Path, layers: list[int], truncation: int) -> dict[str, dict]:
+    """esm-extract's pipeline run in-process with fair-esm's own pieces: its FASTA dataset,
+    token-budget batches (with padding), truncating batch converter, and slicing
+    (per_tok = rows 1..min(truncation, len)+1, mean = their average, bos = row 0, contacts
+    = the [:len, :len] corner)."""
+    model, alphabet = loaded.model, loaded.alphabet
+    dataset = esm.FastaBatchedDataset.from_file(fasta)
+    batches = dataset.get_batch_indices(4096, extra_toks_per_seq=1)
+    convert = alphabet.get_batch_converter(truncation)
+    results = {}
+    with torch.no_grad():
+        for batch in batches:
+            labels, strs, tokens = convert([dataset[i] for i in batch])
+            out = model(tokens, repr_layers=layers, return_contacts=True)
+            for i, label in enumerate(labels):
+                n = min(truncation, len(strs[i]))
+                reps = {k: v[i] for k, v in out["representations"].items()}
+                results[label] = {
+                    "representations": {k: v[1 : n + 1] for k, v in reps.items()},
+                    "mean_representations": {k: v[1 : n + 1].mean(0) for k, v in reps.items()},
+                    "bos_representations": {k: v[0] for k, v in reps.items()},
+                    "contacts": out["contacts"][i, :n, :n],
+                }
+    return results
+
+
+def _run_esm_extract(checkpoint: Path, fasta: Path, out_dir: Path, layers: list[int], truncation: int) -> dict:
+    subprocess.run(
+        [ESM_EXTRACT, checkpoint, fasta, out_dir, "--repr_layers", *map(str, layers), "--include", "mean", "per_tok",
+         "bos", "contacts", "--truncation_seq_length", str(truncation), "--nogpu"],
+        check=True, capture_output=True, timeout=300,
+        # Our own freshly written checkpoint pickles argparse.Namespace, which torch's
+        # weights_only default refuses; esm-extract predates that default.
+        env={**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"},
+    )
+    return {p.stem: torch.load(p, weights_only=True) for p in out_dir.glob("*.pt")}
+
+
+def test_embed_matches_esm_extract(server, reference_models, tiny_checkpoint, tmp_path):
+    records = random_records(6, 10, 80, seed=3)
+    records["long"] = random_records(1, 1100, 1100, seed=4).popitem()[1]  # esm-extract cuts at 1022
+    fasta = write_fasta(tmp_path / "p.fasta", records)
+    out = tmp_path / "out.h5"
+    esm2("embed", fasta, "-o", out, "-m", "esm2-tiny", "--server", server.target, "--include", "mean", "per_tok",
+         "bos", "contacts", "--repr-layers", "0", "-1", "--truncate", "1022")
+    if ESM_EXTRACT:
+        expected = _run_esm_extract(tiny_checkpoint, fasta, tmp_path / "extract", [0, 2], 1022)
+    else:  # fair-esm 2.0.0 on PyPI ships no esm-extract; run its pipeline in-process instead
+        expected = _fair_esm_extraction(reference_models["esm2-tiny"], fasta, [0, 2], 1022)
+    assert sorted(expected) == sorted(records)
+    with h5py.File(out, "r") as f:
+        for name, want in expected.items():
+            group = f[name]
+            assert group["per_token/2"].shape[0] == min(1022, len(records[name]))
+            for layer in (0, 2):
+                assert_close(group[f"mean/{layer}"][()], want["mean_representations"][layer].numpy(), name)
+                assert_close(group[f"per_token/{layer}"][()], want["representations"][layer].numpy(), name)
+                assert_close(group[f"bos/{layer}"][()], want["bos_representations"][layer].numpy(), name)
+            assert_close(group["contacts"][()], want["contacts"].numpy(), name)
+
+
+# ---- predict and score ----------------------------------------------------------------------
+def _masked_log_probs(loaded, sequence: str, position: int) -> np.ndarray:
+    """Direct fair-esm: log-softmax over the 20 standard amino acids at `position` (1-based), masked alone."""
+    masked = sequence[: position - 1] + "<mask>" + sequence[position:]
+    _, _, tokens = loaded.alphabet.get_batch_converter()([("x", masked)])
+    with torch.no_grad():
+        logits = loaded.model(tokens)["logits"][0, position]
+    columns = [loaded.alphabet.get_idx(a) for a in STANDARD_ORDER]
+    return torch.log_softmax(logits[columns].double(), dim=-1).numpy()
+
+
+def test_predict_top_k(server, reference_models):
+    result = esm2("predict", "MKT<mask>AYIAK<mask>R", "--top-k", "3", "-m", "esm2-tiny", "--server", server.target)
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [(r["position"], r["rank"]) for r in rows] == [("4", "1"), ("4", "2"), ("4", "3"),
+                                                          ("10", "1"), ("10", "2"), ("10", "3")]
+    logits = reference(reference_models["esm2-tiny"], "MKT<mask>AYIAK<mask>R")["logits"].astype(np.float64)
+    for row in rows:
+        p = np.exp(logits[int(row["position"]) - 1] - logits[int(row["position"]) - 1].max())
+        p /= p.sum()
+        order = np.argsort(-p)
+        column = order[int(row["rank"]) - 1]
+        assert row["token"] == STANDARD_ORDER[column]
+        assert float(row["probability"]) == pytest.approx(p[column], rel=1e-4)
+
+
+def test_score_mutations_equal_direct_masked_marginals(server, reference_models, tmp_path):
+    wild_type = "MKTAYIAKQRQISFVKSHFSRQ"
+    table = tmp_path / "variants.csv"
+    table.write_text("name,mutant\nv1,K2A\nv2,T3G:A4C\nv3,Q22W\n")
+    result = esm2("score", "--sequence", wild_type, "--mutations-csv", table, "-m", "esm2-8m",
+                  "--server", server.target, "-o", tmp_path / "scores.csv")
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    assert [r["name"] for r in rows] == ["v1", "v2", "v3"] and result.stdout == ""
+    column = {a: i for i, a in enumerate(STANDARD_ORDER)}
+
+    def direct(mutations):
+        total = 0.0
+        for wt, pos, mt in mutations:
+            lp = _masked_log_probs(reference_models["esm2-8m"], wild_type, pos)
+            total += lp[column[mt]] - lp[column[wt]]
+        return total
+
+    expected = [direct([("K", 2, "A")]), direct([("T", 3, "G"), ("A", 4, "C")]), direct([("Q", 22, "W")])]
+    for row, want in zip(rows, expected):
+        assert float(row["masked_marginal_score"]) == pytest.approx(want, abs=1e-4)
+    inline = esm2("score", "--sequence", wild_type, "--mutations", "K2A", "-m", "esm2-8m", "--server", server.target)
+    assert float(list(csv.DictReader(io.StringIO(inline.stdout)))[0]["masked_marginal_score"]) == pytest.approx(
+        expected[0], abs=1e-4)
+
+
+def test_score_pseudo_log_likelihood_equals_direct(server, reference_models, tmp_path):
+    records = {"a": "MKTAYIAKQR", "b": "MLKXVW"}  # X is not scored
+    fasta = write_fasta(tmp_path / "p.fasta", records)
+    result = esm2("score", "--pll", fasta, "-m", "esm2-tiny", "--server", server.target, "-q")
+    rows = {r["sequence_id"]: r for r in csv.DictReader(io.StringIO(result.stdout))}
+    column = {a: i for i, a in enumerate(STANDARD_ORDER)}
+    for name, sequence in records.items():
+        positions = [i for i, a in enumerate(sequence, 1) if a in column]
+        pll = sum(_masked_log_probs(reference_models["esm2-tiny"], sequence, p)[column[sequence[p - 1]]]
+                  for p in positions)
+        assert int(rows[name]["scored_positions"]) == len(positions)
+        assert float(rows[name]["pseudo_log_likelihood"]) == pytest.approx(pll, abs=1e-4)
+        assert float(rows[name]["perplexity"]) == pytest.approx(np.exp(-pll / len(positions)), rel=1e-5)
+
+
+# ---- health, models, failures ------------------------------------------------------------------
+def test_health_and_models(server):
+    health = esm2("health", "--server", server.target)
+    assert health.stdout.splitlines() == [f"{server.target}: SERVING", "esm2-8m: ready", "esm2-tiny: ready"]
+    models = esm2("models", "--server", server.target).stdout.splitlines()
+    assert models[0].split()[:3] == ["model", "ready", "layers"]
+    assert [line.split()[:3] for line in models[1:]] == [["esm2-8m", "yes", "6"], ["esm2-tiny", "yes", "2"]]
+
+
+def test_user_errors_are_one_line(server, tmp_path):
+    good = write_fasta(tmp_path / "good.fasta", {"a": "MKTAY"})
+    bad = tmp_path / "bad.fasta"
+    bad.write_text("this is not fasta\n")
+    long = write_fasta(tmp_path / "long.fasta", {"ok": "MKT", "big": "A" * 2100, "huge": "M" * 2200})
+    target = ["--server", server.target]
+    assert_one_error_line(esm2("embed", bad, "-o", tmp_path / "o.h5", *target, check=False), "bad.fasta")
+    assert_one_error_line(esm2("embed", tmp_path / "missing.fa", "-o", tmp_path / "o.h5", *target, check=False),
+                          "missing.fa: no such file")
+    assert_one_error_line(esm2("embed", good, "-o", tmp_path / "o.h5", "-m", "esm2-3b", *target, check=False),
+                          "model 'esm2-3b' is not served", "esm2-8m, esm2-tiny")
+    assert_one_error_line(esm2("embed", long, "-o", tmp_path / "o.h5", "-m", "esm2-tiny", *target, check=False),
+                          "2 sequences are longer than esm2-tiny's limit of 2048 residues: big (2100), huge (2200)",
+                          "--truncate")
+    truncated = esm2("embed", long, "-o", tmp_path / "t.h5", "-m", "esm2-tiny", "--include", "per_token", "--truncate",
+                     *target)
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        assert f["huge/per_token/2"].shape == (2048, 64) and f["ok/per_token/2"].shape == (3, 64)
+    assert "wrote 3 sequences" in truncated.stderr
+    assert_one_error_line(esm2("score", "--sequence", "MKTAY", "--mutations", "K3A", "-m", "esm2-tiny", *target,
+                               check=False), "the wild type at position 3 is T, not K")
+    assert_one_error_line(esm2("embed", good, "-o", tmp_path / "o.h5", "--server", f"127.0.0.1:{free_port()}",
+                               "--timeout", "1", check=False), "is unavailable")
+
+
+def test_wrong_api_key_is_one_line(tmp_path, tiny_checkpoint):
+    keyed = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
+                          env={"ESM_API_KEYS": "sesame"}).wait_ready()
+    try:
+        fasta = write_fasta(tmp_path / "p.fasta", {"a": "MKTAY"})
+        common = ["-m", "esm2-tiny", "--server", keyed.target]
+        assert_one_error_line(esm2("embed", fasta, "-o", tmp_path / "o.h5", *common, "--api-key", "nope", check=False),
+                              "UNAUTHENTICATED", "API key")
+        esm2("embed", fasta, "-o", tmp_path / "o.h5", *common, env={**os.environ, "ESM2_API_KEY": "sesame"})
+        with h5py.File(tmp_path / "o.h5", "r") as f:
+            assert list(f) == ["a"]
+    finally:
+        keyed.stop()

@@ -1,0 +1,139 @@
+"""esm2_client against a real server: values, order, stream dtypes, retries, deadlines, keys."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from conftest import ServerProcess, free_port
+from reference import assert_close, reference
+
+from esm2_client import AsyncEsm2Client, Esm2Client, Esm2Error, RetryPolicy
+from service import rendering
+from service.proto import pb
+
+AMINO = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def random_sequences(count: int, low: int, high: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(AMINO) for _ in range(rng.randint(low, high))) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Esm2Client(server.target, max_in_flight=2) as c:
+        yield c
+
+
+def test_encode_splits_requests_and_keeps_order(client, reference_models):
+    sequences = random_sequences(11, 5, 60, seed=1)  # more than max_items (8): two requests
+    outputs = client.encode(sequences, "esm2-tiny", include=["mean", "per_token", "bos", "contacts", "attentions",
+                                                             "logits"], repr_layers=[-1, 0])
+    assert len(outputs) == len(sequences)
+    for index, (sequence, out) in enumerate(zip(sequences, outputs)):
+        expected = reference(reference_models["esm2-tiny"], sequence)
+        assert out.length == len(sequence)
+        assert sorted(out.mean) == sorted(out.bos) == sorted(out.per_token) == [0, 2]
+        for layer in (0, 2):
+            assert_close(out.mean[layer], expected["mean"][layer], f"item {index} mean {layer}")
+            assert_close(out.bos[layer], expected["bos"][layer], f"item {index} bos {layer}")
+            assert_close(out.per_token[layer], expected["per_token"][layer], f"item {index} per_token {layer}")
+        for name in ("contacts", "attentions", "logits"):
+            assert_close(getattr(out, name), expected[name], f"item {index} {name}")
+        assert "".join(out.vocab_tokens) == "LAGVSERTIDPKQNFYMHWC"
+
+
+def test_predict_logits_match_fair_esm(client, reference_models):
+    sequences = ["MKT<mask>AYIAKQR", "<mask>LKV<mask>"]
+    outputs = client.predict(sequences, "esm2-tiny")
+    for sequence, out in zip(sequences, outputs):
+        assert_close(out.logits, reference(reference_models["esm2-tiny"], sequence)["logits"], sequence)
+    assert outputs[1].sequence_tokens == ["<mask>", "L", "K", "V", "<mask>"]
+
+
+@pytest.mark.parametrize("data_type", [pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16])
+def test_half_precision_streams_decode_exactly(client, data_type):
+    sequences = random_sequences(3, 300, 400, seed=2)
+    full = client.encode(sequences, "esm2-tiny", include=["per_token", "contacts"], repr_layers=[-1])
+    half = client.encode(sequences, "esm2-tiny", include=["per_token", "contacts"], repr_layers=[-1],
+                         data_type=data_type)
+    for f, h in zip(full, half):
+        for wide, narrow in ((f.per_token[2], h.per_token[2]), (f.contacts, h.contacts)):
+            wire = rendering.to_wire(wide, data_type)  # what the server sent: exact expected values
+            expected = wire.astype(np.float32) if data_type == pb.DATA_TYPE_FLOAT16 else (
+                wire.astype(np.uint32) << 16).view(np.float32)
+            assert narrow.dtype == np.float32
+            np.testing.assert_array_equal(narrow, expected)
+
+
+def test_async_client_matches_sync(server, client):
+    sequences = random_sequences(10, 5, 40, seed=3)
+
+    async def run():
+        async with AsyncEsm2Client(server.target, max_in_flight=3) as aclient:
+            encoded = await aclient.encode(sequences, "esm2-tiny", include=["mean", "per_token"])
+            predicted = await aclient.predict(["MK<mask>AY"], "esm2-tiny")
+            return encoded, predicted
+
+    encoded, predicted = asyncio.run(run())
+    for a, s in zip(encoded, client.encode(sequences, "esm2-tiny", include=["mean", "per_token"])):
+        np.testing.assert_array_equal(a.mean[2], s.mean[2])
+        np.testing.assert_array_equal(a.per_token[2], s.per_token[2])
+    np.testing.assert_array_equal(predicted[0].logits, client.predict(["MK<mask>AY"], "esm2-tiny")[0].logits)
+
+
+def test_invalid_argument_is_not_retried_and_names_the_input(server, client):
+    before = server.metric("esm_requests_total", 'code="INVALID_ARGUMENT",method="EncodeStream"')
+    sequences = random_sequences(10, 5, 10, seed=4)
+    sequences[9] = "MKT*Y"
+    with pytest.raises(Esm2Error) as info:
+        Esm2Client(server.target, max_in_flight=1).encode(sequences, "esm2-tiny")
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "sequences[9].sequence: invalid character '*' at position 3" in str(info.value)
+    after = server.metric("esm_requests_total", 'code="INVALID_ARGUMENT",method="EncodeStream"')
+    assert after - before == 1
+
+
+def test_unknown_model_names_served_models(client):
+    with pytest.raises(Esm2Error, match="model 'esm2-3b' is not served by .*served models: esm2-8m, esm2-tiny"):
+        client.encode(["MKT"], "esm2-3b")
+
+
+def test_deadline_stops_retrying():
+    retry = RetryPolicy(max_attempts=1000, initial_backoff=0.05, max_backoff=0.2)
+    with Esm2Client(f"127.0.0.1:{free_port()}", retry=retry) as down:
+        with pytest.raises(Esm2Error) as info:
+            down.encode(["MKT"], "esm2-tiny", timeout=1.0)
+    assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_retries_until_a_late_server_is_up_and_sends_the_api_key(tmp_path, tiny_checkpoint, reference_models):
+    """The call starts while nothing listens; the server (API keys required) comes up later."""
+    port = free_port()
+    retry = RetryPolicy(max_attempts=60, initial_backoff=0.1, max_backoff=0.5)
+    late: dict = {}
+
+    def start_server():
+        # A later --port overrides the one ServerProcess picked: listen where the client already dials.
+        late["server"] = ServerProcess(tmp_path, "--port", str(port), "--models", "esm2-tiny",
+                                       "--checkpoint", f"esm2-tiny={tiny_checkpoint}", env={"ESM_API_KEYS": "sesame"})
+
+    timer = threading.Timer(1.0, start_server)
+    timer.start()
+    try:
+        with Esm2Client(f"127.0.0.1:{port}", api_key="sesame", retry=retry) as c:
+            outputs = c.encode(["MKTAYIAKQR"], "esm2-tiny", timeout=60)
+            assert_close(outputs[0].mean[2], reference(reference_models["esm2-tiny"], "MKTAYIAKQR")["mean"][2])
+        with Esm2Client(f"127.0.0.1:{port}", api_key="wrong") as c:
+            with pytest.raises(Esm2Error) as info:
+                c.encode(["MKT"], "esm2-tiny")
+        assert info.value.code is grpc.StatusCode.UNAUTHENTICATED
+        assert "API key" in str(info.value)
+    finally:
+        timer.join()
+        late["server"].stop()
