@@ -8,7 +8,7 @@ GEN := service/gen
 DESCRIPTOR := gateway/esm2_descriptor.pb
 CHECKPOINTS ?= checkpoints
 
-.PHONY: setup protos serve demo test bench clean
+.PHONY: setup protos serve demo test bench clean lint-protos
 
 setup: $(VENV)/.installed protos
 
@@ -32,23 +32,34 @@ $(GEN)/esm/v1/esm2_pb2.py: $(PROTO_SRC) $(VENV)/.installed
 	touch $(GEN)/__init__.py $(GEN)/esm/__init__.py $(GEN)/esm/v1/__init__.py
 
 $(DESCRIPTOR): $(PROTO_SRC) $(VENV)/.installed
+	mkdir -p $(dir $@)
 	$(PY) -m grpc_tools.protoc -Iprotos -I$(SITE) --include_imports --include_source_info \
 		--descriptor_set_out=$@ $(PROTO_SRC)
 
-# Serve the real esm2-8m checkpoint (torch hub cache, --model-dir or download).
+# Serve the real esm2-8m checkpoint (torch hub cache, --model-dir or download):
+# gRPC on 50051 and, through Envoy, the JSON API on http://localhost:8080/api/v3/.
+# SERVE_ARGS takes gateway flags (python -m gateway.launch --help) and server flags.
 serve: setup
-	$(PY) -m service.server $(SERVE_ARGS)
+	$(PY) -m gateway.launch $(SERVE_ARGS)
 
 # Try the whole service offline with a random-weight checkpoint at the 8M shape.
 demo: setup
 	$(PY) -m service.random_checkpoints --shape 8m --out $(CHECKPOINTS)
-	$(PY) -m service.server --models esm2-8m --model-dir $(CHECKPOINTS) --offline $(SERVE_ARGS)
+	$(PY) -m gateway.launch --models esm2-8m --model-dir $(CHECKPOINTS) --offline $(SERVE_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# buf lint (default rules) on protos/; needs npm. google/api comes from googleapis-common-protos.
+lint-protos: $(VENV)/.installed
+	rm -rf build/buf && mkdir -p build/buf/third_party/google/api
+	cp $(SITE)/google/api/annotations.proto $(SITE)/google/api/http.proto \
+		$(SITE)/google/api/httpbody.proto build/buf/third_party/google/api/
+	cp -r protos buf.yaml build/buf/
+	cd build/buf && npx --yes @bufbuild/buf@1.75.0 lint
 
 clean:
 	rm -rf $(GEN) $(DESCRIPTOR) $(CHECKPOINTS)

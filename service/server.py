@@ -23,7 +23,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import checkpoints
+from service import checkpoints, json_limits
 from service.auth import ApiKeyInterceptor, load_keys
 from service.model_worker import ModelWorker, WorkItem, resolve_device
 from service.proto import pb, pb_grpc
@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-queue-items", type=int, default=int(_env("max_queue_items", 256)))
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9090)), help="0 disables")
     p.add_argument("--api-keys-file", default=_env("api_keys_file", None), help="one key per line")
+    p.add_argument("--max-json-response-mb", type=int,
+                   default=int(_env("max_json_response_mb", json_limits.DEFAULT_MAX_JSON_RESPONSE_MB)),
+                   help="largest JSON gateway response; bigger ones get INVALID_ARGUMENT (HTTP 400) naming EncodeStream")
     p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)))
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once ready")
     p.add_argument("--simulate-oom-above-tokens", type=int, default=0, help=argparse.SUPPRESS)
@@ -117,7 +120,7 @@ async def serve(args) -> None:
         worker,
         BatchLimits(args.max_batch_tokens, args.max_batch_size, args.max_wait_ms / 1000, args.max_queue_items),
     )
-    servicer = Esm2Servicer(models, scheduler, limits, str(device))
+    servicer = Esm2Servicer(models, scheduler, limits, str(device), args.max_json_response_mb << 20)
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
     server = grpc.aio.server(

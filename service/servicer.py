@@ -16,7 +16,7 @@ import orjson
 import torch
 from google.api import httpbody_pb2
 
-from service import metrics, rendering
+from service import json_limits, metrics, rendering
 from service.checkpoints import LoadedModel
 from service.esm_forward import amino_acid_columns
 from service.model_worker import ItemFailed, ItemResult, WorkItem
@@ -45,7 +45,11 @@ class Job:
 
 
 class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
-    def __init__(self, models: dict[str, LoadedModel], scheduler: Scheduler, limits: Limits, device: str):
+    def __init__(
+        self, models: dict[str, LoadedModel], scheduler: Scheduler, limits: Limits, device: str,
+        max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
+    ):
+        self.max_json_response_bytes = max_json_response_bytes
         self.models = models
         self.scheduler = scheduler
         self.limits = limits
@@ -107,8 +111,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         try:
             return await asyncio.gather(*futures)
         finally:
-            for future in futures:  # drops still-queued work on failure or cancellation
-                future.cancel()
+            _release(futures)
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context):
@@ -122,11 +125,17 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             code, message = exc.code, str(exc)
         except QueueFull as exc:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+            context.set_trailing_metadata((("retry-after", "1"),))  # Envoy sends it as Retry-After
         except ItemFailed as exc:
             code, message = getattr(grpc.StatusCode, exc.code), str(exc)
         except asyncio.CancelledError:
             metrics.REQUESTS.labels(method, "CANCELLED").inc()
             raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # a bug, not the caller's fault: say so without the details
+            log.exception("%s failed", method)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
         metrics.REQUESTS.labels(method, code.name).inc()
         if code is not grpc.StatusCode.OK:
             await context.abort(code, message)
@@ -157,27 +166,34 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             )
 
     # ---- JSON (through the Envoy gateway) --------------------------------------
+    async def _json(self, job: Job, context, estimate: int, render, stream_rpc: str) -> httpbody_pb2.HttpBody:
+        """Refuse before queueing what Envoy could not buffer whole; render off the loop."""
+        limit = self.max_json_response_bytes
+        if estimate > limit:
+            raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc))
+        results = await self._results(job, context)
+        body = await asyncio.to_thread(lambda: rendering.json_body([render(i, r) for i, r in enumerate(results)]))
+        if len(body) > limit:  # the estimate was low; still never hand Envoy more than it accepts
+            raise InvalidRequest(json_limits.too_large(len(body), limit, estimated=False, stream_rpc=stream_rpc))
+        return httpbody_pb2.HttpBody(content_type="application/json", data=body)
+
     async def EncodeJson(self, request, context):
         async with self._rpc("EncodeJson", context):
             job = self._encode_job(request.model, request.params, request.items)
-            results = await self._results(job, context)
             vocab = self._vocab[job.model.name]
-            body = await asyncio.to_thread(
-                lambda: rendering.json_body([rendering.encode_json_result(i, r, vocab) for i, r in enumerate(results)])
+            estimate = json_limits.estimate_encode_bytes(
+                [len(item.tokens) for item in job.items], job.include, len(job.layers), job.model.embed_dim, len(vocab)
             )
-            return httpbody_pb2.HttpBody(content_type="application/json", data=body)
+            render = lambda i, r: rendering.encode_json_result(i, r, vocab)  # noqa: E731
+            return await self._json(job, context, estimate, render, "EncodeStream")
 
     async def PredictJson(self, request, context):
         async with self._rpc("PredictJson", context):
             job = self._predict_job(request.model, request.items)
-            results = await self._results(job, context)
             vocab = self._vocab[job.model.name]
-            body = await asyncio.to_thread(
-                lambda: rendering.json_body(
-                    [rendering.predict_json_result(i, r, job.items[i].tokens, vocab) for i, r in enumerate(results)]
-                )
-            )
-            return httpbody_pb2.HttpBody(content_type="application/json", data=body)
+            estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab))
+            render = lambda i, r: rendering.predict_json_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
+            return await self._json(job, context, estimate, render, "PredictStream")
 
     async def GetRequestSchema(self, request, context):
         async with self._rpc("GetRequestSchema", context):
@@ -205,8 +221,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                 for chunk in rendering.encode_stream_chunks(index, result, options.data_type, chunk_bytes):
                     yield response_type(chunk=chunk)
         finally:
-            for future in futures:
-                future.cancel()
+            _release(futures)
 
     async def EncodeStream(self, request, context):
         async with self._rpc("EncodeStream", context):
@@ -232,6 +247,14 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             ready=name in self.ready, max_items=self.limits.max_items,
             max_sequence_length=self.limits.max_sequence_length, device=self.device,
         )
+
+
+def _release(futures: list[asyncio.Future]) -> None:
+    """Cancel what is still queued (the scheduler drops it) and consume failures seen."""
+    for future in futures:
+        if future.done() and not future.cancelled():
+            future.exception()  # marks it retrieved, so asyncio logs nothing at collection
+        future.cancel()
 
 
 def _token_ids(alphabet, tokens: tuple[str, ...]) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""JSON REST gateway: Envoy config rendering and the server+Envoy launcher."""
