@@ -50,32 +50,42 @@ def amino_acid_columns(alphabet) -> list[int]:
     return [i for i, tok in enumerate(alphabet.all_toks) if tok in STANDARD_AMINO_ACIDS]
 
 
-def _fused_self_attention(mha, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """fair-esm's MultiheadAttention (rotary, no bias_kv) through fused SDPA."""
-    T, B, E = x.shape
+def _rotary_tables(rot_emb, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fair-esm's rotary cos/sin tables [T, head_dim], computed once per batch for all layers
+    (without touching the module's shared cache). `sin` carries rotate_half's sign, so that
+    rotate_half(x) * sin == roll(x, head_dim / 2) * signed_sin exactly."""
+    t = torch.arange(length, device=device).type_as(rot_emb.inv_freq)
+    freqs = torch.outer(t, rot_emb.inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    sign = torch.ones_like(angles)
+    sign[:, : freqs.shape[-1]] = -1
+    return angles.cos(), angles.sin() * sign
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # fair-esm's x * cos + rotate_half(x) * sin, in 3 kernels instead of 6.
+    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return torch.addcmul(x * cos.to(x.dtype), rolled, signed_sin.to(x.dtype))
+
+
+def _fast_layer(layer, x: torch.Tensor, attend: torch.Tensor | None, rotary) -> torch.Tensor:
+    """One TransformerLayer on batch-first x [B, T, E], attention through fused SDPA.
+
+    Same arithmetic as fair-esm's layer except the order of rounding: q's scaling moves into
+    SDPA, heads are views of the projections (no layout copies)."""
+    mha = layer.self_attn
+    B, T, E = x.shape
     H, hd = mha.num_heads, mha.head_dim
+    h = layer.self_attn_layer_norm(x)
 
-    def heads(t):  # [T, B, E] -> [B*H, T, hd], fair-esm's layout
-        return t.contiguous().view(T, B * H, hd).transpose(0, 1)
+    def heads(t):  # [B, T, E] -> [B, H, T, hd], a view
+        return t.view(B, T, H, hd).transpose(1, 2)
 
-    q, k = mha.rot_emb(heads(mha.q_proj(x) * mha.scaling), heads(mha.k_proj(x)))
-    v = heads(mha.v_proj(x))
-    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        q.view(B, H, T, hd), k.view(B, H, T, hd), v.view(B, H, T, hd), attn_mask=mask, scale=1.0
-    )
-    return mha.out_proj(out.permute(2, 0, 1, 3).reshape(T, B, E))
-
-
-def _layer(layer, x, key_padding_mask, need_maps: bool, fast: bool):
-    """One TransformerLayer; returns (x, per-head maps [H, B, T, T] or None)."""
-    if need_maps or not fast:
-        x, maps = layer(x, self_attn_padding_mask=key_padding_mask, need_head_weights=need_maps)
-        return x, maps if need_maps else None
-    x = x + _fused_self_attention(layer.self_attn, layer.self_attn_layer_norm(x), key_padding_mask)
-    residual = x
-    x = layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))  # fair-esm's gelu is erf-exact
-    return residual + x, None
+    q = _rotate(heads(mha.q_proj(h)), *rotary)
+    k = _rotate(heads(mha.k_proj(h)), *rotary)
+    out = F.scaled_dot_product_attention(q, k, heads(mha.v_proj(h)), attn_mask=attend, scale=mha.scaling)
+    x = x + mha.out_proj(out.transpose(1, 2).reshape(B, T, E))
+    return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))  # fair-esm's gelu is erf-exact
 
 
 @torch.inference_mode()
@@ -105,11 +115,20 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan) -> BatchOutput:
         H = model.attention_heads
         attention_sum = contact_logits = None
 
-    x = x.transpose(0, 1)  # [T, B, E]
+    fast = plan.fast_attention and not plan.needs_maps
+    if fast:  # batch-first throughout
+        rotary = _rotary_tables(model.layers[0].self_attn.rot_emb, tokens.shape[1], x.device)
+        attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    else:  # fair-esm's own layers, [T, B, E]
+        x = x.transpose(0, 1)
     for index, layer in enumerate(model.layers):
-        x, maps = _layer(layer, x, key_padding_mask, plan.needs_maps, plan.fast_attention)
+        if fast:
+            x, maps = _fast_layer(layer, x, attend, rotary), None
+        else:
+            x, maps = layer(x, self_attn_padding_mask=key_padding_mask, need_head_weights=plan.needs_maps)
+            maps = maps if plan.needs_maps else None
         if index + 1 in plan.layers and index + 1 != model.num_layers:
-            out.representations[index + 1] = x.transpose(0, 1)
+            out.representations[index + 1] = x if fast else x.transpose(0, 1)
         if maps is None:
             continue
         maps = maps.transpose(0, 1).float() * pair_mask  # [B, H, T, T], padding zeroed as stock
@@ -124,7 +143,7 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan) -> BatchOutput:
             contact_logits = layer_logits if contact_logits is None else contact_logits + layer_logits
         del maps
 
-    x = model.emb_layer_norm_after(x).transpose(0, 1)  # [B, T, E]
+    x = model.emb_layer_norm_after(x if fast else x.transpose(0, 1))  # [B, T, E]
     if model.num_layers in plan.layers:
         out.representations[model.num_layers] = x
     if plan.logits:

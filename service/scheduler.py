@@ -31,6 +31,7 @@ class BatchLimits:
     max_batch_size: int = 64
     max_wait_s: float = 0.005  # how long an idle worker waits to fill a batch
     max_queue_items: int = 256
+    min_padding_efficiency: float = 0.92  # real tokens / padded tokens a batch may not fall below
 
 
 def take_batch(pending: list[WorkItem], limits: BatchLimits) -> list[WorkItem]:
@@ -41,25 +42,32 @@ def take_batch(pending: list[WorkItem], limits: BatchLimits) -> list[WorkItem]:
         key=lambda it: it.length,
     )
     lo = hi = peers.index(anchor)
-    width = anchor.length
+    width = real = anchor.length  # real: tokens that are not padding
     while hi - lo + 1 < limits.max_batch_size:
-        shorter = peers[lo - 1] if lo > 0 else None
-        longer = peers[hi + 1] if hi + 1 < len(peers) else None
         count = hi - lo + 2
-        # Added padding: a shorter item pads itself; a longer one widens every row.
-        cost_shorter = width - shorter.length if shorter else None
-        cost_longer = (longer.length - width) * (count - 1) if longer else None
-        if shorter and (cost_longer is None or cost_shorter <= cost_longer):
-            if width * count > limits.max_batch_tokens:
-                break
-            lo -= 1
-        elif longer:
-            if longer.length * count > limits.max_batch_tokens:
-                break
-            hi += 1
-            width = longer.length
-        else:
+        # Each neighbour that keeps the batch within budget and padding target, with the padding it adds:
+        # a shorter item pads itself; a longer one widens every row. On CPU a batch of a few
+        # hundred tokens already runs near full speed, so padding is pure waste.
+        options = []
+        if lo > 0:
+            shorter = peers[lo - 1]
+            if width * count <= limits.max_batch_tokens and \
+                    real + shorter.length >= limits.min_padding_efficiency * width * count:
+                options.append((width - shorter.length, -1))
+        if hi + 1 < len(peers):
+            longer = peers[hi + 1]
+            if longer.length * count <= limits.max_batch_tokens and \
+                    real + longer.length >= limits.min_padding_efficiency * longer.length * count:
+                options.append(((longer.length - width) * (count - 1), 1))
+        if not options:
             break
+        if min(options)[1] < 0:
+            lo -= 1
+            real += peers[lo].length
+        else:
+            hi += 1
+            width = peers[hi].length
+            real += width
     batch = peers[lo : hi + 1]
     chosen = set(map(id, batch))
     pending[:] = [it for it in pending if id(it) not in chosen]

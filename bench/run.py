@@ -1,0 +1,186 @@
+"""Entry point of `make bench`: python -m bench.run [--quick] [options]; see BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from bench import cases, machine, report
+from bench.clients import drive, encode_requests
+from bench.workload import Workload, mixed_workload, write_fasta
+from service.checkpoints import load
+from service.random_checkpoints import SHAPES, write_random_checkpoint
+
+log = logging.getLogger("bench")
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny model, a few sequences, one repeat (seconds to a minute or two)")
+    p.add_argument("--models", default="8m,35m", help="shapes that get every case (random weights)")
+    p.add_argument("--mfu-models", default="150m",
+                   help="shapes that get baseline, in-process forward and gRPC 8x8 only (model FLOPs utilisation)")
+    p.add_argument("--rss-models", default="150m,650m", help="shapes whose server peak RSS is measured alone")
+    p.add_argument("--contacts-memory", action="store_true",
+                   help="opt-in: stock vs ours contacts peak RSS, and a served long contacts request (slow)")
+    p.add_argument("--contacts-shape", default="650m")
+    p.add_argument("--contacts-compare-length", type=int, default=512,
+                   help="length for the stock-vs-ours comparison (stock at 1000 residues needs ~18 GB)")
+    p.add_argument("--contacts-serve-length", type=int, default=2048)
+    p.add_argument("--sequences", type=int, default=24, help="log-normal sequences in the mix (plus 8x300, 1000, 2048)")
+    p.add_argument("--mfu-sequences", type=int, default=8)
+    p.add_argument("--contacts-max-length", type=int, default=512,
+                   help="contacts cases use the mix's sequences up to this length (stock stacks every layer's maps)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--items", default="8,1")
+    p.add_argument("--latency-requests", type=int, default=100)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: baseline, in-process forward and servers")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="the service's autocast precision (the stock baseline stays fp32)")
+    p.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--max-batch-tokens 2048'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", type=Path, default=HERE / ".cache", help="random-weight checkpoints")
+    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.mfu_models, args.rss_models = "tiny", "", ""
+        args.contacts_memory, args.contacts_shape = True, "tiny"
+        args.contacts_compare_length, args.contacts_serve_length = 100, 300
+        args.sequences, args.repeats, args.latency_requests = 6, 1, 20
+    return args
+
+
+def shapes(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    for name in names:
+        if name not in SHAPES:
+            raise SystemExit(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+    return names
+
+
+def checkpoint_for(shape: str, cache: Path) -> Path:
+    path = cache / f"{SHAPES[shape][3]}.pt"
+    if not path.exists():
+        log.info("writing a random-weight %s checkpoint to %s", shape, cache)
+        write_random_checkpoint(shape, cache)
+    return path
+
+
+def served_name(shape: str) -> str:
+    return f"esm2-{shape}"
+
+
+def warm(model_cases: cases.ModelCases, workload: Workload) -> None:
+    """First calls pay one-off costs (allocator growth, thread pools); keep them out of run 1."""
+    from bench import baseline
+
+    sample = workload.sequences[:16]
+    baseline.stock_pass(model_cases.loaded, sample)
+    baseline.service_forward_pass(model_cases.loaded, sample, fast=True)
+    for mode in model_cases.servers:
+        drive(model_cases.servers[mode], encode_requests(model_cases.name, sample, 8), 2)
+
+
+def full_cases(m: cases.ModelCases, clients, items) -> list:
+    steps = [m.baseline_mean, m.baseline_small_batches, m.forward_fast, m.forward_exact]
+    steps += [lambda c=c, i=i: m.grpc_mean(c, i) for i in items for c in clients]
+    steps += [lambda: m.grpc_mean(8, 8, "exact"), lambda: m.stream("per_token"), lambda: m.stream("logits"),
+              m.baseline_contacts, lambda: m.stream("contacts"), lambda: m.json("mean"), lambda: m.json("per_token")]
+    return steps
+
+
+def mfu_cases(m: cases.ModelCases) -> list:
+    return [m.baseline_mean, m.forward_fast, lambda: m.grpc_mean(8, 8)]
+
+
+def run_model(shape, args, workload, contacts_workload, full: bool) -> list[cases.Measurement]:
+    name = served_name(shape)
+    checkpoint = checkpoint_for(shape, args.cache_dir)
+    loaded = load(name, checkpoint)
+    loaded.model.to(args.device)
+    m = cases.ModelCases(name, loaded, checkpoint, workload, contacts_workload, args.device, args.precision,
+                         tuple(shlex.split(args.server_args)))
+    try:
+        m.server("fast")
+        if full:
+            m.server("exact")
+        warm(m, workload)
+        steps = full_cases(m, shapes_list(args.clients), shapes_list(args.items)) if full else mfu_cases(m)
+        for repeat in range(args.repeats):
+            log.info("%s: run %d of %d", name, repeat + 1, args.repeats)
+            for step in steps:
+                step()
+        if full:
+            m.latency(args.latency_requests)
+        m.server_rss()
+    finally:
+        m.close()
+    return list(m.results.values())
+
+
+def shapes_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    started = time.monotonic()
+    run = {
+        "started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine.describe(),
+        "repeats": args.repeats,
+    }
+    log.info("machine: %s", run["machine"])
+    # MFU is against the matmul rate of the precision the service computes in.
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    run["matmul_flops_per_s"] = machine.matmul_rate(args.device, dtype, n=2048 if args.device == "cpu" else 8192)
+    run["matmul_precision"] = f"{args.precision} on {args.device}"
+    log.info("%s matmul on %s: %.1f GFLOP/s", args.precision, args.device, run["matmul_flops_per_s"] / 1e9)
+
+    workload = mixed_workload(args.sequences, args.seed)
+    contacts_workload = workload.limited(args.contacts_max_length)
+    small = mixed_workload(args.mfu_sequences, args.seed, fixed=(300,) * 8)
+    run["workloads"] = [workload.describe(), contacts_workload.describe() + " (contacts cases)",
+                        small.describe() + " (--mfu-models)"]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_fasta(workload, args.out_dir / "workload.fasta")
+
+    measurements: list[cases.Measurement] = []
+    for shape in shapes(args.models):
+        measurements += run_model(shape, args, workload, contacts_workload, full=True)
+        gc.collect()
+    for shape in shapes(args.mfu_models):
+        measurements += run_model(shape, args, small, small, full=False)
+        gc.collect()
+    rss_sample = Workload("8x300 + 1x2048", tuple(s for s in workload.sequences if len(s) in (300, 2048)))
+    for shape in shapes(args.rss_models):
+        measurements.append(cases.server_rss_for(served_name(shape), checkpoint_for(shape, args.cache_dir), rss_sample))
+    if args.contacts_memory:
+        shape = args.contacts_shape
+        measurements.append(cases.contacts_memory(served_name(shape), checkpoint_for(shape, args.cache_dir),
+                                                  args.contacts_compare_length, args.contacts_serve_length))
+    measurements.append(cases.cli_peer(args.out_dir / "workload.fasta"))
+
+    run["wall_seconds"] = time.monotonic() - started
+    run["targets"] = report.targets(measurements, run["matmul_flops_per_s"])
+    json_path, md_path = report.write(args.out_dir, run, measurements)
+    print(md_path.read_text())
+    log.info("wrote %s and %s", json_path, md_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The benchmark harness still runs end to end: `python -m bench.run --quick` on the tiny model.
+
+Benchmarks are not tests: nothing here looks at how fast anything was, only that every case
+ran against real servers and the report is well formed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_writes_a_complete_report(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (result_file,) = out.glob("*.json")
+    (markdown_file,) = out.glob("*.md")
+    run = json.loads(result_file.read_text())
+
+    assert run["machine"]["cpu_cores"] >= 1 and run["machine"]["torch"]
+    assert run["matmul_flops_per_s"] > 0
+    by_case = {m["case"]: m for m in run["measurements"] if m["model"] == "esm2-tiny"}
+    timed = [m for m in by_case.values() if m["seconds"]]
+    assert {"baseline: stock fair-esm, mean", "baseline: stock fair-esm, contacts", "stock fair-esm, toks_per_batch 1024",
+            "in-process service forward, fast path", "in-process service forward, exact path"} <= set(by_case)
+    for clients in (1, 8, 32):
+        for items in (8, 1):
+            assert f"gRPC Encode mean, {clients} clients x {items} items, fast path (default)" in by_case
+    for include in ("per_token", "logits", "contacts"):
+        streamed = by_case[f"gRPC EncodeStream {include}, 8 clients x 8 items"]
+        assert streamed["bytes_per_s"] > 0
+    for include in ("mean", "per_token"):  # through Envoy, unless the gateway is missing (then a stated skip)
+        json_case = by_case[f"JSON via Envoy {include}, 8 clients x 8 items"]
+        assert json_case["skipped"] or json_case["bytes_per_s"] > 0
+    for m in timed:
+        assert m["residues_per_s"] > 0 and m["flops_per_s"] > 0, m["case"]
+        if m["case"].startswith("gRPC"):
+            assert 0 < m["padding_efficiency"] <= 1, m["case"]
+
+    latency = by_case["latency: 1 item x 100 residues, 1 client"]["extra"]
+    assert latency["requests"] == 20 and 0 < latency["p50_ms"] <= latency["p99_ms"]
+    assert all(v > 0 for v in by_case["server peak RSS"]["extra"]["peak_rss_mib"].values())
+
+    (contacts,) = [m for m in run["measurements"] if m["case"].startswith("contacts memory")]
+    assert contacts["extra"]["allclose_1e5"] and contacts["extra"]["served_chunks"] > 0
+    assert contacts["extra"]["stock_peak_rss_mib"] > 0 and contacts["extra"]["ours_peak_rss_mib"] > 0
+
+    assert {t["target"] for t in run["targets"]} >= {"gRPC 8x8 mean, default settings / baseline",
+                                                      "gRPC 32 clients x 1 item / 8x8"}
+    skipped = [m for m in run["measurements"] if m["skipped"]]
+    assert all(m["skipped"] for m in skipped)  # each slot says why it did not run
+    report = markdown_file.read_text()
+    assert "| esm2-tiny | baseline: stock fair-esm, mean |" in report and "Targets checked" in report
