@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from gateway.envoy_config import GatewayConfig, add_arguments, config_from_args, render
+from service.subprocesses import REPO, free_port, stop_process
 
 log = logging.getLogger("gateway")
-REPO = Path(__file__).resolve().parent.parent
 
 
 def envoy_binary() -> str:
@@ -78,34 +78,11 @@ class EnvoyProcess:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def stop(self, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, timeout)
         if self._log:
             self._log.close()
         self._dir.cleanup()
-        return self.proc.returncode
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, timeout: float) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("pid %d did not stop within %.0fs; killing it", proc.pid, timeout)
-            proc.kill()
-            proc.wait()
+        return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.server import parse_args as parse_server_args  # validates the server flags up front
 
         server_args = parse_server_args(server_argv)
-        port = server_args.port or _free_port()
+        port = server_args.port or free_port()
         host = "127.0.0.1" if server_args.host in ("0.0.0.0", "::", "") else server_args.host
         upstream = args.upstream or (host, port)
         grace = server_args.grace_seconds
@@ -144,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     # The server first: it finishes in-flight requests, whose answers still go out through Envoy.
     if server is not None:
-        _stop(server, timeout=grace + 15)
+        stop_process(server, timeout=grace + 15)
     envoy.stop()
     failed = [p.returncode for p in children if p.returncode not in (0, -signal.SIGTERM)]
     return 0 if stop.is_set() and not failed else 1

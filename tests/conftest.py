@@ -2,88 +2,36 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-import requests
 
+import service.subprocesses
 from service.checkpoints import load
 from service.proto import pb, pb_grpc
 from service.random_checkpoints import write_random_checkpoint
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from service.subprocesses import REPO, free_port  # noqa: F401 (re-exported for the tests)
 
 
-class ServerProcess:
-    """`python -m service.server` in a subprocess, on free ports."""
+class ServerProcess(service.subprocesses.ServerProcess):
+    """A real server subprocess, plus a gRPC channel to it once ready."""
 
-    def __init__(self, tmp: Path, *args: str, env: dict | None = None):
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.log_path = tmp / f"server-{self.port}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--metrics-port", str(self.metrics_port), "--offline", *args],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )
-        self.target = f"127.0.0.1:{self.port}"
-        self.channel = None
+    channel = None
 
     def wait_ready(self, timeout: float = 120) -> "ServerProcess":
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            if "ready: serving" in self.log():
-                self.channel = grpc.insecure_channel(
-                    self.target, options=[("grpc.max_receive_message_length", 1 << 30)]
-                )
-                return self
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+        super().wait_ready(timeout)
+        self.channel = grpc.insecure_channel(self.target, options=[("grpc.max_receive_message_length", 1 << 30)])
+        return self
 
     @property
     def stub(self) -> pb_grpc.Esm2ServiceStub:
         return pb_grpc.Esm2ServiceStub(self.channel)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def metric(self, name: str, labels: str = "") -> float:
-        """Current value of one Prometheus sample, e.g. metric("esm_items_total", 'model="esm2-tiny"')."""
-        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
-        wanted = f"{name}{{{labels}}}" if labels else name
-        for line in text.splitlines():
-            if line.startswith(wanted + " "):
-                return float(line.split()[-1])
-        return 0.0
-
     def stop(self, timeout: float = 60) -> int:
         if self.channel is not None:
             self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        return super().stop(timeout)
 
 
 @pytest.fixture(scope="session")

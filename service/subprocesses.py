@@ -1,0 +1,92 @@
+"""The server as a child process: for the gateway launcher, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parent.parent
+READY_LINE = "ready: serving"  # logged by service.server once every model is warm
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """SIGTERM (the server then finishes in-flight work), SIGKILL if it takes longer than timeout."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+class ServerProcess:
+    """`python -m service.server` on free 127.0.0.1 ports, logging to a file in log_dir."""
+
+    def __init__(self, log_dir: Path, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir) / f"server-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--metrics-port", str(self.metrics_port), "--offline", *args],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+
+    def wait_ready(self, timeout: float = 600):
+        end = time.monotonic() + timeout
+        while READY_LINE not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > end:
+                log = self.log()
+                self.stop()
+                raise RuntimeError(f"server did not become ready (exit code {self.proc.returncode}):\n{log[-4000:]}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples as {'name{label="value",...}': value}, labels sorted."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {
+            sample.name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items())) + "}"
+                           if sample.labels else ""): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample, e.g. metric("esm_items_total", 'model="esm2-8m"'); 0 when absent."""
+        return self.metrics().get(f"{name}{{{labels}}}" if labels else name, 0.0)
+
+    def stop(self, timeout: float = 60) -> int:
+        code = stop_process(self.proc, timeout)
+        self._log.close()
+        return code
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
