@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import REPO
+from reference import assert_close, reference
 from service import checkpoints
+from service.esm_forward import BatchPlan, forward
 from service.random_checkpoints import write_random_checkpoint
 
 
@@ -25,10 +27,22 @@ def test_random_checkpoints_are_in_fair_esm_format(tiny_checkpoint):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("shape,layers,dim", [("8m", 6, 320), ("35m", 12, 480)])
-def test_real_shapes(tmp_path, shape, layers, dim):
-    loaded = checkpoints.load("m", write_random_checkpoint(shape, tmp_path))
+@pytest.mark.parametrize(
+    "shape,layers,dim,millions",
+    [("8m", 6, 320, 7.5), ("35m", 12, 480, 33.5), ("150m", 30, 640, 148.1), ("650m", 33, 1280, 651.0)],
+)
+def test_real_shapes_load_and_run(tmp_path, shape, layers, dim, millions):
+    path = write_random_checkpoint(shape, tmp_path)
+    assert path.name == f"{checkpoints.STANDARD_MODELS[f'esm2-{shape}']}.pt"
+    loaded = checkpoints.load(f"esm2-{shape}", path)
     assert (loaded.num_layers, loaded.embed_dim, loaded.attention_heads) == (layers, dim, 20)
+    assert loaded.parameters / 1e6 == pytest.approx(millions, abs=0.1)
+    # The service's forward on the loaded model equals fair-esm's own forward.
+    sequence = "MKTAYIAKQRQISFVKSHFSRQ"
+    tokens = torch.tensor([[loaded.alphabet.cls_idx, *map(loaded.alphabet.get_idx, sequence), loaded.alphabet.eos_idx]])
+    ours = forward(loaded.model, tokens, BatchPlan(layers=frozenset({layers}))).representations[layers]
+    assert_close(ours[0, 1:-1].mean(0), reference(loaded, sequence, layers=[layers])["mean"][layers])
+    path.unlink()  # the 650M file is 2.6 GB
 
 
 def test_lookup_order_explicit_then_model_dir_then_hub_cache(tmp_path, monkeypatch):
