@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    pass
+    """Too much work waiting: the caller may retry later."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining for shutdown and takes no new work."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ class Scheduler:
     def submit(self, items: list[WorkItem]) -> None:
         """Queue all items of one request, or none of them."""
         if self._closing:
-            raise QueueFull("server is shutting down")
+            raise ShuttingDown("server is shutting down; retry against another replica")
         if len(self._pending) + len(items) > self.limits.max_queue_items:
             metrics.REJECTED.inc()
             raise QueueFull(

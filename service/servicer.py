@@ -22,7 +22,7 @@ from service.esm_forward import amino_acid_columns
 from service.model_worker import ItemFailed, ItemResult, WorkItem
 from service.proto import pb, pb_grpc
 from service.request_schema import request_schema
-from service.scheduler import QueueFull, Scheduler
+from service.scheduler import QueueFull, Scheduler, ShuttingDown
 from service.validation import InvalidRequest, Limits, ParsedItem, parse_items, parse_options
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Rejected as exc:
             code, message = exc.code, str(exc)
+        except ShuttingDown as exc:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except QueueFull as exc:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
             context.set_trailing_metadata((("retry-after", "1"),))  # Envoy sends it as Retry-After
