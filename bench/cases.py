@@ -1,14 +1,17 @@
 """The benchmark cases. Each returns Measurement(s); the runner interleaves repeats so that the
 baseline and every case see the same machine conditions, and reports medians.
 
-Cases that need a piece that is not there (the Envoy gateway, the `esm2` CLI, `esm-extract`)
-record a skip that says why, so the report shows what was not measured.
+Cases that need a piece that is not there (the Envoy gateway, the `esm2` CLI) record a skip
+that says why, so the report shows what was not measured.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -25,7 +28,7 @@ from bench import baseline
 from bench.clients import LoadResult, drive, encode_requests
 from bench.machine import cpu_seconds, model_flops, reset_peak_rss, rss_bytes
 from bench.servers import REPO, Server, free_port
-from bench.workload import Workload, single
+from bench.workload import Workload, single, write_fasta
 from service.proto import pb, pb_grpc
 
 
@@ -85,15 +88,19 @@ class ModelCases:
         self.workload, self.contacts_workload = workload, contacts_workload
         self.results: dict[str, Measurement] = {}
         self.servers: dict[str, Server] = {}
+        self.startup_seconds: dict[str, float] = {}  # start to ready, per server
         self.envoy = None
+        self._files = tempfile.TemporaryDirectory(prefix="esm-bench-peer-")
 
     def server(self, mode: str) -> Server:
         """'fast': the server's default settings; 'exact': --attention exact (fair-esm's attention)."""
         if mode not in self.servers:
             flags = ("--attention", "exact") if mode == "exact" else ()
+            start = time.perf_counter()
             self.servers[mode] = Server(self.name, self.checkpoint, "--max-sequence-length", "2048",
                                         "--device", self.device, "--precision", self.precision,
                                         *self.server_args, *flags)
+            self.startup_seconds[mode] = time.perf_counter() - start
         return self.servers[mode]
 
     def gateway(self):
@@ -122,6 +129,7 @@ class ModelCases:
         for s in self.servers.values():
             s.stop()
         self.servers.clear()
+        self._files.cleanup()
 
     def _record(self, case: str, workload: Workload, **extra) -> Measurement:
         if case not in self.results:
@@ -214,6 +222,39 @@ class ModelCases:
             return
         self._drive(case, "fast", self.workload, clients, items, include=(include,), json=True)
 
+    # ---- peer: whole processes on the same FASTA and checkpoint -------------
+    def peer(self) -> None:
+        """esm-extract (or bench/esm_extract.py) vs `esm2 embed` against the already-running fast
+        server, mean-only, both cutting at 1022 residues; the server's start-up is reported apart."""
+        workload = Workload(f"{self.workload.name}, cut at {PEER_TRUNCATE}",
+                            tuple(s[:PEER_TRUNCATE] for s in self.workload.sequences))
+        esm2 = esm2_command()
+        if esm2 is None:
+            for case in (PEER_EXTRACT, PEER_EMBED):
+                self._record(case, workload).skipped = "`esm2` CLI (esm2_client) not installed"
+            return
+        files = Path(self._files.name)
+        fasta = files / "workload.fasta"
+        if not fasta.exists():
+            write_fasta(self.workload, fasta)
+        server = self.server("fast")
+        run = len(self.results[PEER_EMBED].seconds) if PEER_EMBED in self.results else 0
+        extract = [*esm_extract_command(), str(self.checkpoint), str(fasta), str(files / f"extract{run}"),
+                   "--include", "mean", "--repr_layers", "-1", "--truncation_seq_length", str(PEER_TRUNCATE),
+                   "--toks_per_batch", "4096", *(["--nogpu"] if self.device == "cpu" else [])]
+        embed = [*esm2, "embed", str(fasta), "-o", str(files / f"embed{run}.h5"), "-m", self.name,
+                 "--server", server.target, "--include", "mean", "--repr-layers", "-1",
+                 "--truncate", str(PEER_TRUNCATE), "-q"]
+
+        def shown(command):  # the command as a reader would type it
+            return (shlex.join(command).replace(f"{files}/", "").replace(f"{Path(sys.executable).parent}/", "")
+                    .replace(server.target, "HOST:PORT").replace(str(REPO) + "/", ""))
+
+        self._record(PEER_EXTRACT, workload, command=shown(extract)).add(*_timed_process(extract))
+        m = self._record(PEER_EMBED, workload, command=shown(embed))
+        m.add(*_timed_process(embed, [server.proc.pid]))
+        m.extra["server_startup_s"] = self.startup_seconds.get("fast")
+
 
 def gateway_missing() -> str | None:
     if importlib.util.find_spec("gateway.launch") is None:
@@ -227,16 +268,38 @@ def gateway_missing() -> str | None:
     return None
 
 
-def cli_peer(fasta: Path) -> Measurement:
-    """Peer: fair-esm's esm-extract vs our `esm2 embed`, whole-process time, same FASTA and checkpoint."""
-    m = Measurement("-", "peer: esm-extract vs esm2 embed (whole process)")
-    if shutil.which("esm2") is None and not (Path(sys.executable).parent / "esm2").exists():
-        m.skipped = "`esm2` CLI not installed yet (client issue)"
-    elif shutil.which("esm-extract") is None:
-        m.skipped = "`esm-extract` not installed (the fair-esm 2.0.0 wheel ships no scripts)"
-    else:
-        m.skipped = "both CLIs present; case not wired into the harness yet (bench/cases.py: cli_peer)"
-    return m
+PEER_EXTRACT = "peer: esm-extract, whole process"
+PEER_EMBED = "peer: esm2 embed, whole process (server already up)"
+PEER_TRUNCATE = 1022  # esm-extract's default cut; `esm2 embed --truncate` makes the same one
+
+
+def esm_extract_command() -> list[str]:
+    """fair-esm's esm-extract where installed, else bench/esm_extract.py (the same pipeline)."""
+    script = shutil.which("esm-extract") or shutil.which("esm-extract", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "bench.esm_extract"]
+
+
+def esm2_command() -> list[str] | None:
+    script = shutil.which("esm2", path=str(Path(sys.executable).parent)) or shutil.which("esm2")
+    if script:
+        return [script]
+    return [sys.executable, "-m", "esm2_client.cli"] if importlib.util.find_spec("esm2_client.cli") else None
+
+
+def _timed_process(command: list[str], extra_pids=()) -> tuple[float, float]:
+    """Wall seconds of one whole process, and the CPU seconds it (and its children, and
+    `extra_pids`, e.g. the server it talks to) used meanwhile."""
+    def cpu():
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return children.ru_utime + children.ru_stime + sum(map(cpu_seconds, extra_pids))
+
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # real esm-extract vs our Namespace pickle
+    before, start = cpu(), time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return seconds, cpu() - before
 
 
 def server_rss_for(name: str, checkpoint: Path, workload: Workload) -> Measurement:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.cases import Measurement
+from bench.cases import PEER_EMBED, PEER_EXTRACT, Measurement
 
 BASELINE = "baseline: stock fair-esm, mean"
 BASELINE_CONTACTS = "baseline: stock fair-esm, contacts"
@@ -67,6 +67,23 @@ def targets(measurements: list[Measurement], matmul_flops: float) -> list[dict]:
         if base and forward_fast and fast_name.endswith("autocast"):  # GPU: >= 3x stock fp32 at 650M
             add(f"{fast_name} / stock fp32 baseline", forward_fast / base, 3.0)
     return checks
+
+
+def peer(measurements: list[Measurement]) -> list[dict]:
+    """Per model: esm-extract's whole-process median / esm2 embed's (server already up), and the same
+    with the server's start-up added once to esm2 embed (a cold one-off run)."""
+    out = []
+    for model in dict.fromkeys(m.model for m in measurements):
+        cases = {m.case: m for m in measurements if m.model == model}
+        extract, embed = cases.get(PEER_EXTRACT), cases.get(PEER_EMBED)
+        if not (extract and embed and extract.seconds and embed.seconds):
+            continue
+        startup = embed.extra.get("server_startup_s")
+        out.append({"model": model, "esm_extract_s": extract.median_seconds, "esm2_embed_s": embed.median_seconds,
+                    "server_startup_s": startup, "ratio": extract.median_seconds / embed.median_seconds,
+                    "ratio_with_startup": startup and extract.median_seconds / (embed.median_seconds + startup),
+                    "esm_extract_command": extract.extra.get("command"), "esm2_embed_command": embed.extra.get("command")})
+    return out
 
 
 def _fmt(value, spec=".2f", missing="-"):
@@ -167,6 +184,18 @@ def markdown(run: dict, measurements: list[Measurement]) -> str:
                   f"| {e['served_seconds']:.1f} (request) |",
                   "", f"Values, ours vs stock: max |difference| {e['max_abs_difference']:.2e}, "
                   f"allclose(rtol=1e-5, atol=1e-5): {e['allclose_1e5']}."]
+    peers = peer(measurements)
+    if peers:
+        lines += ["", "Peer, whole process: the same FASTA and checkpoint, mean of the last layer, both cut at 1022 "
+                  "residues. esm-extract loads the model itself; `esm2 embed` talks to a server that was already up "
+                  "(its start-up, to ready, is measured once and shown apart). Medians of the runs:", "",
+                  "| model | esm-extract s | esm2 embed s | esm-extract / esm2 embed | server start-up s "
+                  "| esm-extract / (esm2 embed + start-up) |", "|---|---|---|---|---|---|"]
+        for r in peers:
+            lines.append(f"| {r['model']} | {r['esm_extract_s']:.2f} | {r['esm2_embed_s']:.2f} | {r['ratio']:.2f} "
+                         f"| {_fmt(r['server_startup_s'])} | {_fmt(r['ratio_with_startup'])} |")
+        lines += ["", "Commands: " + "; ".join(f"`{r['esm_extract_command']}` vs `{r['esm2_embed_command']}`"
+                                               for r in peers[:1]) + "."]
     checks = run.get("targets", [])
     if checks:
         lines += ["", "Targets checked in this run:", "", "| model | target | measured | target | met |", "|---|---|---|---|---|"]

@@ -21,6 +21,9 @@ from service.random_checkpoints import SHAPES, write_random_checkpoint
 
 log = logging.getLogger("bench")
 HERE = Path(__file__).resolve().parent
+# --cases: groups of the per-model cases, plus the --mfu-models and --rss-models runs.
+CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "mfu", "rss")
+SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer"}  # the ones that need a server
 
 
 def parse_args(argv):
@@ -31,6 +34,9 @@ def parse_args(argv):
     p.add_argument("--mfu-models", default="150m",
                    help="shapes that get baseline, in-process forward and gRPC 8x8 only (model FLOPs utilisation)")
     p.add_argument("--rss-models", default="150m,650m", help="shapes whose server peak RSS is measured alone")
+    p.add_argument("--cases", default="all",
+                   help=f"comma-separated subset of: {', '.join(CASE_GROUPS)} (default all); e.g. 'peer' times only "
+                        "esm-extract vs esm2 embed on --models. mfu and rss are the --mfu-models/--rss-models runs")
     p.add_argument("--contacts-memory", action="store_true",
                    help="opt-in: stock vs ours contacts peak RSS, and a served long contacts request (slow)")
     p.add_argument("--contacts-shape", default="650m")
@@ -53,6 +59,9 @@ def parse_args(argv):
     p.add_argument("--cache-dir", type=Path, default=HERE / ".cache", help="random-weight checkpoints")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
+    args.cases = set(CASE_GROUPS) if args.cases == "all" else {c.strip() for c in args.cases.split(",") if c.strip()}
+    if args.cases - set(CASE_GROUPS):
+        p.error(f"unknown --cases {', '.join(sorted(args.cases - set(CASE_GROUPS)))}; choose from {', '.join(CASE_GROUPS)}")
     if args.quick:
         args.models, args.mfu_models, args.rss_models = "tiny", "", ""
         args.contacts_memory, args.contacts_shape = True, "tiny"
@@ -92,12 +101,15 @@ def warm(model_cases: cases.ModelCases, workload: Workload) -> None:
         drive(model_cases.servers[mode], encode_requests(model_cases.name, sample, 8), 2)
 
 
-def full_cases(m: cases.ModelCases, clients, items) -> list:
-    steps = [m.baseline_mean, m.baseline_small_batches, m.forward_fast, m.forward_exact]
-    steps += [lambda c=c, i=i: m.grpc_mean(c, i) for i in items for c in clients]
-    steps += [lambda: m.grpc_mean(8, 8, "exact"), lambda: m.stream("per_token"), lambda: m.stream("logits"),
-              m.baseline_contacts, lambda: m.stream("contacts"), lambda: m.json("mean"), lambda: m.json("per_token")]
-    return steps
+def full_cases(m: cases.ModelCases, clients, items, groups) -> list:
+    steps = [("baseline", m.baseline_mean), ("baseline", m.baseline_small_batches),
+             ("forward", m.forward_fast), ("forward", m.forward_exact)]
+    steps += [("grpc", lambda c=c, i=i: m.grpc_mean(c, i)) for i in items for c in clients]
+    steps += [("grpc", lambda: m.grpc_mean(8, 8, "exact")), ("stream", lambda: m.stream("per_token")),
+              ("stream", lambda: m.stream("logits")), ("baseline", m.baseline_contacts),
+              ("stream", lambda: m.stream("contacts")), ("json", lambda: m.json("mean")),
+              ("json", lambda: m.json("per_token")), ("peer", m.peer)]
+    return [step for group, step in steps if group in groups]
 
 
 def mfu_cases(m: cases.ModelCases) -> list:
@@ -111,19 +123,22 @@ def run_model(shape, args, workload, contacts_workload, full: bool) -> list[case
     loaded.model.to(args.device)
     m = cases.ModelCases(name, loaded, checkpoint, workload, contacts_workload, args.device, args.precision,
                          tuple(shlex.split(args.server_args)))
+    groups = args.cases if full else {"baseline", "forward", "grpc"}
     try:
-        m.server("fast")
-        if full:
+        if groups & SERVED_GROUPS:
+            m.server("fast")
+        if full and "grpc" in groups:
             m.server("exact")
         warm(m, workload)
-        steps = full_cases(m, shapes_list(args.clients), shapes_list(args.items)) if full else mfu_cases(m)
+        steps = full_cases(m, shapes_list(args.clients), shapes_list(args.items), groups) if full else mfu_cases(m)
         for repeat in range(args.repeats):
             log.info("%s: run %d of %d", name, repeat + 1, args.repeats)
             for step in steps:
                 step()
-        if full:
+        if full and "latency" in groups:
             m.latency(args.latency_requests)
-        m.server_rss()
+        if m.servers:
+            m.server_rss()
     finally:
         m.close()
     return list(m.results.values())
@@ -162,17 +177,17 @@ def main(argv=None) -> int:
     for shape in shapes(args.models):
         measurements += run_model(shape, args, workload, contacts_workload, full=True)
         gc.collect()
-    for shape in shapes(args.mfu_models):
+    for shape in shapes(args.mfu_models) if "mfu" in args.cases else ():
         measurements += run_model(shape, args, small, small, full=False)
         gc.collect()
     rss_sample = Workload("8x300 + 1x2048", tuple(s for s in workload.sequences if len(s) in (300, 2048)))
-    for shape in shapes(args.rss_models):
+    for shape in shapes(args.rss_models) if "rss" in args.cases else ():
         measurements.append(cases.server_rss_for(served_name(shape), checkpoint_for(shape, args.cache_dir), rss_sample))
     if args.contacts_memory:
         shape = args.contacts_shape
         measurements.append(cases.contacts_memory(served_name(shape), checkpoint_for(shape, args.cache_dir),
                                                   args.contacts_compare_length, args.contacts_serve_length))
-    measurements.append(cases.cli_peer(args.out_dir / "workload.fasta"))
+    run["peer"] = report.peer(measurements)
 
     run["wall_seconds"] = time.monotonic() - started
     run["targets"] = report.targets(measurements, run["matmul_flops_per_s"])

@@ -49,6 +49,12 @@ def test_quick_bench_writes_a_complete_report(tmp_path):
     assert latency["requests"] == 20 and 0 < latency["p50_ms"] <= latency["p99_ms"]
     assert all(v > 0 for v in by_case["server peak RSS"]["extra"]["peak_rss_mib"].values())
 
+    for case in ("peer: esm-extract, whole process", "peer: esm2 embed, whole process (server already up)"):
+        assert by_case[case]["seconds"] and by_case[case]["residues_per_s"] > 0, case
+    (peer,) = run["peer"]
+    assert peer["model"] == "esm2-tiny" and peer["ratio"] > 0 and peer["server_startup_s"] > 0
+    assert "bench.esm_extract" in peer["esm_extract_command"] or "esm-extract" in peer["esm_extract_command"]
+
     (contacts,) = [m for m in run["measurements"] if m["case"].startswith("contacts memory")]
     assert contacts["extra"]["allclose_1e5"] and contacts["extra"]["served_chunks"] > 0
     assert contacts["extra"]["stock_peak_rss_mib"] > 0 and contacts["extra"]["ours_peak_rss_mib"] > 0
@@ -59,3 +65,4 @@ def test_quick_bench_writes_a_complete_report(tmp_path):
     assert all(m["skipped"] for m in skipped)  # each slot says why it did not run
     report = markdown_file.read_text()
     assert "| esm2-tiny | baseline: stock fair-esm, mean |" in report and "Targets checked" in report
+    assert "esm-extract / esm2 embed" in report

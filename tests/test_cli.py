@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import esm
 import h5py
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from reference import STANDARD_ORDER, assert_close, reference
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 ESM2 = Path(sys.executable).with_name("esm2")
+REPO = Path(__file__).resolve().parent.parent
 ESM_EXTRACT = shutil.which("esm-extract") or shutil.which("esm-extract", path=str(Path(sys.executable).parent))
 
 
@@ -137,55 +137,30 @@ def test_embed_resumes_after_interruption(server, reference_models, tmp_path, ho
             assert_close(f[name]["per_token/6"][()], expected["per_token"][6], name)
 
 
-def _fair_esm_extraction(loaded, fasta: Path, layers: list[int], truncation: int) -> dict[str, dict]:
-    """esm-extract's pipeline run in-process with fair-esm's own pieces: its FASTA dataset,
-    token-budget batches (with padding), truncating batch converter, and slicing
-    (per_tok = rows 1..min(truncation, len)+1, mean = their average, bos = row 0, contacts
-    = the [:len, :len] corner)."""
-    model, alphabet = loaded.model, loaded.alphabet
-    dataset = esm.FastaBatchedDataset.from_file(fasta)
-    batches = dataset.get_batch_indices(4096, extra_toks_per_seq=1)
-    convert = alphabet.get_batch_converter(truncation)
-    results = {}
-    with torch.no_grad():
-        for batch in batches:
-            labels, strs, tokens = convert([dataset[i] for i in batch])
-            out = model(tokens, repr_layers=layers, return_contacts=True)
-            for i, label in enumerate(labels):
-                n = min(truncation, len(strs[i]))
-                reps = {k: v[i] for k, v in out["representations"].items()}
-                results[label] = {
-                    "representations": {k: v[1 : n + 1] for k, v in reps.items()},
-                    "mean_representations": {k: v[1 : n + 1].mean(0) for k, v in reps.items()},
-                    "bos_representations": {k: v[0] for k, v in reps.items()},
-                    "contacts": out["contacts"][i, :n, :n],
-                }
-    return results
-
-
 def _run_esm_extract(checkpoint: Path, fasta: Path, out_dir: Path, layers: list[int], truncation: int) -> dict:
-    subprocess.run(
-        [ESM_EXTRACT, checkpoint, fasta, out_dir, "--repr_layers", *map(str, layers), "--include", "mean", "per_tok",
+    """fair-esm's esm-extract as a process; where the wheel lacks it (fair-esm 2.0.0 on PyPI ships
+    no scripts), bench/esm_extract.py: the same pipeline from fair-esm's own parts."""
+    command = [ESM_EXTRACT] if ESM_EXTRACT else [sys.executable, "-m", "bench.esm_extract"]
+    result = subprocess.run(
+        [*command, checkpoint, fasta, out_dir, "--repr_layers", *map(str, layers), "--include", "mean", "per_tok",
          "bos", "contacts", "--truncation_seq_length", str(truncation), "--nogpu"],
-        check=True, capture_output=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=REPO,
         # Our own freshly written checkpoint pickles argparse.Namespace, which torch's
         # weights_only default refuses; esm-extract predates that default.
         env={**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"},
     )
+    assert result.returncode == 0, result.stderr
     return {p.stem: torch.load(p, weights_only=True) for p in out_dir.glob("*.pt")}
 
 
-def test_embed_matches_esm_extract(server, reference_models, tiny_checkpoint, tmp_path):
+def test_embed_matches_esm_extract(server, tiny_checkpoint, tmp_path):
     records = random_records(6, 10, 80, seed=3)
     records["long"] = random_records(1, 1100, 1100, seed=4).popitem()[1]  # esm-extract cuts at 1022
     fasta = write_fasta(tmp_path / "p.fasta", records)
     out = tmp_path / "out.h5"
     esm2("embed", fasta, "-o", out, "-m", "esm2-tiny", "--server", server.target, "--include", "mean", "per_tok",
          "bos", "contacts", "--repr-layers", "0", "-1", "--truncate", "1022")
-    if ESM_EXTRACT:
-        expected = _run_esm_extract(tiny_checkpoint, fasta, tmp_path / "extract", [0, 2], 1022)
-    else:  # fair-esm 2.0.0 on PyPI ships no esm-extract; run its pipeline in-process instead
-        expected = _fair_esm_extraction(reference_models["esm2-tiny"], fasta, [0, 2], 1022)
+    expected = _run_esm_extract(tiny_checkpoint, fasta, tmp_path / "extract", [0, -1], 1022)
     assert sorted(expected) == sorted(records)
     with h5py.File(out, "r") as f:
         for name, want in expected.items():
