@@ -11,20 +11,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.item_outputs import ItemResult
 from service.proto import pb
 
 
 @dataclass
-class ItemOutputs:
-    """Outputs of one sequence, residues only; absent outputs stay empty/None."""
+class ItemOutputs(ItemResult):
+    """Outputs of one sequence (see ItemResult), with its length and token names."""
 
     length: int = 0
-    mean: dict[int, np.ndarray] = field(default_factory=dict)
-    bos: dict[int, np.ndarray] = field(default_factory=dict)
-    per_token: dict[int, np.ndarray] = field(default_factory=dict)
-    contacts: np.ndarray | None = None
-    attentions: np.ndarray | None = None
-    logits: np.ndarray | None = None
     vocab_tokens: list[str] = field(default_factory=list)
     sequence_tokens: list[str] = field(default_factory=list)
 

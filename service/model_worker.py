@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from service.checkpoints import LoadedModel
 from service.esm_forward import BatchPlan, forward
+from service.item_outputs import ItemResult
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +49,6 @@ class WorkItem:
     @property
     def needs_maps(self) -> bool:
         return "contacts" in self.include or "attentions" in self.include
-
-
-@dataclass
-class ItemResult:
-    """float32 outputs of one item, residues only."""
-
-    mean: dict[int, np.ndarray] = field(default_factory=dict)
-    bos: dict[int, np.ndarray] = field(default_factory=dict)
-    per_token: dict[int, np.ndarray] = field(default_factory=dict)
-    contacts: np.ndarray | None = None
-    attentions: np.ndarray | None = None
-    logits: np.ndarray | None = None
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import orjson
 
-from service.model_worker import ItemResult
+from service.item_outputs import ItemResult
 from service.proto import pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20

@@ -19,7 +19,8 @@ from google.api import httpbody_pb2
 from service import json_limits, metrics, rendering
 from service.checkpoints import LoadedModel
 from service.esm_forward import amino_acid_columns
-from service.model_worker import ItemFailed, ItemResult, WorkItem
+from service.item_outputs import ItemResult
+from service.model_worker import ItemFailed, WorkItem
 from service.proto import pb, pb_grpc
 from service.request_schema import request_schema
 from service.scheduler import QueueFull, Scheduler, ShuttingDown
