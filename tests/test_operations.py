@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from reference import assert_close, reference
+from reference import assert_close, matrix, reference
 
 from conftest import ServerProcess, encode_request
 from service.proto import pb
@@ -137,3 +137,23 @@ def test_contacts_need_the_regression_file(tmp_path, tiny_checkpoint):
         server.stop()
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "esm2_t2_copy-contact-regression.pt was not found" in info.value.details()
+
+
+def test_mixed_precision_autocast_path(tmp_path, tiny_checkpoint, reference_models):
+    """--precision bf16 runs the model under autocast (on CPU here, as on CUDA) and returns
+    float32 outputs close to fp32 fair-esm, within bfloat16's ~3 significant digits."""
+    server = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
+                           "--precision", "bf16").wait_ready()
+    sequence = "MKTAYIAKQRQISFVKSHFSRQ"
+    try:
+        response = server.stub.Encode(encode_request("esm2-tiny", [sequence], ["mean", "contacts", "logits"]))
+    finally:
+        server.stop()
+    ref = reference(reference_models["esm2-tiny"], sequence)
+    result = response.results[0]
+    mean = np.asarray(result.embeddings[0].embedding)
+    assert not np.allclose(mean, ref["mean"][2], rtol=1e-6, atol=1e-6), "autocast did not change the arithmetic"
+    np.testing.assert_allclose(mean, ref["mean"][2], rtol=0.05, atol=0.05)
+    logits = matrix(result.logits)
+    assert np.abs(logits - ref["logits"]).max() <= 0.05 * np.abs(ref["logits"]).max()
+    np.testing.assert_allclose(matrix(result.contacts), ref["contacts"], atol=0.05)
