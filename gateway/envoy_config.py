@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import string
 import sys
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gRPC server to transcode to (default 127.0.0.1:50051, or the launched server)")
     parser.add_argument("--admin-port", type=int, default=d.admin_port,
                         help="Envoy admin port on 127.0.0.1 (0 picks a free one, -1 disables)")
-    parser.add_argument("--max-json-response-mb", type=int, default=d.max_json_response_mb,
+    parser.add_argument("--max-json-response-mb", type=int,
+                        default=int(os.environ.get("ESM_MAX_JSON_RESPONSE_MB", d.max_json_response_mb)),
                         help="largest JSON response; must match the server's flag of the same name")
     parser.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                         help="largest (decompressed) JSON request body")

@@ -54,6 +54,7 @@ class EnvoyProcess:
         self.proc = subprocess.Popen(
             [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", "--log-level", log_level],
             stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
+            start_new_session=True,  # signals come from whoever owns this object, in order
         )
 
     @property
@@ -94,38 +95,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--envoy-log-level", default="warning")
     args, server_argv = parser.parse_known_args(argv)
 
-    server, grace = None, 0.0
-    if args.no_server:
-        upstream = args.upstream or ("127.0.0.1", 50051)
-    else:
-        from service.server import parse_args as parse_server_args  # validates the server flags up front
-
-        server_args = parse_server_args(server_argv)
-        port = server_args.port or free_port()
-        host = "127.0.0.1" if server_args.host in ("0.0.0.0", "::", "") else server_args.host
-        upstream = args.upstream or (host, port)
-        grace = server_args.grace_seconds
-        server_argv = [*server_argv, "--port", str(port), "--max-json-response-mb", str(args.max_json_response_mb)]
-        server = subprocess.Popen([sys.executable, "-m", "service.server", *server_argv], cwd=REPO)
-
-    stop = threading.Event()
+    stop = threading.Event()  # set by SIGTERM/SIGINT, installed before any child starts
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    envoy = EnvoyProcess(config_from_args(args, upstream), log_level=args.envoy_log_level)
-    log.info("JSON gateway on %s/api/v3/ -> gRPC %s:%d", envoy.url, *upstream)
 
-    children = [p for p in (server, envoy.proc) if p is not None]
-    while not stop.wait(0.2):
-        if any(p.poll() is not None for p in children):
-            log.error("a process exited on its own; stopping the rest")
-            break
-    # The server first: it finishes in-flight requests, whose answers still go out through Envoy.
-    if server is not None:
-        stop_process(server, timeout=grace + 15)
-    envoy.stop()
+    server, envoy, grace = None, None, 0.0
+    try:
+        if args.no_server:
+            upstream = args.upstream or ("127.0.0.1", 50051)
+        else:
+            from service.server import parse_args as parse_server_args  # validates the server flags up front
+
+            server_args = parse_server_args(server_argv)
+            port = server_args.port or free_port()
+            host = "127.0.0.1" if server_args.host in ("0.0.0.0", "::", "") else server_args.host
+            upstream = args.upstream or (host, port)
+            grace = server_args.grace_seconds
+            server_argv = [*server_argv, "--port", str(port), "--max-json-response-mb", str(args.max_json_response_mb)]
+            # Own session: a terminal's Ctrl-C reaches only this launcher, which stops the children in order.
+            server = subprocess.Popen([sys.executable, "-m", "service.server", *server_argv], cwd=REPO,
+                                      start_new_session=True)
+        envoy = EnvoyProcess(config_from_args(args, upstream), log_level=args.envoy_log_level)
+        log.info("JSON gateway on %s/api/v3/ -> gRPC %s:%d", envoy.url, *upstream)
+
+        children = [p for p in (server, envoy.proc) if p is not None]
+        while not stop.wait(0.2):
+            if any(p.poll() is not None for p in children):
+                log.error("a process exited on its own; stopping the rest")
+                break
+    finally:
+        # The server first: it finishes in-flight requests, whose answers still go out through Envoy.
+        if server is not None:
+            stop_process(server, timeout=grace + 15)
+        if envoy is not None:
+            envoy.stop()
     failed = [p.returncode for p in children if p.returncode not in (0, -signal.SIGTERM)]
     return 0 if stop.is_set() and not failed else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +63,7 @@ class LoadedModel:
 
 
 def regression_path(checkpoint: Path) -> Path:
-    return checkpoint.with_suffix("").with_name(checkpoint.stem + "-contact-regression.pt")
+    return checkpoint.with_name(checkpoint.stem + "-contact-regression.pt")
 
 
 def hub_checkpoint_dir() -> Path:
@@ -124,7 +122,7 @@ def locate(name: str, explicit: Path | None, model_dir: Path | None, allow_downl
     if allow_download and explicit is None and name in STANDARD_MODELS:
         try:
             return download_standard(name)
-        except (urllib.error.URLError, OSError) as exc:
+        except OSError as exc:  # urllib's URLError included
             download_error = exc
     looked = "\n".join(f"  - {p}" for p in places) or "  (nowhere: no standard file name)"
     if explicit is None and name in STANDARD_MODELS:
@@ -167,7 +165,3 @@ def load(name: str, path: Path) -> LoadedModel:
         has_contact_regression=regression_data is not None,
     )
 
-
-def default_model_dir() -> Path | None:
-    value = os.environ.get("ESM_MODEL_DIR")
-    return Path(value) if value else None

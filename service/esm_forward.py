@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from esm.modules import apc, symmetrize
 
-# The 20 standard amino acids; logits are reported over these, in model alphabet order.
-STANDARD_AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWY")
+from service.validation import STANDARD_AMINO_ACIDS  # logits are reported over these, in alphabet order
 
 
 @dataclass(frozen=True)

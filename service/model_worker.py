@@ -63,6 +63,13 @@ def resolve_device(requested: str) -> torch.device:
 _PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _out_of_memory(exc: Exception) -> bool:
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator a plain RuntimeError.
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     # A copy, so that no item keeps the whole batch's tensor alive.
     return tensor.float().cpu().numpy().copy()
@@ -90,17 +97,17 @@ class ModelWorker:
         """Compute a batch (all items of one model); never raises."""
         try:
             return self._run(batch)
-        except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch) == 1:
-                return [ItemFailed("RESOURCE_EXHAUSTED", f"a {batch[0].length - 2}-residue sequence does not fit in {self.device} memory")]
-            half = len(batch) // 2
-            log.warning("out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
-            return self.run(batch[:half]) + self.run(batch[half:])
-        except Exception as exc:  # a failing batch fails only its own items
-            log.exception("batch of %d items failed", len(batch))
-            return [ItemFailed("INTERNAL", f"model failure: {exc}")] * len(batch)
+        except Exception as exc:
+            if not _out_of_memory(exc):  # a failing batch fails only its own items
+                log.exception("batch of %d items failed", len(batch))
+                return [ItemFailed("INTERNAL", "model failure; see the server log") for _ in batch]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            return [ItemFailed("RESOURCE_EXHAUSTED", f"a {batch[0].length - 2}-residue sequence does not fit in {self.device} memory")]
+        half = len(batch) // 2
+        log.warning("out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
+        return self.run(batch[:half]) + self.run(batch[half:])
 
     def _run(self, batch: list[WorkItem]) -> list[ItemResult]:
         loaded = self.models[batch[0].model]

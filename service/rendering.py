@@ -72,14 +72,6 @@ def json_body(results: list[dict]) -> bytes:
     return orjson.dumps({"results": results}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-_DTYPES = {
-    pb.DATA_TYPE_UNSPECIFIED: pb.DATA_TYPE_FLOAT32,
-    pb.DATA_TYPE_FLOAT32: pb.DATA_TYPE_FLOAT32,
-    pb.DATA_TYPE_FLOAT16: pb.DATA_TYPE_FLOAT16,
-    pb.DATA_TYPE_BFLOAT16: pb.DATA_TYPE_BFLOAT16,
-}
-
-
 def to_wire(array: np.ndarray, data_type: int) -> np.ndarray:
     """Little-endian array of the requested element type."""
     array = np.ascontiguousarray(array, dtype="<f4")
@@ -96,7 +88,7 @@ def to_wire(array: np.ndarray, data_type: int) -> np.ndarray:
 def tensor_chunks(
     index: int, output: int, array: np.ndarray, data_type: int, max_chunk_bytes: int, layer: int | None = None
 ) -> Iterator[pb.TensorChunk]:
-    data_type = _DTYPES.get(data_type, pb.DATA_TYPE_FLOAT32)
+    data_type = data_type or pb.DATA_TYPE_FLOAT32  # UNSPECIFIED means float32
     wire = to_wire(array, data_type)
     rows = wire.shape[0]
     row_bytes = max(1, wire[:1].nbytes)

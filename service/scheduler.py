@@ -25,10 +25,6 @@ class QueueFull(Exception):
     """Too much work waiting: the caller may retry later."""
 
 
-class ShuttingDown(Exception):
-    """The server is draining for shutdown and takes no new work."""
-
-
 @dataclass(frozen=True)
 class BatchLimits:
     max_batch_tokens: int = 8192  # padded tokens (batch size x longest item)
@@ -93,8 +89,6 @@ class Scheduler:
 
     def submit(self, items: list[WorkItem]) -> None:
         """Queue all items of one request, or none of them."""
-        if self._closing:
-            raise ShuttingDown("server is shutting down; retry against another replica")
         if len(self._pending) + len(items) > self.limits.max_queue_items:
             metrics.REJECTED.inc()
             raise QueueFull(
@@ -157,26 +151,30 @@ class Scheduler:
 
     async def _loop(self) -> None:
         while True:
-            self._drop_dead()
-            if not self._pending:
-                if self._closing:
-                    return
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            await self._fill_window()
-            self._drop_dead()
-            if not self._pending:
-                continue
-            batch = take_batch(self._pending, self.limits)
-            metrics.QUEUE_DEPTH.set(len(self._pending))
+            batch: list[WorkItem] = []
             try:
+                self._drop_dead()
+                if not self._pending:
+                    if self._closing:
+                        return
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                    continue
+                await self._fill_window()
+                self._drop_dead()
+                if not self._pending:
+                    continue
+                batch = take_batch(self._pending, self.limits)
+                metrics.QUEUE_DEPTH.set(len(self._pending))
                 await self.run_once(batch)
-            except Exception:  # the loop must survive anything
-                log.exception("scheduler failed to run a batch")
-                for item in batch:
+            except Exception:  # the loop must survive anything: fail what it held, keep serving
+                log.exception("scheduler failure")
+                held = batch or self._pending[:]
+                if not batch:
+                    self._pending.clear()
+                for item in held:
                     if not item.future.done():
-                        item.future.set_exception(ItemFailed("INTERNAL", "scheduler failure"))
+                        item.future.set_exception(ItemFailed("INTERNAL", "scheduler failure; see the server log"))
 
     async def close(self) -> None:
         """Finish everything queued, then stop."""

@@ -23,7 +23,7 @@ from service.item_outputs import ItemResult
 from service.model_worker import ItemFailed, WorkItem
 from service.proto import pb, pb_grpc
 from service.request_schema import request_schema
-from service.scheduler import QueueFull, Scheduler, ShuttingDown
+from service.scheduler import QueueFull, Scheduler
 from service.validation import InvalidRequest, Limits, ParsedItem, parse_items, parse_options
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,17 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     def _encode_job(self, model: str, params: pb.EncodeParams, items) -> Job:
         loaded = self._model(model)
-        parsed = parse_items([it.sequence for it in items], predict=False, limits=self.limits)
-        options = parse_options(list(params.include), list(params.repr_layers), loaded.num_layers, model)
+        errors = []  # report every problem at once: items first, then params
+        try:
+            parsed = parse_items([it.sequence for it in items], predict=False, limits=self.limits)
+        except InvalidRequest as exc:
+            errors.append(str(exc))
+        try:
+            options = parse_options(list(params.include), list(params.repr_layers), loaded.num_layers, model)
+        except InvalidRequest as exc:
+            errors.append(str(exc))
+        if errors:
+            raise InvalidRequest("; ".join(errors))
         if "contacts" in options.include and not loaded.has_contact_regression:
             raise Rejected(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -124,8 +133,6 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Rejected as exc:
             code, message = exc.code, str(exc)
-        except ShuttingDown as exc:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except QueueFull as exc:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
             context.set_trailing_metadata((("retry-after", "1"),))  # Envoy sends it as Retry-After
@@ -208,6 +215,11 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     # ---- streaming ------------------------------------------------------------
     async def _stream(self, job: Job, context, options: pb.StreamOptions, response_type, predict: bool):
+        if options.data_type not in pb.DataType.values():
+            raise InvalidRequest(
+                f"stream_options.data_type: unknown value {options.data_type}; allowed: "
+                + ", ".join(pb.DataType.keys())
+            )
         futures = self._submit(job, context)
         vocab = self._vocab[job.model.name]
         chunk_bytes = rendering.chunk_size(options.max_chunk_bytes)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-ENCODE_LETTERS = frozenset("ACDEFGHIKLMNPQRSTVWYBXZUO-")
+# The 20 standard amino acids: predict logits are reported over these (esm_forward).
+STANDARD_AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWY")
+ENCODE_LETTERS = STANDARD_AMINO_ACIDS | frozenset("BXZUO-")
 PREDICT_LETTERS = ENCODE_LETTERS - {"-"}
 MASK = "<mask>"
 INCLUDE_VALUES = ("mean", "per_token", "bos", "contacts", "logits", "attentions")

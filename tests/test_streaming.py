@@ -117,3 +117,12 @@ def test_650m_width_per_token_of_2048_residues_streams(tmp_path):
         per_token = items[index][("per_token", 1)]
         assert per_token.shape == (2048, 1280)
         assert_close(per_token, reference(loaded, sequence, layers=[1])["per_token"][1])
+
+
+def test_unknown_data_type_is_invalid(stub):
+    request = pb.EncodeStreamRequest(model="esm2-tiny", items=[pb.SequenceItem(sequence="MKT")],
+                                     stream_options=pb.StreamOptions(data_type=9))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.EncodeStream(request))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("stream_options.data_type: unknown value 9; allowed: DATA_TYPE_UNSPECIFIED")
