@@ -24,10 +24,16 @@ from tqdm import tqdm
 from esm2_client import scoring
 from esm2_client.client import DEFAULT_TARGET, Esm2Client, Esm2Error
 from esm2_client.fasta import InputError, Record, read_fasta
-from esm2_client.outputs import EmbeddingStore, OutputError, output_arrays, output_format
+from esm2_client.outputs import (
+    EmbeddingStore,
+    OutputError,
+    output_arrays,
+    output_format,
+)
+from service import validation
 
-INCLUDE_CHOICES = ("mean", "per_token", "bos", "contacts", "attentions", "logits")
-INCLUDE_ALIASES = {"per_tok": "per_token", "per_residue": "per_token"}  # esm-extract's and BioLM's names
+# The server's names, plus esm-extract's `per_tok`.
+INCLUDE_ALIASES = {**validation.INCLUDE_ALIASES, "per_tok": "per_token"}
 EXIT_INTERRUPTED = 130
 
 
@@ -123,7 +129,7 @@ def cmd_predict(args) -> int:
         writer.writerow(["sequence_id", "position", "rank", "token", "probability"])
         for index, outputs in client.predict_iter([r.sequence for r in records], args.model):
             for row, token in enumerate(outputs.sequence_tokens):
-                if token != scoring.MASK:
+                if token != validation.MASK:
                     continue
                 logits = outputs.logits[row].astype(np.float64)
                 probabilities = np.exp(logits - logits.max())
@@ -242,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("fasta", type=Path, help="FASTA file, plain or gzipped")
     embed.add_argument("-o", "--output", type=Path, required=True, help=".h5/.hdf5, .npz or .safetensors")
     embed.add_argument("--include", nargs="+", default=["mean"],
-                       choices=[*INCLUDE_CHOICES, *INCLUDE_ALIASES], help="outputs (default mean)")
+                       choices=[*validation.INCLUDE_VALUES, *INCLUDE_ALIASES], help="outputs (default mean)")
     embed.add_argument("--repr-layers", type=int, nargs="+", default=[-1],
                        help="layers: 0 = embeddings, -1 = last (default -1)")
     embed.add_argument("--truncate", type=int, nargs="?", const=0, default=None, metavar="N",

@@ -1,9 +1,10 @@
 """gRPC clients for the ESM-2 service: `Esm2Client` (threads) and `AsyncEsm2Client` (asyncio).
 
 Both split any number of sequences into requests of at most the server's `max_items`,
-keep at most `max_in_flight` requests running, retry UNAVAILABLE and RESOURCE_EXHAUSTED
-with exponential backoff and jitter, stop at the caller's deadline, and return results
-in input order. Every request goes through the streaming RPCs: the server packs chunks
+keep up to `max_in_flight` requests running (starting the next one as any finishes),
+retry UNAVAILABLE, and RESOURCE_EXHAUSTED when the server asks for a retry (queue full),
+with exponential backoff and jitter, stop at the caller's deadline, return results in
+input order, and cancel the requests still running when the caller stops early. Every request goes through the streaming RPCs: the server packs chunks
 ~17x faster than it fills repeated-float messages, no message nears gRPC's 4 MiB limit,
 and mean-only requests cost the same either way (see README, "Client").
 """
@@ -13,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import grpc
@@ -26,7 +28,9 @@ from esm2_client.streams import ItemOutputs, StreamAssembler
 from service.proto import pb, pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Finished requests held while an earlier one still runs, per max_in_flight slot: bounds
+# memory when one request is slow, at the cost of fewer running behind it.
+HELD_PER_SLOT = 2
 CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", 64 << 20),
     # gRPC's own reconnect backoff grows to 2 minutes; keep it short so that a retry
@@ -68,6 +72,15 @@ class _Deadline:
 
     def allows(self, pause: float) -> bool:
         return self.end is None or time.monotonic() + pause < self.end
+
+
+def _retryable(exc: grpc.RpcError) -> bool:
+    """UNAVAILABLE always. RESOURCE_EXHAUSTED only with the server's `retry-after` (its queue
+    is full); without it (one sequence does not fit in device memory) a retry fails the same way."""
+    code = exc.code()
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return any(key == "retry-after" for key, _ in exc.trailing_metadata() or ())
+    return code is grpc.StatusCode.UNAVAILABLE
 
 
 def _batches(count: int, size: int) -> list[tuple[int, int]]:
@@ -147,19 +160,22 @@ class Esm2Client(_Base):
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, attempt, deadline: _Deadline, start: int = 0):
-        """attempt(timeout) with retries; raises Esm2Error."""
+    def _call(self, attempt, deadline: _Deadline, start: int = 0, stop: threading.Event | None = None):
+        """attempt(timeout) with retries; raises Esm2Error. Setting `stop` ends the retries."""
         retry = 0
         while True:
             try:
                 return attempt(deadline.remaining())
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or retry + 1 >= self.retry.max_attempts:
+                if not _retryable(exc) or retry + 1 >= self.retry.max_attempts:
                     raise _failure(exc, self.target, start) from None
                 pause = self.retry.pause(retry)
                 if not deadline.allows(pause):
                     raise _failure(exc, self.target, start) from None
-                time.sleep(pause)
+                if stop is None:
+                    time.sleep(pause)
+                elif stop.wait(pause):
+                    raise Esm2Error("cancelled", grpc.StatusCode.CANCELLED) from None
                 retry += 1
 
     # ---- models and health ------------------------------------------------
@@ -188,7 +204,8 @@ class Esm2Client(_Base):
     def encode_iter(self, sequences: Iterable[str], model: str, include: Sequence[str] = ("mean",),
                     repr_layers: Sequence[int] = (-1,), *, timeout: float | None = None,
                     data_type: int = pb.DATA_TYPE_FLOAT32) -> Iterator[tuple[int, ItemOutputs]]:
-        """(input index, outputs) in input order, as soon as each request finishes."""
+        """(input index, outputs) in input order: each request's results once it and all
+        earlier requests have finished. Leaving the loop early cancels the rest."""
         def request(batch):
             return _encode_request(model, batch, include, repr_layers, data_type)
         yield from self._run(list(sequences), model, request, self._stub.EncodeStream, timeout)
@@ -200,6 +217,7 @@ class Esm2Client(_Base):
 
     def predict_iter(self, sequences: Iterable[str], model: str, *, timeout: float | None = None,
                      data_type: int = pb.DATA_TYPE_FLOAT32) -> Iterator[tuple[int, ItemOutputs]]:
+        """(input index, outputs) in input order, as encode_iter."""
         def request(batch):
             return _predict_request(model, batch, data_type)
         yield from self._run(list(sequences), model, request, self._stub.PredictStream, timeout)
@@ -210,29 +228,58 @@ class Esm2Client(_Base):
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
         limit = self.model_info(model, deadline.remaining()).max_items
 
-        def one(start, stop):
-            request = make_request(sequences[start:stop])
+        stop = threading.Event()  # set when the caller is done: no new attempts or retries
+        calls: set = set()  # RPCs in flight, to cancel
+        lock = threading.Lock()
+
+        def one(start, end):
+            request = make_request(sequences[start:end])
 
             def attempt(t):
-                assembler = StreamAssembler()
-                for message in rpc(request, timeout=t, metadata=self._metadata):
-                    assembler.add(message)
-                return assembler.ordered(stop - start)
-            return start, self._call(attempt, deadline, start)
+                call = rpc(request, timeout=t, metadata=self._metadata)
+                with lock:
+                    calls.add(call)
+                try:
+                    if stop.is_set():
+                        call.cancel()
+                    assembler = StreamAssembler()
+                    for message in call:
+                        assembler.add(message)
+                    return assembler.ordered(end - start)
+                finally:
+                    with lock:
+                        calls.discard(call)
+            return start, self._call(attempt, deadline, start, stop)
 
         batches = iter(_batches(len(sequences), limit))
         pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="esm2-client")
-        pending = deque(pool.submit(one, *b) for _, b in zip(range(self.max_in_flight), batches))
-        try:
-            while pending:
-                start, outputs = pending.popleft().result()
+        queued = deque()  # futures in input order, not yet yielded
+
+        def refill():
+            while (len(queued) < self.max_in_flight * (1 + HELD_PER_SLOT)
+                   and sum(not f.done() for f in queued) < self.max_in_flight):
                 following = next(batches, None)
-                if following is not None:
-                    pending.append(pool.submit(one, *following))
+                if following is None:
+                    return
+                queued.append(pool.submit(one, *following))
+
+        try:
+            refill()
+            while queued:
+                if not queued[0].done():
+                    wait([f for f in queued if not f.done()], return_when=FIRST_COMPLETED)
+                    refill()
+                    continue
+                start, outputs = queued.popleft().result()
+                refill()
                 for offset, output in enumerate(outputs):
                     yield start + offset, output
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            stop.set()
+            with lock:
+                for call in calls:
+                    call.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)  # quick: every wait above is cut short
 
 
 class AsyncEsm2Client(_Base):
@@ -268,7 +315,7 @@ class AsyncEsm2Client(_Base):
             try:
                 return await attempt(deadline.remaining())
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or retry + 1 >= self.retry.max_attempts:
+                if not _retryable(exc) or retry + 1 >= self.retry.max_attempts:
                     raise _failure(exc, self.target, start) from None
                 pause = self.retry.pause(retry)
                 if not deadline.allows(pause):
@@ -318,26 +365,39 @@ class AsyncEsm2Client(_Base):
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
         limit = (await self.model_info(model, deadline.remaining())).max_items
 
-        async def one(start, stop):
-            request = make_request(sequences[start:stop])
+        async def one(start, end):
+            request = make_request(sequences[start:end])
 
             async def attempt(t):
                 assembler = StreamAssembler()
                 async for message in rpc(request, timeout=t, metadata=self._metadata):
                     assembler.add(message)
-                return assembler.ordered(stop - start)
+                return assembler.ordered(end - start)
             return start, await self._call(attempt, deadline, start)
 
         batches = iter(_batches(len(sequences), limit))
-        pending = deque(asyncio.ensure_future(one(*b)) for _, b in zip(range(self.max_in_flight), batches))
-        try:
-            while pending:
-                start, outputs = await pending.popleft()
+        queued: deque[asyncio.Task] = deque()  # in input order, not yet yielded
+
+        def refill():
+            while (len(queued) < self.max_in_flight * (1 + HELD_PER_SLOT)
+                   and sum(not t.done() for t in queued) < self.max_in_flight):
                 following = next(batches, None)
-                if following is not None:
-                    pending.append(asyncio.ensure_future(one(*following)))
+                if following is None:
+                    return
+                queued.append(asyncio.ensure_future(one(*following)))
+
+        try:
+            refill()
+            while queued:
+                if not queued[0].done():
+                    await asyncio.wait([t for t in queued if not t.done()], return_when=asyncio.FIRST_COMPLETED)
+                    refill()
+                    continue
+                start, outputs = queued.popleft().result()
+                refill()
                 for offset, output in enumerate(outputs):
                     yield start + offset, output
         finally:
-            for task in pending:
+            for task in queued:
                 task.cancel()
+            await asyncio.gather(*queued, return_exceptions=True)

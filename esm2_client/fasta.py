@@ -9,7 +9,7 @@ from pathlib import Path
 
 from Bio import SeqIO
 
-ENCODE_LETTERS = frozenset("ACDEFGHIKLMNPQRSTVWYBXZUO-")
+from service.validation import ENCODE_LETTERS
 
 
 class InputError(Exception):

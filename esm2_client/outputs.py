@@ -4,8 +4,10 @@ Work goes into `<output>.partial.h5` (HDF5): one group per finished sequence, ma
 complete and flushed before the next one starts, so a killed run loses at most the
 sequence being written. The output itself is only ever replaced whole, by an atomic
 rename of a finished file, when the run ends or is interrupted; it is never half
-written. A re-run reopens the work file (or, when that is missing or damaged, starts
-from the output) and skips the sequences it holds.
+written, and holds only sequences marked complete (a group that an interruption cut
+short is dropped first), so that a re-run can trust every sequence it finds. A re-run
+reopens the work file (or, when that is missing or damaged, starts from the output)
+and skips the sequences it holds.
 
 Keys (HDF5 paths, npz names, safetensors names): `<id>/<output>/<layer>` for mean,
 bos and per_token, `<id>/<output>` for contacts, attentions and logits. `%` and `/` in
@@ -72,21 +74,30 @@ class EmbeddingStore:
     # ---- opening ----------------------------------------------------------------
     def open(self) -> set[str]:
         """Open the work file and return the ids already written."""
-        self._file = self._reopen_work() or self._start_work()
+        self._file = self._reopen_work()
+        imported = self._file is None
+        if imported:
+            self._file = self._start_work()
         found = self._file.attrs.get(SETTINGS_KEY)
         if found != self.settings:
             self._file.close()
+            self._file = None
+            if imported:  # a copy of the output: drop it, so that deleting the output starts over
+                self.work_path.unlink()
+            stale = self.path if imported else self.work_path
             raise OutputError(
-                f"{self.path} was written with other settings ({found}); this run asks for {self.settings}. "
-                "Use another output file, or delete it to start over"
+                f"{stale} was written with other settings ({found}); this run asks for {self.settings}. "
+                f"Use another output file, or delete {stale} to start over"
             )
-        done = set()
+        self._drop_incomplete()
+        return {group.attrs["id"] for group in self._file.values()}
+
+    def _drop_incomplete(self) -> None:
+        """Delete groups without the `complete` mark: sequences being written when a run stopped."""
         for name, group in list(self._file.items()):
-            if group.attrs.get("complete"):
-                done.add(group.attrs["id"])
-            else:  # a sequence that was being written when the run died
+            if not group.attrs.get("complete"):
                 del self._file[name]
-        return done
+        self._file.flush()
 
     def _reopen_work(self) -> h5py.File | None:
         if not self.work_path.exists():
@@ -115,8 +126,9 @@ class EmbeddingStore:
                 with h5py.File(self.path, "r") as source:
                     for key, value in source.attrs.items():
                         work.attrs[key] = value
-                    for name in source:
-                        source.copy(source[name], work, name)
+                    for name, group in source.items():
+                        if group.attrs.get("complete"):
+                            source.copy(group, work, name)
                 return
             if self.format == "npz":
                 with np.load(self.path, allow_pickle=False) as source:
@@ -140,15 +152,22 @@ class EmbeddingStore:
 
     # ---- writing ----------------------------------------------------------------
     def add(self, seq_id: str, arrays: dict[str, np.ndarray]) -> None:
-        group = self._file.create_group(escape_id(seq_id))
-        group.attrs["id"] = seq_id
-        for key, array in arrays.items():
-            group.create_dataset(key, data=array)
-        group.attrs["complete"] = True
+        name = escape_id(seq_id)
+        try:
+            group = self._file.create_group(name)
+            group.attrs["id"] = seq_id
+            for key, array in arrays.items():
+                group.create_dataset(key, data=array)
+            group.attrs["complete"] = True
+        except BaseException:  # interrupted (Ctrl-C) or failed: leave no half-written sequence
+            if name in self._file:
+                del self._file[name]
+            raise
         self._file.flush()
 
     def publish(self) -> None:
-        """Replace the output with everything written so far, atomically."""
+        """Replace the output with every complete sequence written so far, atomically."""
+        self._drop_incomplete()  # in case an interruption also cut `add`'s own clean-up short
         self._file.close()
         self._file = None
         if self.format == "hdf5":
@@ -163,18 +182,17 @@ class EmbeddingStore:
         os.replace(tmp, self.path)
         self.work_path.unlink()
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
 
 def _datasets(work: h5py.File):
+    """(key, dataset) of every complete sequence in the work file."""
     for name, group in work.items():
-        found = []
-        group.visititems(lambda key, obj: found.append((key, obj)) if isinstance(obj, h5py.Dataset) else None)
-        for key, dataset in found:
-            yield f"{name}/{key}", dataset
+        if not group.attrs.get("complete"):
+            continue
+        paths: list[str] = []
+        group.visit(paths.append)
+        for path in paths:
+            if isinstance(group[path], h5py.Dataset):
+                yield f"{name}/{path}", group[path]
 
 
 def _write_npz(work: h5py.File, path: Path, settings: str) -> None:

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from esm2_client.client import Esm2Client
+from service.validation import MASK, STANDARD_AMINO_ACIDS
 
-STANDARD_AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWY")
-MASK = "<mask>"
 _MUTATION = re.compile(r"([A-Z])(\d+)([A-Z])")
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from esm.modules import apc, symmetrize
 
-from service.validation import STANDARD_AMINO_ACIDS  # logits are reported over these, in alphabet order
+# Logits are reported over the standard amino acids, in alphabet order.
+from service.validation import STANDARD_AMINO_ACIDS
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import gzip
 import io
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,8 @@ import safetensors.numpy
 import torch
 from conftest import ServerProcess, free_port
 from reference import STANDARD_ORDER, assert_close, reference
+
+from esm2_client.outputs import EmbeddingStore, OutputError
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 ESM2 = Path(sys.executable).with_name("esm2")
@@ -135,6 +138,65 @@ def test_embed_resumes_after_interruption(server, reference_models, tmp_path, ho
             expected = reference(reference_models["esm2-8m"], records[name])
             assert_close(f[name]["mean/6"][()], expected["mean"][6], name)
             assert_close(f[name]["per_token/6"][()], expected["per_token"][6], name)
+
+
+class _InterruptedArrays(dict):
+    """The arrays of one sequence, with Ctrl-C arriving after the first is written."""
+
+    def items(self):
+        yield "mean/1", np.zeros(4, np.float32)
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".npz", ".safetensors"])
+def test_a_sequence_cut_short_is_neither_published_nor_resumed_from(tmp_path, suffix):
+    out = tmp_path / f"out{suffix}"
+    settings = {"model": "esm2-tiny", "include": ["mean"], "repr_layers": [1], "truncate": None}
+    store = EmbeddingStore(out, settings)
+    assert store.open() == set()
+    store.add("a", {"mean/1": np.ones(4, np.float32)})
+    with pytest.raises(KeyboardInterrupt):
+        store.add("b", _InterruptedArrays())
+    # An interruption that also cut add's own clean-up short leaves a group without the mark.
+    unfinished = store._file.create_group("c")
+    unfinished.attrs["id"] = "c"
+    unfinished.create_dataset("mean/1", data=np.ones(4, np.float32))
+    store.publish()
+    if suffix == ".h5":
+        with h5py.File(out, "r") as f:
+            assert list(f) == ["a"]
+    else:
+        arrays = dict(np.load(out)) if suffix == ".npz" else safetensors.numpy.load_file(out)
+        assert sorted(k for k in arrays if not k.startswith("__")) == ["a/mean/1"]
+    resumed = EmbeddingStore(out, settings)
+    assert resumed.open() == {"a"}  # b and c are written again by the re-run
+    resumed.publish()
+
+
+def test_other_settings_leave_no_work_file_behind(server, tmp_path):
+    fasta = write_fasta(tmp_path / "p.fasta", {"a": "MKTAY"})
+    out = tmp_path / "out.npz"
+    common = ["-m", "esm2-tiny", "--server", server.target]
+    esm2("embed", fasta, "-o", out, *common)
+    assert_one_error_line(esm2("embed", fasta, "-o", out, *common, "--include", "bos", check=False),
+                          f"{out} was written with other settings", f"delete {out} to start over")
+    assert not (tmp_path / "out.npz.partial.h5").exists()
+    out.unlink()  # as the message says: the next run starts over
+    esm2("embed", fasta, "-o", out, *common, "--include", "bos")
+    assert sorted(k for k in np.load(out).files if not k.startswith("__")) == ["a/bos/2"]
+
+
+def test_other_settings_in_the_work_file_name_it(tmp_path):
+    out = tmp_path / "out.h5"
+    work = tmp_path / "out.h5.partial.h5"
+    store = EmbeddingStore(out, {"include": ["mean"]})
+    store.open()
+    store.add("a", {"mean/1": np.ones(4, np.float32)})
+    store.publish()
+    os.replace(out, work)  # what a killed run leaves: work, no output
+    with pytest.raises(OutputError, match=f"{re.escape(str(work))} was written with other settings.*delete {re.escape(str(work))}"):
+        EmbeddingStore(out, {"include": ["bos"]}).open()
+    assert work.exists()  # another run's work: the user decides
 
 
 def _run_esm_extract(checkpoint: Path, fasta: Path, out_dir: Path, layers: list[int], truncation: int) -> dict:

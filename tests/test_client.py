@@ -137,3 +137,50 @@ def test_retries_until_a_late_server_is_up_and_sends_the_api_key(tmp_path, tiny_
     finally:
         timer.join()
         late["server"].stop()
+
+
+def test_out_of_memory_is_not_retried(tmp_path, tiny_checkpoint):
+    """RESOURCE_EXHAUSTED without `retry-after` (one sequence too large for the device) fails at once."""
+    small = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
+                          "--simulate-oom-above-tokens", "60").wait_ready()
+    labels = 'code="RESOURCE_EXHAUSTED",method="EncodeStream"'
+    try:
+        with Esm2Client(small.target, retry=RetryPolicy(max_attempts=3, initial_backoff=0.01)) as c, \
+                pytest.raises(Esm2Error) as info:
+            c.encode(["A" * 100], "esm2-tiny")
+        attempts = small.metric("esm_requests_total", labels)
+    finally:
+        small.stop()
+    assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "100-residue sequence does not fit in cpu memory" in str(info.value)
+    assert attempts == 1
+
+
+def _client_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("esm2-client")]
+
+
+def test_leaving_encode_iter_early_stops_its_requests(server):
+    sequences = random_sequences(48, 200, 300, seed=5)  # 6 requests on esm2-8m
+    with Esm2Client(server.target, max_in_flight=3) as c:
+        results = c.encode_iter(sequences, "esm2-8m")
+        assert next(results)[0] == 0
+        results.close()
+        assert _client_threads() == []  # cancelled and joined, not left running
+        assert len(c.encode(sequences[:2], "esm2-8m")) == 2  # the client still works
+
+
+def test_leaving_async_encode_iter_early_ends_its_tasks(server):
+    sequences = random_sequences(48, 200, 300, seed=6)
+
+    async def run():
+        async with AsyncEsm2Client(server.target, max_in_flight=3) as aclient:
+            await aclient.model_info("esm2-8m")
+            before = asyncio.all_tasks()
+            results = aclient.encode_iter(sequences, "esm2-8m")
+            first = await results.__anext__()
+            await results.aclose()
+            return first[0], asyncio.all_tasks() - before
+
+    first, left = asyncio.run(run())
+    assert first == 0 and left == set()
