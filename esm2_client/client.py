@@ -83,6 +83,16 @@ def _retryable(exc: grpc.RpcError) -> bool:
     return code is grpc.StatusCode.UNAVAILABLE
 
 
+def _refill(queued: deque, batches: Iterator[tuple[int, int]], max_in_flight: int, submit) -> None:
+    """Start requests (futures or tasks, appended in input order) while fewer than
+    max_in_flight run and fewer than max_in_flight * (1 + HELD_PER_SLOT) wait to be yielded."""
+    while len(queued) < max_in_flight * (1 + HELD_PER_SLOT) and sum(not f.done() for f in queued) < max_in_flight:
+        following = next(batches, None)
+        if following is None:
+            return
+        queued.append(submit(*following))
+
+
 def _batches(count: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, count)) for start in range(0, count, max(1, size))]
 
@@ -256,12 +266,7 @@ class Esm2Client(_Base):
         queued = deque()  # futures in input order, not yet yielded
 
         def refill():
-            while (len(queued) < self.max_in_flight * (1 + HELD_PER_SLOT)
-                   and sum(not f.done() for f in queued) < self.max_in_flight):
-                following = next(batches, None)
-                if following is None:
-                    return
-                queued.append(pool.submit(one, *following))
+            _refill(queued, batches, self.max_in_flight, lambda start, end: pool.submit(one, start, end))
 
         try:
             refill()
@@ -379,12 +384,7 @@ class AsyncEsm2Client(_Base):
         queued: deque[asyncio.Task] = deque()  # in input order, not yet yielded
 
         def refill():
-            while (len(queued) < self.max_in_flight * (1 + HELD_PER_SLOT)
-                   and sum(not t.done() for t in queued) < self.max_in_flight):
-                following = next(batches, None)
-                if following is None:
-                    return
-                queued.append(asyncio.ensure_future(one(*following)))
+            _refill(queued, batches, self.max_in_flight, lambda start, end: asyncio.ensure_future(one(start, end)))
 
         try:
             refill()

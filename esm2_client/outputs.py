@@ -184,10 +184,8 @@ class EmbeddingStore:
 
 
 def _datasets(work: h5py.File):
-    """(key, dataset) of every complete sequence in the work file."""
+    """(key, dataset) of every sequence in the work file (publish dropped incomplete ones)."""
     for name, group in work.items():
-        if not group.attrs.get("complete"):
-            continue
         paths: list[str] = []
         group.visit(paths.append)
         for path in paths:
