@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import baseline
+from bench import baseline, esm_extract
 from bench.clients import LoadResult, drive, encode_requests
 from bench.machine import cpu_seconds, model_flops, reset_peak_rss, rss_bytes
 from bench.servers import REPO, Server, free_port
@@ -239,7 +239,7 @@ class ModelCases:
             write_fasta(self.workload, fasta)
         server = self.server("fast")
         run = len(self.results[PEER_EMBED].seconds) if PEER_EMBED in self.results else 0
-        extract = [*esm_extract_command(), str(self.checkpoint), str(fasta), str(files / f"extract{run}"),
+        extract = [*esm_extract.command(), str(self.checkpoint), str(fasta), str(files / f"extract{run}"),
                    "--include", "mean", "--repr_layers", "-1", "--truncation_seq_length", str(PEER_TRUNCATE),
                    "--toks_per_batch", "4096", *(["--nogpu"] if self.device == "cpu" else [])]
         embed = [*esm2, "embed", str(fasta), "-o", str(files / f"embed{run}.h5"), "-m", self.name,
@@ -271,12 +271,6 @@ def gateway_missing() -> str | None:
 PEER_EXTRACT = "peer: esm-extract, whole process"
 PEER_EMBED = "peer: esm2 embed, whole process (server already up)"
 PEER_TRUNCATE = 1022  # esm-extract's default cut; `esm2 embed --truncate` makes the same one
-
-
-def esm_extract_command() -> list[str]:
-    """fair-esm's esm-extract where installed, else bench/esm_extract.py (the same pipeline)."""
-    script = shutil.which("esm-extract") or shutil.which("esm-extract", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "bench.esm_extract"]
 
 
 def esm2_command() -> list[str] | None:

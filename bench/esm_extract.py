@@ -16,12 +16,20 @@ unpickler) instead of fair-esm's unrestricted torch.load.
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 from pathlib import Path
 
 import esm
 import torch
 
 from service.checkpoints import load
+
+
+def command() -> list[str]:
+    """fair-esm's esm-extract where installed, else this module (the same pipeline)."""
+    script = shutil.which("esm-extract") or shutil.which("esm-extract", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "bench.esm_extract"]
 
 OUTPUTS = ("mean", "per_tok", "bos", "contacts")
 

@@ -8,7 +8,6 @@ import io
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,20 +19,19 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from conftest import ServerProcess, free_port
+from conftest import REPO, ServerProcess, free_port
 from reference import STANDARD_ORDER, assert_close, reference
 
+from bench import esm_extract
 from esm2_client.outputs import EmbeddingStore, OutputError
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 ESM2 = Path(sys.executable).with_name("esm2")
-REPO = Path(__file__).resolve().parent.parent
-ESM_EXTRACT = shutil.which("esm-extract") or shutil.which("esm-extract", path=str(Path(sys.executable).parent))
+ESM2_COMMAND = [str(ESM2)] if ESM2.exists() else [sys.executable, "-m", "esm2_client.cli"]
 
 
 def esm2(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
-    command = [str(ESM2)] if ESM2.exists() else [sys.executable, "-m", "esm2_client.cli"]
-    result = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=120, **kwargs)
+    result = subprocess.run([*ESM2_COMMAND, *map(str, args)], capture_output=True, text=True, timeout=120, **kwargs)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -118,8 +116,7 @@ def test_embed_resumes_after_interruption(server, reference_models, tmp_path, ho
     out = tmp_path / "out.h5"
     args = ["embed", fasta, "-o", out, "-m", "esm2-8m", "--server", server.target, "--include", "mean", "per_token",
             "--max-in-flight", "1"]
-    command = [str(ESM2)] if ESM2.exists() else [sys.executable, "-m", "esm2_client.cli"]
-    proc = subprocess.Popen([*command, *map(str, args)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*ESM2_COMMAND, *map(str, args)], stderr=subprocess.PIPE, text=True)
     _wait_for_progress(tmp_path / "out.h5.partial.h5", proc, min_bytes=300_000)  # a few sequences in
     proc.send_signal(how)
     _, stderr = proc.communicate(timeout=60)
@@ -202,9 +199,8 @@ def test_other_settings_in_the_work_file_name_it(tmp_path):
 def _run_esm_extract(checkpoint: Path, fasta: Path, out_dir: Path, layers: list[int], truncation: int) -> dict:
     """fair-esm's esm-extract as a process; where the wheel lacks it (fair-esm 2.0.0 on PyPI ships
     no scripts), bench/esm_extract.py: the same pipeline from fair-esm's own parts."""
-    command = [ESM_EXTRACT] if ESM_EXTRACT else [sys.executable, "-m", "bench.esm_extract"]
     result = subprocess.run(
-        [*command, checkpoint, fasta, out_dir, "--repr_layers", *map(str, layers), "--include", "mean", "per_tok",
+        [*esm_extract.command(), checkpoint, fasta, out_dir, "--repr_layers", *map(str, layers), "--include", "mean", "per_tok",
          "bos", "contacts", "--truncation_seq_length", str(truncation), "--nogpu"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
         # Our own freshly written checkpoint pickles argparse.Namespace, which torch's
