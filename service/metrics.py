@@ -5,7 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 QUEUE_DEPTH = Gauge("esm_queue_items", "Work items waiting for a batch")
-WORKER_BUSY = Gauge("esm_worker_busy", "1 while the model worker runs a batch")
+WORKER_BUSY = Gauge("esm_worker_busy", "Model workers running a batch now (0 to the number of workers)")
+WORKER_BATCHES = Counter("esm_worker_batches_total", "Batches run, per model worker", ["worker", "device"])
+WORKER_SECONDS = Counter("esm_worker_seconds_total", "Time spent running batches, per model worker", ["worker", "device"])
 REJECTED = Counter("esm_rejected_requests_total", "Requests refused because the queue was full")
 DROPPED = Counter("esm_dropped_items_total", "Queued items dropped before reaching the model", ["reason"])
 BATCHES = Counter("esm_batches_total", "Batches run by the model worker", ["model"])
@@ -17,6 +19,12 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 BATCH_SIZE = Histogram("esm_batch_items", "Items per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+CACHE_HITS = Counter("esm_cache_hits_total", "Items answered from the result cache")
+CACHE_MISSES = Counter("esm_cache_misses_total", "Items looked up in the result cache and not found")
+CACHE_MERGED = Counter("esm_cache_merged_total", "Items that joined an identical item already queued or running")
+CACHE_EVICTIONS = Counter("esm_cache_evictions_total", "Results evicted from the cache to keep its byte bound")
+CACHE_BYTES = Gauge("esm_cache_bytes", "Bytes of results held by the result cache")
+CACHE_ENTRIES = Gauge("esm_cache_entries", "Results held by the result cache")
 REQUESTS = Counter("esm_requests_total", "RPCs finished", ["method", "code"])
 
 

@@ -9,6 +9,8 @@ it never sees a request message.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -50,6 +52,25 @@ def resolve_device(requested: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {requested}: CUDA is not available on this machine")
     return device
+
+
+def resolve_devices(requested: str) -> list[torch.device]:
+    """`--device` as a comma-separated list: one model worker per entry (`cpu,cpu` runs two on CPU)."""
+    names = [name.strip() for name in requested.split(",") if name.strip()]
+    if not names:
+        raise RuntimeError(f"--device {requested!r}: no device named")
+    return [resolve_device(name) for name in names]
+
+
+def replicate(models: dict[str, LoadedModel], devices: list[torch.device]) -> list[dict[str, LoadedModel]]:
+    """One set of models per worker. Every worker gets its own modules, CPU workers too:
+    fair-esm's attention layers keep a rotary cache that concurrent calls would share.
+    Copies are made before any worker moves its set to its device."""
+    copies = [models]
+    for _ in devices[1:]:
+        copies.append({name: dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+                       for name, loaded in models.items()})
+    return copies
 
 
 _PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,10 +1,21 @@
-"""Batches work items across concurrent requests and feeds the model worker.
+"""Batches work items across concurrent requests and feeds the model workers.
 
-Runs on the event loop and never blocks it: batches go to the worker thread through
+Runs on the event loop and never blocks it: batches go to worker threads through
 `run_in_executor`. A batch holds items of one model and one attention mode (items that
 need attention maps take the slower exact path, so they are not mixed with the rest),
-of similar lengths, under a padded-token budget and a size cap. The oldest waiting
-item anchors every batch, so no item starves.
+of similar lengths, under a padded-token budget, a padded-token-pair budget (the
+attention's quadratic work, so that a full-length sequence runs alone) and a size cap.
+
+Which item anchors the next batch: the one due first, where an item is due at its
+arrival plus `aging` times its estimated run time. Short work overtakes long work that
+arrived shortly before it, so a small request is not stuck behind a huge one for the
+huge one's whole run; long work is never starved, since everything that arrives after
+its due time is due after it.
+
+Several workers (one per device) may serve the same models: each batch goes to
+whichever worker is free. Identical items (same model, tokens, outputs and layers) are
+computed once: one queued or running computation has many waiters, and a finished
+result is kept in a byte-bounded cache (service.result_cache).
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -19,22 +31,49 @@ from esm2_wire.item_result import ItemResult
 from service import metrics
 from service.errors import DeadlineExceeded, Internal, QueueFull, ServiceError
 from service.model_worker import ModelInput, ModelWorker
+from service.result_cache import ResultCache, cache_key, freeze
 
 log = logging.getLogger(__name__)
+
+# Work estimate of one item, in token units: linear in its tokens, plus the attention's
+# quadratic term (about equal to the linear work at this many tokens, for the 8M-650M
+# shapes on CPU), times a factor for the exact path that materializes attention maps.
+# Only the ratios between items matter: the seconds per unit are measured as batches run.
+QUADRATIC_TOKENS = 1024
+MAPS_FACTOR = 3.0
+INITIAL_SECONDS_PER_WORK = 2e-5  # until the first batch of a model is measured
+RATE_SMOOTHING = 0.3  # weight of the newest batch in the measured seconds per unit
+
+
+def work(length: int, needs_maps: bool, count: int = 1) -> float:
+    """Estimated work of `count` rows of `length` tokens (padding included)."""
+    return count * length * (1 + length / QUADRATIC_TOKENS) * (MAPS_FACTOR if needs_maps else 1.0)
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One caller awaiting an entry's result."""
+
+    future: asyncio.Future  # resolved with an ItemResult or a ServiceError
+    deadline: float | None = None  # scheduler clock seconds
 
 
 @dataclass(eq=False)
 class QueueEntry:
-    """One model input waiting for a batch, and where its result goes."""
+    """One model input waiting for a batch, and every caller awaiting its result."""
 
     input: ModelInput
-    future: asyncio.Future  # resolved with an ItemResult or a ServiceError
-    deadline: float | None = None  # time.monotonic() seconds
-    enqueued_at: float = field(default_factory=time.monotonic)
+    waiters: list[Waiter] = field(default_factory=list)
+    enqueued_at: float = 0.0
+    key: bytes | None = None  # the result's cache key; equal keys are computed once
 
     @property
     def length(self) -> int:
         return self.input.length
+
+    @property
+    def work(self) -> float:
+        return work(self.input.length, self.input.needs_maps)
 
     @property
     def batch_key(self) -> tuple[str, bool]:
@@ -49,14 +88,46 @@ class BatchLimits:
     max_wait_s: float = 0.005  # how long an idle worker waits to fill a batch
     max_queue_items: int = 256
     min_padding_efficiency: float = 0.92  # real tokens / padded tokens a batch may not fall below
+    max_batch_token_pairs: int = 2048 * 2048  # batch size x longest item squared: the attention's work
+    aging: float = 4.0  # an item is due at arrival + aging x its estimated run time
 
 
-def take_batch(pending: list[QueueEntry], limits: BatchLimits) -> list[QueueEntry]:
-    """Remove and return the next batch: the oldest entry plus its nearest-length peers."""
-    anchor = pending[0]
+class CostModel:
+    """Seconds of model work an entry is expected to take, per model, measured from batches run."""
+
+    def __init__(self, learn: bool = True, seconds_per_work: float = INITIAL_SECONDS_PER_WORK):
+        self.learn = learn
+        self.initial = seconds_per_work
+        self.rates: dict[str, float] = {}  # model -> seconds per work unit
+
+    def seconds(self, entry: QueueEntry) -> float:
+        return entry.work * self.rates.get(entry.input.model, self.initial)
+
+    def observe(self, batch: list[ModelInput], seconds: float) -> None:
+        if not self.learn:
+            return
+        model = batch[0].model
+        rate = seconds / work(max(item.length for item in batch), batch[0].needs_maps, len(batch))
+        old = self.rates.get(model)
+        self.rates[model] = rate if old is None else (1 - RATE_SMOOTHING) * old + RATE_SMOOTHING * rate
+
+
+def next_anchor(pending: list[QueueEntry], limits: BatchLimits, cost: CostModel) -> QueueEntry:
+    """The entry due first (the oldest among equals)."""
+    return min(pending, key=lambda entry: entry.enqueued_at + limits.aging * cost.seconds(entry))
+
+
+def take_batch(pending: list[QueueEntry], limits: BatchLimits, anchor: QueueEntry | None = None) -> list[QueueEntry]:
+    """Remove and return the next batch: `anchor` (default: the oldest entry) plus its nearest-length peers."""
+    anchor = pending[0] if anchor is None else anchor
     peers = sorted((it for it in pending if it.batch_key == anchor.batch_key), key=lambda it: it.length)
     lo = hi = peers.index(anchor)
     width = real = anchor.length  # real: tokens that are not padding
+
+    def fits(rows: int, row_width: int) -> bool:
+        return (row_width * rows <= limits.max_batch_tokens
+                and row_width * row_width * rows <= limits.max_batch_token_pairs)
+
     while hi - lo + 1 < limits.max_batch_size:
         count = hi - lo + 2
         # Each neighbour that keeps the batch within budget and padding target, with the padding it adds:
@@ -65,12 +136,11 @@ def take_batch(pending: list[QueueEntry], limits: BatchLimits) -> list[QueueEntr
         options = []
         if lo > 0:
             shorter = peers[lo - 1]
-            if width * count <= limits.max_batch_tokens and \
-                    real + shorter.length >= limits.min_padding_efficiency * width * count:
+            if fits(count, width) and real + shorter.length >= limits.min_padding_efficiency * width * count:
                 options.append((width - shorter.length, -1))
         if hi + 1 < len(peers):
             longer = peers[hi + 1]
-            if longer.length * count <= limits.max_batch_tokens and \
+            if fits(count, longer.length) and \
                     real + longer.length >= limits.min_padding_efficiency * longer.length * count:
                 options.append(((longer.length - width) * (count - 1), 1))
         if not options:
@@ -88,124 +158,226 @@ def take_batch(pending: list[QueueEntry], limits: BatchLimits) -> list[QueueEntr
     return batch
 
 
+@dataclass(eq=False)
+class WorkerSlot:
+    """One model worker, the thread that runs it, and its name in metrics."""
+
+    worker: ModelWorker
+    name: str
+    executor: ThreadPoolExecutor
+    busy: bool = False
+
+    @property
+    def device(self) -> str:
+        return str(getattr(self.worker, "device", "cpu"))
+
+
 class Scheduler:
-    def __init__(self, worker: ModelWorker, limits: BatchLimits):
-        self.worker = worker
+    def __init__(
+        self,
+        workers: ModelWorker | list[ModelWorker],
+        limits: BatchLimits,
+        cache: ResultCache | None = None,
+        scopes: Mapping[str, str] | None = None,
+        cost: CostModel | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        workers = workers if isinstance(workers, list) else [workers]
+        self.slots = [
+            WorkerSlot(w, str(i), ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"esm-model-worker-{i}"))
+            for i, w in enumerate(workers)
+        ]
         self.limits = limits
+        self.cache = cache if cache is not None else ResultCache(0)
+        self.scopes = dict(scopes or {})  # model -> identity of its weights and numerics (cache keys)
+        self.cost = cost or CostModel()
+        self.clock = clock
         self._pending: list[QueueEntry] = []
-        self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esm-model-worker")
+        self._inflight: dict[bytes, QueueEntry] = {}  # queued or running, by cache key
+        self._running: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()  # work arrived or a worker came free
         self._task: asyncio.Task | None = None
         self._closing = False
+
+    @property
+    def workers(self) -> list[ModelWorker]:
+        return [slot.worker for slot in self.slots]
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="esm-scheduler")
 
+    # ---- intake ------------------------------------------------------------------
+    def _key(self, item: ModelInput) -> bytes:
+        return cache_key(self.scopes.get(item.model, item.model), item)
+
     def submit(self, inputs: list[ModelInput], deadline: float | None = None) -> list[asyncio.Future]:
-        """Queue all inputs of one request, or none of them; their futures, in order."""
-        if len(self._pending) + len(inputs) > self.limits.max_queue_items:
+        """Queue all inputs of one request, or none of them; their futures, in order.
+
+        Inputs already cached are answered at once; inputs equal to one queued or running
+        (this request's own duplicates included) wait for it; only the rest are new work,
+        and only new work counts against the queue bound."""
+        keys = [self._key(item) for item in inputs]
+        new_keys = {k for k in keys if k not in self._inflight and not self.cache.contains(k)}
+        if len(self._pending) + len(new_keys) > self.limits.max_queue_items:
             metrics.REJECTED.inc()
             raise QueueFull(
                 f"server busy: {len(self._pending)} items queued (limit {self.limits.max_queue_items}); retry later"
             )
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        entries = [QueueEntry(item, loop.create_future(), deadline, now) for item in inputs]
-        self._pending.extend(entries)
+        now = self.clock()
+        futures = []
+        for item, key in zip(inputs, keys):
+            future = loop.create_future()
+            futures.append(future)
+            cached = self.cache.get(key) if self.cache.enabled and key not in self._inflight else None
+            if cached is not None:
+                future.set_result(cached)
+                continue
+            entry = self._inflight.get(key)
+            if entry is not None:
+                metrics.CACHE_MERGED.inc()
+            else:
+                entry = self._inflight[key] = QueueEntry(item, enqueued_at=now, key=key)
+                self._pending.append(entry)
+            entry.waiters.append(Waiter(future, deadline))
         metrics.QUEUE_DEPTH.set(len(self._pending))
-        self._arrived.set()
-        return [entry.future for entry in entries]
+        self._wake.set()
+        return futures
 
-    async def run_once(self, batch: list[QueueEntry]) -> None:
-        """Run one batch on the worker thread and resolve its futures."""
+    # ---- running -------------------------------------------------------------------
+    async def run_once(self, batch: list[QueueEntry], slot: WorkerSlot | None = None) -> None:
+        """Run one batch on a worker thread and resolve its waiters."""
+        slot = slot or self.slots[0]
         loop = asyncio.get_running_loop()
         inputs = [entry.input for entry in batch]
         started = time.perf_counter()
-        metrics.WORKER_BUSY.set(1)
+        metrics.WORKER_BUSY.inc()
         try:
-            results = await loop.run_in_executor(self._executor, self.worker.run, inputs)
+            results = await loop.run_in_executor(slot.executor, slot.worker.run, inputs)
         finally:
-            metrics.WORKER_BUSY.set(0)
-        metrics.observe_batch(inputs, time.perf_counter() - started)
-        for item, result in zip(batch, results):
-            if item.future.done():  # cancelled while running
+            metrics.WORKER_BUSY.dec()
+        seconds = time.perf_counter() - started
+        metrics.observe_batch(inputs, seconds)
+        metrics.WORKER_BATCHES.labels(slot.name, slot.device).inc()
+        metrics.WORKER_SECONDS.labels(slot.name, slot.device).inc(seconds)
+        self.cost.observe(inputs, seconds)
+        for entry, result in zip(batch, results):
+            self._finish(entry, result)
+
+    def _finish(self, entry: QueueEntry, result: ItemResult | ServiceError) -> None:
+        if entry.key is not None and self._inflight.get(entry.key) is entry:
+            del self._inflight[entry.key]
+        if not isinstance(result, ServiceError):
+            result = freeze(result)  # one result may go to many callers
+            if entry.key is not None and self.cache.enabled:
+                self.cache.put(entry.key, result)
+        for waiter in entry.waiters:
+            if waiter.future.done():  # cancelled while running
                 continue
             if isinstance(result, ServiceError):
-                item.future.set_exception(result)
+                waiter.future.set_exception(result)
             else:
-                item.future.set_result(result)
+                waiter.future.set_result(result)
 
-    async def run_now(self, inputs: list[ModelInput]) -> list[ItemResult]:
-        """Run `inputs` as one batch ahead of the queue (warm-up); raises the first item's error."""
+    async def run_now(self, inputs: list[ModelInput], worker: int = 0) -> list[ItemResult]:
+        """Run `inputs` as one batch on one worker, ahead of the queue and the cache (warm-up);
+        raises the first item's error."""
         loop = asyncio.get_running_loop()
-        batch = [QueueEntry(item, loop.create_future()) for item in inputs]
-        await self.run_once(batch)
-        return [entry.future.result() for entry in batch]
+        batch = [QueueEntry(item, [Waiter(loop.create_future())]) for item in inputs]
+        await self.run_once(batch, self.slots[worker])
+        return [entry.waiters[0].future.result() for entry in batch]
+
+    async def _dispatch(self, batch: list[QueueEntry], slot: WorkerSlot) -> None:
+        try:
+            await self.run_once(batch, slot)
+        except Exception:  # fail what it held; the worker and the loop keep serving
+            log.exception("scheduler failure on worker %s", slot.name)
+            for entry in batch:
+                self._finish(entry, Internal("scheduler failure; see the server log"))
+        finally:
+            slot.busy = False
+            self._wake.set()
 
     def _drop_dead(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         alive = []
-        for item in self._pending:
-            if item.future.done():
-                metrics.DROPPED.labels("cancelled").inc()
-            elif item.deadline is not None and now >= item.deadline:
-                metrics.DROPPED.labels("deadline").inc()
-                item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
-            else:
-                alive.append(item)
+        for entry in self._pending:
+            waiting = []
+            for waiter in entry.waiters:
+                if waiter.future.done():
+                    metrics.DROPPED.labels("cancelled").inc()
+                elif waiter.deadline is not None and now >= waiter.deadline:
+                    metrics.DROPPED.labels("deadline").inc()
+                    waiter.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                else:
+                    waiting.append(waiter)
+            entry.waiters = waiting
+            if waiting:
+                alive.append(entry)
+            elif entry.key is not None and self._inflight.get(entry.key) is entry:
+                del self._inflight[entry.key]
         self._pending[:] = alive
         metrics.QUEUE_DEPTH.set(len(alive))
 
-    def _batch_is_full(self) -> bool:
-        key = self._pending[0].batch_key
-        same = [it for it in self._pending if it.batch_key == key]
+    def _batch_is_full(self, anchor: QueueEntry) -> bool:
+        same = [it for it in self._pending if it.batch_key == anchor.batch_key]
         width = max(it.length for it in same)
-        return len(same) >= self.limits.max_batch_size or width * len(same) >= self.limits.max_batch_tokens
+        return (len(same) >= self.limits.max_batch_size or width * len(same) >= self.limits.max_batch_tokens
+                or width * width * len(same) >= self.limits.max_batch_token_pairs)
 
     async def _fill_window(self) -> None:
         """Give concurrent callers a moment to join before an idle worker starts."""
-        deadline = self._pending[0].enqueued_at + self.limits.max_wait_s
-        while not self._batch_is_full():
-            remaining = deadline - time.monotonic()
+        deadline = min(it.enqueued_at for it in self._pending) + self.limits.max_wait_s
+        while self._pending and not self._batch_is_full(next_anchor(self._pending, self.limits, self.cost)):
+            remaining = deadline - self.clock()
             if remaining <= 0:
                 return
-            self._arrived.clear()
+            self._wake.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                await asyncio.wait_for(self._wake.wait(), remaining)
             except asyncio.TimeoutError:
                 return
+
+    def _idle_slot(self) -> WorkerSlot | None:
+        return next((slot for slot in self.slots if not slot.busy), None)
 
     async def _loop(self) -> None:
         while True:
             batch: list[QueueEntry] = []
             try:
                 self._drop_dead()
-                if not self._pending:
-                    if self._closing:
+                if not self._pending or self._idle_slot() is None:
+                    if self._closing and not self._pending:
                         return
-                    self._arrived.clear()
-                    await self._arrived.wait()
+                    self._wake.clear()
+                    await self._wake.wait()
                     continue
                 await self._fill_window()
                 self._drop_dead()
-                if not self._pending:
+                slot = self._idle_slot()
+                if not self._pending or slot is None:
                     continue
-                batch = take_batch(self._pending, self.limits)
+                batch = take_batch(self._pending, self.limits, next_anchor(self._pending, self.limits, self.cost))
                 metrics.QUEUE_DEPTH.set(len(self._pending))
-                await self.run_once(batch)
+                slot.busy = True
+                task = asyncio.get_running_loop().create_task(self._dispatch(batch, slot))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
             except Exception:  # the loop must survive anything: fail what it held, keep serving
                 log.exception("scheduler failure")
                 held = batch or self._pending[:]
                 if not batch:
                     self._pending.clear()
-                for item in held:
-                    if not item.future.done():
-                        item.future.set_exception(Internal("scheduler failure; see the server log"))
+                for entry in held:
+                    self._finish(entry, Internal("scheduler failure; see the server log"))
 
     async def close(self) -> None:
-        """Finish everything queued, then stop."""
+        """Finish everything queued and running, then stop."""
         self._closing = True
-        self._arrived.set()
+        self._wake.set()
         if self._task is not None:
             await self._task
-        self._executor.shutdown(wait=True)
+        while self._running:
+            await asyncio.gather(*list(self._running))
+        for slot in self.slots:
+            slot.executor.shutdown(wait=True)

@@ -24,9 +24,9 @@ from grpc_reflection.v1alpha import reflection
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
-from service import checkpoints, json_limits
+from service import checkpoints, json_limits, result_cache
 from service.auth import ApiKeyInterceptor, load_keys
-from service.model_worker import ModelInput, ModelWorker, resolve_device
+from service.model_worker import ModelInput, ModelWorker, replicate, resolve_devices
 from service.scheduler import BatchLimits, Scheduler
 from service.servicer import Esm2Servicer
 
@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--offline", action="store_true", default=_env("offline", "") in ("1", "true"),
                    help="never download missing checkpoints")
-    p.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default=_env("device", "auto"),
+                   help="auto, cpu, cuda or cuda:N; a comma-separated list (cuda:0,cuda:1) runs one worker per device")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=_env("precision", "fp32"),
                    help="autocast precision (fp16/bf16 only make sense on CUDA)")
     p.add_argument("--attention", choices=("fast", "exact"), default=_env("attention", "fast"),
@@ -64,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-queue-items", type=int, default=int(_env("max_queue_items", 256)))
     p.add_argument("--min-padding-efficiency", type=float, default=float(_env("min_padding_efficiency", 0.92)),
                    help="a batch grows only while this share of its tokens are real residues")
+    p.add_argument("--max-batch-token-pairs", type=int,
+                   default=int(_env("max_batch_token_pairs", BatchLimits.max_batch_token_pairs)),
+                   help="batch size x longest item squared (attention's work); a longer item runs alone")
+    p.add_argument("--aging", type=float, default=float(_env("aging", BatchLimits.aging)),
+                   help="an item is due at arrival + this x its estimated run time; the item due first runs next")
+    p.add_argument("--cache-mb", type=int, default=int(_env("cache_mb", result_cache.DEFAULT_CACHE_MB)),
+                   help="result cache size in MiB (0 turns it off); identical items in flight are always merged")
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9090)), help="0 disables")
     p.add_argument("--api-keys-file", default=_env("api_keys_file", None), help="one key per line")
     p.add_argument("--max-json-response-mb", type=int,
@@ -73,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once ready")
     p.add_argument("--simulate-oom-above-tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.cache_mb < 0 or args.max_batch_token_pairs < 1 or args.aging < 0:
+        p.error("--cache-mb and --aging must not be negative; --max-batch-token-pairs must be at least 1")
     if args.max_queue_items < args.max_items:
         p.error("--max-queue-items must be at least --max-items")
     return args
@@ -100,25 +110,43 @@ def load_models(args) -> dict[str, checkpoints.LoadedModel]:
 
 
 async def warm_up(scheduler: Scheduler, servicer: Esm2Servicer) -> None:
-    """One pass per model and attention mode, so the first request pays no start-up cost."""
+    """One pass per model, attention mode and worker, so the first request pays no start-up cost."""
     for name, loaded in servicer.models.items():
         token_ids = loaded.tokenize(tuple("MKTAYIAKQR"))
-        for outputs in ({OutputKind.MEAN, OutputKind.LOGITS}, {OutputKind.ATTENTIONS}):
-            await scheduler.run_now([ModelInput(name, token_ids, frozenset(outputs), (loaded.num_layers,))])
+        for worker in range(len(scheduler.workers)):
+            for outputs in ({OutputKind.MEAN, OutputKind.LOGITS}, {OutputKind.ATTENTIONS}):
+                await scheduler.run_now([ModelInput(name, token_ids, frozenset(outputs), (loaded.num_layers,))],
+                                        worker)
         servicer.ready.add(name)
+
+
+def cache_scopes(models: dict[str, checkpoints.LoadedModel], args) -> dict[str, str]:
+    """Per model, what its results depend on besides the input: the weights file and the numerics."""
+    scopes = {}
+    for name, loaded in models.items():
+        stat = loaded.checkpoint.stat()
+        scopes[name] = (f"{name}|{loaded.checkpoint.name}|{stat.st_size}|{stat.st_mtime_ns}|"
+                        f"{args.precision}|{args.attention}")
+    return scopes
 
 
 async def serve(args) -> None:
     models = load_models(args)
-    device = resolve_device(args.device)
-    worker = ModelWorker(models, device, args.precision, args.attention == "fast", args.simulate_oom_above_tokens)
+    devices = resolve_devices(args.device)
+    workers = [
+        ModelWorker(copy, device, args.precision, args.attention == "fast", args.simulate_oom_above_tokens)
+        for copy, device in zip(replicate(models, devices), devices)
+    ]
     limits = Limits(args.max_items, args.max_sequence_length)
     scheduler = Scheduler(
-        worker,
+        workers,
         BatchLimits(args.max_batch_tokens, args.max_batch_size, args.max_wait_ms / 1000, args.max_queue_items,
-                    args.min_padding_efficiency),
+                    args.min_padding_efficiency, args.max_batch_token_pairs, args.aging),
+        cache=result_cache.ResultCache(args.cache_mb << 20),
+        scopes=cache_scopes(models, args),
     )
-    servicer = Esm2Servicer(models, scheduler, limits, str(device), args.max_json_response_mb << 20)
+    device_names = ",".join(str(device) for device in devices)
+    servicer = Esm2Servicer(models, scheduler, limits, device_names, args.max_json_response_mb << 20)
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
     server = grpc.aio.server(
@@ -140,7 +168,8 @@ async def serve(args) -> None:
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, addr=args.host)
     await server.start()
-    log.info("gRPC listening on %s:%d; warming up on %s", args.host, port, device)
+    log.info("gRPC listening on %s:%d; warming up on %s; result cache %d MiB", args.host, port, device_names,
+             args.cache_mb)
 
     await warm_up(scheduler, servicer)
     scheduler.start()

@@ -17,14 +17,15 @@ from service.model_worker import ModelInput
 from service.scheduler import QueueEntry
 
 
-def model_input(length: int, model: str = "m", maps: bool = False) -> ModelInput:
-    """An input of `length` tokens (BOS and EOS included); `maps`: it needs attention maps."""
+def model_input(length: int, model: str = "m", maps: bool = False, token: int = 0) -> ModelInput:
+    """An input of `length` tokens (BOS and EOS included), all equal to `token`; `maps`: it
+    needs attention maps. Inputs with equal arguments are identical (computed once)."""
     outputs = {OutputKind.CONTACTS} if maps else {OutputKind.MEAN}
-    return ModelInput(model, torch.zeros(length, dtype=torch.int64), frozenset(outputs), (1,))
+    return ModelInput(model, torch.full((length,), token, dtype=torch.int64), frozenset(outputs), (1,))
 
 
 def entry(length: int, model: str = "m", maps: bool = False, enqueued_at: float = 0.0) -> QueueEntry:
-    return QueueEntry(model_input(length, model, maps), future=None, enqueued_at=enqueued_at)
+    return QueueEntry(model_input(length, model, maps), enqueued_at=enqueued_at)
 
 
 def entries(lengths, **kwargs) -> list[QueueEntry]:
@@ -37,14 +38,18 @@ class FakeWorker:
     `gate`, when set, holds every batch until the test releases it, so a test decides what
     is queued while the worker is busy. `fail` maps a length to the error its item gets."""
 
-    def __init__(self, gate: threading.Event | None = None, fail: dict[int, ServiceError] | None = None):
+    def __init__(self, gate: threading.Event | None = None, fail: dict[int, ServiceError] | None = None,
+                 on_run=None):
         self.batches: list[list[ModelInput]] = []
+        self.on_run = on_run  # called with each batch before it is answered (e.g. to advance a fake clock)
         self.gate = gate
         self.fail = fail or {}
         self.started = threading.Event()
 
     def run(self, batch: list[ModelInput]) -> list[ItemResult | ServiceError]:
         self.batches.append(batch)
+        if self.on_run is not None:
+            self.on_run(batch)
         self.started.set()
         if self.gate is not None:
             self.gate.wait(30)  # bounded: a test that forgets to release fails, not hangs
