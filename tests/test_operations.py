@@ -51,7 +51,8 @@ def test_list_models_reports_shapes_and_random_weights(server, stub):
 def busy_server(tmp_path_factory, checkpoint_dir):
     """8M shape with a queue of 8 items: one long request keeps the worker busy for seconds."""
     proc = ServerProcess(tmp_path_factory.mktemp("busy"), "--models", "esm2-8m", "--model-dir", str(checkpoint_dir),
-                         "--max-queue-items", "8", "--max-batch-tokens", "16384").wait_ready()
+                         "--max-queue-items", "8", "--max-batch-tokens", "16384",
+                         "--max-batch-token-pairs", str(16384 * 2048)).wait_ready()
     yield proc
     proc.stop()
 
@@ -70,12 +71,13 @@ def test_queue_full_and_deadlines_drop_work_before_the_model(busy_server):
     items_before = busy_server.metric("esm_items_total", 'model="esm2-8m"')
     long_call = stub.Encode.future(encode_request("esm2-8m", LONG))  # fills the worker
     wait_for(lambda: busy_server.metric("esm_worker_busy") == 1 and busy_server.metric("esm_queue_items") == 0)
-    queued_call = stub.Encode.future(encode_request("esm2-8m", ["MKTAYIAKQR"] * 6))
+    # Distinct sequences throughout: identical ones are computed once and take one queue place.
+    queued_call = stub.Encode.future(encode_request("esm2-8m", ["MKTAYIAKQR" + "A" * i for i in range(6)]))
     wait_for(lambda: busy_server.metric("esm_queue_items") == 6)
 
     # 6 queued + 3 > 8: refused at once, nothing queued.
     with pytest.raises(grpc.RpcError) as info:
-        stub.Encode(encode_request("esm2-8m", ["MKT"] * 3))
+        stub.Encode(encode_request("esm2-8m", ["MKT", "MKTA", "MKTAY"]))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "8" in info.value.details() and "retry" in info.value.details()
 
