@@ -102,8 +102,11 @@ def _fast_layer(layer, x: torch.Tensor, attend: torch.Tensor | None, rotary) -> 
 
 
 @torch.inference_mode()
-def forward(model, tokens: torch.Tensor, plan: BatchPlan) -> BatchOutput:
-    """Run ESM-2 on `tokens` [B, T] (BOS + residues + EOS + padding)."""
+def forward(model, tokens: torch.Tensor, plan: BatchPlan, between_layers=None) -> BatchOutput:
+    """Run ESM-2 on `tokens` [B, T] (BOS + residues + EOS + padding).
+
+    `between_layers`, if given, is called between layers: the model worker runs short work
+    that is due first there, so one long batch does not hold the device for its whole run."""
     padding_mask = tokens.eq(model.padding_idx)
     x = model.embed_scale * model.embed_tokens(tokens)
     if model.token_dropout:
@@ -135,6 +138,8 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan) -> BatchOutput:
     else:  # fair-esm's own layers, [T, B, E]
         x = x.transpose(0, 1)
     for index, layer in enumerate(model.layers):
+        if between_layers is not None and index:
+            between_layers()
         if fast:
             x, maps = _fast_layer(layer, x, attend, rotary), None
         else:

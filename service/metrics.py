@@ -19,6 +19,8 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 BATCH_SIZE = Histogram("esm_batch_items", "Items per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+INTERLEAVED_BATCHES = Counter("esm_interleaved_batches_total",
+                              "Batches run between the layers of a longer batch on the same worker")
 CACHE_HITS = Counter("esm_cache_hits_total", "Items answered from the result cache")
 CACHE_MISSES = Counter("esm_cache_misses_total", "Items looked up in the result cache and not found")
 CACHE_MERGED = Counter("esm_cache_merged_total", "Items that joined an identical item already queued or running")

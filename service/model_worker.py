@@ -106,10 +106,11 @@ class ModelWorker:
         for loaded in models.values():
             loaded.model.to(device)
 
-    def run(self, batch: list[ModelInput]) -> list[ItemResult | ServiceError]:
-        """Compute a batch (all items of one model); never raises."""
+    def run(self, batch: list[ModelInput], between_layers=None) -> list[ItemResult | ServiceError]:
+        """Compute a batch (all items of one model); never raises. `between_layers` is called
+        between the model's layers (see esm_forward.forward)."""
         try:
-            return self._run(batch)
+            return self._run(batch, between_layers)
         except Exception as exc:
             if not _out_of_memory(exc):  # a failing batch fails only its own items
                 log.exception("batch of %d items failed", len(batch))
@@ -122,7 +123,7 @@ class ModelWorker:
         log.warning("out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
         return self.run(batch[:half]) + self.run(batch[half:])
 
-    def _run(self, batch: list[ModelInput]) -> list[ItemResult]:
+    def _run(self, batch: list[ModelInput], between_layers=None) -> list[ItemResult]:
         loaded = self.models[batch[0].model]
         width = max(item.length for item in batch)
         if self.simulate_oom_above_tokens and width * len(batch) > self.simulate_oom_above_tokens:
@@ -141,7 +142,7 @@ class ModelWorker:
             else contextlib.nullcontext()
         )
         with autocast:
-            out = forward(loaded.model, tokens.to(self.device), plan)
+            out = forward(loaded.model, tokens.to(self.device), plan, between_layers)
         return [self._extract(out, row, item) for row, item in enumerate(batch)]
 
     @staticmethod

@@ -12,6 +12,10 @@ arrived shortly before it, so a small request is not stuck behind a huge one for
 huge one's whole run; long work is never starved, since everything that arrives after
 its due time is due after it.
 
+A batch that holds a worker for long (a full-length sequence with every output) does not
+make work that is due before it wait for its end: that work runs between its layers, on
+the same worker thread, so a small request waits about one layer, not the whole batch.
+
 Several workers (one per device) may serve the same models: each batch goes to
 whichever worker is free. Identical items (same model, tokens, outputs and layers) are
 computed once: one queued or running computation has many waiters, and a finished
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +47,9 @@ log = logging.getLogger(__name__)
 QUADRATIC_TOKENS = 1024
 MAPS_FACTOR = 3.0
 INITIAL_SECONDS_PER_WORK = 2e-5  # until the first batch of a model is measured
+# A running batch estimated to take longer than this lets work that is due before it run
+# between its layers (on the same worker thread); shorter ones just finish first.
+INTERLEAVE_MIN_SECONDS = 0.2
 RATE_SMOOTHING = 0.3  # weight of the newest batch in the measured seconds per unit
 
 
@@ -103,6 +111,11 @@ class CostModel:
     def seconds(self, entry: QueueEntry) -> float:
         return entry.work * self.rates.get(entry.input.model, self.initial)
 
+    def batch_seconds(self, batch: list[QueueEntry]) -> float:
+        model = batch[0].input.model
+        return self.rates.get(model, self.initial) * work(max(e.length for e in batch), batch[0].input.needs_maps,
+                                                         len(batch))
+
     def observe(self, batch: list[ModelInput], seconds: float) -> None:
         if not self.learn:
             return
@@ -112,9 +125,13 @@ class CostModel:
         self.rates[model] = rate if old is None else (1 - RATE_SMOOTHING) * old + RATE_SMOOTHING * rate
 
 
+def due(entry: QueueEntry, limits: BatchLimits, cost: CostModel) -> float:
+    return entry.enqueued_at + limits.aging * cost.seconds(entry)
+
+
 def next_anchor(pending: list[QueueEntry], limits: BatchLimits, cost: CostModel) -> QueueEntry:
     """The entry due first (the oldest among equals)."""
-    return min(pending, key=lambda entry: entry.enqueued_at + limits.aging * cost.seconds(entry))
+    return min(pending, key=lambda entry: due(entry, limits, cost))
 
 
 def take_batch(pending: list[QueueEntry], limits: BatchLimits, anchor: QueueEntry | None = None) -> list[QueueEntry]:
@@ -166,6 +183,10 @@ class WorkerSlot:
     name: str
     executor: ThreadPoolExecutor
     busy: bool = False
+    running_due: float = 0.0  # of the batch it runs
+    running_seconds: float = 0.0  # estimated, of the batch it runs
+    # Batches to run between the layers of the running one (put by the loop, taken by the worker thread).
+    interleaved: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     @property
     def device(self) -> str:
@@ -198,13 +219,15 @@ class Scheduler:
         self._wake = asyncio.Event()  # work arrived or a worker came free
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._loop_ref: asyncio.AbstractEventLoop | None = None
 
     @property
     def workers(self) -> list[ModelWorker]:
         return [slot.worker for slot in self.slots]
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="esm-scheduler")
+        self._loop_ref = asyncio.get_running_loop()
+        self._task = self._loop_ref.create_task(self._loop(), name="esm-scheduler")
 
     # ---- intake ------------------------------------------------------------------
     def _key(self, item: ModelInput) -> bytes:
@@ -248,21 +271,62 @@ class Scheduler:
     async def run_once(self, batch: list[QueueEntry], slot: WorkerSlot | None = None) -> None:
         """Run one batch on a worker thread and resolve its waiters."""
         slot = slot or self.slots[0]
-        loop = asyncio.get_running_loop()
+        loop = self._loop_ref = asyncio.get_running_loop()
         inputs = [entry.input for entry in batch]
         started = time.perf_counter()
         metrics.WORKER_BUSY.inc()
         try:
-            results = await loop.run_in_executor(slot.executor, slot.worker.run, inputs)
+            results = await loop.run_in_executor(
+                slot.executor, lambda: slot.worker.run(inputs, between_layers=lambda: self._interleave(slot)))
+            while not slot.interleaved.empty():  # put there after the batch's last layer
+                await loop.run_in_executor(slot.executor, self._interleave, slot)
         finally:
             metrics.WORKER_BUSY.dec()
-        seconds = time.perf_counter() - started
+        self._batch_done(batch, results, time.perf_counter() - started, slot)
+
+    def _batch_done(self, batch: list[QueueEntry], results, seconds: float, slot: WorkerSlot) -> None:
+        inputs = [entry.input for entry in batch]
         metrics.observe_batch(inputs, seconds)
         metrics.WORKER_BATCHES.labels(slot.name, slot.device).inc()
         metrics.WORKER_SECONDS.labels(slot.name, slot.device).inc(seconds)
         self.cost.observe(inputs, seconds)
         for entry, result in zip(batch, results):
             self._finish(entry, result)
+        self._wake.set()
+
+    def _interleave(self, slot: WorkerSlot) -> None:
+        """On the worker thread, between two layers of its batch: run what the loop put there."""
+        while True:
+            try:
+                batch = slot.interleaved.get_nowait()
+            except queue.Empty:
+                return
+            started = time.perf_counter()
+            try:
+                results = slot.worker.run([entry.input for entry in batch])
+            except BaseException:  # fail its items, then let the running batch see the error
+                self._loop_ref.call_soon_threadsafe(self._fail, batch)
+                raise
+            metrics.INTERLEAVED_BATCHES.inc()
+            self._loop_ref.call_soon_threadsafe(self._batch_done, batch, results, time.perf_counter() - started, slot)
+
+    def _fail(self, batch: list[QueueEntry]) -> None:
+        for entry in batch:
+            self._finish(entry, Internal("scheduler failure; see the server log"))
+
+    def _interleave_due_work(self) -> None:
+        """Every worker is busy: hand work that is due before a long running batch to that
+        batch's worker, to run between its layers."""
+        for slot in self.slots:
+            if not slot.busy or slot.running_seconds < INTERLEAVE_MIN_SECONDS:
+                continue
+            while self._pending:
+                anchor = next_anchor(self._pending, self.limits, self.cost)
+                if due(anchor, self.limits, self.cost) >= slot.running_due or \
+                        self.cost.seconds(anchor) >= slot.running_seconds:
+                    break
+                slot.interleaved.put(take_batch(self._pending, self.limits, anchor))
+            metrics.QUEUE_DEPTH.set(len(self._pending))
 
     def _finish(self, entry: QueueEntry, result: ItemResult | ServiceError) -> None:
         if entry.key is not None and self._inflight.get(entry.key) is entry:
@@ -292,8 +356,7 @@ class Scheduler:
             await self.run_once(batch, slot)
         except Exception:  # fail what it held; the worker and the loop keep serving
             log.exception("scheduler failure on worker %s", slot.name)
-            for entry in batch:
-                self._finish(entry, Internal("scheduler failure; see the server log"))
+            self._fail(batch)
         finally:
             slot.busy = False
             self._wake.set()
@@ -346,6 +409,8 @@ class Scheduler:
             batch: list[QueueEntry] = []
             try:
                 self._drop_dead()
+                if self._pending and self._idle_slot() is None:
+                    self._interleave_due_work()
                 if not self._pending or self._idle_slot() is None:
                     if self._closing and not self._pending:
                         return
@@ -360,6 +425,8 @@ class Scheduler:
                 batch = take_batch(self._pending, self.limits, next_anchor(self._pending, self.limits, self.cost))
                 metrics.QUEUE_DEPTH.set(len(self._pending))
                 slot.busy = True
+                slot.running_due = min(due(entry, self.limits, self.cost) for entry in batch)
+                slot.running_seconds = self.cost.batch_seconds(batch)
                 task = asyncio.get_running_loop().create_task(self._dispatch(batch, slot))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)

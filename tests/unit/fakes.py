@@ -39,19 +39,22 @@ class FakeWorker:
     is queued while the worker is busy. `fail` maps a length to the error its item gets."""
 
     def __init__(self, gate: threading.Event | None = None, fail: dict[int, ServiceError] | None = None,
-                 on_run=None):
+                 on_run=None, layers: int = 1):
+        self.layers = layers  # between_layers is called layers - 1 times per batch, as the model does
         self.batches: list[list[ModelInput]] = []
         self.on_run = on_run  # called with each batch before it is answered (e.g. to advance a fake clock)
         self.gate = gate
         self.fail = fail or {}
         self.started = threading.Event()
 
-    def run(self, batch: list[ModelInput]) -> list[ItemResult | ServiceError]:
+    def run(self, batch: list[ModelInput], between_layers=None) -> list[ItemResult | ServiceError]:
         self.batches.append(batch)
         if self.on_run is not None:
             self.on_run(batch)
         self.started.set()
         if self.gate is not None:
             self.gate.wait(30)  # bounded: a test that forgets to release fails, not hangs
+        for _ in range(self.layers - 1 if between_layers is not None else 0):
+            between_layers()
         return [self.fail.get(item.length) or ItemResult(mean={1: np.full(1, item.length, np.float32)})
                 for item in batch]

@@ -152,7 +152,7 @@ def test_each_batch_goes_to_whichever_worker_is_free():
     async def test(scheduler):
         a = scheduler.submit([model_input(10)])
         await _busy(first)
-        b = scheduler.submit([model_input(500)])
+        b = scheduler.submit([model_input(100)])  # short: nothing is interleaved into it
         await _busy(second)  # the first is busy, so the second takes it
         c = scheduler.submit([model_input(20)])
         first.gate.set()  # the first comes free and takes the queued one
@@ -161,9 +161,9 @@ def test_each_batch_goes_to_whichever_worker_is_free():
         results += await asyncio.gather(*b)
         return [float(r.mean[1][0]) for r in results]
 
-    assert _run(test, [first, second]) == [10, 20, 500]
+    assert _run(test, [first, second]) == [10, 20, 100]
     assert _lengths(first) == [[10], [20]]
-    assert _lengths(second) == [[500]]
+    assert _lengths(second) == [[100]]
 
 
 def test_an_item_failure_on_one_worker_fails_only_that_item():
@@ -308,3 +308,45 @@ def test_results_are_cached_per_model_scope():
 
     asyncio.run(main())
     assert [[(i.model, i.length) for i in b] for b in worker.batches] == [[("a", 40)], [("b", 40)]]
+
+
+# ---- work due first runs between the layers of a long batch ---------------------------------
+def test_a_small_request_runs_between_the_layers_of_a_long_batch_on_the_same_worker():
+    clock = FakeClock()
+    worker = FakeWorker(gate=threading.Event(), layers=6)
+    finished: list[int] = []
+
+    async def test(scheduler):
+        (huge,) = scheduler.submit([model_input(2050)])
+        huge.add_done_callback(lambda f: finished.append(2050))
+        await _busy(worker)  # holds the huge batch before its first layer
+        clock.now += 0.5
+        (small,) = scheduler.submit([model_input(50)])
+        small.add_done_callback(lambda f: finished.append(50))
+        await asyncio.sleep(0)  # the loop hands the small one to the busy worker
+        worker.gate.set()
+        await asyncio.gather(huge, small)
+
+    _run(test, worker, clock)
+    assert _lengths(worker) == [[2050], [50]]  # the small one ran inside the huge one's run
+    assert finished == [50, 2050]
+
+
+def test_work_due_after_a_long_batch_waits_for_it():
+    clock = FakeClock()
+    worker = FakeWorker(gate=threading.Event(), layers=6)
+    finished: list[int] = []
+
+    async def test(scheduler):
+        (huge,) = scheduler.submit([model_input(2050)])
+        huge.add_done_callback(lambda f: finished.append(2050))
+        await _busy(worker)
+        clock.now += 30.0  # past the huge one's due time (4 x 6.2 s): the small one is due after it
+        (small,) = scheduler.submit([model_input(50)])
+        small.add_done_callback(lambda f: finished.append(50))
+        await asyncio.sleep(0)
+        worker.gate.set()
+        await asyncio.gather(huge, small)
+
+    _run(test, worker, clock)
+    assert finished == [2050, 50]
