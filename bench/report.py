@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench import scheduling
 from bench.cases import (
     BASELINE_CONTACTS,
     BASELINE_MEAN,
@@ -208,6 +209,7 @@ def markdown(run: dict, measurements: list[Measurement]) -> str:
                          f"| {_fmt(r['server_startup_s'])} | {_fmt(r['ratio_with_startup'])} |")
         lines += ["", "Commands: " + "; ".join(f"`{r['esm_extract_command']}` vs `{r['esm2_embed_command']}`"
                                                for r in peers[:1]) + "."]
+    lines += scheduling.markdown(measurements)
     checks = run.get("targets", [])
     if checks:
         lines += ["", "Targets checked in this run:", "", "| model | target | measured | target | met |", "|---|---|---|---|---|"]

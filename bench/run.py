@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from bench import cases, machine, report
+from bench import cases, machine, report, scheduling
 from bench.clients import drive, encode_requests
 from bench.workload import Workload, mixed_workload, write_fasta
 from service.checkpoints import load
@@ -22,7 +22,7 @@ from service.random_checkpoints import SHAPES, write_random_checkpoint
 log = logging.getLogger("bench")
 HERE = Path(__file__).resolve().parent
 # --cases: groups of the per-model cases, plus the --mfu-models and --rss-models runs.
-CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "mfu", "rss")
+CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "mfu", "rss", "hol", "cache")
 SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer"}  # the ones that need a server
 
 
@@ -51,6 +51,8 @@ def parse_args(argv):
     p.add_argument("--clients", default="1,8,32")
     p.add_argument("--items", default="8,1")
     p.add_argument("--latency-requests", type=int, default=100)
+    p.add_argument("--hol-length", type=int, default=2048,
+                   help="hol case: residues of each of the huge request's 3 items (every output)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: baseline, in-process forward and servers")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="the service's autocast precision (the stock baseline stays fp32)")
@@ -67,6 +69,7 @@ def parse_args(argv):
         args.contacts_memory, args.contacts_shape = True, "tiny"
         args.contacts_compare_length, args.contacts_serve_length = 100, 300
         args.sequences, args.repeats, args.latency_requests = 6, 1, 20
+        args.hol_length = 300
     return args
 
 
@@ -141,7 +144,12 @@ def run_model(shape, args, workload, contacts_workload, full: bool) -> list[case
             m.server_rss()
     finally:
         m.close()
-    return list(m.results.values())
+    extra = []
+    if full and "hol" in groups:
+        extra.append(scheduling.head_of_line(name, checkpoint, args.device, m.server_args, args.hol_length))
+    if full and "cache" in groups:
+        extra.append(scheduling.repeats(name, checkpoint, args.device, workload, m.server_args))
+    return list(m.results.values()) + extra
 
 
 def int_list(text: str) -> list[int]:

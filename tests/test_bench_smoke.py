@@ -61,6 +61,12 @@ def test_quick_bench_writes_a_complete_report(tmp_path):
 
     assert {t["target"] for t in run["targets"]} >= {"gRPC 8x8 mean, default settings / baseline",
                                                       "gRPC 32 clients x 1 item / 8x8"}
+    hol = by_case["head-of-line: small request latency beside a huge one"]["extra"]
+    for policy in ("default", "first come, first served (before)"):
+        assert hol[policy]["beside_huge"]["n"] >= 1 and hol[policy]["alone"]["p99_ms"] > 0
+    repeats = by_case["repeats: result cache"]["extra"]
+    assert repeats["cache"]["hits"] > 0 and repeats["latency"]["miss_over_hit_p50"] > 0
+    assert "Head-of-line blocking" in markdown_file.read_text() and "Repeats: the result cache" in markdown_file.read_text()
     skipped = [m for m in run["measurements"] if m["skipped"]]
     assert all(m["skipped"] for m in skipped)  # each slot says why it did not run
     report = markdown_file.read_text()
