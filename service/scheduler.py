@@ -187,6 +187,7 @@ class WorkerSlot:
     running_seconds: float = 0.0  # estimated, of the batch it runs
     # Batches to run between the layers of the running one (put by the loop, taken by the worker thread).
     interleaved: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    interleaved_seconds: float = 0.0  # of the running batch's time, spent on interleaved ones
 
     @property
     def device(self) -> str:
@@ -274,6 +275,7 @@ class Scheduler:
         loop = self._loop_ref = asyncio.get_running_loop()
         inputs = [entry.input for entry in batch]
         started = time.perf_counter()
+        slot.interleaved_seconds = 0.0
         metrics.WORKER_BUSY.inc()
         try:
             results = await loop.run_in_executor(
@@ -282,7 +284,7 @@ class Scheduler:
                 await loop.run_in_executor(slot.executor, self._interleave, slot)
         finally:
             metrics.WORKER_BUSY.dec()
-        self._batch_done(batch, results, time.perf_counter() - started, slot)
+        self._batch_done(batch, results, time.perf_counter() - started - slot.interleaved_seconds, slot)
 
     def _batch_done(self, batch: list[QueueEntry], results, seconds: float, slot: WorkerSlot) -> None:
         inputs = [entry.input for entry in batch]
@@ -307,8 +309,10 @@ class Scheduler:
             except BaseException:  # fail its items, then let the running batch see the error
                 self._loop_ref.call_soon_threadsafe(self._fail, batch)
                 raise
+            seconds = time.perf_counter() - started
+            slot.interleaved_seconds += seconds  # read by the loop once the running batch is done
             metrics.INTERLEAVED_BATCHES.inc()
-            self._loop_ref.call_soon_threadsafe(self._batch_done, batch, results, time.perf_counter() - started, slot)
+            self._loop_ref.call_soon_threadsafe(self._batch_done, batch, results, seconds, slot)
 
     def _fail(self, batch: list[QueueEntry]) -> None:
         for entry in batch:

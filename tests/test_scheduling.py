@@ -127,7 +127,7 @@ def test_identical_items_in_flight_are_computed_once_even_when_a_caller_cancels(
     wait_for(lambda: server.metric("esm_worker_busy") == 2)
     items = server.metric("esm_items_total", 'model="esm2-8m"')
     merged = server.metric("esm_cache_merged_total")
-    sequence = _random(300)
+    sequence = _random(1500)  # as long as the blockers: nothing runs between their layers, it waits
     request = encode_request("esm2-8m", [sequence, sequence], ["mean", "logits"], [-1])
     calls = [stub.Encode.future(request) for _ in range(4)]
     wait_for(lambda: server.metric("esm_cache_merged_total") - merged == 7)  # 8 callers, 1 computation
