@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from esm2_wire.proto import pb, pb_grpc
 from harness import server_process
 from harness.server_process import REPO, free_port
 
-__all__ = ["REPO", "ServerProcess", "encode_request", "free_port"]
+__all__ = ["REPO", "ServerProcess", "encode_request", "free_port", "wait_for"]
 
 
 class ServerProcess(server_process.ServerProcess):
@@ -37,3 +39,13 @@ def encode_request(model: str, sequences, include=(), repr_layers=()) -> pb.Enco
         params=pb.EncodeParams(include=list(include), repr_layers=list(repr_layers)),
         items=[pb.SequenceItem(sequence=s) for s in sequences],
     )
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    """Poll `condition` until true; fail after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")

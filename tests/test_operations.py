@@ -1,7 +1,6 @@
 """Running the service: health, reflection, model info, overload, deadlines, OOM, shutdown."""
 
 import signal
-import time
 
 import grpc
 import numpy as np
@@ -10,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from reference import assert_close, matrix, reference
 
-from support import ServerProcess, encode_request
+from support import ServerProcess, encode_request, wait_for
 from esm2_wire.proto import pb
 
 rng = np.random.default_rng(11)
@@ -55,15 +54,6 @@ def busy_server(tmp_path_factory, checkpoint_dir):
                          "--max-batch-token-pairs", str(16384 * 2048)).wait_ready()
     yield proc
     proc.stop()
-
-
-def wait_for(condition, timeout=30):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
 
 
 def test_queue_full_and_deadlines_drop_work_before_the_model(busy_server):

@@ -9,7 +9,7 @@ import pytest
 from reference import assert_close, matrix, reference
 
 from esm2_wire.proto import pb
-from support import ServerProcess, encode_request
+from support import ServerProcess, encode_request, wait_for
 
 ALPHABET = list("ACDEFGHIKLMNPQRSTVWY")
 rng = np.random.default_rng(23)
@@ -17,17 +17,6 @@ rng = np.random.default_rng(23)
 
 def _random(length: int) -> str:
     return "".join(rng.choice(ALPHABET, length))
-
-
-def wait_for(condition, timeout=60):
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ Like vLLM's tests/v1/core/utils.py: the real scheduler runs in-process, fed by t
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import numpy as np
@@ -14,7 +15,7 @@ from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from service.errors import ServiceError
 from service.model_worker import ModelInput
-from service.scheduler import QueueEntry
+from service.scheduler import BatchLimits, QueueEntry, Scheduler
 
 
 def model_input(length: int, model: str = "m", maps: bool = False, token: int = 0) -> ModelInput:
@@ -58,3 +59,28 @@ class FakeWorker:
             between_layers()
         return [self.fail.get(item.length) or ItemResult(mean={1: np.full(1, item.length, np.float32)})
                 for item in batch]
+
+
+def run_scheduler(test, workers, scheduler_args: dict | None = None, **limits):
+    """Run `test(scheduler)` on a fresh loop with a started Scheduler over `workers` (one
+    FakeWorker or a list), batches formed at once (max_wait 0); then release every gate
+    and close it."""
+    workers = workers if isinstance(workers, list) else [workers]
+
+    async def main():
+        scheduler = Scheduler(workers, BatchLimits(max_wait_s=0.0, **limits), **(scheduler_args or {}))
+        scheduler.start()
+        try:
+            return await test(scheduler)
+        finally:
+            for worker in workers:
+                if worker.gate is not None:
+                    worker.gate.set()
+            await asyncio.wait_for(scheduler.close(), 30)
+
+    return asyncio.run(main())
+
+
+async def busy(worker: FakeWorker) -> None:
+    """Until the worker holds a batch (it stays there while its gate is closed)."""
+    assert await asyncio.to_thread(worker.started.wait, 30)

@@ -12,31 +12,10 @@ import threading
 import time
 
 import pytest
-from fakes import FakeWorker, model_input
+from fakes import FakeWorker, busy, model_input, run_scheduler
 
 from service.errors import DeadlineExceeded, OutOfMemory, QueueFull
 from service.scheduler import BatchLimits, Scheduler
-
-
-def _run(test, worker: FakeWorker, **limits):
-    """Run `test(scheduler)` on a fresh loop with a started scheduler, then close it."""
-
-    async def main():
-        scheduler = Scheduler(worker, BatchLimits(max_wait_s=0.0, **limits))
-        scheduler.start()
-        try:
-            return await test(scheduler)
-        finally:
-            if worker.gate is not None:
-                worker.gate.set()
-            await asyncio.wait_for(scheduler.close(), 30)
-
-    return asyncio.run(main())
-
-
-async def _busy(worker: FakeWorker) -> None:
-    """Until the worker holds a batch (it stays there while its gate is closed)."""
-    assert await asyncio.to_thread(worker.started.wait, 30)
 
 
 def test_one_request_runs_as_one_batch_and_each_item_gets_its_own_result():
@@ -46,7 +25,7 @@ def test_one_request_runs_as_one_batch_and_each_item_gets_its_own_result():
         futures = scheduler.submit([model_input(n) for n in (30, 31, 32)])
         return [float(r.mean[1][0]) for r in await asyncio.gather(*futures)]
 
-    assert _run(test, worker) == [30, 31, 32]
+    assert run_scheduler(test, worker) == [30, 31, 32]
     assert [[i.length for i in batch] for batch in worker.batches] == [[30, 31, 32]]
 
 
@@ -55,13 +34,13 @@ def test_work_queued_while_the_worker_is_busy_is_batched_across_requests():
 
     async def test(scheduler):
         first = scheduler.submit([model_input(10)])
-        await _busy(worker)
+        await busy(worker)
         later = [scheduler.submit([model_input(n)])[0] for n in (20, 21, 22)]
         other_mode = scheduler.submit([model_input(21, maps=True)])
         worker.gate.set()
         await asyncio.gather(*first, *later, *other_mode)
 
-    _run(test, worker)
+    run_scheduler(test, worker)
     assert [[(i.length, i.needs_maps) for i in b] for b in worker.batches] == [
         [(10, False)], [(20, False), (21, False), (22, False)], [(21, True)]]
 
@@ -71,7 +50,7 @@ def test_an_item_whose_deadline_passed_in_the_queue_fails_without_running():
 
     async def test(scheduler):
         running = scheduler.submit([model_input(10)])
-        await _busy(worker)
+        await busy(worker)
         late = scheduler.submit([model_input(40)], deadline=time.monotonic())
         on_time = scheduler.submit([model_input(41)], deadline=time.monotonic() + 60)
         worker.gate.set()
@@ -79,7 +58,7 @@ def test_an_item_whose_deadline_passed_in_the_queue_fails_without_running():
         with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):
             await late[0]
 
-    _run(test, worker)
+    run_scheduler(test, worker)
     assert 40 not in [i.length for batch in worker.batches for i in batch]
 
 
@@ -88,14 +67,14 @@ def test_a_cancelled_item_is_dropped_from_the_queue_and_never_run():
 
     async def test(scheduler):
         running = scheduler.submit([model_input(10)])
-        await _busy(worker)
+        await busy(worker)
         (cancelled,) = scheduler.submit([model_input(50)])
         (kept,) = scheduler.submit([model_input(51)])
         cancelled.cancel()
         worker.gate.set()
         await asyncio.gather(*running, kept)
 
-    _run(test, worker)
+    run_scheduler(test, worker)
     assert [[i.length for i in b] for b in worker.batches] == [[10], [51]]
 
 
@@ -104,7 +83,7 @@ def test_a_full_queue_refuses_the_whole_request_and_asks_for_a_retry():
 
     async def test(scheduler):
         running = scheduler.submit([model_input(10)])
-        await _busy(worker)  # the running batch no longer counts against the queue
+        await busy(worker)  # the running batch no longer counts against the queue
         queued = scheduler.submit([model_input(20), model_input(21)])
         with pytest.raises(QueueFull, match=r"2 items queued \(limit 3\)") as refused:
             scheduler.submit([model_input(30), model_input(31)])  # all or none
@@ -112,7 +91,7 @@ def test_a_full_queue_refuses_the_whole_request_and_asks_for_a_retry():
         worker.gate.set()
         await asyncio.gather(*running, *queued)
 
-    _run(test, worker, max_queue_items=3)
+    run_scheduler(test, worker, max_queue_items=3)
     assert [[i.length for i in b] for b in worker.batches] == [[10], [20, 21]]
 
 
@@ -125,7 +104,7 @@ def test_an_item_failure_reaches_only_that_item():
         with pytest.raises(OutOfMemory, match="does not fit"):
             await failed
 
-    _run(test, worker)
+    run_scheduler(test, worker)
     assert len(worker.batches) == 1
 
 
@@ -134,10 +113,10 @@ def test_close_finishes_everything_already_queued():
 
     async def test(scheduler):
         futures = scheduler.submit([model_input(10)])
-        await _busy(worker)
+        await busy(worker)
         futures += scheduler.submit([model_input(n) for n in (20, 500)])
         worker.gate.set()
         await asyncio.wait_for(scheduler.close(), 30)
         return [f.done() and not f.cancelled() and f.exception() is None for f in futures]
 
-    assert _run(test, worker) == [True, True, True]
+    assert run_scheduler(test, worker) == [True, True, True]

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 import pytest
-from fakes import FakeWorker, entries, entry, model_input
+from fakes import FakeWorker, busy, entries, entry, model_input, run_scheduler
 from prometheus_client import REGISTRY
 
 from service.result_cache import ResultCache
@@ -34,23 +34,8 @@ class FakeClock:
 
 
 def _run(test, workers, clock=None, cache=None, **limits):
-    async def main():
-        scheduler = Scheduler(workers, BatchLimits(max_wait_s=0.0, **limits), cache=cache,
-                              cost=CostModel(learn=False, seconds_per_work=RATE), clock=clock or FakeClock())
-        scheduler.start()
-        try:
-            return await test(scheduler)
-        finally:
-            for worker in workers if isinstance(workers, list) else [workers]:
-                if worker.gate is not None:
-                    worker.gate.set()
-            await asyncio.wait_for(scheduler.close(), 30)
-
-    return asyncio.run(main())
-
-
-async def _busy(worker: FakeWorker) -> None:
-    assert await asyncio.to_thread(worker.started.wait, 30)
+    cost = CostModel(learn=False, seconds_per_work=RATE)
+    return run_scheduler(test, workers, {"cache": cache, "cost": cost, "clock": clock or FakeClock()}, **limits)
 
 
 def _lengths(worker: FakeWorker) -> list[list[int]]:
@@ -91,7 +76,7 @@ def test_a_small_request_overtakes_a_huge_one_queued_before_it():
 
     async def test(scheduler):
         blocker = scheduler.submit([model_input(10)])
-        await _busy(worker)
+        await busy(worker)
         huge = scheduler.submit([model_input(2050, token=n) for n in (1, 2, 3)])
         clock.now += 0.5
         small = scheduler.submit([model_input(50)])
@@ -151,9 +136,9 @@ def test_each_batch_goes_to_whichever_worker_is_free():
 
     async def test(scheduler):
         a = scheduler.submit([model_input(10)])
-        await _busy(first)
+        await busy(first)
         b = scheduler.submit([model_input(100)])  # short: nothing is interleaved into it
-        await _busy(second)  # the first is busy, so the second takes it
+        await busy(second)  # the first is busy, so the second takes it
         c = scheduler.submit([model_input(20)])
         first.gate.set()  # the first comes free and takes the queued one
         results = await asyncio.gather(*a, *c)
@@ -174,7 +159,7 @@ def test_an_item_failure_on_one_worker_fails_only_that_item():
 
     async def test(scheduler):
         failing = scheduler.submit([model_input(12)])
-        await _busy(first)
+        await busy(first)
         ok = scheduler.submit([model_input(13)])
         assert float((await ok[0]).mean[1][0]) == 13  # the second worker serves while the first is held
         first.gate.set()
@@ -191,7 +176,7 @@ def test_identical_items_queued_together_are_computed_once():
 
     async def test(scheduler):
         blocker = scheduler.submit([model_input(10)])
-        await _busy(worker)
+        await busy(worker)
         one = scheduler.submit([model_input(40), model_input(40), model_input(41)])
         two = scheduler.submit([model_input(40)])
         worker.gate.set()
@@ -208,7 +193,7 @@ def test_a_cancelled_caller_does_not_cancel_the_shared_computation():
 
     async def test(scheduler):
         blocker = scheduler.submit([model_input(10)])
-        await _busy(worker)
+        await busy(worker)
         (queued_a,) = scheduler.submit([model_input(40)])
         (queued_b,) = scheduler.submit([model_input(40)])
         queued_a.cancel()  # while queued
@@ -219,7 +204,7 @@ def test_a_cancelled_caller_does_not_cancel_the_shared_computation():
         worker.gate.clear()
         worker.started.clear()
         (running_a,) = scheduler.submit([model_input(60)])
-        await _busy(worker)
+        await busy(worker)
         (running_b,) = scheduler.submit([model_input(60)])  # joins the running computation
         running_a.cancel()
         worker.gate.set()
@@ -237,7 +222,7 @@ def test_a_deadline_fails_only_its_own_caller_of_a_shared_item():
 
     async def test(scheduler):
         blocker = scheduler.submit([model_input(10)])
-        await _busy(worker)
+        await busy(worker)
         (short,) = scheduler.submit([model_input(40)], deadline=1.0)
         (patient,) = scheduler.submit([model_input(40)], deadline=100.0)
         clock.now = 2.0
@@ -258,7 +243,7 @@ def test_the_queue_bound_counts_new_work_only():
 
     async def test(scheduler):
         blocker = scheduler.submit([model_input(10)])
-        await _busy(worker)
+        await busy(worker)
         dup = scheduler.submit([model_input(40)] * 3)  # one new item
         more = scheduler.submit([model_input(40), model_input(41)])  # one new item
         with pytest.raises(QueueFull):
@@ -311,7 +296,11 @@ def test_results_are_cached_per_model_scope():
 
 
 # ---- work due first runs between the layers of a long batch ---------------------------------
-def test_a_small_request_runs_between_the_layers_of_a_long_batch_on_the_same_worker():
+@pytest.mark.parametrize("small_arrives_at, order", [
+    (0.5, [50, 2050]),  # due before the huge one: it runs between the huge one's layers
+    (30.0, [2050, 50]),  # past the huge one's due time (4 x 6.2 s): it waits for the end
+])
+def test_work_due_before_a_long_batch_runs_between_its_layers_on_the_same_worker(small_arrives_at, order):
     clock = FakeClock()
     worker = FakeWorker(gate=threading.Event(), layers=6)
     finished: list[int] = []
@@ -319,34 +308,14 @@ def test_a_small_request_runs_between_the_layers_of_a_long_batch_on_the_same_wor
     async def test(scheduler):
         (huge,) = scheduler.submit([model_input(2050)])
         huge.add_done_callback(lambda f: finished.append(2050))
-        await _busy(worker)  # holds the huge batch before its first layer
-        clock.now += 0.5
+        await busy(worker)  # holds the huge batch before its first layer
+        clock.now += small_arrives_at
         (small,) = scheduler.submit([model_input(50)])
         small.add_done_callback(lambda f: finished.append(50))
-        await asyncio.sleep(0)  # the loop hands the small one to the busy worker
+        await asyncio.sleep(0)  # the loop hands the small one to the busy worker, or keeps it queued
         worker.gate.set()
         await asyncio.gather(huge, small)
 
     _run(test, worker, clock)
-    assert _lengths(worker) == [[2050], [50]]  # the small one ran inside the huge one's run
-    assert finished == [50, 2050]
-
-
-def test_work_due_after_a_long_batch_waits_for_it():
-    clock = FakeClock()
-    worker = FakeWorker(gate=threading.Event(), layers=6)
-    finished: list[int] = []
-
-    async def test(scheduler):
-        (huge,) = scheduler.submit([model_input(2050)])
-        huge.add_done_callback(lambda f: finished.append(2050))
-        await _busy(worker)
-        clock.now += 30.0  # past the huge one's due time (4 x 6.2 s): the small one is due after it
-        (small,) = scheduler.submit([model_input(50)])
-        small.add_done_callback(lambda f: finished.append(50))
-        await asyncio.sleep(0)
-        worker.gate.set()
-        await asyncio.gather(huge, small)
-
-    _run(test, worker, clock)
-    assert finished == [2050, 50]
+    assert finished == order
+    assert _lengths(worker) == [[2050], [50]]  # either way one worker, one batch each
