@@ -11,7 +11,7 @@ import subprocess
 import sys
 from support import REPO
 
-from bench import cases
+from bench import cases, scheduling
 
 
 def test_quick_bench_writes_a_complete_report(tmp_path):
@@ -61,10 +61,10 @@ def test_quick_bench_writes_a_complete_report(tmp_path):
 
     assert {t["target"] for t in run["targets"]} >= {"gRPC 8x8 mean, default settings / baseline",
                                                       "gRPC 32 clients x 1 item / 8x8"}
-    hol = by_case["head-of-line: small request latency beside a huge one"]["extra"]
+    hol = by_case[scheduling.HEAD_OF_LINE]["extra"]
     for policy in ("default", "first come, first served (before)"):
         assert hol[policy]["beside_huge"]["n"] >= 1 and hol[policy]["alone"]["p99_ms"] > 0
-    repeats = by_case["repeats: result cache"]["extra"]
+    repeats = by_case[scheduling.REPEATS]["extra"]
     assert repeats["cache"]["hits"] > 0 and repeats["latency"]["miss_over_hit_p50"] > 0
     assert "Head-of-line blocking" in markdown_file.read_text() and "Repeats: the result cache" in markdown_file.read_text()
     skipped = [m for m in run["measurements"] if m["skipped"]]
