@@ -132,8 +132,9 @@ def run_model(shape, args, workload, contacts_workload, full: bool) -> list[case
             m.server("fast")
         if full and "grpc" in groups:
             m.server("exact")
-        warm(m, workload)
         steps = full_cases(m, int_list(args.clients), int_list(args.items), groups) if full else mfu_cases(m)
+        if steps or m.servers:  # the scheduler cases warm their own servers
+            warm(m, workload)
         for repeat in range(args.repeats):
             log.info("%s: run %d of %d", name, repeat + 1, args.repeats)
             for step in steps:
@@ -145,10 +146,13 @@ def run_model(shape, args, workload, contacts_workload, full: bool) -> list[case
     finally:
         m.close()
     extra = []
+    small = args.quick  # fewer requests: the smoke run checks the cases work, not their figures
     if full and "hol" in groups:
-        extra.append(scheduling.head_of_line(name, checkpoint, args.device, m.server_args, args.hol_length))
+        extra.append(scheduling.head_of_line(name, checkpoint, args.device, m.server_args, args.hol_length,
+                                             alone_requests=8 if small else 30))
     if full and "cache" in groups:
-        extra.append(scheduling.repeats(name, checkpoint, args.device, workload, m.server_args))
+        extra.append(scheduling.repeats(name, checkpoint, args.device, workload, m.server_args,
+                                        probes=5 if small else 20, dms_variants=8 if small else 63))
     return list(m.results.values()) + extra
 
 

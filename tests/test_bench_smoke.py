@@ -12,18 +12,26 @@ import sys
 from support import REPO
 
 from bench import cases, scheduling
+from bench.run import CASE_GROUPS
+
+SCHEDULER_GROUPS = ("hol", "cache")  # smoke-tested apart, each test within its own time limit
 
 
-def test_quick_bench_writes_a_complete_report(tmp_path):
+def _quick_run(tmp_path, groups):
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out)],
+        [sys.executable, "-m", "bench.run", "--quick", "--cases", ",".join(groups),
+         "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     (result_file,) = out.glob("*.json")
     (markdown_file,) = out.glob("*.md")
-    run = json.loads(result_file.read_text())
+    return json.loads(result_file.read_text()), markdown_file
+
+
+def test_quick_bench_writes_a_complete_report(tmp_path):
+    run, markdown_file = _quick_run(tmp_path, [g for g in CASE_GROUPS if g not in SCHEDULER_GROUPS])
 
     assert run["machine"]["cpu_cores"] >= 1 and run["machine"]["torch"]
     assert run["matmul_flops_per_s"] > 0
@@ -61,14 +69,22 @@ def test_quick_bench_writes_a_complete_report(tmp_path):
 
     assert {t["target"] for t in run["targets"]} >= {"gRPC 8x8 mean, default settings / baseline",
                                                       "gRPC 32 clients x 1 item / 8x8"}
-    hol = by_case[scheduling.HEAD_OF_LINE]["extra"]
-    for policy in ("default", "first come, first served (before)"):
-        assert hol[policy]["beside_huge"]["n"] >= 1 and hol[policy]["alone"]["p99_ms"] > 0
-    repeats = by_case[scheduling.REPEATS]["extra"]
-    assert repeats["cache"]["hits"] > 0 and repeats["latency"]["miss_over_hit_p50"] > 0
-    assert "Head-of-line blocking" in markdown_file.read_text() and "Repeats: the result cache" in markdown_file.read_text()
     skipped = [m for m in run["measurements"] if m["skipped"]]
     assert all(m["skipped"] for m in skipped)  # each slot says why it did not run
     report = markdown_file.read_text()
     assert "| esm2-tiny | baseline: stock fair-esm, mean |" in report and "Targets checked" in report
     assert "esm-extract / esm2 embed" in report
+
+
+def test_quick_scheduler_cases_report_both_policies_and_the_cache(tmp_path):
+    run, markdown_file = _quick_run(tmp_path, SCHEDULER_GROUPS)
+    by_case = {m["case"]: m for m in run["measurements"] if m["model"] == "esm2-tiny"}
+    hol = by_case[scheduling.HEAD_OF_LINE]["extra"]
+    for policy in ("default", "first come, first served (before)"):
+        assert hol[policy]["beside_huge"]["n"] >= 1 and 0 < hol[policy]["alone"]["p50_ms"] <= hol[policy]["alone"]["p99_ms"]
+        assert hol[policy]["huge_request_s"] > 0
+    repeats = by_case[scheduling.REPEATS]["extra"]
+    assert repeats["cache"]["hits"] > 0 and repeats["cache"]["bytes"] > 0
+    assert repeats["latency"]["miss_over_hit_p50"] > 0 and repeats["fasta_twice_gain"] > 0
+    report = markdown_file.read_text()
+    assert "Head-of-line blocking" in report and "Repeats: the result cache" in report
