@@ -49,7 +49,8 @@ MAPS_FACTOR = 3.0
 INITIAL_SECONDS_PER_WORK = 2e-5  # until the first batch of a model is measured
 # A running batch estimated to take longer than this lets work that is due before it run
 # between its layers (on the same worker thread); shorter ones just finish first.
-INTERLEAVE_MIN_SECONDS = 0.2
+INTERLEAVE_MIN_SECONDS = 0.5
+INTERLEAVE_MAX_SHARE = 0.25  # ... and only batches estimated at most this share of it
 RATE_SMOOTHING = 0.3  # weight of the newest batch in the measured seconds per unit
 
 
@@ -74,6 +75,9 @@ class QueueEntry:
     waiters: list[Waiter] = field(default_factory=list)
     enqueued_at: float = 0.0
     key: bytes | None = None  # the result's cache key; equal keys are computed once
+    # Work of its request's items up to and including this one: the request's later items are
+    # due later, as they run one after another (0: this entry's own work).
+    request_work: float = 0.0
 
     @property
     def length(self) -> int:
@@ -88,6 +92,10 @@ class QueueEntry:
         """Entries batch together only with equal keys: one model, one attention mode."""
         return self.input.model, self.input.needs_maps
 
+    @property
+    def work_until_done(self) -> float:
+        return max(self.request_work, self.work)
+
 
 @dataclass(frozen=True)
 class BatchLimits:
@@ -101,32 +109,35 @@ class BatchLimits:
 
 
 class CostModel:
-    """Seconds of model work an entry is expected to take, per model, measured from batches run."""
+    """Seconds of model work expected, per model and attention mode, measured from batches run."""
 
     def __init__(self, learn: bool = True, seconds_per_work: float = INITIAL_SECONDS_PER_WORK):
         self.learn = learn
         self.initial = seconds_per_work
-        self.rates: dict[str, float] = {}  # model -> seconds per work unit
+        self.rates: dict[tuple[str, bool], float] = {}  # batch key -> seconds per work unit
+
+    def rate(self, model: str, needs_maps: bool) -> float:
+        return self.rates.get((model, needs_maps), self.initial)
 
     def seconds(self, entry: QueueEntry) -> float:
-        return entry.work * self.rates.get(entry.input.model, self.initial)
+        return entry.work * self.rate(*entry.batch_key)
 
     def batch_seconds(self, batch: list[QueueEntry]) -> float:
-        model = batch[0].input.model
-        return self.rates.get(model, self.initial) * work(max(e.length for e in batch), batch[0].input.needs_maps,
-                                                         len(batch))
+        return self.rate(*batch[0].batch_key) * work(max(e.length for e in batch), batch[0].input.needs_maps,
+                                                     len(batch))
 
     def observe(self, batch: list[ModelInput], seconds: float) -> None:
         if not self.learn:
             return
-        model = batch[0].model
+        key = batch[0].model, batch[0].needs_maps
         rate = seconds / work(max(item.length for item in batch), batch[0].needs_maps, len(batch))
-        old = self.rates.get(model)
-        self.rates[model] = rate if old is None else (1 - RATE_SMOOTHING) * old + RATE_SMOOTHING * rate
+        old = self.rates.get(key)
+        self.rates[key] = rate if old is None else (1 - RATE_SMOOTHING) * old + RATE_SMOOTHING * rate
 
 
 def due(entry: QueueEntry, limits: BatchLimits, cost: CostModel) -> float:
-    return entry.enqueued_at + limits.aging * cost.seconds(entry)
+    """Arrival + aging x the estimated run time of its request's work up to this entry."""
+    return entry.enqueued_at + limits.aging * entry.work_until_done * cost.rate(*entry.batch_key)
 
 
 def next_anchor(pending: list[QueueEntry], limits: BatchLimits, cost: CostModel) -> QueueEntry:
@@ -250,6 +261,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         now = self.clock()
         futures = []
+        request_work = 0.0
         for item, key in zip(inputs, keys):
             future = loop.create_future()
             futures.append(future)
@@ -262,6 +274,8 @@ class Scheduler:
                 metrics.CACHE_MERGED.inc()
             else:
                 entry = self._inflight[key] = QueueEntry(item, enqueued_at=now, key=key)
+                request_work += entry.work
+                entry.request_work = request_work
                 self._pending.append(entry)
             entry.waiters.append(Waiter(future, deadline))
         metrics.QUEUE_DEPTH.set(len(self._pending))
@@ -327,7 +341,7 @@ class Scheduler:
             while self._pending:
                 anchor = next_anchor(self._pending, self.limits, self.cost)
                 if due(anchor, self.limits, self.cost) >= slot.running_due or \
-                        self.cost.seconds(anchor) >= slot.running_seconds:
+                        self.cost.seconds(anchor) > INTERLEAVE_MAX_SHARE * slot.running_seconds:
                     break
                 slot.interleaved.put(take_batch(self._pending, self.limits, anchor))
             metrics.QUEUE_DEPTH.set(len(self._pending))

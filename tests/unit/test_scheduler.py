@@ -41,8 +41,10 @@ def test_work_queued_while_the_worker_is_busy_is_batched_across_requests():
         await asyncio.gather(*first, *later, *other_mode)
 
     run_scheduler(test, worker)
-    assert [[(i.length, i.needs_maps) for i in b] for b in worker.batches] == [
-        [(10, False)], [(20, False), (21, False), (22, False)], [(21, True)]]
+    batches = [[(i.length, i.needs_maps) for i in b] for b in worker.batches]
+    assert batches[0] == [(10, False)]
+    # Which of the two goes first depends on their estimated run times (measured): either order.
+    assert sorted(batches[1:]) == [[(20, False), (21, False), (22, False)], [(21, True)]]
 
 
 def test_an_item_whose_deadline_passed_in_the_queue_fails_without_running():

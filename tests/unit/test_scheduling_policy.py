@@ -90,6 +90,23 @@ def test_a_small_request_overtakes_a_huge_one_queued_before_it():
     assert _lengths(worker) == [[10], [50], [2050], [2050], [2050]]
 
 
+def test_a_requests_later_items_are_due_later_as_they_run_one_after_another():
+    clock = FakeClock()
+    worker = FakeWorker(gate=threading.Event(), on_run=clock.run)
+
+    async def test(scheduler):
+        blocker = scheduler.submit([model_input(10)])
+        await busy(worker)
+        huge = scheduler.submit([model_input(2050, token=n) for n in (1, 2, 3)])  # due at 24.6, 49.2, 73.8 s
+        clock.now = 30.0
+        small = scheduler.submit([model_input(50)])  # due at 30.2 s
+        worker.gate.set()
+        await asyncio.gather(*blocker, *huge, *small)
+
+    _run(test, worker, clock)
+    assert _lengths(worker) == [[10], [2050], [50], [2050], [2050]]
+
+
 def test_a_huge_item_is_never_starved_by_a_stream_of_small_ones():
     clock = FakeClock()
     worker = FakeWorker()
