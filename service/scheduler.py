@@ -7,7 +7,7 @@ of similar lengths, under a padded-token budget, a padded-token-pair budget (the
 attention's quadratic work, so that a full-length sequence runs alone) and a size cap.
 
 Which item anchors the next batch: the one due first, where an item is due at its
-arrival plus `aging` times its estimated run time. Short work overtakes long work that
+arrival plus `aging` times the estimated run time of its request's items up to it. Short work overtakes long work that
 arrived shortly before it, so a small request is not stuck behind a huge one for the
 huge one's whole run; long work is never starved, since everything that arrives after
 its due time is due after it.
