@@ -104,7 +104,9 @@ class BatchLimits:
     max_wait_s: float = 0.005  # how long an idle worker waits to fill a batch
     max_queue_items: int = 256
     min_padding_efficiency: float = 0.92  # real tokens / padded tokens a batch may not fall below
-    max_batch_token_pairs: int = 2048 * 2048  # batch size x longest item squared: the attention's work
+    # batch size x longest item squared (x MAPS_FACTOR when the batch makes attention maps): the
+    # attention's work; an item over it runs alone
+    max_batch_token_pairs: int = 2048 * 2048
     aging: float = 4.0  # an item is due at arrival + aging x its estimated run time
 
 
@@ -152,9 +154,11 @@ def take_batch(pending: list[QueueEntry], limits: BatchLimits, anchor: QueueEntr
     lo = hi = peers.index(anchor)
     width = real = anchor.length  # real: tokens that are not padding
 
+    pair_weight = MAPS_FACTOR if anchor.input.needs_maps else 1.0
+
     def fits(rows: int, row_width: int) -> bool:
         return (row_width * rows <= limits.max_batch_tokens
-                and row_width * row_width * rows <= limits.max_batch_token_pairs)
+                and row_width * row_width * rows * pair_weight <= limits.max_batch_token_pairs)
 
     while hi - lo + 1 < limits.max_batch_size:
         count = hi - lo + 2
@@ -404,7 +408,8 @@ class Scheduler:
         same = [it for it in self._pending if it.batch_key == anchor.batch_key]
         width = max(it.length for it in same)
         return (len(same) >= self.limits.max_batch_size or width * len(same) >= self.limits.max_batch_tokens
-                or width * width * len(same) >= self.limits.max_batch_token_pairs)
+                or width * width * len(same) * (MAPS_FACTOR if anchor.input.needs_maps else 1)
+                >= self.limits.max_batch_token_pairs)
 
     async def _fill_window(self) -> None:
         """Give concurrent callers a moment to join before an idle worker starts."""

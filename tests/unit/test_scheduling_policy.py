@@ -64,6 +64,10 @@ def test_a_full_length_item_runs_alone_under_the_token_pair_budget():
     assert _lengths_of(take_batch(pending, limits)) == [2050]  # 3 x 2050 tokens would fit the token budget
     pending = entries([1024] * 5)
     assert _lengths_of(take_batch(pending, limits)) == [1024] * 4  # 4 x 1024^2 = 2048^2
+    pending = entries([1024] * 2, maps=True)  # attention maps weigh 3x: one 1024-token item alone
+    assert _lengths_of(take_batch(pending, limits)) == [1024]
+    pending = entries([512] * 6, maps=True)
+    assert _lengths_of(take_batch(pending, limits)) == [512] * 5  # 5 x 512^2 x 3 <= 2048^2 < 6 x ...
 
 
 def _lengths_of(batch) -> list[int]:
