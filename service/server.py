@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -70,7 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-json-response-mb", type=int,
                    default=int(_env("max_json_response_mb", json_limits.DEFAULT_MAX_JSON_RESPONSE_MB)),
                    help="largest JSON gateway response; bigger ones get INVALID_ARGUMENT (HTTP 400) naming EncodeStream")
-    p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)))
+    p.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 0)),
+                   help="after SIGTERM: report NOT_SERVING at once but keep serving this long, so that load "
+                        "balancers move traffic away first (a fleet behind Envoy: 5; Kubernetes: see the README)")
+    p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)),
+                   help="then: stop accepting and give in-flight requests this long to finish")
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once ready")
     p.add_argument("--simulate-oom-above-tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -163,8 +168,16 @@ async def serve(args) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
+    # Health checks see NOT_SERVING at once (every name), while requests are still served for the
+    # drain window: balancers stop sending before the server stops accepting. A second signal
+    # ends the window early.
     await health_servicer.enter_graceful_shutdown()
+    if args.drain_seconds > 0:
+        log.info("draining: NOT_SERVING, still serving for %.1fs", args.drain_seconds)
+        stop.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.drain_seconds)
+    log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
     await server.stop(args.grace_seconds)
     await scheduler.close()
     log.info("stopped")

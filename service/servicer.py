@@ -124,9 +124,10 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             _release(futures)
 
     @contextlib.asynccontextmanager
-    async def _rpc(self, method: str, context):
-        """Map failures to gRPC statuses, and count every RPC."""
+    async def _rpc(self, method: str, context, model: str):
+        """Map failures to gRPC statuses, count every RPC, time those of served models."""
         code, message = grpc.StatusCode.OK, ""
+        started = time.monotonic()
         try:
             yield
         except InvalidRequest as exc:
@@ -147,12 +148,14 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             log.exception("%s failed", method)
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
         metrics.REQUESTS.labels(method, code.name).inc()
+        if model in self.models:  # a label per served model only: callers cannot grow the label set
+            metrics.REQUEST_SECONDS.labels(model, method).observe(time.monotonic() - started)
         if code is not grpc.StatusCode.OK:
             await context.abort(code, message)
 
     # ---- unary ---------------------------------------------------------------
     async def Encode(self, request, context):
-        async with self._rpc("Encode", context):
+        async with self._rpc("Encode", context, request.model):
             job = self._encode_job(request.model, request.params, request.items)
             results = await self._results(job, context)
             vocab = self._vocab[job.model.name]
@@ -163,7 +166,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             )
 
     async def Predict(self, request, context):
-        async with self._rpc("Predict", context):
+        async with self._rpc("Predict", context, request.model):
             job = self._predict_job(request.model, request.items)
             results = await self._results(job, context)
             vocab = self._vocab[job.model.name]
@@ -188,7 +191,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         return httpbody_pb2.HttpBody(content_type="application/json", data=body)
 
     async def EncodeJson(self, request, context):
-        async with self._rpc("EncodeJson", context):
+        async with self._rpc("EncodeJson", context, request.model):
             job = self._encode_job(request.model, request.params, request.items)
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_encode_bytes(
@@ -198,7 +201,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             return await self._json(job, context, estimate, render, "EncodeStream")
 
     async def PredictJson(self, request, context):
-        async with self._rpc("PredictJson", context):
+        async with self._rpc("PredictJson", context, request.model):
             job = self._predict_job(request.model, request.items)
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab))
@@ -206,7 +209,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             return await self._json(job, context, estimate, render, "PredictStream")
 
     async def GetRequestSchema(self, request, context):
-        async with self._rpc("GetRequestSchema", context):
+        async with self._rpc("GetRequestSchema", context, request.model):
             loaded = self._model(request.model)
             if request.action not in ("encode", "predict"):
                 raise Rejected(grpc.StatusCode.NOT_FOUND, f"action {request.action!r} does not exist; use encode or predict")
@@ -239,13 +242,13 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             _release(futures)
 
     async def EncodeStream(self, request, context):
-        async with self._rpc("EncodeStream", context):
+        async with self._rpc("EncodeStream", context, request.model):
             job = self._encode_job(request.model, request.params, request.items)
             async for message in self._stream(job, context, request.stream_options, pb.EncodeStreamResponse, False):
                 yield message
 
     async def PredictStream(self, request, context):
-        async with self._rpc("PredictStream", context):
+        async with self._rpc("PredictStream", context, request.model):
             job = self._predict_job(request.model, request.items)
             async for message in self._stream(job, context, request.stream_options, pb.PredictStreamResponse, True):
                 yield message

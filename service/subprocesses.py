@@ -26,24 +26,39 @@ def free_port() -> int:
 
 def stop_process(proc: subprocess.Popen, timeout: float = 60) -> int:
     """SIGTERM (the server then finishes in-flight work), SIGKILL if it takes longer than timeout."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    stop_processes([proc], timeout)
+    return proc.returncode
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 60) -> None:
+    """SIGTERM to all at once (one signal each: a second one cuts a server's drain window short),
+    then SIGKILL whatever still runs after timeout."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    end = time.monotonic() + timeout
+    for proc in procs:
         try:
-            proc.wait(timeout)
+            proc.wait(max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return proc.returncode
 
 
 class ServerProcess:
     """`python -m service.server` on free 127.0.0.1 ports, logging to a file in log_dir."""
 
-    def __init__(self, log_dir: Path, *args: str, env: dict | None = None):
-        self.port = free_port()
-        self.metrics_port = free_port()
+    def __init__(self, log_dir: Path, *args: str, env: dict | None = None, port: int | None = None,
+                 metrics_port: int | None = None):
+        """`port`/`metrics_port`: reuse a stopped replica's ports (a restart); default: free ones."""
+        self.port = port or free_port()
+        self.metrics_port = metrics_port or free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"server-{self.port}.log"
+        for restart in range(1, 1000):  # a restarted replica logs to a new file
+            if not self.log_path.exists():
+                break
+            self.log_path = Path(log_dir) / f"server-{self.port}-{restart}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.server", "--host", "127.0.0.1", "--port", str(self.port),
