@@ -30,7 +30,7 @@ MIN_REQUESTS = 200
 CLIENTS = 16
 # Each client pauses between requests: a steady load, not a saturating one, so that replicas
 # restarting on a busy machine get the CPU to start.
-PAUSE_S = 0.2
+PAUSE_S = 0.3
 
 
 # ---- the fleet -----------------------------------------------------------------------
