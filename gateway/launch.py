@@ -31,9 +31,11 @@ from gateway.envoy_config import (
     config_from_args,
     render,
 )
-from service.subprocesses import REPO, free_port, stop_process, stop_processes
+from gateway.processes import free_port, stop_process, stop_processes
 
 log = logging.getLogger("gateway")
+# Where the `service` package lives (the source checkout, or site-packages): the server child's cwd.
+PACKAGES_ROOT = Path(__file__).resolve().parent.parent
 # Failed health checks Envoy needs to drop a replica, plus margin for a busy machine.
 FLEET_DRAIN_SECONDS = UNHEALTHY_THRESHOLD * HEALTH_CHECK_INTERVAL_S + 3
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             for host, port, replica_argv, server_args in server_commands(server_argv, args.replicas,
                                                                           args.max_json_response_mb):
                 # Own session: a terminal's Ctrl-C reaches only this launcher, which stops the children in order.
-                servers.append(subprocess.Popen([sys.executable, "-m", "service.server", *replica_argv], cwd=REPO,
+                servers.append(subprocess.Popen([sys.executable, "-m", "service.server", *replica_argv], cwd=PACKAGES_ROOT,
                                                 start_new_session=True))
                 addresses.append((host, port))
                 grace = server_args.drain_seconds + server_args.grace_seconds

@@ -32,10 +32,10 @@ REQUEST_SECONDS = Histogram(
 
 
 def observe_queue_wait(batch, now: float) -> None:
-    """`now` on the clock of the items' enqueued_at (time.monotonic)."""
-    histogram = QUEUE_WAIT.labels(batch[0].model)
-    for item in batch:
-        histogram.observe(max(0.0, now - item.enqueued_at))
+    """Queue entries of one batch; `now` on their enqueued_at clock (time.monotonic)."""
+    histogram = QUEUE_WAIT.labels(batch[0].input.model)
+    for entry in batch:
+        histogram.observe(max(0.0, now - entry.enqueued_at))
 
 
 def observe_batch(batch, seconds: float) -> None:

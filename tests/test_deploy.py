@@ -18,7 +18,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import REPO
+from support import REPO
 
 from gateway import envoy_config
 

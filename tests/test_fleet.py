@@ -6,21 +6,23 @@ a prompt JSON 503.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 import requests
-from conftest import ServerProcess, free_port
+from support import ServerProcess, free_port
 from reference import assert_close, reference
 
 from esm2_client import Esm2Client
 from gateway.envoy_config import GatewayConfig, Pool
 from gateway.launch import FLEET_DRAIN_SECONDS, EnvoyProcess
-from service.proto import MODEL_HEADER, pb, pb_grpc
-from service.subprocesses import stop_process, stop_processes
+from esm2_wire.proto import MODEL_HEADER, pb, pb_grpc
+from gateway.processes import stop_process, stop_processes
 
 TINY, OTHER = "esm2-tiny", "esm2-8m"
 SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMSLFDFFKNKG", "MLKKV", "ACDEFGHIKLMNPQRSTVWY", "MKVL" * 6,
@@ -104,6 +106,7 @@ class Load:
 
     fleet: Fleet
     solo: dict
+    minimum: int = MIN_REQUESTS  # requests sent before the load may stop
     done: int = 0
     failures: list = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -154,7 +157,7 @@ class Load:
             time.sleep(0.05)
 
     def __exit__(self, *exc) -> None:
-        self.wait_for(MIN_REQUESTS)
+        self.wait_for(self.minimum)
         self._stop.set()
         for thread in self.threads:
             thread.join(120)
@@ -167,8 +170,8 @@ def items_run(server) -> float:
 # ---- tests ---------------------------------------------------------------------------
 def test_load_spreads_over_replicas(fleet, solo):
     before = [items_run(r) for r in fleet.replicas]
-    with Load(fleet, solo) as load:
-        load.wait_for(60)
+    with Load(fleet, solo, minimum=30) as load:
+        load.wait_for(30)
     assert not load.failures, load.failures[:5]
     after = [items_run(r) for r in fleet.replicas]
     worked = [a - b for a, b in zip(after, before)]
@@ -223,6 +226,26 @@ def test_sigkill_of_a_replica_under_load_loses_nothing(fleet, solo):
     assert fleet.host_flags(victim) != "healthy"
     victim.stop()
     fleet.restart(1)  # back in the pool once it answers health checks
+
+
+def test_sigterm_reports_not_serving_at_once_and_serves_through_the_drain_window(fleet, solo):
+    replica = fleet.replicas[0]
+    health = health_pb2_grpc.HealthStub(replica.channel)
+    replica.proc.send_signal(signal.SIGTERM)
+    end = time.monotonic() + 10
+    while health.Check(health_pb2.HealthCheckRequest(service=TINY), timeout=10).status != \
+            health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < end, "still SERVING after SIGTERM"
+        time.sleep(0.05)
+    # NOT_SERVING, yet still answering (directly, not through Envoy) inside the window.
+    response = replica.stub.Encode(pb.EncodeRequest(model=TINY, items=[pb.SequenceItem(sequence=SEQUENCES[0])]),
+                                   timeout=30)
+    assert_close(response.results[0].embeddings[0].embedding, solo[TINY][SEQUENCES[0]][LAYER], SEQUENCES[0])
+    assert replica.proc.poll() is None
+    fleet.wait_host(replica, "/failed_active_hc")  # Envoy moved traffic away before the server stops
+    assert replica.proc.wait(60) == 0
+    replica.stop()
+    fleet.restart(0)
 
 
 def test_rolling_restart_under_load_loses_nothing(fleet, solo):

@@ -1,48 +1,22 @@
-"""The server as a child process: for the gateway launcher, the tests and the benchmarks."""
+"""The server as a child process, for the tests and the benchmarks (not part of the package)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
-import urllib.request
-
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.processes import free_port, stop_process, stop_processes
 
 REPO = Path(__file__).resolve().parent.parent
 READY_LINE = "ready: serving"  # logged by service.server once every model is warm
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 60) -> int:
-    """SIGTERM (the server then finishes in-flight work), SIGKILL if it takes longer than timeout."""
-    stop_processes([proc], timeout)
-    return proc.returncode
-
-
-def stop_processes(procs: list[subprocess.Popen], timeout: float = 60) -> None:
-    """SIGTERM to all at once (one signal each: a second one cuts a server's drain window short),
-    then SIGKILL whatever still runs after timeout."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    end = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            proc.wait(max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+__all__ = ["READY_LINE", "REPO", "ServerProcess", "free_port", "stop_process", "stop_processes"]
 
 
 class ServerProcess:
