@@ -6,7 +6,10 @@ a prompt JSON 503.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 import requests
-from support import ServerProcess, free_port
+from support import REPO, ServerProcess, free_port
 from reference import assert_close, reference
 
 from esm2_client import Esm2Client
@@ -277,3 +280,38 @@ def test_pool_with_every_replica_down_answers_503_at_once(fleet):
     response = requests.post(f"{fleet.envoy.url}/api/v3/{TINY}/encode", json={"items": [{"sequence": "MKT"}]},
                              timeout=60)
     assert response.status_code == 200, response.text
+
+
+def test_launcher_runs_replicas_behind_one_envoy_and_stops_them_all(tmp_path, tiny_checkpoint):
+    """`make fleet`: python -m gateway.launch --replicas N."""
+    http_port, admin_port, grpc_port = free_port(), free_port(), free_port()
+    log = open(tmp_path / "launch.log", "wb")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "gateway.launch", "--replicas", "2", "--http-host", "127.0.0.1",
+         "--http-port", str(http_port), "--admin-port", str(admin_port), "--host", "127.0.0.1",
+         "--port", str(grpc_port), "--metrics-port", "0", "--models", TINY,
+         "--checkpoint", f"{TINY}={tiny_checkpoint}", "--offline"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        end = time.monotonic() + 120
+        while True:  # both replicas healthy in the model's pool
+            assert launcher.poll() is None and time.monotonic() < end, (tmp_path / "launch.log").read_text()[-3000:]
+            with contextlib.suppress(requests.ConnectionError):
+                clusters = requests.get(f"http://127.0.0.1:{admin_port}/clusters", timeout=5).text
+                if all(f"pool_{TINY}::127.0.0.1:{port}::health_flags::healthy" in clusters
+                       for port in (grpc_port, grpc_port + 1)):
+                    break
+            time.sleep(0.2)
+        response = requests.post(f"http://127.0.0.1:{http_port}/api/v3/{TINY}/encode",
+                                 json={"items": [{"sequence": "MKT"}]}, timeout=60)
+        assert response.status_code == 200, response.text
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(120) == 0
+        text = (tmp_path / "launch.log").read_text()
+        assert text.count("draining: NOT_SERVING") == 2 and text.count("service: stopped") == 2
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        log.close()
