@@ -116,10 +116,25 @@ def read_config(directory: Path) -> HfShape:
         token_dropout=bool(config.get("token_dropout", False)),
         layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
         rope_theta=float(config.get("rope_theta", 10000.0)),
-        name_or_path=str(config.get("_name_or_path", "") or ""),
+        name_or_path=str(config.get("_name_or_path", "") or "") or _base_model(directory),
         architecture=architecture,
         random_weights=bool(config.get(RANDOM_WEIGHTS_KEY, False)),
     )
+
+
+def _base_model(directory: Path) -> str:
+    """The model card's `base_model` (transformers 5 no longer saves `_name_or_path`)."""
+    card = directory / "README.md"
+    if not card.is_file():
+        return ""
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        base = (metadata_load(card) or {}).get("base_model", "")
+    except Exception as exc:  # a malformed card only loses the origin
+        log.warning("%s: unreadable model card metadata (%s)", card, exc)
+        return ""
+    return ", ".join(base) if isinstance(base, list) else str(base or "")
 
 
 def check_vocabulary(directory: Path) -> None:

@@ -76,7 +76,7 @@ def check_fits(needs: list[Need], assume_gib: float | None = None) -> None:
         free = available_bytes(device, assume_gib)
         if total > free:
             parts = ", ".join(
-                f"{n.model} ({parameter_count(n.layers, n.dim, n.heads) / 1e6:,.0f}M parameters: {n.bytes / GIB:.2f} GiB)"
+                f"{n.model} ({parameter_count(n.layers, n.dim, n.heads) / 1e6:,.1f}M parameters: {n.bytes / GIB:.2f} GiB)"
                 for n in on_device
             )
             problems.append(

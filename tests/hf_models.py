@@ -108,6 +108,7 @@ def hf_reference(model, sequence: str) -> dict:
     return {
         "mean": {k: v[1 : L + 1].mean(0) for k, v in reps.items()},
         "per_token": {k: v[1 : L + 1] for k, v in reps.items()},
+        "bos": {k: v[0] for k, v in reps.items()},
         "logits": out.logits[0, 1 : L + 1][:, columns].numpy(),
         "contacts": contacts,
         "attentions": attentions[:, :, 1 : L + 1, 1 : L + 1].mean((0, 1)).numpy(),
