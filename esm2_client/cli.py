@@ -31,6 +31,7 @@ from esm2_client.outputs import (
     output_format,
 )
 from service import validation
+from service.proto import pb
 
 # The server's names, plus esm-extract's `per_tok`.
 INCLUDE_ALIASES = {**validation.INCLUDE_ALIASES, "per_tok": "per_token"}
@@ -215,10 +216,14 @@ def cmd_health(args) -> int:
 def cmd_models(args) -> int:
     with _client(args) as client:
         models = client.list_models()
-    header = ("model", "ready", "layers", "dim", "heads", "parameters", "max_items", "max_length", "device", "weights")
+    header = ("model", "ready", "layers", "dim", "heads", "parameters", "max_items", "max_length", "device", "format",
+              "weights")
+    formats = {pb.ModelInfo.SOURCE_FORMAT_FAIR_ESM: "fair-esm", pb.ModelInfo.SOURCE_FORMAT_HUGGING_FACE: "huggingface"}
     rows = [
         (m.name, "yes" if m.ready else "no", m.num_layers, m.embed_dim, m.attention_heads, f"{m.parameters:,}",
-         m.max_items, m.max_sequence_length, m.device, "RANDOM" if m.random_weights else m.checkpoint)
+         m.max_items, m.max_sequence_length, m.device, formats.get(m.source_format, "-"),
+         ("RANDOM " if m.random_weights else "") + m.checkpoint
+         + (f" (fine-tuned from {m.finetuned_from})" if m.finetuned_from else ""))
         for m in models
     ]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
