@@ -53,7 +53,8 @@ def locate_hf_repo(name: str, spec: str, allow_download: bool) -> Located:
     cache = _hf_cache_dir()
     looked = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / (revision or "<refs/main>")
     try:
-        return Located(Path(snapshot_download(repo, revision=revision, local_files_only=True)), HUGGING_FACE, display)
+        snapshot = snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=True)
+        return Located(Path(snapshot), HUGGING_FACE, display)
     except HFValidationError as exc:
         raise CheckpointNotFound(f"model {name!r}: {spec!r} is not a valid Hugging Face repo id ({exc})") from exc
     except LocalEntryNotFoundError:
@@ -62,9 +63,11 @@ def locate_hf_repo(name: str, spec: str, allow_download: bool) -> Located:
     if allow_download:
         try:
             log.info("downloading %s from the Hugging Face hub into %s", display, cache)
-            path = Path(snapshot_download(repo, revision=revision, allow_patterns=hf_checkpoints.DOWNLOAD_PATTERNS))
+            path = Path(snapshot_download(repo, revision=revision, cache_dir=cache,
+                                          allow_patterns=hf_checkpoints.DOWNLOAD_PATTERNS))
             if not any(path.glob("*.safetensors")):  # older repos only have pytorch_model.bin
-                path = Path(snapshot_download(repo, revision=revision, allow_patterns=hf_checkpoints.BIN_DOWNLOAD_PATTERNS))
+                path = Path(snapshot_download(repo, revision=revision, cache_dir=cache,
+                                                allow_patterns=hf_checkpoints.BIN_DOWNLOAD_PATTERNS))
             return Located(path, HUGGING_FACE, display)
         except Exception as exc:  # network, auth, missing repo: reported below with the places looked
             download_error = exc

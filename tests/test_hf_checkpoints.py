@@ -12,14 +12,14 @@ import grpc
 import pytest
 import torch
 from hf_models import (
-    HF_SHAPES, convert_fair_esm, hf_reference, load_reference, make_hf_cache, write_random_hf,
+    HF_SHAPES, convert_fair_esm, esm2_config, hf_reference, load_reference, make_hf_cache, save, write_random_hf,
 )
 from reference import assert_close, matrix
 from safetensors.torch import load_file, save_file
 from test_encode_parity import INCLUDE_ALL, SEQUENCES, check_result
-from transformers import EsmForSequenceClassification
+from transformers import EsmForSequenceClassification, EsmModel
 
-from conftest import REPO, ServerProcess, encode_request
+from conftest import REPO, ServerProcess, encode_request, free_port
 from service import hf_checkpoints, model_sources, server
 from service.checkpoints import CheckpointNotFound
 from service.esm_forward import BatchPlan, forward
@@ -255,3 +255,33 @@ def test_models_on_one_device_are_summed(tmp_path, tiny_checkpoint):
     with pytest.raises(DoesNotFit, match=r"cpu has 0.15 GiB available but needs 0.19 GiB for a \(0.1M parameters: 0.09 GiB\), b \("):
         _load(tmp_path, "--models", "a,b", "--checkpoint", f"a={tiny_checkpoint}", "--checkpoint", f"b={tiny_checkpoint}",
               "--assume-available-memory-gib", "0.15", "--max-sequence-length", "100", "--max-batch-tokens", "32768")
+
+
+def test_hub_id_absent_online_tries_huggingface_hub_and_says_why_it_failed(tmp_path, monkeypatch):
+    """Not offline: huggingface_hub is asked (here a closed port on 127.0.0.1, never the internet)."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", closed)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", closed)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointNotFound) as info:
+        model_sources.locate("ft", "hf:my-org/absent", None, allow_download=True)
+    message = str(info.value)
+    assert "Download from the Hugging Face hub failed" in message and "Connection refused" in message
+    assert str(tmp_path / "hub" / "models--my-org--absent" / "snapshots") in message
+
+
+def test_bare_esm_model_serves_embeddings_without_lm_head(tmp_path, caplog):
+    """An EsmModel save (no `esm.` prefix, a pooler, no LM head): embeddings exact, logits refused."""
+    torch.manual_seed(3)
+    bare = EsmModel(esm2_config(*HF_SHAPES["tiny"])).eval()
+    directory = save(bare, tmp_path / "bare")
+    loaded = model_sources.load("bare", model_sources.locate("bare", str(directory), None, False))
+    assert not loaded.has_lm_head and loaded.has_contact_regression
+    assert "ignoring 2 tensors of heads the service does not serve (esm.pooler)" in caplog.text
+    a = loaded.alphabet
+    tokens = torch.tensor([[a.cls_idx, *map(a.get_idx, "MKTAYIAKQR"), a.eos_idx]])
+    ours = forward(loaded.model, tokens, BatchPlan(layers=frozenset({2}), contacts=True, fast_attention=False))
+    bare = EsmModel.from_pretrained(directory, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert_close(ours.representations[2], bare(tokens).last_hidden_state, "last layer")
+        assert_close(ours.contacts, bare.predict_contacts(tokens, torch.ones_like(tokens)), "contacts")
