@@ -5,6 +5,8 @@ Ground truth is transformers' own EsmForMaskedLM forward of each sequence alone.
 """
 
 import json
+import logging
+import os
 import subprocess
 import sys
 
@@ -242,7 +244,7 @@ def test_too_big_for_the_device_is_refused_before_download(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "service.server", "--models", "esm2-8m,esm2-15b", "--device", "cpu",
          "--port", "0", "--metrics-port", "0"],  # not --offline: the refusal must come before any download
-        cwd=REPO, env={**__import__("os").environ, **env}, capture_output=True, text=True, timeout=120,
+        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr
     assert "cpu has 24.00 GiB available but needs 61.20 GiB" in result.stderr
@@ -272,6 +274,7 @@ def test_hub_id_absent_online_tries_huggingface_hub_and_says_why_it_failed(tmp_p
 
 def test_bare_esm_model_serves_embeddings_without_lm_head(tmp_path, caplog):
     """An EsmModel save (no `esm.` prefix, a pooler, no LM head): embeddings exact, logits refused."""
+    caplog.set_level(logging.INFO, "service.hf_checkpoints")
     torch.manual_seed(3)
     bare = EsmModel(esm2_config(*HF_SHAPES["tiny"])).eval()
     directory = save(bare, tmp_path / "bare")
