@@ -35,9 +35,11 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 VOCAB_FILE = "vocab.txt"
-# What a hub download fetches: the config, the weights in one of the two formats, the vocabulary.
-DOWNLOAD_PATTERNS = [CONFIG_FILE, VOCAB_FILE, "model*.safetensors", SAFETENSORS_INDEX]
-BIN_DOWNLOAD_PATTERNS = [CONFIG_FILE, VOCAB_FILE, "pytorch_model*.bin", BIN_INDEX]
+# What a hub download fetches: first the config, vocabulary and model card (enough to check
+# the model and its memory need), then the weights in one of the two formats.
+CONFIG_PATTERNS = [CONFIG_FILE, VOCAB_FILE, "README.md"]
+WEIGHT_PATTERNS = ["model*.safetensors", SAFETENSORS_INDEX]
+BIN_WEIGHT_PATTERNS = ["pytorch_model*.bin", BIN_INDEX]
 
 # Architectures whose `esm.*` weights are an ESM-2 encoder; their other heads are ignored.
 KNOWN_ARCHITECTURES = {"EsmForMaskedLM", "EsmModel", "EsmForSequenceClassification", "EsmForTokenClassification"}
@@ -149,6 +151,10 @@ def check_vocabulary(directory: Path) -> None:
             f"{path}: the vocabulary differs from ESM-2's ({len(tokens)} tokens, expected "
             f"{len(ALPHABET.all_toks)} in fair-esm's order starting {ALPHABET.all_toks[:5]})"
         )
+
+
+def has_weights(directory: Path) -> bool:
+    return any((directory / f).is_file() for f in (SAFETENSORS_FILE, SAFETENSORS_INDEX, BIN_FILE, BIN_INDEX))
 
 
 def weight_files(directory: Path) -> list[Path]:

@@ -30,6 +30,9 @@ class Located:
     path: Path  # a .pt file or an HF directory (logs only)
     format: str  # FAIR_ESM or HUGGING_FACE
     display: str  # what callers are shown: file name, directory name or repo id
+    # A hub repo (id, revision) whose weights are fetched at load time if the snapshot lacks them,
+    # so that the memory check runs on the config before a multi-GB download.
+    hub_download: tuple[str, str | None] | None = None
 
 
 def _hf_cache_dir() -> Path:
@@ -52,9 +55,10 @@ def locate_hf_repo(name: str, spec: str, allow_download: bool) -> Located:
     display = repo if revision is None else f"{repo}@{revision}"
     cache = _hf_cache_dir()
     looked = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / (revision or "<refs/main>")
+    fetch = (repo, revision) if allow_download else None
     try:
         snapshot = snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=True)
-        return Located(Path(snapshot), HUGGING_FACE, display)
+        return Located(Path(snapshot), HUGGING_FACE, display, fetch)
     except HFValidationError as exc:
         raise CheckpointNotFound(f"model {name!r}: {spec!r} is not a valid Hugging Face repo id ({exc})") from exc
     except LocalEntryNotFoundError:
@@ -62,13 +66,12 @@ def locate_hf_repo(name: str, spec: str, allow_download: bool) -> Located:
     download_error = None
     if allow_download:
         try:
-            log.info("downloading %s from the Hugging Face hub into %s", display, cache)
-            path = Path(snapshot_download(repo, revision=revision, cache_dir=cache,
-                                          allow_patterns=hf_checkpoints.DOWNLOAD_PATTERNS))
-            if not any(path.glob("*.safetensors")):  # older repos only have pytorch_model.bin
-                path = Path(snapshot_download(repo, revision=revision, cache_dir=cache,
-                                                allow_patterns=hf_checkpoints.BIN_DOWNLOAD_PATTERNS))
-            return Located(path, HUGGING_FACE, display)
+            log.info("downloading %s's config from the Hugging Face hub into %s", display, cache)
+            path = snapshot_download(repo, revision=revision, cache_dir=cache,
+                                     allow_patterns=hf_checkpoints.CONFIG_PATTERNS)
+            if not (Path(path) / hf_checkpoints.CONFIG_FILE).is_file():
+                raise FileNotFoundError(f"the repo has no {hf_checkpoints.CONFIG_FILE}")
+            return Located(Path(path), HUGGING_FACE, display, fetch)
         except Exception as exc:  # network, auth, missing repo: reported below with the places looked
             download_error = exc
     fetched = (
@@ -106,11 +109,25 @@ def shape(located: Located) -> tuple[int, int, int]:
     return checkpoints.fair_esm_shape(located.path)
 
 
+def _download_weights(located: Located) -> None:
+    """Fetch a hub repo's weights into its snapshot: safetensors, else pytorch_model.bin."""
+    from huggingface_hub import snapshot_download
+
+    repo, revision = located.hub_download
+    log.info("downloading %s's weights from the Hugging Face hub into %s", located.display, _hf_cache_dir())
+    for patterns in (hf_checkpoints.WEIGHT_PATTERNS, hf_checkpoints.BIN_WEIGHT_PATTERNS):
+        snapshot_download(repo, revision=revision, cache_dir=_hf_cache_dir(), allow_patterns=patterns)
+        if hf_checkpoints.has_weights(located.path):
+            return
+
+
 def load(name: str, located: Located) -> LoadedModel:
     if located.format == FAIR_ESM:
         loaded = checkpoints.load(name, located.path)
         loaded.source = located.display
         return loaded
+    if located.hub_download is not None and not hf_checkpoints.has_weights(located.path):
+        _download_weights(located)
     model, hf, has_lm_head, has_contact_head = hf_checkpoints.load_directory(located.path, located.display)
     return LoadedModel(
         name=name,
