@@ -87,7 +87,8 @@ def read_config(directory: Path) -> HfShape:
     architecture = architectures[0]
     if architecture not in KNOWN_ARCHITECTURES:
         problems.append(f"architecture {architecture!r} is not one of {sorted(KNOWN_ARCHITECTURES)}")
-    expect("position_embedding_type", "rotary", "absolute", " (ESM-2 uses rotary positions; ESM-1b's learned ones are not served)")
+    expect("position_embedding_type", "rotary", "absolute",
+           " (ESM-2 uses rotary positions; ESM-1b's learned ones are not served)")
     expect("is_folding_model", False, False, " (ESMFold is not served)")
     expect("emb_layer_norm_before", False, False, " (ESM-2 has no embedding LayerNorm)")
     expect("is_decoder", False, False)
@@ -260,7 +261,8 @@ def build_model(shape: HfShape, converted: Converted, source: str):
         )
     if converted.ignored:
         heads = sorted({".".join(k.split(".")[: 2 if k.startswith("esm.") else 1]) for k in converted.ignored})
-        log.info("%s: ignoring %d tensors of heads the service does not serve (%s)", source, len(converted.ignored), ", ".join(heads))
+        log.info("%s: ignoring %d tensors of heads the service does not serve (%s)",
+                 source, len(converted.ignored), ", ".join(heads))
     model = esm.model.esm2.ESM2(
         num_layers=shape.num_layers, embed_dim=shape.embed_dim, attention_heads=shape.attention_heads,
         alphabet=ALPHABET, token_dropout=shape.token_dropout,
@@ -291,7 +293,8 @@ def build_model(shape: HfShape, converted: Converted, source: str):
         for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)
     ]
     if untied_decoder is not None and tuple(untied_decoder.shape) != tuple(expected["lm_head.weight"].shape):
-        wrong.append(f"lm_head.decoder.weight {tuple(untied_decoder.shape)} (expected {tuple(expected['lm_head.weight'].shape)})")
+        wanted = tuple(expected["lm_head.weight"].shape)
+        wrong.append(f"lm_head.decoder.weight {tuple(untied_decoder.shape)} (expected {wanted})")
     if wrong:
         raise UnservableModel(f"{source}: tensors of the wrong shape for its config: {', '.join(wrong[:8])}")
     model.load_state_dict(state, strict=False)  # every required key was checked above

@@ -70,7 +70,8 @@ def convert_fair_esm(loaded, out_dir: Path) -> Path:
         "esm.contact_head.regression.weight": fair["contact_head.regression.weight"],
         "esm.contact_head.regression.bias": fair["contact_head.regression.bias"],
         "lm_head.bias": fair["lm_head.bias"],
-        **{f"lm_head.{part}.{p}": fair[f"lm_head.{part}.{p}"] for part in ("dense", "layer_norm") for p in ("weight", "bias")},
+        **{f"lm_head.{part}.{p}": fair[f"lm_head.{part}.{p}"]
+           for part in ("dense", "layer_norm") for p in ("weight", "bias")},
     }
     for i in range(loaded.num_layers):
         for src, dst in per_layer.items():

@@ -254,7 +254,8 @@ def test_too_big_for_the_device_is_refused_before_download(tmp_path):
 
 def test_models_on_one_device_are_summed(tmp_path, tiny_checkpoint):
     # Each fits alone; together they do not.
-    with pytest.raises(DoesNotFit, match=r"cpu has 0.15 GiB available but needs 0.19 GiB for a \(0.1M parameters: 0.09 GiB\), b \("):
+    expected = r"cpu has 0.15 GiB available but needs 0.19 GiB for a \(0.1M parameters: 0.09 GiB\), b \("
+    with pytest.raises(DoesNotFit, match=expected):
         _load(tmp_path, "--models", "a,b", "--checkpoint", f"a={tiny_checkpoint}", "--checkpoint", f"b={tiny_checkpoint}",
               "--assume-available-memory-gib", "0.15", "--max-sequence-length", "100", "--max-batch-tokens", "32768")
 
