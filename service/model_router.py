@@ -7,7 +7,10 @@ queue. The router has the scheduler's interface, so the servicer needs no model 
 
 from __future__ import annotations
 
-from service.model_worker import WorkItem
+import asyncio
+
+from esm2_wire.item_result import ItemResult
+from service.model_worker import ModelInput
 from service.scheduler import Scheduler
 
 
@@ -15,12 +18,12 @@ class ModelRouter:
     def __init__(self, schedulers: dict[str, Scheduler]):
         self.schedulers = schedulers
 
-    def submit(self, items: list[WorkItem]) -> None:
-        """All items of one request belong to one model (the servicer builds them so)."""
-        self.schedulers[items[0].model].submit(items)
+    def submit(self, inputs: list[ModelInput], deadline: float | None = None) -> list[asyncio.Future]:
+        """All inputs of one request belong to one model (the servicer builds them so)."""
+        return self.schedulers[inputs[0].model].submit(inputs, deadline)
 
-    async def run_once(self, batch: list[WorkItem]) -> None:
-        await self.schedulers[batch[0].model].run_once(batch)
+    async def run_now(self, inputs: list[ModelInput]) -> list[ItemResult]:
+        return await self.schedulers[inputs[0].model].run_now(inputs)
 
     def start(self) -> None:
         for scheduler in self.schedulers.values():

@@ -21,12 +21,13 @@ from safetensors.torch import load_file, save_file
 from test_encode_parity import INCLUDE_ALL, SEQUENCES, check_result
 from transformers import EsmForSequenceClassification, EsmModel
 
-from conftest import REPO, ServerProcess, encode_request, free_port
+from support import REPO, ServerProcess, encode_request, free_port
 from service import hf_checkpoints, model_sources, server
 from service.checkpoints import CheckpointNotFound
 from service.esm_forward import BatchPlan, forward
 from service.memory_budget import DoesNotFit, parameter_count
-from service.proto import pb
+from esm2_wire.output_kinds import OutputKind
+from esm2_wire.proto import pb
 
 REPO_ID = "my-org/esm2-tiny-ft"
 
@@ -112,8 +113,8 @@ def test_loader_matches_transformers_at_real_shapes(tmp_path, shape):
         out = hf_model(tokens, output_hidden_states=True, output_attentions=True)
         last = hf_model.esm(tokens).last_hidden_state
     for fast in (True, False):
-        ours = forward(loaded.model, tokens, BatchPlan(layers=frozenset(range(layers + 1)), logits=True,
-                                                       attentions=not fast, fast_attention=fast))
+        outputs = {OutputKind.LOGITS} | (set() if fast else {OutputKind.ATTENTIONS})
+        ours = forward(loaded.model, tokens, BatchPlan(frozenset(range(layers + 1)), frozenset(outputs), fast))
         for k in range(layers):
             assert_close(ours.representations[k], out.hidden_states[k], f"{shape} layer {k} fast={fast}")
         assert_close(ours.representations[layers], last, f"{shape} last layer")
@@ -284,7 +285,7 @@ def test_bare_esm_model_serves_embeddings_without_lm_head(tmp_path, caplog):
     assert "ignoring 2 tensors of heads the service does not serve (esm.pooler)" in caplog.text
     a = loaded.alphabet
     tokens = torch.tensor([[a.cls_idx, *map(a.get_idx, "MKTAYIAKQR"), a.eos_idx]])
-    ours = forward(loaded.model, tokens, BatchPlan(layers=frozenset({2}), contacts=True, fast_attention=False))
+    ours = forward(loaded.model, tokens, BatchPlan(frozenset({2}), frozenset({OutputKind.CONTACTS}), False))
     bare = EsmModel.from_pretrained(directory, attn_implementation="eager").eval()
     with torch.no_grad():
         assert_close(ours.representations[2], bare(tokens).last_hidden_state, "last layer")
