@@ -347,7 +347,9 @@ class Scheduler:
                 if due(anchor, self.limits, self.cost) >= slot.running_due or \
                         self.cost.seconds(anchor) > INTERLEAVE_MAX_SHARE * slot.running_seconds:
                     break
-                slot.interleaved.put(take_batch(self._pending, self.limits, anchor))
+                batch = take_batch(self._pending, self.limits, anchor)
+                metrics.observe_queue_wait(batch, self.clock())
+                slot.interleaved.put(batch)
             metrics.QUEUE_DEPTH.set(len(self._pending))
 
     def _finish(self, entry: QueueEntry, result: ItemResult | ServiceError) -> None:
@@ -447,6 +449,7 @@ class Scheduler:
                     continue
                 batch = take_batch(self._pending, self.limits, next_anchor(self._pending, self.limits, self.cost))
                 metrics.QUEUE_DEPTH.set(len(self._pending))
+                metrics.observe_queue_wait(batch, self.clock())
                 slot.busy = True
                 slot.running_due = min(due(entry, self.limits, self.cost) for entry in batch)
                 slot.running_seconds = self.cost.batch_seconds(batch)

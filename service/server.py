@@ -1,15 +1,20 @@
 """Start the ESM-2 gRPC server: load and warm the models, then serve until SIGTERM.
 
     python -m service.server --models esm2-8m --model-dir /models
+    python -m service.server --models esm2-ft --checkpoint esm2-ft=hf:my-org/esm2-650m-ft
+    python -m service.server --models-file models.toml
 
 Every flag can also be set by an environment variable (ESM_ plus the flag name in
-capitals, e.g. ESM_MODELS, ESM_PORT); flags win.
+capitals, e.g. ESM_MODELS, ESM_PORT); flags win. A models file (service.model_specs)
+gives each model its own source, device, precision and batch budget; the flags are the
+defaults for what it leaves out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -24,8 +29,9 @@ from grpc_reflection.v1alpha import reflection
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
-from service import checkpoints, json_limits, result_cache
+from service import checkpoints, hf_checkpoints, json_limits, memory_budget, model_sources, model_specs, result_cache
 from service.auth import ApiKeyInterceptor, load_keys
+from service.model_router import ModelRouter
 from service.model_worker import ModelInput, ModelWorker, replicate, resolve_devices
 from service.scheduler import BatchLimits, Scheduler
 from service.servicer import Esm2Servicer
@@ -44,11 +50,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="esm2-server", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=_env("host", "0.0.0.0"))
     p.add_argument("--port", type=int, default=int(_env("port", 50051)), help="gRPC port (0 picks a free one)")
-    p.add_argument("--models", default=_env("models", "esm2-8m"), help="comma-separated served models")
+    p.add_argument("--models", default=_env("models", None), help="comma-separated served models (default esm2-8m)")
+    p.add_argument("--models-file", type=Path, default=_env("models_file", None),
+                   help="TOML file of served models, each with its source, device, precision and batch budget")
     p.add_argument("--model-dir", type=Path, default=_env("model_dir", None), help="directory of fair-esm .pt files")
     p.add_argument(
         "--checkpoint", action="append", default=[c for c in _env("checkpoints", "").split(",") if c],
-        metavar="NAME=PATH", help="explicit checkpoint for a model (repeatable; ESM_CHECKPOINTS is comma-separated)",
+        metavar="NAME=SOURCE",
+        help="where a model's weights are: a fair-esm .pt file, a Hugging Face save_pretrained directory, or "
+             "hf:org/name[@revision] (repeatable; ESM_CHECKPOINTS is comma-separated)",
     )
     p.add_argument("--offline", action="store_true", default=_env("offline", "") in ("1", "true"),
                    help="never download missing checkpoints")
@@ -80,14 +90,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-json-response-mb", type=int,
                    default=int(_env("max_json_response_mb", json_limits.DEFAULT_MAX_JSON_RESPONSE_MB)),
                    help="largest JSON gateway response; bigger ones get INVALID_ARGUMENT (HTTP 400) naming EncodeStream")
-    p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)))
+    p.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 0)),
+                   help="after SIGTERM: report NOT_SERVING at once but keep serving this long, so that load "
+                        "balancers move traffic away first (a fleet behind Envoy: 5; Kubernetes: see the README)")
+    p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)),
+                   help="then: stop accepting and give in-flight requests this long to finish")
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once ready")
+    p.add_argument("--assume-available-memory-gib", type=float,
+                   default=float(_env("assume_available_memory_gib", 0)) or None,
+                   help="check models against this much memory per device instead of what the device reports")
     p.add_argument("--simulate-oom-above-tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cache_mb < 0 or args.max_batch_token_pairs < 1 or args.aging < 0:
         p.error("--cache-mb and --aging must not be negative; --max-batch-token-pairs must be at least 1")
-    if args.max_queue_items < args.max_items:
-        p.error("--max-queue-items must be at least --max-items")
+    if args.models_file is not None and (args.models is not None or args.checkpoint):
+        p.error("--models-file names the models: leave out --models and --checkpoint (and ESM_MODELS, ESM_CHECKPOINTS)")
+    if args.models is None:
+        args.models = "esm2-8m"
+    try:
+        defaults = model_specs.defaults_from_args(args)
+        if args.models_file is not None:
+            args.specs = model_specs.from_file(args.models_file, defaults)
+        else:
+            args.specs = model_specs.from_flags(args.models, args.checkpoint, defaults)
+    except model_specs.BadModelsConfig as exc:
+        p.error(str(exc))
+    too_small = [s.name for s in args.specs if s.max_queue_items < args.max_items]
+    if too_small:
+        p.error(f"max_queue_items must be at least --max-items ({args.max_items}) for {', '.join(too_small)}")
     return args
 
 
@@ -98,60 +128,87 @@ def limits_from(args) -> tuple[Limits, BatchLimits]:
         args.min_padding_efficiency, args.max_batch_token_pairs, args.aging)
 
 
-def load_models(args) -> dict[str, checkpoints.LoadedModel]:
-    explicit = {}
-    for entry in args.checkpoint:
-        name, sep, path = entry.partition("=")
-        if not sep:
-            raise SystemExit(f"--checkpoint {entry!r}: expected NAME=PATH")
-        explicit[name.strip()] = Path(path.strip())
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence_length: int) -> memory_budget.Need:
+    layers, dim, heads = shape
+    needed = memory_budget.required_bytes(layers, dim, heads, spec.max_batch_tokens, max_sequence_length)
+    return memory_budget.Need(spec.name, device, layers, dim, heads, needed)
+
+
+def load_models(args) -> dict[str, tuple[model_specs.ModelSpec, list[torch.device], checkpoints.LoadedModel]]:
+    """Locate every model, check they fit their devices (from shapes alone), then load them."""
+    allow_download = not args.offline
+    located, needs = {}, []
+    spec_devices = []
+    for spec in args.specs:
+        devices = resolve_devices(spec.device)  # one worker, with its own copy of the model, per device
+        spec_devices.append(devices)
+        stem = checkpoints.STANDARD_MODELS.get(spec.name) if spec.source is None else None
+        if stem is not None and not any(p.is_file() for p in checkpoints.candidate_paths(spec.name, None, args.model_dir)):
+            shape = checkpoints.STANDARD_SHAPES[stem]  # checked before a download, not after
+        else:
+            located[spec.name] = model_sources.locate(spec.name, spec.source, args.model_dir, allow_download)
+            shape = model_sources.shape(located[spec.name])
+        needs += [_need(spec, device, shape, args.max_sequence_length) for device in devices]
+    memory_budget.check_fits(needs, args.assume_available_memory_gib)
     models = {}
-    for name in names:
-        path = checkpoints.locate(name, explicit.get(name), args.model_dir, allow_download=not args.offline)
-        loaded = checkpoints.load(name, path)
+    for spec, devices in zip(args.specs, spec_devices):
+        where = located.get(spec.name) or model_sources.locate(spec.name, spec.source, args.model_dir, allow_download)
+        loaded = model_sources.load(spec.name, where)
         if loaded.random_weights:
             log.warning("!" * 72)
-            log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", name, path)
+            log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", spec.name, where.path)
             log.warning("!" * 72)
-        log.info("loaded %s from %s: %d layers, dim %d", name, path, loaded.num_layers, loaded.embed_dim)
-        models[name] = loaded
+        log.info("loaded %s (%s) from %s: %d layers, dim %d; on %s, %s, batches of up to %d tokens",
+                 spec.name, loaded.source_format, where.path, loaded.num_layers, loaded.embed_dim,
+                 ",".join(map(str, devices)), spec.precision, spec.max_batch_tokens)
+        models[spec.name] = (spec, devices, loaded)
     return models
 
 
-async def warm_up(scheduler: Scheduler, servicer: Esm2Servicer) -> None:
+async def warm_up(router: ModelRouter, servicer: Esm2Servicer) -> None:
     """One pass per model, attention mode and worker, so the first request pays no start-up cost."""
     for name, loaded in servicer.models.items():
         token_ids = loaded.tokenize(tuple("MKTAYIAKQR"))
-        for worker in range(len(scheduler.workers)):
+        for worker in range(len(router.schedulers[name].workers)):
             for outputs in ({OutputKind.MEAN, OutputKind.LOGITS}, {OutputKind.ATTENTIONS}):
-                await scheduler.run_now([ModelInput(name, token_ids, frozenset(outputs), (loaded.num_layers,))],
-                                        worker)
+                await router.run_now([ModelInput(name, token_ids, frozenset(outputs), (loaded.num_layers,))], worker)
         servicer.ready.add(name)
 
 
-def cache_scopes(models: dict[str, checkpoints.LoadedModel], args) -> dict[str, str]:
-    """Per model, what its results depend on besides the input: the weights file and the numerics."""
-    scopes = {}
-    for name, loaded in models.items():
-        stat = loaded.checkpoint.stat()
-        scopes[name] = (f"{name}|{loaded.checkpoint.name}|{stat.st_size}|{stat.st_mtime_ns}|"
-                        f"{args.precision}|{args.attention}")
-    return scopes
+def cache_scope(loaded: checkpoints.LoadedModel, spec: model_specs.ModelSpec) -> str:
+    """What a model's results depend on besides the input: its weights files and its numerics."""
+    path = loaded.checkpoint
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    weights = ";".join(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}" for f in files for stat in [f.stat()])
+    return f"{loaded.name}|{weights}|{spec.precision}|{spec.attention}"
+
+
+def build_schedulers(served, args) -> ModelRouter:
+    """Per model, one worker per device it lists and one scheduler with the model's own settings;
+    one result cache (one byte bound) for all of them."""
+    cache = result_cache.ResultCache(args.cache_mb << 20)
+    schedulers = {}
+    for name, (spec, devices, loaded) in served.items():
+        workers = [
+            ModelWorker(copy, device, spec.precision, spec.attention == "fast", args.simulate_oom_above_tokens)
+            for copy, device in zip(replicate({name: loaded}, devices), devices)
+        ]
+        schedulers[name] = Scheduler(
+            workers,
+            BatchLimits(spec.max_batch_tokens, spec.max_batch_size, spec.max_wait_ms / 1000, spec.max_queue_items,
+                        spec.min_padding_efficiency, args.max_batch_token_pairs, args.aging),
+            cache=cache, scopes={name: cache_scope(loaded, spec)},
+        )
+    return ModelRouter(schedulers)
 
 
 async def serve(args) -> None:
-    models = load_models(args)
-    devices = resolve_devices(args.device)
-    workers = [
-        ModelWorker(copy, device, args.precision, args.attention == "fast", args.simulate_oom_above_tokens)
-        for copy, device in zip(replicate(models, devices), devices)
-    ]
-    limits, batching = limits_from(args)
-    scheduler = Scheduler(workers, batching, cache=result_cache.ResultCache(args.cache_mb << 20),
-                          scopes=cache_scopes(models, args))
-    device_names = ",".join(str(device) for device in devices)
-    servicer = Esm2Servicer(models, scheduler, limits, device_names, args.max_json_response_mb << 20)
+    served = load_models(args)
+    models = {name: loaded for name, (_, _, loaded) in served.items()}
+    scheduler = build_schedulers(served, args)
+    limits, _ = limits_from(args)  # batching limits are per model (args.specs)
+    devices = {name: ",".join(map(str, model_devices)) for name, (_, model_devices, _) in served.items()}
+    servicer = Esm2Servicer(models, scheduler, limits, devices, args.max_json_response_mb << 20)
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
     server = grpc.aio.server(
@@ -173,8 +230,7 @@ async def serve(args) -> None:
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, addr=args.host)
     await server.start()
-    log.info("gRPC listening on %s:%d; warming up on %s; result cache %d MiB", args.host, port, device_names,
-             args.cache_mb)
+    log.info("gRPC listening on %s:%d; warming up; result cache %d MiB", args.host, port, args.cache_mb)
 
     await warm_up(scheduler, servicer)
     scheduler.start()
@@ -192,8 +248,16 @@ async def serve(args) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
+    # Health checks see NOT_SERVING at once (every name), while requests are still served for the
+    # drain window: balancers stop sending before the server stops accepting. A second signal
+    # ends the window early.
     await health_servicer.enter_graceful_shutdown()
+    if args.drain_seconds > 0:
+        log.info("draining: NOT_SERVING, still serving for %.1fs", args.drain_seconds)
+        stop.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.drain_seconds)
+    log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
     await server.stop(args.grace_seconds)
     await scheduler.close()
     log.info("stopped")
@@ -204,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         asyncio.run(serve(args))
-    except checkpoints.CheckpointNotFound as exc:
+    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit) as exc:
         log.error("%s", exc)
         return 2
     return 0
