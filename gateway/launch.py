@@ -106,12 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from service.server import parse_args as parse_server_args  # validates the server flags up front
 
+            if "--host" not in server_argv and "ESM_HOST" not in os.environ:
+                # Only Envoy needs to reach the server: keep gRPC on loopback unless told otherwise.
+                server_argv = [*server_argv, "--host", "127.0.0.1"]
             server_args = parse_server_args(server_argv)
             port = server_args.port or free_port()
             host = "127.0.0.1" if server_args.host in ("0.0.0.0", "::", "") else server_args.host
             upstream = args.upstream or (host, port)
             grace = server_args.grace_seconds
-            server_argv = [*server_argv, "--port", str(port), "--max-json-response-mb", str(args.max_json_response_mb)]
+            server_argv = [*server_argv, "--port", str(port), "--max-json-response-mb", str(args.max_json_response_mb),
+                           "--max-request-bytes", str(args.max_request_bytes)]
             # Own session: a terminal's Ctrl-C reaches only this launcher, which stops the children in order.
             server = subprocess.Popen([sys.executable, "-m", "service.server", *server_argv], cwd=REPO,
                                       start_new_session=True)

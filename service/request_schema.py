@@ -14,6 +14,7 @@ def request_schema(model: str, action: str, limits: Limits) -> dict:
     )
     params = {
         "type": "object",
+        "additionalProperties": False,
         "properties": {
             "repr_layers": {"type": "array", "items": {"type": "integer"}, "default": [-1]},
             "include": {
@@ -27,6 +28,7 @@ def request_schema(model: str, action: str, limits: Limits) -> dict:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"{model} {action} request",
         "type": "object",
+        "additionalProperties": False,
         "required": ["items"],
         "properties": {
             "params": params,
@@ -36,6 +38,7 @@ def request_schema(model: str, action: str, limits: Limits) -> dict:
                 "maxItems": limits.max_items,
                 "items": {
                     "type": "object",
+                    "additionalProperties": False,
                     "required": ["sequence"],
                     "properties": {
                         "sequence": {

@@ -17,6 +17,7 @@ import torch
 from google.api import httpbody_pb2
 
 from service import json_limits, metrics, rendering
+from service.json_body import CONTENT_ENCODING_METADATA, BodyError, BodyParser, gateway_error_metadata
 from service.checkpoints import LoadedModel
 from service.esm_forward import amino_acid_columns
 from service.item_outputs import ItemResult
@@ -49,8 +50,12 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def __init__(
         self, models: dict[str, LoadedModel], scheduler: Scheduler, limits: Limits, device: str,
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
+        max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
+        openapi_document: bytes = b"{}",
     ):
         self.max_json_response_bytes = max_json_response_bytes
+        self.bodies = BodyParser(limits, max_request_bytes)
+        self.openapi_document = openapi_document
         self.models = models
         self.scheduler = scheduler
         self.limits = limits
@@ -124,18 +129,24 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             _release(futures)
 
     @contextlib.asynccontextmanager
-    async def _rpc(self, method: str, context):
-        """Map failures to gRPC statuses, and count every RPC."""
-        code, message = grpc.StatusCode.OK, ""
+    async def _rpc(self, method: str, context, gateway: bool = False):
+        """Map failures to gRPC statuses, and count every RPC.
+
+        gateway: the RPC serves the JSON API, so failures also carry the HTTP status and
+        BioLM's error body for the gateway (json_body.gateway_error_metadata).
+        """
+        code, message, http_status, trailing = grpc.StatusCode.OK, "", None, ()
         try:
             yield
+        except BodyError as exc:
+            code, message, http_status = grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.http_status
         except InvalidRequest as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Rejected as exc:
             code, message = exc.code, str(exc)
         except QueueFull as exc:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-            context.set_trailing_metadata((("retry-after", "1"),))  # Envoy sends it as Retry-After
+            trailing = (("retry-after", "1"),)  # Envoy sends it as Retry-After
         except ItemFailed as exc:
             code, message = getattr(grpc.StatusCode, exc.code), str(exc)
         except asyncio.CancelledError:
@@ -148,7 +159,10 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
         metrics.REQUESTS.labels(method, code.name).inc()
         if code is not grpc.StatusCode.OK:
-            await context.abort(code, message)
+            if gateway:
+                status = http_status or HTTP_STATUS[code]
+                trailing += gateway_error_metadata(status, code.name, message)
+            await context.abort(code, message, trailing)
 
     # ---- unary ---------------------------------------------------------------
     async def Encode(self, request, context):
@@ -187,9 +201,16 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             raise InvalidRequest(json_limits.too_large(len(body), limit, estimated=False, stream_rpc=stream_rpc))
         return httpbody_pb2.HttpBody(content_type="application/json", data=body)
 
+    def _body(self, request, context, action: str):
+        encoding = dict(context.invocation_metadata() or ()).get(CONTENT_ENCODING_METADATA, "")
+        return self.bodies.parse(request.body.data, encoding, action)
+
     async def EncodeJson(self, request, context):
-        async with self._rpc("EncodeJson", context):
-            job = self._encode_job(request.model, request.params, request.items)
+        async with self._rpc("EncodeJson", context, gateway=True):
+            loaded = self._model(request.model)
+            body = self._body(request, context, "encode")
+            params = pb.EncodeParams(include=body.include, repr_layers=[int(v) for v in body.repr_layers])
+            job = self._encode_job(loaded.name, params, [pb.SequenceItem(sequence=s) for s in body.sequences])
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_encode_bytes(
                 [len(item.tokens) for item in job.items], job.include, len(job.layers), job.model.embed_dim, len(vocab)
@@ -198,20 +219,25 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             return await self._json(job, context, estimate, render, "EncodeStream")
 
     async def PredictJson(self, request, context):
-        async with self._rpc("PredictJson", context):
-            job = self._predict_job(request.model, request.items)
+        async with self._rpc("PredictJson", context, gateway=True):
+            loaded = self._model(request.model)
+            body = self._body(request, context, "predict")
+            job = self._predict_job(loaded.name, [pb.SequenceItem(sequence=s) for s in body.sequences])
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab))
             render = lambda i, r: rendering.predict_json_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
             return await self._json(job, context, estimate, render, "PredictStream")
 
     async def GetRequestSchema(self, request, context):
-        async with self._rpc("GetRequestSchema", context):
+        async with self._rpc("GetRequestSchema", context, gateway=True):
             loaded = self._model(request.model)
             if request.action not in ("encode", "predict"):
                 raise Rejected(grpc.StatusCode.NOT_FOUND, f"action {request.action!r} does not exist; use encode or predict")
             schema = request_schema(loaded.name, request.action, self.limits)
             return httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(schema))
+
+    async def GetOpenApiDocument(self, request, context):
+        return httpbody_pb2.HttpBody(content_type="application/json", data=self.openapi_document)
 
     # ---- streaming ------------------------------------------------------------
     async def _stream(self, job: Job, context, options: pb.StreamOptions, response_type, predict: bool):
@@ -262,6 +288,17 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             ready=name in self.ready, max_items=self.limits.max_items,
             max_sequence_length=self.limits.max_sequence_length, device=self.device,
         )
+
+
+# What Envoy's transcoder answers for each gRPC status (Grpc::Utility::grpcToHttpStatus).
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ABORTED: 409, grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+HTTP_STATUS = {code: HTTP_STATUS.get(code, 500) for code in grpc.StatusCode}
 
 
 def _release(futures: list[asyncio.Future]) -> None:

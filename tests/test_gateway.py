@@ -28,7 +28,7 @@ SEQS = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "GSHMSLFDFFKNKG-SEQNAVLKAW"]
 
 def start_gateway(tmp, upstream_port: int, **config) -> EnvoyProcess:
     envoy = EnvoyProcess(
-        GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=upstream_port, admin_port=None,
+        GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=upstream_port,
                       **config),
         log_path=tmp / "envoy.log",
     ).wait_listening()
@@ -322,8 +322,7 @@ def test_full_queue_is_429_with_retry_after(limited):
 
 
 def test_upstream_down_is_503_json(tmp_path):
-    envoy = EnvoyProcess(GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=free_port(),
-                                       admin_port=None), log_path=tmp_path / "envoy.log").wait_listening()
+    envoy = EnvoyProcess(GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=free_port()), log_path=tmp_path / "envoy.log").wait_listening()
     try:
         response = post(envoy, "/api/v3/esm2-8m/encode/", body(["MKT"]))
         assert response.status_code == 503
@@ -380,7 +379,7 @@ def test_launcher_starts_and_stops_server_and_envoy(tmp_path, tiny_checkpoint):
     log = open(tmp_path / "launch.log", "wb")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "gateway.launch", "--http-host", "127.0.0.1", "--http-port", str(http_port),
-         "--admin-port", "-1", "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", "0",
+         "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", "0",
          "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}", "--offline"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )
