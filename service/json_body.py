@@ -101,8 +101,11 @@ def _describe(error: jsonschema.ValidationError, limits: Limits) -> str:
     """A message naming the problem without echoing more than a few characters of the input."""
     kind = error.validator
     if kind == "type":
-        return f"expected {error.validator_value if error.validator_value != 'array' else 'an array'}" \
-               f", got {_TYPE_NAMES.get(type(error.instance), 'a value')}"
+        wanted = {"array": "an array", "object": "an object", "integer": "an integer", "string": "a string"}
+        got = _TYPE_NAMES.get(type(error.instance), "a value")
+        if not isinstance(error.instance, (dict, list)) and error.instance is not None:
+            got += f" ({_short(error.instance)})"
+        return f"expected {wanted.get(error.validator_value, error.validator_value)}, got {got}"
     if kind == "additionalProperties":
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         hint = " (the model comes from the URL path)" if "model" in extra else ""
@@ -153,7 +156,7 @@ class BodyParser:
             key = tuple(map(str, error.absolute_path))
             if key not in problems or error.validator == "type":
                 problems[key] = (_path(error), _describe(error, self.limits))
-        problems = [problems[key] for key in sorted(problems)]
+        problems = [problems[key] for key in sorted(problems, key=lambda k: [(len(p), p) for p in k])]
         if problems:
             raise BodyError(400, "; ".join(f"{f}: {m}" for f, m in problems), problems)
         params = document.get("params") or {}
