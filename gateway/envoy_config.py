@@ -34,6 +34,9 @@ class GatewayConfig:
     # Envoy's admin interface can stop the gateway and turn on logging of every header:
     # off unless asked for, and then only on a Unix socket that only this user can open.
     admin_socket: Path | None = None
+    # A listener that serves only /healthz and is exempt from max_connections, so that
+    # probes are answered while clients hold every connection; None: none.
+    health_port: int | None = None
     max_json_response_mb: int = DEFAULT_MAX_JSON_RESPONSE_MB
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     request_timeout_s: int = 600
@@ -70,7 +73,46 @@ def render(config: GatewayConfig) -> str:
         max_connections=config.max_connections,
         lua_code=json.dumps(lua_code(config)),
         admin=admin,
+        health_listener=HEALTH_LISTENER.format(host=config.http_host, port=config.health_port)
+        if config.health_port else "",
     )
+
+
+HEALTH_LISTENER = """\
+  - name: health
+    address:
+      socket_address: {{address: "{host}", port_value: {port}}}
+    enable_reuse_port: false
+    ignore_global_conn_limit: true
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: health
+          request_headers_timeout: 5s
+          common_http_protocol_options: {{idle_timeout: 10s}}
+          route_config:
+            virtual_hosts:
+            - name: health
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                direct_response: {{status: 404, body: {{inline_string: "only /healthz is served here"}}}}
+          http_filters:
+          - name: envoy.filters.http.health_check
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
+              pass_through_mode: false
+              headers:
+              - name: ":path"
+                string_match: {{exact: "/healthz"}}
+              cluster_min_healthy_percentages:
+                esm2_grpc: {{value: 100}}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
 
 
 def lua_code(config: GatewayConfig) -> str:
@@ -113,6 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a connection with no request for this long is closed")
     parser.add_argument("--max-connections", type=int, default=d.max_connections,
                         help="downstream connections Envoy accepts in all")
+    parser.add_argument("--health-port", type=int, default=d.health_port,
+                        help="also serve /healthz on this port, answered even when --max-connections are taken")
     parser.add_argument("--max-path-bytes", type=int, default=d.max_path_bytes, help="longer URL paths get 414")
     parser.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
                         help="request headers above this in total get 431")
@@ -128,7 +172,7 @@ def config_from_args(args: argparse.Namespace, upstream: tuple[str, int] | None 
         max_json_response_mb=args.max_json_response_mb, max_request_bytes=args.max_request_bytes,
         request_timeout_s=args.request_timeout_s, request_headers_timeout_s=args.request_headers_timeout_s,
         request_receive_timeout_s=args.request_receive_timeout_s, stream_idle_timeout_s=args.stream_idle_timeout_s,
-        connection_idle_timeout_s=args.connection_idle_timeout_s, max_connections=args.max_connections,
+        connection_idle_timeout_s=args.connection_idle_timeout_s, max_connections=args.max_connections, health_port=args.health_port,
         max_path_bytes=args.max_path_bytes, max_header_bytes=args.max_header_bytes,
         max_authorization_bytes=args.max_authorization_bytes,
     )
