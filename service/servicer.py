@@ -75,15 +75,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             )
         return loaded
 
-    def _encode_job(self, model: str, params: pb.EncodeParams, items) -> Job:
+    def _encode_job(self, model: str, include: list[str], repr_layers: list[int], sequences: list[str]) -> Job:
         loaded = self._model(model)
         errors = []  # report every problem at once: items first, then params
         try:
-            parsed = parse_items([it.sequence for it in items], predict=False, limits=self.limits)
+            parsed = parse_items(sequences, predict=False, limits=self.limits)
         except InvalidRequest as exc:
             errors.append(str(exc))
         try:
-            options = parse_options(list(params.include), list(params.repr_layers), loaded.num_layers, model)
+            options = parse_options(include, repr_layers, loaded.num_layers, model)
         except InvalidRequest as exc:
             errors.append(str(exc))
         if errors:
@@ -96,9 +96,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             )
         return Job(loaded, parsed, options.include, options.layers)
 
-    def _predict_job(self, model: str, items) -> Job:
+    def _predict_job(self, model: str, sequences: list[str]) -> Job:
         loaded = self._model(model)
-        parsed = parse_items([it.sequence for it in items], predict=True, limits=self.limits)
+        parsed = parse_items(sequences, predict=True, limits=self.limits)
         return Job(loaded, parsed, frozenset({"logits"}), ())
 
     def _submit(self, job: Job, context) -> list[asyncio.Future]:
@@ -167,7 +167,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     # ---- unary ---------------------------------------------------------------
     async def Encode(self, request, context):
         async with self._rpc("Encode", context):
-            job = self._encode_job(request.model, request.params, request.items)
+            job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
+                                   [item.sequence for item in request.items])
             results = await self._results(job, context)
             vocab = self._vocab[job.model.name]
             return await asyncio.to_thread(
@@ -178,7 +179,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     async def Predict(self, request, context):
         async with self._rpc("Predict", context):
-            job = self._predict_job(request.model, request.items)
+            job = self._predict_job(request.model, [item.sequence for item in request.items])
             results = await self._results(job, context)
             vocab = self._vocab[job.model.name]
             return await asyncio.to_thread(
@@ -209,8 +210,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("EncodeJson", context, gateway=True):
             loaded = self._model(request.model)
             body = self._body(request, context, "encode")
-            params = pb.EncodeParams(include=body.include, repr_layers=[int(v) for v in body.repr_layers])
-            job = self._encode_job(loaded.name, params, [pb.SequenceItem(sequence=s) for s in body.sequences])
+            job = self._encode_job(loaded.name, body.include, [int(v) for v in body.repr_layers], body.sequences)
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_encode_bytes(
                 [len(item.tokens) for item in job.items], job.include, len(job.layers), job.model.embed_dim, len(vocab)
@@ -222,7 +222,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("PredictJson", context, gateway=True):
             loaded = self._model(request.model)
             body = self._body(request, context, "predict")
-            job = self._predict_job(loaded.name, [pb.SequenceItem(sequence=s) for s in body.sequences])
+            job = self._predict_job(loaded.name, body.sequences)
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab))
             render = lambda i, r: rendering.predict_json_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
@@ -266,13 +266,14 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     async def EncodeStream(self, request, context):
         async with self._rpc("EncodeStream", context):
-            job = self._encode_job(request.model, request.params, request.items)
+            job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
+                                   [item.sequence for item in request.items])
             async for message in self._stream(job, context, request.stream_options, pb.EncodeStreamResponse, False):
                 yield message
 
     async def PredictStream(self, request, context):
         async with self._rpc("PredictStream", context):
-            job = self._predict_job(request.model, request.items)
+            job = self._predict_job(request.model, [item.sequence for item in request.items])
             async for message in self._stream(job, context, request.stream_options, pb.PredictStreamResponse, True):
                 yield message
 
