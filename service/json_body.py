@@ -20,20 +20,12 @@ from dataclasses import dataclass, field
 
 import jsonschema
 
+from esm2_wire.vocabulary import Limits
+from service.errors import BadBody, InvalidRequest
 from service.request_schema import request_schema
-from service.validation import Limits
 
 CONTENT_ENCODING_METADATA = "x-esm-content-encoding"  # set by the gateway's Lua filter
 _ECHO_LIMIT = 40  # characters of a caller's value repeated in a message
-
-
-class BodyError(Exception):
-    """A request body the caller must fix; http_status is what the gateway answers."""
-
-    def __init__(self, http_status: int, message: str, problems: list[tuple[str, str]] | None = None):
-        super().__init__(message)
-        self.http_status = http_status
-        self.problems = problems or []  # (field, message) per problem
 
 
 @dataclass
@@ -54,21 +46,21 @@ def inflate(data: bytes, encoding: str, max_bytes: int) -> bytes:
     if encoding in ("", "identity"):
         return data
     if encoding != "gzip":
-        raise BodyError(415, f"Content-Encoding {_short(encoding)} is not supported; send gzip or no encoding")
+        raise BadBody(415, f"Content-Encoding {_short(encoding)} is not supported; send gzip or no encoding")
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing only
     try:
         out = inflater.decompress(data, max_bytes + 1)
     except zlib.error as exc:
-        raise BodyError(400, f"the request body could not be decompressed (Content-Encoding: gzip): {exc}") from None
+        raise BadBody(400, f"the request body could not be decompressed (Content-Encoding: gzip): {exc}") from None
     if len(out) > max_bytes:
-        raise BodyError(
+        raise BadBody(
             413, f"the decompressed request body exceeds {max_bytes} bytes (--max-request-bytes)"
         )
     if not inflater.eof:
-        raise BodyError(400, "the request body could not be decompressed (Content-Encoding: gzip): "
+        raise BadBody(400, "the request body could not be decompressed (Content-Encoding: gzip): "
                              "the gzip stream is truncated")
     if inflater.unused_data:
-        raise BodyError(400, "the request body could not be decompressed (Content-Encoding: gzip): "
+        raise BadBody(400, "the request body could not be decompressed (Content-Encoding: gzip): "
                              "unexpected data after the gzip stream")
     return out
 
@@ -77,13 +69,13 @@ def _reject_duplicates(pairs):
     seen = {}
     for key, value in pairs:
         if key in seen:
-            raise BodyError(400, f"invalid JSON: duplicate key {_short(key)} in an object")
+            raise BadBody(400, f"invalid JSON: duplicate key {_short(key)} in an object")
         seen[key] = value
     return seen
 
 
 def _reject_constant(name):
-    raise BodyError(400, f"invalid JSON: {name} is not a JSON number")
+    raise BadBody(400, f"invalid JSON: {name} is not a JSON number")
 
 
 def _path(error: jsonschema.ValidationError) -> str:
@@ -138,17 +130,17 @@ class BodyParser:
 
     def parse(self, data: bytes, encoding: str, action: str) -> EncodeBody:
         if len(data) > self.max_bytes:
-            raise BodyError(413, f"the request body exceeds {self.max_bytes} bytes (--max-request-bytes)")
+            raise BadBody(413, f"the request body exceeds {self.max_bytes} bytes (--max-request-bytes)")
         text = inflate(data, encoding, self.max_bytes)
         try:
             document = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
         except UnicodeDecodeError:
-            raise BodyError(400, "invalid JSON: the body is not UTF-8 text") from None
+            raise BadBody(400, "invalid JSON: the body is not UTF-8 text") from None
         except json.JSONDecodeError as exc:
-            raise BodyError(400, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            raise BadBody(400, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
                                  f" (character {exc.pos})") from None
         except RecursionError:
-            raise BodyError(400, "invalid JSON: nested too deeply") from None
+            raise BadBody(400, "invalid JSON: nested too deeply") from None
         problems = {}  # one problem per field: the first (a wrong type before a wrong value)
         for error in self._validators[action].iter_errors(document):
             if error.validator in _SEQUENCE_RULES and list(error.absolute_path)[-1:] == ["sequence"]:
@@ -158,7 +150,7 @@ class BodyParser:
                 problems[key] = (_path(error), _describe(error, self.limits))
         problems = [problems[key] for key in sorted(problems, key=lambda k: [(len(p), p) for p in k])]
         if problems:
-            raise BodyError(400, "; ".join(f"{f}: {m}" for f, m in problems), problems)
+            raise InvalidRequest("; ".join(f"{f}: {m}" for f, m in problems))
         params = document.get("params") or {}
         return EncodeBody(
             sequences=[item["sequence"] for item in document["items"]],
@@ -182,6 +174,14 @@ def split_problems(message: str) -> list[tuple[str, str]]:
     return problems
 
 
+MAX_DETAIL_CHARS = 2048
+MAX_ERRORS = 16
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def error_body(http_status: int, code: str, message: str, problems: list[tuple[str, str]] | None = None) -> bytes:
     """BioLM's error shape: `detail`, `errors` (per item and field), `status_code`, `code`;
     `message` repeats `detail` for callers of the earlier google.rpc.Status shape.
@@ -190,10 +190,12 @@ def error_body(http_status: int, code: str, message: str, problems: list[tuple[s
     """
     if problems is None:
         problems = split_problems(message)
+    message = _clip(message, MAX_DETAIL_CHARS)  # the body travels in gRPC trailers: keep it small
     errors = []
-    for name, text in problems:
+    for name, text in problems[:MAX_ERRORS]:
         item = re.match(r"items\[(\d+)\]", name)
-        errors.append({"index": int(item.group(1)) if item else None, "field": name, "detail": text})
+        errors.append({"index": int(item.group(1)) if item else None, "field": _clip(name, 64),
+                       "detail": _clip(text, MAX_DETAIL_CHARS // 4)})
     return json.dumps(
         {"detail": message, "errors": errors, "status_code": http_status, "code": code, "message": message},
         ensure_ascii=True,

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import sys
 
+from esm2_wire.output_kinds import NAMES as INCLUDE_VALUES
+from esm2_wire.vocabulary import Limits
 from service.request_schema import request_schema
-from service.validation import INCLUDE_VALUES, Limits
 
 NUMBERS = {"type": "array", "items": {"type": "number"}}
 MATRIX = {"type": "array", "items": NUMBERS}

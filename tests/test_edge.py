@@ -18,7 +18,7 @@ import zlib
 
 import pytest
 import requests
-from conftest import REPO, ServerProcess, free_port
+from support import REPO, ServerProcess, free_port
 from test_gateway import start_gateway
 
 from gateway.envoy_config import GatewayConfig, render
