@@ -309,6 +309,7 @@ def test_unknown_encodings_are_415(edge, encoding):
         (ENCODE, {"Authorization": "Token " + "k" * 2_000}, 401, "Authorization header is longer"),
         (ENCODE, {"X-Filler": "f" * 7_000}, 431, "request headers total"),
         (ENCODE, {"X-Filler": "f" * 59_000}, 431, ""),
+        (ENCODE, {f"X-Header-{i}": "v" for i in range(120)}, 431, ""),
         (ENCODE + "x" * 3_000, {}, 414, "URL path"),
         (ENCODE + "x" * 17_000, {}, 431, ""),
     ],
