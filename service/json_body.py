@@ -22,7 +22,7 @@ import jsonschema
 
 from esm2_wire.vocabulary import Limits
 from service.errors import BadBody, InvalidRequest
-from service.request_schema import request_schema
+from service.request_schema import MAX_LIST_PARAM, request_schema
 
 CONTENT_ENCODING_METADATA = "x-esm-content-encoding"  # set by the gateway's Lua filter
 _ECHO_LIMIT = 40  # characters of a caller's value repeated in a message
@@ -105,11 +105,28 @@ def _describe(error: jsonschema.ValidationError, limits: Limits) -> str:
         return f"unknown field {', '.join(_short(k) for k in extra)}{hint}; allowed: {allowed}"
     if kind == "required":
         return f"missing required field {_short(error.validator_value[0]) if len(error.validator_value) == 1 else error.validator_value}"
-    if kind in ("minItems", "maxItems"):
+    if kind in ("minItems", "maxItems") and list(error.absolute_path) == ["items"]:
         return f"expected 1 to {limits.max_items} items, got {len(error.instance)}"
+    if kind == "maxItems":
+        return f"at most {error.validator_value} values, got {len(error.instance)}"
     if kind == "enum":
         return f"unknown value {_short(error.instance)}; allowed: {', '.join(map(str, error.validator_value))}"
     return error.message if len(error.message) <= 200 else error.message[:199] + "…"
+
+
+def _check_list_lengths(document, limits: Limits) -> None:
+    """The schema's maxItems, checked first: a 4 MiB body of 200,000 items or include
+    values is refused before the validator visits each of them."""
+    if not isinstance(document, dict):
+        return
+    items = document.get("items")
+    if isinstance(items, list) and len(items) > limits.max_items:
+        raise InvalidRequest(f"items: expected 1 to {limits.max_items} items, got {len(items)}")
+    params = document.get("params")
+    for name in ("include", "repr_layers"):
+        values = params.get(name) if isinstance(params, dict) else None
+        if isinstance(values, list) and len(values) > MAX_LIST_PARAM:
+            raise InvalidRequest(f"params.{name}: at most {MAX_LIST_PARAM} values, got {len(values)}")
 
 
 # Sequence contents (letters, length, masks) are checked by service.validation, whose
@@ -141,6 +158,7 @@ class BodyParser:
                                  f" (character {exc.pos})") from None
         except RecursionError:
             raise BadBody(400, "invalid JSON: nested too deeply") from None
+        _check_list_lengths(document, self.limits)
         problems = {}  # one problem per field: the first (a wrong type before a wrong value)
         for error in self._validators[action].iter_errors(document):
             if error.validator in _SEQUENCE_RULES and list(error.absolute_path)[-1:] == ["sequence"]:

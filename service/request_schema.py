@@ -9,6 +9,10 @@ from esm2_wire.output_kinds import ALIASES, NAMES
 from esm2_wire.vocabulary import Limits
 
 
+# Longest params list: more layers than any ESM-2 has, every output several times over.
+MAX_LIST_PARAM = 64
+
+
 def request_schema(model: str, action: str, limits: Limits) -> dict:
     sequence_pattern = "^[ACDEFGHIKLMNPQRSTVWYBXZUO-]+$" if action == "encode" else (
         "^([ACDEFGHIKLMNPQRSTVWYBXZUO]|<mask>)*<mask>([ACDEFGHIKLMNPQRSTVWYBXZUO]|<mask>)*$"
@@ -17,9 +21,10 @@ def request_schema(model: str, action: str, limits: Limits) -> dict:
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "repr_layers": {"type": "array", "items": {"type": "integer"}, "default": [-1]},
+            "repr_layers": {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_LIST_PARAM, "default": [-1]},
             "include": {
                 "type": "array",
+                "maxItems": MAX_LIST_PARAM,
                 "items": {"type": "string", "enum": [*NAMES, *ALIASES]},
                 "default": ["mean"],
             },

@@ -174,14 +174,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             raise InvalidRequest(json_limits.too_large(len(body), limit, estimated=False, stream_rpc=stream_rpc))
         return httpbody_pb2.HttpBody(content_type="application/json", data=body)
 
-    def _body(self, request, context, action: str):
+    async def _body(self, request, context, action: str):
+        """The parsed body, read off the event loop (up to 4 MiB of JSON)."""
         encoding = dict(context.invocation_metadata() or ()).get(CONTENT_ENCODING_METADATA, "")
-        return self.bodies.parse(request.body.data, encoding, action)
+        return await asyncio.to_thread(self.bodies.parse, request.body.data, encoding, action)
 
     async def EncodeJson(self, request, context):
         async with self._rpc("EncodeJson", context, gateway=True):
             loaded = self._model(request.model)
-            body = self._body(request, context, "encode")
+            body = await self._body(request, context, "encode")
             job = self._encode_job(loaded.name, body.include, [int(v) for v in body.repr_layers], body.sequences)
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_encode_bytes(
@@ -193,7 +194,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     async def PredictJson(self, request, context):
         async with self._rpc("PredictJson", context, gateway=True):
             loaded = self._model(request.model)
-            body = self._body(request, context, "predict")
+            body = await self._body(request, context, "predict")
             job = self._predict_job(loaded.name, body.sequences)
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab))

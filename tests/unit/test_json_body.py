@@ -48,3 +48,14 @@ def test_error_body_names_items_and_fields_and_stays_small():
     assert body["detail"] == body["message"] and body["status_code"] == 400
     huge = json.loads(error_body(400, "INVALID_ARGUMENT", "items: " + "x" * 100_000))
     assert len(huge["detail"]) <= 2048 and huge["detail"].endswith("…")
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (json.dumps({"items": [{"sequence": "A"}] * 200_000}).encode(), "items: expected 1 to 8 items, got 200000"),
+    (json.dumps({"items": [{"sequence": "A"}], "params": {"include": ["mean"] * 100_000}}).encode(),
+     "params.include: at most 64 values"),
+])
+def test_long_lists_are_refused_before_validation(data, fragment):
+    with pytest.raises(InvalidRequest) as caught:
+        PARSER.parse(data, "", "encode")
+    assert fragment in str(caught.value)
