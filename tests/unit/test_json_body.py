@@ -51,8 +51,8 @@ def test_error_body_names_items_and_fields_and_stays_small():
 
 
 @pytest.mark.parametrize("data, fragment", [
-    (json.dumps({"items": [{"sequence": "A"}] * 200_000}).encode(), "items: expected 1 to 8 items, got 200000"),
-    (json.dumps({"items": [{"sequence": "A"}], "params": {"include": ["mean"] * 100_000}}).encode(),
+    (json.dumps({"items": [{"sequence": "A"}] * 20_000}).encode(), "items: expected 1 to 8 items, got 20000"),
+    (json.dumps({"items": [{"sequence": "A"}], "params": {"include": ["mean"] * 50_000}}).encode(),
      "params.include: at most 64 values"),
 ])
 def test_long_lists_are_refused_before_validation(data, fragment):
