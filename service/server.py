@@ -38,7 +38,12 @@ from service.servicer import Esm2Servicer
 
 log = logging.getLogger("service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
+OPENAPI_DOCUMENT = Path(__file__).resolve().parent / "openapi.json"  # served at /api/v3/openapi.json
 MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; streaming is preferred
+
+
+class AddressInUse(Exception):
+    pass
 
 
 def _env(name: str, default):
@@ -86,10 +91,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-mb", type=int, default=int(_env("cache_mb", result_cache.DEFAULT_CACHE_MB)),
                    help="result cache size in MiB (0 turns it off); identical items in flight are always merged")
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9090)), help="0 disables")
+    p.add_argument("--metrics-host", default=_env("metrics_host", "127.0.0.1"),
+                   help="Prometheus listener address (0.0.0.0 where a scraper on another host reads it)")
     p.add_argument("--api-keys-file", default=_env("api_keys_file", None), help="one key per line")
     p.add_argument("--max-json-response-mb", type=int,
                    default=int(_env("max_json_response_mb", json_limits.DEFAULT_MAX_JSON_RESPONSE_MB)),
                    help="largest JSON gateway response; bigger ones get INVALID_ARGUMENT (HTTP 400) naming EncodeStream")
+    p.add_argument("--max-request-bytes", type=int,
+                   default=int(_env("max_request_bytes", json_limits.DEFAULT_MAX_REQUEST_BYTES)),
+                   help="largest JSON request body after gzip decompression (HTTP 413 above)")
     p.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 0)),
                    help="after SIGTERM: report NOT_SERVING at once but keep serving this long, so that load "
                         "balancers move traffic away first (a fleet behind Envoy: 5; Kubernetes: see the README)")
@@ -208,7 +218,8 @@ async def serve(args) -> None:
     scheduler = build_schedulers(served, args)
     limits, _ = limits_from(args)  # batching limits are per model (args.specs)
     devices = {name: ",".join(map(str, model_devices)) for name, (_, model_devices, _) in served.items()}
-    servicer = Esm2Servicer(models, scheduler, limits, devices, args.max_json_response_mb << 20)
+    servicer = Esm2Servicer(models, scheduler, limits, devices, args.max_json_response_mb << 20,
+                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes())
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
     server = grpc.aio.server(
@@ -216,6 +227,8 @@ async def serve(args) -> None:
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", 64 << 20),
+            # A second server on a busy port must fail, not take half of its connections.
+            ("grpc.so_reuseport", 0),
         ],
     )
     pb_grpc.add_Esm2ServiceServicer_to_server(servicer, server)
@@ -226,9 +239,15 @@ async def serve(args) -> None:
     )
     for name in ["", SERVICE_NAME, *models]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    try:
+        port = server.add_insecure_port(f"{args.host}:{args.port}")
+    except RuntimeError as exc:  # grpc says only "Failed to bind"; a busy port is the usual cause
+        raise AddressInUse(f"cannot listen on {args.host}:{args.port}: address in use or unavailable ({exc})") from None
     if args.metrics_port:
-        prometheus_client.start_http_server(args.metrics_port, addr=args.host)
+        try:
+            prometheus_client.start_http_server(args.metrics_port, addr=args.metrics_host)
+        except OSError as exc:
+            raise AddressInUse(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror}") from None
     await server.start()
     log.info("gRPC listening on %s:%d; warming up; result cache %d MiB", args.host, port, args.cache_mb)
 
@@ -268,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         asyncio.run(serve(args))
-    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit) as exc:
+    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit, AddressInUse) as exc:
         log.error("%s", exc)
         return 2
     return 0

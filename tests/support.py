@@ -10,7 +10,7 @@ from esm2_wire.proto import pb, pb_grpc
 from harness import server_process
 from harness.server_process import REPO, free_port
 
-__all__ = ["REPO", "ServerProcess", "encode_request", "free_port", "wait_for"]
+__all__ = ["REPO", "ServerProcess", "encode_request", "envoy_admin_get", "free_port", "wait_for"]
 
 
 class ServerProcess(server_process.ServerProcess):
@@ -49,3 +49,22 @@ def wait_for(condition, timeout: float = 60) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("condition not reached")
+
+
+def envoy_admin_get(socket_path, path: str, timeout: float = 10) -> str:
+    """GET from Envoy's admin interface, which listens only on a Unix socket (mode 0600)."""
+    import http.client
+    import socket
+
+    class _UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(socket_path))
+
+    connection = _UnixConnection("localhost", timeout=timeout)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().read().decode()
+    finally:
+        connection.close()

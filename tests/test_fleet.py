@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 import requests
-from support import REPO, ServerProcess, free_port
+from support import REPO, ServerProcess, envoy_admin_get, free_port
 from reference import assert_close, reference
 
 from esm2_client import Esm2Client
@@ -50,7 +50,7 @@ class Fleet:
         for server in [*self.replicas, self.other]:
             server.wait_ready()
         self.envoy = EnvoyProcess(GatewayConfig(
-            http_host="127.0.0.1", http_port=free_port(), admin_port=free_port(),
+            http_host="127.0.0.1", http_port=free_port(), admin_socket=tmp / "admin.sock",
             pools=(Pool(TINY, tuple(("127.0.0.1", r.port) for r in self.replicas)),
                    Pool(OTHER, (("127.0.0.1", self.other.port),))),
         ), log_path=tmp / "envoy.log").wait_listening()
@@ -62,7 +62,7 @@ class Fleet:
 
     def host_flags(self, server) -> str:
         """Envoy's health flags of one upstream host ("healthy", "/failed_active_hc", ...)."""
-        text = requests.get(f"http://127.0.0.1:{self.envoy.config.admin_port}/clusters", timeout=10).text
+        text = envoy_admin_get(self.envoy.config.admin_socket, "/clusters")
         for line in text.splitlines():
             if f"::127.0.0.1:{server.port}::health_flags::" in line:
                 return line.rsplit("::", 1)[1]
@@ -290,11 +290,12 @@ def test_pool_with_every_replica_down_answers_503_at_once(fleet):
 
 def test_launcher_runs_replicas_behind_one_envoy_and_stops_them_all(tmp_path, tiny_checkpoint):
     """`make fleet`: python -m gateway.launch --replicas N."""
-    http_port, admin_port, grpc_port = free_port(), free_port(), free_port()
+    http_port, grpc_port = free_port(), free_port()
+    admin_socket = tmp_path / "admin.sock"
     log = open(tmp_path / "launch.log", "wb")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "gateway.launch", "--replicas", "2", "--http-host", "127.0.0.1",
-         "--http-port", str(http_port), "--admin-port", str(admin_port), "--host", "127.0.0.1",
+         "--http-port", str(http_port), "--admin-socket", str(admin_socket), "--host", "127.0.0.1",
          "--port", str(grpc_port), "--metrics-port", "0", "--models", TINY,
          "--checkpoint", f"{TINY}={tiny_checkpoint}", "--offline"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -303,8 +304,8 @@ def test_launcher_runs_replicas_behind_one_envoy_and_stops_them_all(tmp_path, ti
         end = time.monotonic() + 120
         while True:  # both replicas healthy in the model's pool
             assert launcher.poll() is None and time.monotonic() < end, (tmp_path / "launch.log").read_text()[-3000:]
-            with contextlib.suppress(requests.ConnectionError):
-                clusters = requests.get(f"http://127.0.0.1:{admin_port}/clusters", timeout=5).text
+            with contextlib.suppress(OSError):
+                clusters = envoy_admin_get(admin_socket, "/clusters", timeout=5)
                 if all(f"pool_{TINY}::127.0.0.1:{port}::health_flags::healthy" in clusters
                        for port in (grpc_port, grpc_port + 1)):
                     break
