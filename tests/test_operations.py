@@ -51,7 +51,8 @@ def busy_server(tmp_path_factory, checkpoint_dir):
     """8M shape with a queue of 8 items: one long request keeps the worker busy for seconds."""
     proc = ServerProcess(tmp_path_factory.mktemp("busy"), "--models", "esm2-8m", "--model-dir", str(checkpoint_dir),
                          "--max-queue-items", "8", "--max-batch-tokens", "16384",
-                         "--max-batch-token-pairs", str(16384 * 2048)).wait_ready()
+                         "--max-batch-token-pairs", str(16384 * 2048),
+                         "--aging", "0").wait_ready()  # first come, first served: nothing runs between its layers
     yield proc
     proc.stop()
 
