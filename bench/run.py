@@ -22,7 +22,7 @@ from service.random_checkpoints import SHAPES, write_random_checkpoint
 log = logging.getLogger("bench")
 HERE = Path(__file__).resolve().parent
 # --cases: groups of the per-model cases, plus the --mfu-models and --rss-models runs.
-CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "mfu", "rss")
+CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "hf", "mfu", "rss")
 SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer"}  # the ones that need a server
 
 
@@ -102,18 +102,18 @@ def warm(model_cases: cases.ModelCases, workload: Workload) -> None:
 
 
 def full_cases(m: cases.ModelCases, clients, items, groups) -> list:
-    steps = [("baseline", m.baseline_mean), ("baseline", m.baseline_small_batches),
+    steps = [("baseline", m.baseline_mean), ("hf", m.peers_mean),
              ("forward", m.forward_fast), ("forward", m.forward_exact)]
     steps += [("grpc", lambda c=c, i=i: m.grpc_mean(c, i)) for i in items for c in clients]
     steps += [("grpc", lambda: m.grpc_mean(8, 8, "exact")), ("stream", lambda: m.stream("per_token")),
               ("stream", lambda: m.stream("logits")), ("baseline", m.baseline_contacts),
               ("stream", lambda: m.stream("contacts")), ("json", lambda: m.json("mean")),
-              ("json", lambda: m.json("per_token")), ("peer", m.peer)]
+              ("json", lambda: m.json("per_token")), ("peer", m.peer), ("hf", m.peer_logits)]
     return [step for group, step in steps if group in groups]
 
 
-def mfu_cases(m: cases.ModelCases) -> list:
-    return [m.baseline_mean, m.forward_fast, lambda: m.grpc_mean(8, 8)]
+def mfu_cases(m: cases.ModelCases, groups) -> list:
+    return [m.baseline_mean, m.forward_fast, lambda: m.grpc_mean(8, 8)] + ([m.peers_mean] if "hf" in groups else [])
 
 
 def run_model(shape, args, workload, contacts_workload, full: bool) -> list[cases.Measurement]:
@@ -130,7 +130,7 @@ def run_model(shape, args, workload, contacts_workload, full: bool) -> list[case
         if full and "grpc" in groups:
             m.server("exact")
         warm(m, workload)
-        steps = full_cases(m, shapes_list(args.clients), shapes_list(args.items), groups) if full else mfu_cases(m)
+        steps = full_cases(m, shapes_list(args.clients), shapes_list(args.items), groups) if full else mfu_cases(m, args.cases)
         for repeat in range(args.repeats):
             log.info("%s: run %d of %d", name, repeat + 1, args.repeats)
             for step in steps:
