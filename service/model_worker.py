@@ -18,6 +18,7 @@ import torch
 from service.checkpoints import LoadedModel
 from service.esm_forward import BatchPlan, forward
 from service.item_outputs import ItemResult
+from service.precision import AUTOCAST_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,6 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
-_PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def _out_of_memory(exc: Exception) -> bool:
     # CUDA raises torch.OutOfMemoryError; the CPU allocator a plain RuntimeError.
     return isinstance(exc, torch.OutOfMemoryError) or (
@@ -86,7 +84,8 @@ class ModelWorker:
     ):
         self.models = models
         self.device = device
-        self.autocast_dtype = _PRECISIONS[precision]
+        self.precision = precision
+        self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.fast_attention = fast_attention
         # Testing aid: behave as if the device ran out of memory on larger batches.
         self.simulate_oom_above_tokens = simulate_oom_above_tokens

@@ -13,7 +13,8 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from service import metrics
 from service.model_worker import ItemFailed, ModelWorker, WorkItem
@@ -32,6 +33,10 @@ class BatchLimits:
     max_wait_s: float = 0.005  # how long an idle worker waits to fill a batch
     max_queue_items: int = 256
     min_padding_efficiency: float = 0.92  # real tokens / padded tokens a batch may not fall below
+    model_batch_tokens: Mapping[str, int] = field(default_factory=dict)  # per-model budgets, else the one above
+
+    def tokens_for(self, model: str) -> int:
+        return self.model_batch_tokens.get(model, self.max_batch_tokens)
 
 
 def take_batch(pending: list[WorkItem], limits: BatchLimits) -> list[WorkItem]:
@@ -42,6 +47,7 @@ def take_batch(pending: list[WorkItem], limits: BatchLimits) -> list[WorkItem]:
         key=lambda it: it.length,
     )
     lo = hi = peers.index(anchor)
+    budget = limits.tokens_for(anchor.model)
     width = real = anchor.length  # real: tokens that are not padding
     while hi - lo + 1 < limits.max_batch_size:
         count = hi - lo + 2
@@ -51,12 +57,12 @@ def take_batch(pending: list[WorkItem], limits: BatchLimits) -> list[WorkItem]:
         options = []
         if lo > 0:
             shorter = peers[lo - 1]
-            if width * count <= limits.max_batch_tokens and \
+            if width * count <= budget and \
                     real + shorter.length >= limits.min_padding_efficiency * width * count:
                 options.append((width - shorter.length, -1))
         if hi + 1 < len(peers):
             longer = peers[hi + 1]
-            if longer.length * count <= limits.max_batch_tokens and \
+            if longer.length * count <= budget and \
                     real + longer.length >= limits.min_padding_efficiency * longer.length * count:
                 options.append(((longer.length - width) * (count - 1), 1))
         if not options:
@@ -134,7 +140,7 @@ class Scheduler:
         anchor = self._pending[0]
         same = [it for it in self._pending if it.model == anchor.model and it.needs_maps == anchor.needs_maps]
         width = max(it.length for it in same)
-        return len(same) >= self.limits.max_batch_size or width * len(same) >= self.limits.max_batch_tokens
+        return len(same) >= self.limits.max_batch_size or width * len(same) >= self.limits.tokens_for(anchor.model)
 
     async def _fill_window(self) -> None:
         """Give concurrent callers a moment to join before an idle worker starts."""

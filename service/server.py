@@ -23,7 +23,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import checkpoints, json_limits
+from service import batch_budget, checkpoints, json_limits, precision
 from service.auth import ApiKeyInterceptor, load_keys
 from service.model_worker import ModelWorker, WorkItem, resolve_device
 from service.proto import pb, pb_grpc
@@ -53,13 +53,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offline", action="store_true", default=_env("offline", "") in ("1", "true"),
                    help="never download missing checkpoints")
     p.add_argument("--device", default=_env("device", "auto"), help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=_env("precision", "fp32"),
-                   help="autocast precision (fp16/bf16 only make sense on CUDA)")
+    p.add_argument("--precision", choices=tuple(precision.AUTOCAST_DTYPES), default=_env("precision", "fp32"),
+                   help="fp32 (default, equal to fair-esm) or fp16/bf16 autocast; on CPU only where the "
+                        "processor has native instructions for it (bf16: AVX512_BF16 or AMX), else refused")
     p.add_argument("--attention", choices=("fast", "exact"), default=_env("attention", "fast"),
                    help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
     p.add_argument("--max-items", type=int, default=int(_env("max_items", 8)))
     p.add_argument("--max-sequence-length", type=int, default=int(_env("max_sequence_length", 2048)))
-    p.add_argument("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", 8192)))
+    p.add_argument("--max-batch-tokens", type=_setting, default=_env("max_batch_tokens", "device"),
+                   help="padded tokens per batch: a number, 'device' (default: the measured default for the "
+                        "device type, 1024 on CPU, 8192 on CUDA) or 'sweep' (time the candidates at start-up)")
+    p.add_argument("--batch-sweep-seconds", type=float, default=float(_env("batch_sweep_seconds", 20)),
+                   help="time bound of one model's --max-batch-tokens sweep")
     p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", 64)))
     p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", 5)))
     p.add_argument("--max-queue-items", type=int, default=int(_env("max_queue_items", 256)))
@@ -73,10 +78,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)))
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once ready")
     p.add_argument("--simulate-oom-above-tokens", type=int, default=0, help=argparse.SUPPRESS)
+    # Testing aid: pretend the CPU has (or lacks) native bf16/fp16, to test both paths on any machine.
+    p.add_argument("--simulate-cpu-native", choices=("present", "absent"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.max_queue_items < args.max_items:
         p.error("--max-queue-items must be at least --max-items")
     return args
+
+
+def _setting(text: str) -> str:
+    try:
+        return batch_budget.parse_setting(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def load_models(args) -> dict[str, checkpoints.LoadedModel]:
@@ -114,16 +128,25 @@ async def warm_up(scheduler: Scheduler, servicer: Esm2Servicer) -> None:
 
 
 async def serve(args) -> None:
-    models = load_models(args)
     device = resolve_device(args.device)
+    simulated = {"present": True, "absent": False}.get(args.simulate_cpu_native)
+    precision.check(args.precision, device, simulated)  # before the slow part: refuse fast
+    models = load_models(args)
     worker = ModelWorker(models, device, args.precision, args.attention == "fast", args.simulate_oom_above_tokens)
+    budgets = {}
+    for name, loaded in models.items():
+        budgets[name] = batch_budget.for_model(args.max_batch_tokens, loaded, device, worker.autocast_dtype,
+                                               args.batch_sweep_seconds)
+        log.info("%s: batch budget %s; precision %s", name, budgets[name].describe(), args.precision)
     limits = Limits(args.max_items, args.max_sequence_length)
     scheduler = Scheduler(
         worker,
-        BatchLimits(args.max_batch_tokens, args.max_batch_size, args.max_wait_ms / 1000, args.max_queue_items,
-                    args.min_padding_efficiency),
+        BatchLimits(max(b.tokens for b in budgets.values()), args.max_batch_size, args.max_wait_ms / 1000,
+                    args.max_queue_items, args.min_padding_efficiency,
+                    model_batch_tokens={name: b.tokens for name, b in budgets.items()}),
     )
-    servicer = Esm2Servicer(models, scheduler, limits, str(device), args.max_json_response_mb << 20)
+    servicer = Esm2Servicer(models, scheduler, limits, str(device), args.max_json_response_mb << 20,
+                            batch_budgets=budgets, precision=args.precision)
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
     server = grpc.aio.server(
@@ -175,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         asyncio.run(serve(args))
-    except checkpoints.CheckpointNotFound as exc:
+    except (checkpoints.CheckpointNotFound, precision.PrecisionUnsupported) as exc:
         log.error("%s", exc)
         return 2
     return 0

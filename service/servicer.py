@@ -49,7 +49,10 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def __init__(
         self, models: dict[str, LoadedModel], scheduler: Scheduler, limits: Limits, device: str,
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
+        batch_budgets: dict | None = None, precision: str = "fp32",
     ):
+        self.batch_budgets = batch_budgets or {}  # model -> batch_budget.BudgetChoice
+        self.precision = precision
         self.max_json_response_bytes = max_json_response_bytes
         self.models = models
         self.scheduler = scheduler
@@ -255,12 +258,14 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         return pb.ListModelsResponse(models=[self.model_info(name) for name in sorted(self.models)])
 
     def model_info(self, name: str) -> pb.ModelInfo:
-        m = self.models[name]
+        m, budget = self.models[name], self.batch_budgets.get(name)
         return pb.ModelInfo(
             name=name, checkpoint=str(m.checkpoint), num_layers=m.num_layers, embed_dim=m.embed_dim,
             attention_heads=m.attention_heads, parameters=m.parameters, random_weights=m.random_weights,
             ready=name in self.ready, max_items=self.limits.max_items,
             max_sequence_length=self.limits.max_sequence_length, device=self.device,
+            max_batch_tokens=self.scheduler.limits.tokens_for(name),
+            batch_tokens_source=budget.source if budget else "", precision=self.precision,
         )
 
 
