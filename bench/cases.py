@@ -309,7 +309,7 @@ BEST_STOCK = "peer: stock fair-esm at its best token budget, mean"
 HF_MEAN = "peer: HF transformers EsmModel sdpa at its best token budget, mean"
 HF_LOGITS = "peer: HF transformers EsmForMaskedLM sdpa, logits"
 # Token budgets each peer's sweep tries (sorted-length batches, as a user who batches well would).
-PEER_BUDGETS = {"cpu": (1024, 2048, 4096, 8192), "cuda": (4096, 8192, 16384, 32768)}
+PEER_BUDGETS = {"cpu": (1024, 2048, 4096), "cuda": (4096, 8192, 16384, 32768)}
 PEER_EMBED = "peer: esm2 embed, whole process (server already up)"
 PEER_TRUNCATE = 1022  # esm-extract's default cut; `esm2 embed --truncate` makes the same one
 

@@ -52,6 +52,11 @@ def parse_args(argv):
     p.add_argument("--items", default="8,1")
     p.add_argument("--latency-requests", type=int, default=100)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: baseline, in-process forward and servers")
+    p.add_argument("--gpu-suite", action="store_true",
+                   help="the GPU suite instead of the cases (bench/gpu_suite.py): --suite-models in-process, "
+                        "fp32/bf16/fp16 vs stock fp32 fair-esm and HF sdpa, MFU against the measured bf16 matmul rate")
+    p.add_argument("--suite-models", default="650m,3b", help="shapes of --gpu-suite")
+    p.add_argument("--suite-sequences", type=int, default=128, help="log-normal sequences of --gpu-suite")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="the service's autocast precision (the stock baseline stays fp32)")
     p.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--max-batch-tokens 2048'")
@@ -159,6 +164,16 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
     }
     log.info("machine: %s", run["machine"])
+    if args.gpu_suite:
+        from bench import gpu_suite
+
+        measurements = gpu_suite.run(args, run, checkpoint_for)
+        run["wall_seconds"] = time.monotonic() - started
+        run["targets"] = report.targets(measurements, run["matmul_flops_per_s"])
+        json_path, md_path = report.write(args.out_dir, run, measurements)
+        print(md_path.read_text())
+        log.info("wrote %s and %s", json_path, md_path)
+        return 0
     # MFU is against the matmul rate of the precision the service computes in.
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
     run["matmul_flops_per_s"] = machine.matmul_rate(args.device, dtype, n=2048 if args.device == "cpu" else 8192)
@@ -174,11 +189,18 @@ def main(argv=None) -> int:
     write_fasta(workload, args.out_dir / "workload.fasta")
 
     measurements: list[cases.Measurement] = []
+
+    def checkpoint_results():  # each model's results are on disk as soon as it is done
+        run["wall_seconds"] = time.monotonic() - started
+        report.write(args.out_dir, run, measurements)
+
     for shape in shapes(args.models):
         measurements += run_model(shape, args, workload, contacts_workload, full=True)
+        checkpoint_results()
         gc.collect()
     for shape in shapes(args.mfu_models) if "mfu" in args.cases else ():
         measurements += run_model(shape, args, small, small, full=False)
+        checkpoint_results()
         gc.collect()
     rss_sample = Workload("8x300 + 1x2048", tuple(s for s in workload.sequences if len(s) in (300, 2048)))
     for shape in shapes(args.rss_models) if "rss" in args.cases else ():
