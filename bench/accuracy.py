@@ -23,6 +23,7 @@ import torch
 
 from bench.run import checkpoint_for, shapes
 from bench.workload import mixed_workload
+from esm2_wire.output_kinds import OutputKind
 from service.checkpoints import load
 from service.esm_forward import BatchPlan, forward
 from service.precision import AUTOCAST_DTYPES
@@ -34,9 +35,9 @@ def _outputs(loaded, sequence: str, autocast: torch.dtype | None, contacts: bool
     _, _, tokens = loaded.alphabet.get_batch_converter()([("x", sequence)])
     out = {}
     with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-        fast = forward(loaded.model, tokens, BatchPlan(layers=frozenset({loaded.num_layers}), logits=True))
+        fast = forward(loaded.model, tokens, BatchPlan(layers=frozenset({loaded.num_layers}), outputs=frozenset({OutputKind.LOGITS})))
         if contacts:
-            maps = forward(loaded.model, tokens, BatchPlan(contacts=True, fast_attention=False))
+            maps = forward(loaded.model, tokens, BatchPlan(outputs=frozenset({OutputKind.CONTACTS}), fast_attention=False))
             out["contacts"] = maps.contacts[0].float().numpy()
     n = len(sequence)
     out["per_token"] = fast.representations[loaded.num_layers][0, 1 : n + 1].float().numpy()

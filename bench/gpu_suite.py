@@ -17,9 +17,8 @@ import logging
 import torch
 
 from bench import baseline, machine
-from bench.cases import PEER_BUDGETS, Measurement, workload_flops
+from bench.cases import BASELINE_MEAN, PEER_BUDGETS, Measurement, workload_flops
 from bench.hf_peer import HfPeer
-from bench.report import BASELINE
 from bench.machine import cpu_seconds
 from bench.workload import mixed_workload
 from service.checkpoints import load
@@ -69,7 +68,7 @@ def run(args, run_info: dict, checkpoint_for) -> list[Measurement]:
             best[case] = min(seconds, key=seconds.get)
             log.info("%s %s: best budget %d (%s)", name, case, best[case],
                      ", ".join(f"{b}: {sum(map(len, sample)) / s:,.0f} res/s" for b, s in seconds.items()))
-        results = {case: Measurement(name, BASELINE if case == STOCK else f"{case} (toks {best[case]})",
+        results = {case: Measurement(name, BASELINE_MEAN if case == STOCK else f"{case} (toks {best[case]})",
                                      workload.residues,
                                      flops=workload_flops(loaded, workload),
                                      extra={"toks_per_batch": best[case], "hf_parity_vs_stock": parity})

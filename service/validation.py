@@ -10,31 +10,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# The 20 standard amino acids: predict logits are reported over these (esm_forward).
-STANDARD_AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWY")
-ENCODE_LETTERS = STANDARD_AMINO_ACIDS | frozenset("BXZUO-")
-PREDICT_LETTERS = ENCODE_LETTERS - {"-"}
-MASK = "<mask>"
-INCLUDE_VALUES = ("mean", "per_token", "bos", "contacts", "logits", "attentions")
-INCLUDE_ALIASES = {"per_residue": "per_token"}
+from esm2_wire import output_kinds
+from esm2_wire.output_kinds import OutputKind
+from esm2_wire.vocabulary import ENCODE_LETTERS, MASK, PREDICT_LETTERS, Limits
+from service.errors import InvalidRequest
+
 DEFAULT_INCLUDE = ("mean",)
 DEFAULT_REPR_LAYERS = (-1,)
 _MASK_SPLIT = re.compile(re.escape(MASK))
 
-
-class InvalidRequest(ValueError):
-    """Input the caller must fix (gRPC INVALID_ARGUMENT, HTTP 400)."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_items: int = 8
-    max_sequence_length: int = 2048
+__all__ = ["EncodeOptions", "InvalidRequest", "Limits", "ParsedItem", "parse_items", "parse_options"]
 
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    include: frozenset[str]
+    outputs: frozenset[OutputKind]
     layers: tuple[int, ...]  # non-negative, in request order, deduplicated
 
 
@@ -110,13 +100,13 @@ def parse_options(include: list[str], repr_layers: list[int], num_layers: int, m
     errors = []
     chosen = set()
     for index, value in enumerate(include or DEFAULT_INCLUDE):
-        name = INCLUDE_ALIASES.get(value, value)
-        if name in INCLUDE_VALUES:
-            chosen.add(name)
+        kind = OutputKind.parse(value)
+        if kind is not None:
+            chosen.add(kind)
         else:
             errors.append(
                 f"params.include[{index}]: unknown value {value!r}; allowed: "
-                + ", ".join(INCLUDE_VALUES)
+                + ", ".join(output_kinds.NAMES)
                 + " (per_residue is an alias of per_token)"
             )
     layers: list[int] = []
@@ -132,4 +122,4 @@ def parse_options(include: list[str], repr_layers: list[int], num_layers: int, m
             )
     if errors:
         raise InvalidRequest("; ".join(errors))
-    return EncodeOptions(include=frozenset(chosen), layers=tuple(layers))
+    return EncodeOptions(outputs=frozenset(chosen), layers=tuple(layers))

@@ -9,11 +9,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, ServerProcess
+from support import REPO, ServerProcess
 from service import batch_budget
-from service.model_worker import WorkItem
-from service.proto import pb
-from service.scheduler import BatchLimits, take_batch
+from esm2_wire.proto import pb
 
 
 def test_budget_choice_prefers_the_smallest_within_tolerance():
@@ -70,15 +68,3 @@ def test_bad_budget_flag_is_a_clear_usage_error(tiny_checkpoint):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--max-batch-tokens: expected a number of tokens, 'device' or 'sweep', not 'lots'" in proc.stderr
-
-
-def test_per_model_budgets_bound_each_models_batches():
-    def items(model, count):
-        return [WorkItem(model, torch.zeros(258, dtype=torch.int64), frozenset({"mean"}), (1,), None, None, 0.0)
-                for _ in range(count)]
-
-    limits = BatchLimits(max_batch_tokens=8192, model_batch_tokens={"small": 1024})
-    pending = items("small", 8)
-    assert len(take_batch(pending, limits)) == 3  # 3 x 258 <= 1024 < 4 x 258
-    pending = items("other", 8)
-    assert len(take_batch(pending, limits)) == 8  # the default budget

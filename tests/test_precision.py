@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from support import REPO
+from esm2_wire.output_kinds import OutputKind
 from service import precision
-from service.proto import pb
+from esm2_wire.proto import pb
 from service.esm_forward import BatchPlan, forward
-from service.proto import pb
+from esm2_wire.proto import pb
 
 # bf16 keeps 8 bits of mantissa (~0.4% per rounding); over the 8M shape's 6 layers the
 # last-layer embeddings stay within 2% of the largest fp32 value, and their means point the
@@ -60,7 +61,7 @@ def test_bf16_forward_is_close_to_fp32(reference_models):
     loaded = reference_models["esm2-8m"]
     sequences = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ" * 4, "GSHMSLFDFFKNKGSAAATPAPEPSEKDIL"]
     _, _, tokens = loaded.alphabet.get_batch_converter()([(str(i), s) for i, s in enumerate(sequences)])
-    plan = BatchPlan(layers=frozenset({loaded.num_layers}), logits=True)
+    plan = BatchPlan(layers=frozenset({loaded.num_layers}), outputs=frozenset({OutputKind.LOGITS}))
     fp32 = forward(loaded.model, tokens, plan)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = forward(loaded.model, tokens, plan)
