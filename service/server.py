@@ -40,6 +40,7 @@ def _env(name: str, default):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    limits, batching = Limits(), BatchLimits()  # the flags' defaults are the dataclasses' own
     p = argparse.ArgumentParser(prog="esm2-server", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=_env("host", "0.0.0.0"))
     p.add_argument("--port", type=int, default=int(_env("port", 50051)), help="gRPC port (0 picks a free one)")
@@ -57,17 +58,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "processor has native instructions for it (bf16: AVX512_BF16 or AMX), else refused")
     p.add_argument("--attention", choices=("fast", "exact"), default=_env("attention", "fast"),
                    help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
-    p.add_argument("--max-items", type=int, default=int(_env("max_items", 8)))
-    p.add_argument("--max-sequence-length", type=int, default=int(_env("max_sequence_length", 2048)))
+    p.add_argument("--max-items", type=int, default=int(_env("max_items", limits.max_items)))
+    p.add_argument("--max-sequence-length", type=int,
+                   default=int(_env("max_sequence_length", limits.max_sequence_length)))
     p.add_argument("--max-batch-tokens", type=_setting, default=_env("max_batch_tokens", "device"),
                    help="padded tokens per batch: a number, 'device' (default: the measured default for the "
                         "device type, 1024 on CPU, 8192 on CUDA) or 'sweep' (time the candidates at start-up)")
     p.add_argument("--batch-sweep-seconds", type=float, default=float(_env("batch_sweep_seconds", 20)),
                    help="time bound of one model's --max-batch-tokens sweep")
-    p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", 64)))
-    p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", 5)))
-    p.add_argument("--max-queue-items", type=int, default=int(_env("max_queue_items", 256)))
-    p.add_argument("--min-padding-efficiency", type=float, default=float(_env("min_padding_efficiency", 0.92)),
+    p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", batching.max_batch_size)))
+    p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", batching.max_wait_s * 1000)))
+    p.add_argument("--max-queue-items", type=int, default=int(_env("max_queue_items", batching.max_queue_items)))
+    p.add_argument("--min-padding-efficiency", type=float,
+                   default=float(_env("min_padding_efficiency", batching.min_padding_efficiency)),
                    help="a batch grows only while this share of its tokens are real residues")
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9090)), help="0 disables")
     p.add_argument("--api-keys-file", default=_env("api_keys_file", None), help="one key per line")
@@ -90,6 +93,15 @@ def _setting(text: str) -> str:
         return batch_budget.parse_setting(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def limits_from(args, budgets: dict | None = None) -> tuple[Limits, BatchLimits]:
+    """The request limits and batching limits the flags set; `budgets`: each model's
+    batch_budget.BudgetChoice (chosen once the models are on their device)."""
+    tokens = {name: b.tokens for name, b in (budgets or {}).items()}
+    return Limits(args.max_items, args.max_sequence_length), BatchLimits(
+        max(tokens.values(), default=BatchLimits().max_batch_tokens), args.max_batch_size, args.max_wait_ms / 1000,
+        args.max_queue_items, args.min_padding_efficiency, model_batch_tokens=tokens)
 
 
 def load_models(args) -> dict[str, checkpoints.LoadedModel]:
@@ -133,13 +145,8 @@ async def serve(args) -> None:
         budgets[name] = batch_budget.for_model(args.max_batch_tokens, loaded, device, worker.autocast_dtype,
                                                args.batch_sweep_seconds)
         log.info("%s: batch budget %s; precision %s", name, budgets[name].describe(), args.precision)
-    limits = Limits(args.max_items, args.max_sequence_length)
-    scheduler = Scheduler(
-        worker,
-        BatchLimits(max(b.tokens for b in budgets.values()), args.max_batch_size, args.max_wait_ms / 1000,
-                    args.max_queue_items, args.min_padding_efficiency,
-                    model_batch_tokens={name: b.tokens for name, b in budgets.items()}),
-    )
+    limits, batching = limits_from(args, budgets)
+    scheduler = Scheduler(worker, batching)
     servicer = Esm2Servicer(models, scheduler, limits, str(device), args.max_json_response_mb << 20,
                             batch_budgets=budgets, precision=args.precision)
 
