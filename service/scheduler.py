@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,6 +24,13 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """Too much work waiting: the caller may retry later."""
+
+
+class WorkerLost(Exception):
+    """The model worker died or its device is unusable: this server stops; retry elsewhere or later."""
+
+
+WORKER_LOST = "the model worker failed and this server is restarting; retry the request"
 
 
 @dataclass(frozen=True)
@@ -83,12 +91,36 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esm-model-worker")
         self._task: asyncio.Task | None = None
         self._closing = False
+        self.lost: str | None = None  # why the worker is gone, once it is
+        # Called once when the worker is lost; the server then reports NOT_SERVING and exits.
+        self.on_lost: Callable[[str], None] = lambda reason: None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="esm-scheduler")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        if self._closing and not task.cancelled() and task.exception() is None:
+            return
+        reason = "scheduler stopped" if task.cancelled() else f"scheduler ended: {task.exception()!r}"
+        self._lose(reason, [])
+
+    def _lose(self, reason: str, batch: list[WorkItem]) -> None:
+        """Fail the batch in hand and everything queued with UNAVAILABLE; accept nothing more."""
+        if self.lost is None:
+            self.lost = reason
+            log.critical("model worker lost: %s", reason)
+            self.on_lost(reason)
+        for item in [*batch, *self._pending]:
+            if not item.future.done():
+                item.future.set_exception(ItemFailed("UNAVAILABLE", WORKER_LOST))
+        self._pending.clear()
+        metrics.QUEUE_DEPTH.set(0)
 
     def submit(self, items: list[WorkItem]) -> None:
         """Queue all items of one request, or none of them."""
+        if self.lost is not None:
+            raise WorkerLost(WORKER_LOST)
         if len(self._pending) + len(items) > self.limits.max_queue_items:
             metrics.REJECTED.inc()
             raise QueueFull(
@@ -105,6 +137,11 @@ class Scheduler:
         metrics.WORKER_BUSY.set(1)
         try:
             results = await loop.run_in_executor(self._executor, self.worker.run, batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # DeviceUnusable, or the thread died (SystemExit...): never serve on
+            self._lose(f"{type(exc).__name__}: {exc}", batch)
+            raise WorkerLost(WORKER_LOST) from exc
         finally:
             metrics.WORKER_BUSY.set(0)
         metrics.observe_batch(batch, time.perf_counter() - started)
@@ -150,7 +187,7 @@ class Scheduler:
                 return
 
     async def _loop(self) -> None:
-        while True:
+        while self.lost is None:
             batch: list[WorkItem] = []
             try:
                 self._drop_dead()
@@ -167,6 +204,8 @@ class Scheduler:
                 batch = take_batch(self._pending, self.limits)
                 metrics.QUEUE_DEPTH.set(len(self._pending))
                 await self.run_once(batch)
+            except WorkerLost:
+                return
             except Exception:  # the loop must survive anything: fail what it held, keep serving
                 log.exception("scheduler failure")
                 held = batch or self._pending[:]

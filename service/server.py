@@ -23,8 +23,9 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import checkpoints, json_limits
-from service.auth import ApiKeyInterceptor, load_keys
+from service import checkpoints, faults, json_limits
+from service import request_guard
+from service.auth import load_keys
 from service.model_worker import ModelWorker, WorkItem, resolve_device
 from service.proto import pb, pb_grpc
 from service.scheduler import BatchLimits, Scheduler
@@ -34,6 +35,15 @@ from service.validation import Limits
 log = logging.getLogger("service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
 MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; streaming is preferred
+# grpc refuses bigger request messages itself (RESOURCE_EXHAUSTED) before reading them. Up to
+# here, RequestGuard answers INVALID_ARGUMENT for anything over --max-request-message-bytes,
+# so that a JSON body the gateway let through (its --max-request-bytes, 4 MiB) gets a 400.
+RECEIVE_CEILING_BYTES = (4 << 20) + (64 << 10)
+# grpc's own metadata limit (soft and hard alike): above everything a gateway forwards (Envoy's
+# default header limit is 60 KiB), so that RequestGuard, not grpc's RESOURCE_EXHAUSTED, answers.
+GRPC_METADATA_CEILING_BYTES = 256 << 10
+EXIT_WORKER_LOST = 3  # the model worker died or the device is unusable: restart me
+LOST_WORKER_GRACE_S = 5.0  # to send the UNAVAILABLE answers of work already accepted
 
 
 def _env(name: str, default):
@@ -66,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-padding-efficiency", type=float, default=float(_env("min_padding_efficiency", 0.92)),
                    help="a batch grows only while this share of its tokens are real residues")
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9090)), help="0 disables")
+    p.add_argument("--max-request-message-bytes", type=int, default=int(_env("max_request_message_bytes", 0)),
+                   help="largest gRPC request message; 0 (default) derives it from --max-items and "
+                        "--max-sequence-length (114,816 bytes with the defaults)")
+    p.add_argument("--max-metadata-bytes", type=int,
+                   default=int(_env("max_metadata_bytes", request_guard.DEFAULT_MAX_METADATA_BYTES)),
+                   help="largest request metadata (headers) in bytes, HPACK-counted; more is INVALID_ARGUMENT")
     p.add_argument("--api-keys-file", default=_env("api_keys_file", None), help="one key per line")
     p.add_argument("--max-json-response-mb", type=int,
                    default=int(_env("max_json_response_mb", json_limits.DEFAULT_MAX_JSON_RESPONSE_MB)),
@@ -76,6 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_queue_items < args.max_items:
         p.error("--max-queue-items must be at least --max-items")
+    if not args.max_request_message_bytes:
+        args.max_request_message_bytes = request_guard.max_request_message_bytes(
+            args.max_items, args.max_sequence_length)
+    if not 0 < args.max_metadata_bytes <= GRPC_METADATA_CEILING_BYTES:
+        p.error(f"--max-metadata-bytes must be between 1 and {GRPC_METADATA_CEILING_BYTES}")
     return args
 
 
@@ -113,10 +134,11 @@ async def warm_up(scheduler: Scheduler, servicer: Esm2Servicer) -> None:
         servicer.ready.add(name)
 
 
-async def serve(args) -> None:
+async def serve(args) -> int:
     models = load_models(args)
     device = resolve_device(args.device)
-    worker = ModelWorker(models, device, args.precision, args.attention == "fast", args.simulate_oom_above_tokens)
+    worker = ModelWorker(models, device, args.precision, args.attention == "fast", args.simulate_oom_above_tokens,
+                         faults.FaultHook.from_env())
     limits = Limits(args.max_items, args.max_sequence_length)
     scheduler = Scheduler(
         worker,
@@ -126,11 +148,14 @@ async def serve(args) -> None:
     servicer = Esm2Servicer(models, scheduler, limits, str(device), args.max_json_response_mb << 20)
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
+    guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes)
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(keys)] if keys else [],
+        interceptors=[guard],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES)),
+            ("grpc.max_metadata_size", GRPC_METADATA_CEILING_BYTES),
+            ("grpc.absolute_max_metadata_size", GRPC_METADATA_CEILING_BYTES),
         ],
     )
     pb_grpc.add_Esm2ServiceServicer_to_server(servicer, server)
@@ -161,24 +186,39 @@ async def serve(args) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    scheduler.on_lost = lambda reason: stop.set()
     await stop.wait()
+
+    if scheduler.lost is not None:
+        # Queued work has already failed with UNAVAILABLE; let those answers go out, then exit
+        # non-zero so that a supervisor restarts the process. The worker thread may be stuck
+        # in the device, so it is not joined.
+        log.error("exiting with status %d so that a supervisor restarts this server", EXIT_WORKER_LOST)
+        for name in ["", SERVICE_NAME, *models]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(min(args.grace_seconds, LOST_WORKER_GRACE_S))
+        return EXIT_WORKER_LOST
 
     log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(args.grace_seconds)
     await scheduler.close()
     log.info("stopped")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        asyncio.run(serve(args))
+        code = asyncio.run(serve(args))
     except checkpoints.CheckpointNotFound as exc:
         log.error("%s", exc)
         return 2
-    return 0
+    if code == EXIT_WORKER_LOST:
+        logging.shutdown()
+        os._exit(code)  # without joining the worker thread, which may never return
+    return code
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ from service.item_outputs import ItemResult
 from service.model_worker import ItemFailed, WorkItem
 from service.proto import pb, pb_grpc
 from service.request_schema import request_schema
-from service.scheduler import QueueFull, Scheduler
-from service.validation import InvalidRequest, Limits, ParsedItem, parse_items, parse_options
+from service.scheduler import QueueFull, Scheduler, WorkerLost
+from service.validation import (
+    InvalidRequest, Limits, ParsedItem, bounded_message, echo, join_problems, parse_items, parse_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if loaded is None:
             raise Rejected(
                 grpc.StatusCode.NOT_FOUND,
-                f"model {name!r} is not served here; served models: {', '.join(sorted(self.models))}",
+                f"model {echo(name)} is not served here; served models: {', '.join(sorted(self.models))}",
             )
         return loaded
 
@@ -82,7 +84,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         except InvalidRequest as exc:
             errors.append(str(exc))
         if errors:
-            raise InvalidRequest("; ".join(errors))
+            raise InvalidRequest(join_problems(errors))
         if "contacts" in options.include and not loaded.has_contact_regression:
             raise Rejected(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -135,7 +137,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             code, message = exc.code, str(exc)
         except QueueFull as exc:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-            context.set_trailing_metadata((("retry-after", "1"),))  # Envoy sends it as Retry-After
+        except WorkerLost as exc:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except ItemFailed as exc:
             code, message = getattr(grpc.StatusCode, exc.code), str(exc)
         except asyncio.CancelledError:
@@ -147,8 +150,10 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             log.exception("%s failed", method)
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
         metrics.REQUESTS.labels(method, code.name).inc()
+        if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+            context.set_trailing_metadata((("retry-after", "1"),))  # Envoy sends it as Retry-After
         if code is not grpc.StatusCode.OK:
-            await context.abort(code, message)
+            await context.abort(code, bounded_message(message))
 
     # ---- unary ---------------------------------------------------------------
     async def Encode(self, request, context):
@@ -209,7 +214,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("GetRequestSchema", context):
             loaded = self._model(request.model)
             if request.action not in ("encode", "predict"):
-                raise Rejected(grpc.StatusCode.NOT_FOUND, f"action {request.action!r} does not exist; use encode or predict")
+                raise Rejected(grpc.StatusCode.NOT_FOUND, f"action {echo(request.action)} does not exist; use encode or predict")
             schema = request_schema(loaded.name, request.action, self.limits)
             return httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(schema))
 

@@ -22,8 +22,40 @@ DEFAULT_REPR_LAYERS = (-1,)
 _MASK_SPLIT = re.compile(re.escape(MASK))
 
 
+# Error messages travel in the grpc-message trailer (and Envoy's JSON body); clients and
+# Envoy refuse trailers over 8-16 KiB and then fail the whole connection, so every value
+# echoed from a request is cut, and so is the whole message.
+MAX_ECHO_CHARS = 40
+MAX_MESSAGE_CHARS = 2048
+ELLIPSIS = "..."
+
+
 class InvalidRequest(ValueError):
     """Input the caller must fix (gRPC INVALID_ARGUMENT, HTTP 400)."""
+
+
+def echo(value) -> str:
+    """A caller's value for an error message: ASCII-escaped like repr(), at most MAX_ECHO_CHARS long.
+
+    ascii() keeps the message 7-bit, so percent-encoding in the trailer cannot multiply its size.
+    """
+    text = ascii(value)
+    if len(text) <= MAX_ECHO_CHARS:
+        return text
+    return text[: MAX_ECHO_CHARS - len(ELLIPSIS)] + ELLIPSIS + f" ({len(value)} characters)"
+
+
+def bounded_message(message: str) -> str:
+    """The whole message cut at MAX_MESSAGE_CHARS, saying that it was cut."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    tail = f"{ELLIPSIS} (message cut at {MAX_MESSAGE_CHARS} characters)"
+    return message[: MAX_MESSAGE_CHARS - len(tail)] + tail
+
+
+def join_problems(problems: list[str]) -> str:
+    """All problems in one message, within MAX_MESSAGE_CHARS (the first ones, and how many more)."""
+    return bounded_message("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -45,17 +77,23 @@ class ParsedItem:
 
 def _describe(char: str) -> str:
     if char.isspace():
-        return f"whitespace {char!r}"
+        return f"whitespace {ascii(char)}"
     if char.islower():
-        return f"lowercase letter {char!r} (use upper case)"
-    return repr(char)
+        return f"lowercase letter {ascii(char)} (use upper case)"
+    return ascii(char)
 
 
 def _check_letters(field: str, text: str, allowed: frozenset[str], offset: int, what: str) -> str | None:
+    if allowed.issuperset(text):  # one pass in C; the Python loop below runs only to name a bad one
+        return None
     for position, char in enumerate(text, start=offset):
         if char not in allowed:
             return f"{field}: invalid character {_describe(char)} at position {position}; {what}"
     return None
+
+
+def _too_long(field: str, residues: int, limits: Limits) -> str:
+    return f"{field}: {residues} residues; at most {limits.max_sequence_length} are allowed"
 
 
 def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) -> ParsedItem | str:
@@ -63,6 +101,10 @@ def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) 
     field = f"items[{index}].sequence"
     if not sequence:
         return f"{field}: must not be empty"
+    # Length first (str.count runs in C), so an oversized sequence costs no per-character scan.
+    residues = len(sequence) - (len(MASK) - 1) * sequence.count(MASK) if predict else len(sequence)
+    if residues > limits.max_sequence_length:
+        return _too_long(field, residues, limits)
     if predict:
         pieces = _MASK_SPLIT.split(sequence)
         allowed_text = "allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and <mask> ('-' is not allowed in predict)"
@@ -88,8 +130,6 @@ def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) 
         if error:
             return error
         tokens = list(sequence)
-    if len(tokens) > limits.max_sequence_length:
-        return f"{field}: {len(tokens)} residues; at most {limits.max_sequence_length} are allowed"
     return ParsedItem(tuple(tokens))
 
 
@@ -102,11 +142,12 @@ def parse_items(sequences: list[str], *, predict: bool, limits: Limits) -> list[
         result = parse_sequence(index, sequence, predict=predict, limits=limits)
         (errors.append if isinstance(result, str) else parsed.append)(result)
     if errors:
-        raise InvalidRequest("; ".join(errors))
+        raise InvalidRequest(join_problems(errors))
     return parsed
 
 
 def parse_options(include: list[str], repr_layers: list[int], num_layers: int, model: str) -> EncodeOptions:
+    """`model` is a served model's name (checked before), so it is safe to repeat."""
     errors = []
     chosen = set()
     for index, value in enumerate(include or DEFAULT_INCLUDE):
@@ -115,7 +156,7 @@ def parse_options(include: list[str], repr_layers: list[int], num_layers: int, m
             chosen.add(name)
         else:
             errors.append(
-                f"params.include[{index}]: unknown value {value!r}; allowed: "
+                f"params.include[{index}]: unknown value {echo(value)}; allowed: "
                 + ", ".join(INCLUDE_VALUES)
                 + " (per_residue is an alias of per_token)"
             )
@@ -131,5 +172,5 @@ def parse_options(include: list[str], repr_layers: list[int], num_layers: int, m
                 f"({num_layers} layers); allowed: {-(num_layers + 1)} to {num_layers}"
             )
     if errors:
-        raise InvalidRequest("; ".join(errors))
+        raise InvalidRequest(join_problems(errors))
     return EncodeOptions(include=frozenset(chosen), layers=tuple(layers))
