@@ -35,12 +35,12 @@ class InvalidRequest(ValueError):
 
 
 def echo(value) -> str:
-    """A caller's value for an error message: ASCII-escaped like repr(), at most MAX_ECHO_CHARS long.
+    """A caller's value for an error message: ASCII-escaped like repr(); past MAX_ECHO_CHARS, cut with its length.
 
     ascii() keeps the message 7-bit, so percent-encoding in the trailer cannot multiply its size.
     """
-    text = ascii(value)
-    if len(text) <= MAX_ECHO_CHARS:
+    text = ascii(value[:MAX_ECHO_CHARS])  # cut first: escaping a megabyte to keep 40 characters is waste
+    if len(text) <= MAX_ECHO_CHARS and len(value) <= MAX_ECHO_CHARS:
         return text
     return text[: MAX_ECHO_CHARS - len(ELLIPSIS)] + ELLIPSIS + f" ({len(value)} characters)"
 
