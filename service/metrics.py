@@ -18,6 +18,9 @@ BATCH_SECONDS = Histogram(
 )
 BATCH_SIZE = Histogram("esm_batch_items", "Items per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 REQUESTS = Counter("esm_requests_total", "RPCs finished", ["method", "code"])
+REFUSED_UNDECODED = Counter(
+    "esm_refused_undecoded_total", "Calls refused before their message was decoded (service.request_guard)", ["reason"]
+)
 
 
 def observe_batch(batch, seconds: float) -> None:

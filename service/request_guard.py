@@ -18,6 +18,7 @@ import time
 
 import grpc
 
+from service import metrics
 from service.auth import OPEN_METHODS, key_matches
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             self._denied[method] = _abort_with(grpc.StatusCode.UNAUTHENTICATED, _DENIED, handler)
         size = metadata_bytes(details.invocation_metadata)
         if size > self.max_metadata_bytes:
+            metrics.REFUSED_UNDECODED.labels("metadata").inc()
             return _abort_with(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"request metadata (headers) is {size} bytes; at most {self.max_metadata_bytes} are accepted",
@@ -111,6 +113,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         if self._keys and not method.startswith(OPEN_METHODS):
             supplied = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
             if not key_matches(supplied, self._keys):
+                metrics.REFUSED_UNDECODED.labels("api_key").inc()
                 return self._denied[method]
         return guarded
 
@@ -123,6 +126,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
 
         def decode(data: bytes):
             if len(data) > limit:
+                metrics.REFUSED_UNDECODED.labels("size").inc()
                 return _Malformed(
                     f"request message is {len(data)} bytes; the largest valid request is {limit} bytes "
                     "(--max-request-message-bytes)"
@@ -130,6 +134,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             try:
                 return deserialize(data)
             except Exception as exc:  # protobuf's DecodeError, or anything a decoder may raise
+                metrics.REFUSED_UNDECODED.labels("undecodable").inc()
                 self._malformed_log.warning("undecodable %d-byte request message: %s", len(data), type(exc).__name__)
                 return _Malformed("request message could not be decoded as protobuf")
 

@@ -21,7 +21,7 @@ def gateway(server, tmp_path_factory):
     envoy.stop()
 
 
-def legit(envoy, session: requests.Session) -> int:
+def legit(envoy, session) -> int:  # a requests.Session, or the requests module
     return session.post(envoy.url + "/api/v3/esm2-tiny/encode/", json=LEGIT, timeout=120).status_code
 
 
@@ -58,7 +58,7 @@ def test_huge_model_name_is_answered_with_a_short_message(gateway):
     # The body's model either is refused as such (400) or overrides the path (404); never 5xx, never long.
     assert response.status_code in (400, 404), response.text[:300]
     assert len(response.text) < 4 * MAX_MESSAGE_CHARS
-    assert legit(gateway, requests.Session()) == 200
+    assert legit(gateway, requests) == 200
 
 
 @pytest.mark.parametrize("header", ["Authorization", "X-Padding"])
@@ -68,4 +68,13 @@ def test_oversized_header_that_envoy_forwards_is_not_429(gateway, header):
     response = requests.post(gateway.url + "/api/v3/esm2-tiny/encode/", json=LEGIT, timeout=60,
                              headers={header: "Token " + "k" * (30 << 10)})
     assert response.status_code in (400, 431), (response.status_code, response.text[:300])
-    assert legit(gateway, requests.Session()) == 200
+    assert legit(gateway, requests) == 200
+
+
+def test_long_path_is_not_429_or_5xx(gateway):
+    """Before: a 17-59 KB path reached grpc as metadata (the model name and Envoy's
+    x-envoy-original-path) over grpc's limit: 429 without Retry-After."""
+    response = post(gateway, "/api/v3/" + "m" * (30 << 10) + "/encode/", LEGIT)
+    assert response.status_code in (400, 404, 414), (response.status_code, response.text[:300])
+    assert len(response.text) < 4 * MAX_MESSAGE_CHARS
+    assert legit(gateway, requests) == 200

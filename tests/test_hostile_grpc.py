@@ -110,6 +110,7 @@ def test_oversized_message_is_refused_without_decoding(server):
 
 def test_malformed_message_is_invalid_argument_logged_once(server):
     before = server.log()
+    counted = server.metric("esm_refused_undecoded_total", 'reason="undecodable"')
     call = raw_call(server.channel)
     for _ in range(50):
         code, details = rejection(call, b"\xff\xff\xff\xff", timeout=10)
@@ -122,6 +123,7 @@ def test_malformed_message_is_invalid_argument_logged_once(server):
     new = server.log()[len(before):]
     assert new.count("undecodable") <= 1, new
     assert "Traceback" not in new
+    assert server.metric("esm_refused_undecoded_total", 'reason="undecodable"') == counted + 51  # the metric counts all
 
 
 @pytest.mark.parametrize("header", ["authorization", "x-padding"])
