@@ -1,4 +1,5 @@
-"""Property tests of request parsing and validation (issue 9, section 6), in-process.
+"""Property tests of request parsing and validation (issue 9, section 6), in-process and
+against a real server.
 
 For any text: either accepted with the token count an independent tokenizer finds, or
 refused with a message naming the item and, for a bad character, its position and the
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import re
 
+import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from service.proto import pb
 
 from service.validation import (
     ENCODE_LETTERS, MASK, MAX_MESSAGE_CHARS, PREDICT_LETTERS, InvalidRequest, Limits, ParsedItem, parse_items,
@@ -117,3 +121,26 @@ def test_huge_values_are_cut_in_messages():
         message = str(exc)
     assert len(message) <= MAX_MESSAGE_CHARS and message.endswith(f"(message cut at {MAX_MESSAGE_CHARS} characters)")
     assert "'xxxxxxxx" in message and "... (1000000 characters)" in message
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(TEXT, min_size=1, max_size=3), st.booleans())
+def test_real_server_answers_tokens_or_invalid_argument(server, texts, predict):
+    """The server's limits are larger (2,048), so only characters and masks decide here."""
+    stub = server.stub
+    items = [pb.SequenceItem(sequence=t) for t in texts]
+    try:
+        if predict:
+            results = stub.Predict(pb.PredictRequest(model="esm2-tiny", items=items), timeout=60).results
+            counts = [len(r.sequence_tokens) for r in results]
+        else:
+            request = pb.EncodeRequest(model="esm2-tiny", items=items, params=pb.EncodeParams(include=["logits"]))
+            counts = [r.logits.rows for r in stub.Encode(request, timeout=60).results]
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
+        limits = Limits(max_items=8, max_sequence_length=2048)
+        refused = [i for i, t in enumerate(texts)
+                   if not isinstance(parse_sequence(i, t, predict=predict, limits=limits), ParsedItem)]
+        assert refused and all(f"items[{i}].sequence: " in exc.details() for i in refused)
+        return
+    assert counts == [len(oracle_tokens(t, predict)[0]) for t in texts]
