@@ -6,19 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from test_gateway import body, post, start_gateway
+from test_gateway import body, gateway, post  # noqa: F401 (gateway: a module-scoped fixture)
 
 from service.validation import MAX_MESSAGE_CHARS
 
 HUGE = "x" * 70_000
 LEGIT = body(["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "GSHMSLFDFFKNKG"])
-
-
-@pytest.fixture(scope="module")
-def gateway(server, tmp_path_factory):
-    envoy = start_gateway(tmp_path_factory.mktemp("hostile-gateway"), server.port)
-    yield envoy
-    envoy.stop()
 
 
 def legit(envoy, session) -> int:  # a requests.Session, or the requests module

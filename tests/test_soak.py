@@ -21,7 +21,7 @@ import requests
 from conftest import encode_request
 from reference import assert_close, matrix, reference
 from test_encode_parity import check_result
-from test_gateway import start_gateway
+from test_gateway import gateway  # noqa: F401 (a module-scoped fixture: this module's own Envoy)
 
 from service.proto import pb
 
@@ -43,13 +43,6 @@ def rss_mib(pid: int) -> float:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-@pytest.fixture(scope="module")
-def soak_gateway(server, tmp_path_factory):
-    envoy = start_gateway(tmp_path_factory.mktemp("soak"), server.port)
-    yield envoy
-    envoy.stop()
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +135,7 @@ def run_round(server, envoy, sessions, pool, requests_per_client: int, seed: int
     assert not errors, errors[:3]
 
 
-def test_soak_answers_memory_and_descriptors(server, soak_gateway, pool):
+def test_soak_answers_memory_and_descriptors(server, gateway, pool):
     sessions = {n: requests.Session() for n in range(1, CLIENTS, 2)}  # kept open across both readings
     refs, sequences, _ = pool
     try:
@@ -151,11 +144,11 @@ def test_soak_answers_memory_and_descriptors(server, soak_gateway, pool):
             largest = {"action": "encode", "model": model, "items": sequences[-4:], "include": INCLUDE,
                        "layers": [0, -1]}
             check_grpc(server.stub, largest, refs[model], num_layers)
-            check_json(sessions[1], soak_gateway.url, largest, refs[model], num_layers)
-        run_round(server, soak_gateway, sessions, pool, WARMUP_REQUESTS, seed=1)
-        pids = {"server": server.proc.pid, "envoy": soak_gateway.proc.pid}
+            check_json(sessions[1], gateway.url, largest, refs[model], num_layers)
+        run_round(server, gateway, sessions, pool, WARMUP_REQUESTS, seed=1)
+        pids = {"server": server.proc.pid, "envoy": gateway.proc.pid}
         start = {name: (rss_mib(pid), open_fds(pid)) for name, pid in pids.items()}
-        run_round(server, soak_gateway, sessions, pool, SOAK_REQUESTS, seed=2)
+        run_round(server, gateway, sessions, pool, SOAK_REQUESTS, seed=2)
         end = {name: (rss_mib(pid), open_fds(pid)) for name, pid in pids.items()}
     finally:
         for session in sessions.values():
