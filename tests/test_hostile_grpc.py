@@ -112,8 +112,10 @@ def test_malformed_message_is_invalid_argument_logged_once(server):
     before = server.log()
     counted = server.metric("esm_refused_undecoded_total", 'reason="undecodable"')
     call = raw_call(server.channel)
-    for _ in range(50):
-        code, details = rejection(call, b"\xff\xff\xff\xff", timeout=10)
+    # a bad tag, a truncated field, a string that is not UTF-8, a group that never ends
+    bodies = [b"\xff\xff\xff\xff", b"\x0a\x05MK", b"\x0a\x02\xff\xfe", b"\x0b"]
+    for number in range(50):
+        code, details = rejection(call, bodies[number % len(bodies)], timeout=10)
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert details == "request message could not be decoded as protobuf"
     stream = server.channel.unary_stream("/esm.v1.Esm2Service/EncodeStream", request_serializer=None,
