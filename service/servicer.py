@@ -128,7 +128,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context):
         """Map failures to gRPC statuses, and count every RPC."""
-        code, message = grpc.StatusCode.OK, ""
+        code, message, retry = grpc.StatusCode.OK, "", False
         try:
             yield
         except InvalidRequest as exc:
@@ -136,11 +136,12 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         except Rejected as exc:
             code, message = exc.code, str(exc)
         except QueueFull as exc:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+            code, message, retry = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), True
         except WorkerLost as exc:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+            code, message, retry = grpc.StatusCode.UNAVAILABLE, str(exc), True
         except ItemFailed as exc:
             code, message = getattr(grpc.StatusCode, exc.code), str(exc)
+            retry = code is grpc.StatusCode.UNAVAILABLE
         except asyncio.CancelledError:
             metrics.REQUESTS.labels(method, "CANCELLED").inc()
             raise
@@ -150,7 +151,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             log.exception("%s failed", method)
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
         metrics.REQUESTS.labels(method, code.name).inc()
-        if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        if retry:  # a full queue or a lost worker; not an item too large for memory
             context.set_trailing_metadata((("retry-after", "1"),))  # Envoy sends it as Retry-After
         if code is not grpc.StatusCode.OK:
             await context.abort(code, bounded_message(message))
