@@ -4,11 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 PROTO_SRC := protos/esm/v1/esm2.proto
-GEN := service/gen
+GEN := esm2_wire/gen
 DESCRIPTOR := gateway/esm2_descriptor.pb
 CHECKPOINTS ?= checkpoints
 
-.PHONY: setup protos serve demo test bench clean lint-protos
+.PHONY: setup protos serve demo test test-unit bench clean lint-protos
 
 setup: $(VENV)/.installed protos
 
@@ -17,24 +17,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The pinned CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[server,dev]'
 	touch $@
 
-# Python stubs and Envoy's descriptor set, generated from protos/ (never hand-edited).
+# Python stubs and Envoy's descriptor set, generated from protos/ (never hand-edited). The package
+# build runs the same generator (setup.py), so wheels and editable installs carry them too.
 protos: $(GEN)/esm/v1/esm2_pb2.py $(DESCRIPTOR)
 
-$(GEN)/esm/v1/esm2_pb2.py: $(PROTO_SRC) $(VENV)/.installed
-	mkdir -p $(GEN)
-	$(PY) -m grpc_tools.protoc -Iprotos -I$(SITE) --python_out=$(GEN) --pyi_out=$(GEN) \
-		--grpc_python_out=$(GEN) $(PROTO_SRC)
-	# Generated code imports `esm.v1`, which would collide with fair-esm's `esm` package.
-	sed -i 's/^from esm\.v1 import/from service.gen.esm.v1 import/' $(GEN)/esm/v1/esm2_pb2_grpc.py
-	touch $(GEN)/__init__.py $(GEN)/esm/__init__.py $(GEN)/esm/v1/__init__.py
-
-$(DESCRIPTOR): $(PROTO_SRC) $(VENV)/.installed
-	mkdir -p $(dir $@)
-	$(PY) -m grpc_tools.protoc -Iprotos -I$(SITE) --include_imports --include_source_info \
-		--descriptor_set_out=$@ $(PROTO_SRC)
+$(GEN)/esm/v1/esm2_pb2.py $(DESCRIPTOR) &: $(PROTO_SRC) protos/generate.py $(VENV)/.installed
+	$(PY) protos/generate.py > /dev/null
 
 # Serve the real esm2-8m checkpoint (torch hub cache, --model-dir or download):
 # gRPC on 50051 and, through Envoy, the JSON API on http://localhost:8080/api/v3/.
@@ -49,6 +40,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast layer alone: no server, no model, seconds.
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS)

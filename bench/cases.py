@@ -29,7 +29,44 @@ from bench.clients import LoadResult, drive, encode_requests
 from bench.machine import cpu_seconds, model_flops, reset_peak_rss, rss_bytes
 from bench.servers import REPO, Server, free_port
 from bench.workload import Workload, single, write_fasta
-from service.proto import pb, pb_grpc
+from esm2_wire.proto import pb, pb_grpc
+
+
+# ---- case labels: built here only; the runner records under them and the report selects by them,
+# so renaming a case renames what the report looks for.
+BASELINE_MEAN = "baseline: stock fair-esm, mean"
+BASELINE_CONTACTS = "baseline: stock fair-esm, contacts"
+STOCK_SMALL_BATCHES = "stock fair-esm, toks_per_batch 1024"
+FORWARD_EXACT = "in-process service forward, exact path"
+LATENCY = "latency: 1 item x 100 residues, 1 client"
+SERVER_RSS = "server peak RSS"
+PEER_EXTRACT = "peer: esm-extract, whole process"
+PEER_EMBED = "peer: esm2 embed, whole process (server already up)"
+
+
+def forward_fast_case(precision: str = "fp32") -> str:
+    autocast = precision in ("fp16", "bf16")
+    return "in-process service forward, fast path" + (f", {precision} autocast" if autocast else "")
+
+
+def grpc_mean_case(clients: int, items: int, mode: str = "fast") -> str:
+    label = "fast path (default)" if mode == "fast" else "--attention exact"
+    return f"gRPC Encode mean, {clients} clients x {items} items, {label}"
+
+
+def stream_case(include: str) -> str:
+    return f"gRPC EncodeStream {include}, 8 clients x 8 items"
+
+
+def json_case(include: str, clients: int = 8, items: int = 8) -> str:
+    return f"JSON via Envoy {include}, {clients} clients x {items} items"
+
+
+CONTACTS_MEMORY = "contacts memory: stock vs ours"  # + the lengths, by contacts_memory_case
+
+
+def contacts_memory_case(compare_length: int, serve_length: int) -> str:
+    return f"{CONTACTS_MEMORY} at {compare_length}, served at {serve_length}"
 
 
 @dataclass
@@ -144,25 +181,24 @@ class ModelCases:
         self._record(case, workload).add(seconds, cpu_seconds() - cpu)
 
     def baseline_mean(self) -> None:
-        self._in_process("baseline: stock fair-esm, mean", self.workload, baseline.stock_pass)
+        self._in_process(BASELINE_MEAN, self.workload, baseline.stock_pass)
 
     def baseline_small_batches(self) -> None:
         """esm-extract with --toks_per_batch 1024: stock fair-esm's best setting on a small CPU."""
-        self._in_process("stock fair-esm, toks_per_batch 1024", self.workload,
+        self._in_process(STOCK_SMALL_BATCHES, self.workload,
                          lambda loaded, seqs: baseline.stock_pass(loaded, seqs, toks_per_batch=1024))
 
     def baseline_contacts(self) -> None:
-        self._in_process("baseline: stock fair-esm, contacts", self.contacts_workload,
+        self._in_process(BASELINE_CONTACTS, self.contacts_workload,
                          lambda loaded, seqs: baseline.stock_pass(loaded, seqs, contacts=True))
 
     def forward_fast(self) -> None:
         autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
-        label = "fast path" + (f", {self.precision} autocast" if autocast else "")
-        self._in_process(f"in-process service forward, {label}", self.workload,
+        self._in_process(forward_fast_case(self.precision), self.workload,
                          lambda loaded, seqs: baseline.service_forward_pass(loaded, seqs, fast=True, autocast=autocast))
 
     def forward_exact(self) -> None:
-        self._in_process("in-process service forward, exact path", self.workload,
+        self._in_process(FORWARD_EXACT, self.workload,
                          lambda loaded, seqs: baseline.service_forward_pass(loaded, seqs, fast=False))
 
     # ---- gRPC ---------------------------------------------------------------
@@ -187,13 +223,11 @@ class ModelCases:
         return result
 
     def grpc_mean(self, clients: int, items: int, mode: str = "fast") -> None:
-        label = "fast path (default)" if mode == "fast" else "--attention exact"
-        self._drive(f"gRPC Encode mean, {clients} clients x {items} items, {label}", mode, self.workload,
-                    clients, items)
+        self._drive(grpc_mean_case(clients, items, mode), mode, self.workload, clients, items)
 
     def stream(self, include: str) -> None:
         workload = self.contacts_workload if include == "contacts" else self.workload
-        self._drive(f"gRPC EncodeStream {include}, 8 clients x 8 items", "fast", workload, 8, 8,
+        self._drive(stream_case(include), "fast", workload, 8, 8,
                     include=(include,), stream=True)
 
     def latency(self, requests: int) -> None:
@@ -204,18 +238,18 @@ class ModelCases:
         result = drive(server, encode_requests(self.name, [sequence] * requests, 1), 1)
         bare = baseline.bare_model_seconds(self.loaded, sequence, max(5, requests // 4))
         q = statistics.quantiles(result.latencies, n=100, method="inclusive")
-        m = self._record("latency: 1 item x 100 residues, 1 client", Workload("100", (sequence,)))
+        m = self._record(LATENCY, Workload("100", (sequence,)))
         m.extra.update(requests=requests, p50_ms=q[49] * 1e3, p99_ms=q[98] * 1e3, bare_model_ms=bare * 1e3,
                        p50_minus_bare_ms=(q[49] - bare) * 1e3, p99_minus_bare_ms=(q[98] - bare) * 1e3)
 
     def server_rss(self) -> None:
-        m = self._record("server peak RSS", Workload("none", ()))
+        m = self._record(SERVER_RSS, Workload("none", ()))
         m.extra["peak_rss_mib"] = {mode: s.peak_rss() / 2**20 for mode, s in self.servers.items()}
 
     # ---- JSON through the Envoy gateway ------------------------------------
     def json(self, include: str, clients: int = 8, items: int = 8) -> None:
         """BioLM-style JSON through Envoy to EncodeJson (target: mean >= 0.75x of gRPC)."""
-        case = f"JSON via Envoy {include}, {clients} clients x {items} items"
+        case = json_case(include, clients, items)
         reason = gateway_missing()
         if reason:
             self._record(case, self.workload).skipped = reason
@@ -268,8 +302,6 @@ def gateway_missing() -> str | None:
     return None
 
 
-PEER_EXTRACT = "peer: esm-extract, whole process"
-PEER_EMBED = "peer: esm2 embed, whole process (server already up)"
 PEER_TRUNCATE = 1022  # esm-extract's default cut; `esm2 embed --truncate` makes the same one
 
 
@@ -302,7 +334,7 @@ def server_rss_for(name: str, checkpoint: Path, workload: Workload) -> Measureme
         load_peak, idle = server.peak_rss(), rss_bytes(server.proc.pid)
         reset = reset_peak_rss(server.proc.pid)
         result = drive(server, encode_requests(name, workload.sequences, 8), 1)
-        m = Measurement(name, "server peak RSS", workload.residues)
+        m = Measurement(name, SERVER_RSS, workload.residues)
         m.extra = {"load_peak_mib": load_peak / 2**20, "after_load_mib": idle / 2**20,
                    "peak_rss_mib": server.peak_rss() / 2**20, "peak_is_serving_only": reset,
                    "served": workload.describe(), "seconds": result.seconds}
@@ -312,7 +344,7 @@ def server_rss_for(name: str, checkpoint: Path, workload: Workload) -> Measureme
 def contacts_memory(name: str, checkpoint: Path, compare_length: int, serve_length: int) -> Measurement:
     """Stock fair-esm vs the layer-by-layer reduction: peak RSS of a contacts forward, each in its
     own process, values compared; then the server answering a `serve_length` contacts request."""
-    m = Measurement(name, f"contacts memory: stock vs ours at {compare_length}, served at {serve_length}")
+    m = Measurement(name, contacts_memory_case(compare_length, serve_length))
     with tempfile.TemporaryDirectory(prefix="esm-bench-contacts-") as tmp:
         runs = {}
         for impl in ("stock", "ours"):

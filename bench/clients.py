@@ -11,7 +11,7 @@ import grpc
 import orjson
 import requests
 
-from service.proto import pb, pb_grpc
+from esm2_wire.proto import pb, pb_grpc
 
 RPC_TIMEOUT_S = 900
 

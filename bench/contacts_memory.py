@@ -20,6 +20,7 @@ import torch
 
 from bench.machine import reset_peak_rss
 from bench.workload import single
+from esm2_wire.output_kinds import OutputKind
 from service.checkpoints import load
 from service.esm_forward import BatchPlan, forward
 
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
         if impl == "stock":
             contacts = loaded.model(tokens, repr_layers=[], return_contacts=True)["contacts"][0]
         else:
-            contacts = forward(loaded.model, tokens, BatchPlan(contacts=True)).contacts[0]
+            contacts = forward(loaded.model, tokens, BatchPlan(outputs=frozenset({OutputKind.CONTACTS}))).contacts[0]
     seconds = time.perf_counter() - start
     np.save(out, contacts.numpy())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

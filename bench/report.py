@@ -5,15 +5,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.cases import PEER_EMBED, PEER_EXTRACT, Measurement
+from bench.cases import (
+    BASELINE_CONTACTS,
+    BASELINE_MEAN,
+    CONTACTS_MEMORY,
+    LATENCY,
+    PEER_EMBED,
+    PEER_EXTRACT,
+    SERVER_RSS,
+    Measurement,
+    forward_fast_case,
+    grpc_mean_case,
+    json_case,
+    stream_case,
+)
 
-BASELINE = "baseline: stock fair-esm, mean"
-BASELINE_CONTACTS = "baseline: stock fair-esm, contacts"
+# Cases over the contacts workload, compared with the contacts baseline.
+CONTACTS_CASES = {BASELINE_CONTACTS, stream_case("contacts"), json_case("contacts")}
+FORWARD_FAST_CASES = [forward_fast_case(p) for p in ("fp32", "fp16", "bf16")]
 
 
 def _baseline_for(m: Measurement, by_case: dict[str, Measurement]) -> Measurement | None:
-    key = BASELINE_CONTACTS if "contacts" in m.case else BASELINE
-    return by_case.get(key)
+    return by_case.get(BASELINE_CONTACTS if m.case in CONTACTS_CASES else BASELINE_MEAN)
 
 
 def ratio(m: Measurement, base: Measurement | None) -> float | None:
@@ -34,11 +47,11 @@ def targets(measurements: list[Measurement], matmul_flops: float) -> list[dict]:
         return m.residues_per_s if m is not None and m.seconds else None
 
     for model, cases in by_model.items():
-        base = rate(cases, BASELINE)
-        fast88 = rate(cases, "gRPC Encode mean, 8 clients x 8 items, fast path (default)")
-        exact88 = rate(cases, "gRPC Encode mean, 8 clients x 8 items, --attention exact")
-        one32 = rate(cases, "gRPC Encode mean, 32 clients x 1 items, fast path (default)")
-        fast_name = next((c for c in cases if c.startswith("in-process service forward, fast path")), "")
+        base = rate(cases, BASELINE_MEAN)
+        fast88 = rate(cases, grpc_mean_case(8, 8))
+        exact88 = rate(cases, grpc_mean_case(8, 8, "exact"))
+        one32 = rate(cases, grpc_mean_case(32, 1))
+        fast_name = next((c for c in FORWARD_FAST_CASES if c in cases), "")
         forward_fast = rate(cases, fast_name)
 
         def add(target, value, threshold):
@@ -53,14 +66,13 @@ def targets(measurements: list[Measurement], matmul_flops: float) -> list[dict]:
                 add("fast-path forward (in-process) / baseline", forward_fast and forward_fast / base, 1.5)
         if fast88:
             add("gRPC 32 clients x 1 item / 8x8", one32 and one32 / fast88, 0.8)
-            json88 = rate(cases, "JSON via Envoy mean, 8 clients x 8 items")
+            json88 = rate(cases, json_case("mean"))
             add("JSON via Envoy 8x8 mean / gRPC 8x8 mean", json88 and json88 / fast88, 0.75)
-        for name in ("gRPC Encode mean, 8 clients x 8 items, fast path (default)",
-                     "gRPC Encode mean, 32 clients x 1 items, fast path (default)"):
-            m = cases.get(name)
+        for clients, items in ((8, 8), (32, 1)):
+            m = cases.get(grpc_mean_case(clients, items))
             if m is not None and m.padding:
-                add(f"padding efficiency, {name.split(', ', 1)[1].split(', fast')[0]}", m.to_json()["padding_efficiency"], 0.9)
-        for name in ("gRPC Encode mean, 8 clients x 8 items, fast path (default)", fast_name):
+                add(f"padding efficiency, {clients} clients x {items} items", m.to_json()["padding_efficiency"], 0.9)
+        for name in (grpc_mean_case(8, 8), fast_name):
             m = cases.get(name)
             if m is not None and m.seconds and model.endswith("150m"):
                 add(f"model FLOPs utilisation, {name}", m.flops / m.median_seconds / matmul_flops, 0.5)
@@ -136,14 +148,14 @@ def markdown(run: dict, measurements: list[Measurement]) -> str:
                 f"| {_fmt(j.get('bytes_per_s') and j['bytes_per_s'] / 1e6, '.1f')} |"
             )
     for model, cases in by_model.items():
-        json_pt = cases.get("JSON via Envoy per_token, 8 clients x 8 items")
-        grpc_pt = cases.get("gRPC EncodeStream per_token, 8 clients x 8 items")
+        json_pt = cases.get(json_case("per_token"))
+        grpc_pt = cases.get(stream_case("per_token"))
         if json_pt and grpc_pt and json_pt.seconds and grpc_pt.seconds:
             share = 1 - grpc_pt.median_seconds / json_pt.median_seconds
             lines += ["", f"{model}: per-token JSON takes {json_pt.median_seconds:.2f} s vs {grpc_pt.median_seconds:.2f} s "
                       f"for the same outputs over the streaming RPC: JSON rendering, transcoding and parsing "
                       f"account for ~{max(share, 0):.0%} of the JSON wall time."]
-    latency = [m for m in measurements if m.case.startswith("latency")]
+    latency = [m for m in measurements if m.case == LATENCY]
     if latency:
         lines += ["", "Latency, one client sending 1-item 100-residue mean requests one after another:", "",
                   "| model | requests | p50 ms | p99 ms | bare model ms (stock, in-process) | p50 - bare | p99 - bare |",
@@ -152,7 +164,7 @@ def markdown(run: dict, measurements: list[Measurement]) -> str:
             e = m.extra
             lines.append(f"| {m.model} | {e['requests']} | {e['p50_ms']:.1f} | {e['p99_ms']:.1f} | "
                          f"{e['bare_model_ms']:.1f} | {e['p50_minus_bare_ms']:.1f} | {e['p99_minus_bare_ms']:.1f} |")
-    rss = [m for m in measurements if m.case == "server peak RSS"]
+    rss = [m for m in measurements if m.case == SERVER_RSS]
     if rss:
         lines += ["", "Server peak RSS (VmHWM, MiB). Loading a fair-esm checkpoint briefly holds the weights "
                   "twice (file + model); where the kernel allows, the peak is reset after loading so that "
@@ -169,7 +181,7 @@ def markdown(run: dict, measurements: list[Measurement]) -> str:
                 lines.append(f"| {m.model} | {loading}idle after load: {e['after_load_mib']:,.0f}; serving peak: "
                              f"{peak:,.0f}{'' if e.get('peak_is_serving_only') else ' (includes loading)'} "
                              f"| {e['served']} |")
-    contacts = [m for m in measurements if m.case.startswith("contacts memory")]
+    contacts = [m for m in measurements if m.case.startswith(CONTACTS_MEMORY)]
     for m in contacts:
         e = m.extra
         lines += ["", f"Contacts memory ({m.model}): {m.case}", "",

@@ -130,7 +130,7 @@ def run_model(shape, args, workload, contacts_workload, full: bool) -> list[case
         if full and "grpc" in groups:
             m.server("exact")
         warm(m, workload)
-        steps = full_cases(m, shapes_list(args.clients), shapes_list(args.items), groups) if full else mfu_cases(m)
+        steps = full_cases(m, int_list(args.clients), int_list(args.items), groups) if full else mfu_cases(m)
         for repeat in range(args.repeats):
             log.info("%s: run %d of %d", name, repeat + 1, args.repeats)
             for step in steps:
@@ -144,7 +144,8 @@ def run_model(shape, args, workload, contacts_workload, full: bool) -> list[case
     return list(m.results.values())
 
 
-def shapes_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """--clients / --items: comma-separated counts."""
     return [int(x) for x in text.split(",") if x.strip()]
 
 

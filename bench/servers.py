@@ -7,14 +7,13 @@ from pathlib import Path
 
 import grpc
 
-import service.subprocesses
 from bench.machine import peak_rss_bytes
-from service.subprocesses import REPO, free_port  # noqa: F401 (used by the cases)
+from harness.server_process import REPO, ServerProcess, free_port  # noqa: F401 (used by the cases)
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 64 << 20)]
 
 
-class Server(service.subprocesses.ServerProcess):
+class Server(ServerProcess):
     """One server subprocess serving one checkpoint under `model`; stop() it (or use `with`)."""
 
     def __init__(self, model: str, checkpoint: Path, *flags: str, ready_timeout: float = 600):

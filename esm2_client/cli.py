@@ -30,10 +30,12 @@ from esm2_client.outputs import (
     output_arrays,
     output_format,
 )
-from service import validation
+from esm2_wire import output_kinds
+from esm2_wire.output_kinds import OutputKind
+from esm2_wire.vocabulary import MASK
 
 # The server's names, plus esm-extract's `per_tok`.
-INCLUDE_ALIASES = {**validation.INCLUDE_ALIASES, "per_tok": "per_token"}
+INCLUDE_ALIASES = {**output_kinds.ALIASES, "per_tok": "per_token"}
 EXIT_INTERRUPTED = 130
 
 
@@ -72,7 +74,8 @@ def _fit_lengths(records: list[Record], limit: int, truncate: int | None, model:
 
 def cmd_embed(args) -> int:
     output_format(args.output)  # unknown extension: fail before any work
-    include = sorted({INCLUDE_ALIASES.get(i, i) for i in args.include})
+    kinds = {OutputKind(INCLUDE_ALIASES.get(i, i)) for i in args.include}  # argparse checked the names
+    include = sorted(kind.value for kind in kinds)
     records = read_fasta(args.fasta)
     with _client(args) as client:
         info = client.model_info(args.model)
@@ -93,7 +96,7 @@ def cmd_embed(args) -> int:
         bar = None
         try:
             for index, outputs in client.encode_iter([r.sequence for r in todo], args.model, include, layers):
-                store.add(todo[index].id, output_arrays(outputs, include))
+                store.add(todo[index].id, output_arrays(outputs, kinds))
                 written += 1
                 if bar is None:
                     bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="seq", desc="embed",
@@ -129,7 +132,7 @@ def cmd_predict(args) -> int:
         writer.writerow(["sequence_id", "position", "rank", "token", "probability"])
         for index, outputs in client.predict_iter([r.sequence for r in records], args.model):
             for row, token in enumerate(outputs.sequence_tokens):
-                if token != validation.MASK:
+                if token != MASK:
                     continue
                 logits = outputs.logits[row].astype(np.float64)
                 probabilities = np.exp(logits - logits.max())
@@ -248,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("fasta", type=Path, help="FASTA file, plain or gzipped")
     embed.add_argument("-o", "--output", type=Path, required=True, help=".h5/.hdf5, .npz or .safetensors")
     embed.add_argument("--include", nargs="+", default=["mean"],
-                       choices=[*validation.INCLUDE_VALUES, *INCLUDE_ALIASES], help="outputs (default mean)")
+                       choices=[*output_kinds.NAMES, *INCLUDE_ALIASES], help="outputs (default mean)")
     embed.add_argument("--repr-layers", type=int, nargs="+", default=[-1],
                        help="layers: 0 = embeddings, -1 = last (default -1)")
     embed.add_argument("--truncate", type=int, nargs="?", const=0, default=None, metavar="N",

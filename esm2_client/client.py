@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from esm2_client.streams import ItemOutputs, StreamAssembler
-from service.proto import pb, pb_grpc
+from esm2_wire.proto import pb, pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 # Finished requests held while an earlier one still runs, per max_in_flight slot: bounds

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from Bio import SeqIO
 
-from service.validation import ENCODE_LETTERS
+from esm2_wire.vocabulary import ENCODE_LETTERS
 
 
 class InputError(Exception):

@@ -27,6 +27,9 @@ import h5py
 import numpy as np
 import safetensors.numpy
 
+from esm2_wire.item_result import ItemResult
+from esm2_wire.output_kinds import OutputKind
+
 log = logging.getLogger(__name__)
 
 FORMATS = {".h5": "hdf5", ".hdf5": "hdf5", ".npz": "npz", ".safetensors": "safetensors"}
@@ -51,15 +54,23 @@ def escape_id(seq_id: str) -> str:
     return escaped.replace(".", "%2E") if escaped in (".", "..") else escaped
 
 
-def output_arrays(outputs, include) -> dict[str, np.ndarray]:
-    """`<output>/<layer>` or `<output>` -> array, for the outputs asked for."""
+# Key order within a sequence: per-layer outputs first.
+_FILE_ORDER = (
+    OutputKind.MEAN, OutputKind.BOS, OutputKind.PER_TOKEN, OutputKind.CONTACTS, OutputKind.ATTENTIONS,
+    OutputKind.LOGITS,
+)
+
+
+def output_arrays(outputs: ItemResult, kinds) -> dict[str, np.ndarray]:
+    """`<output>/<layer>` or `<output>` -> array, for the output kinds asked for."""
     arrays = {}
-    for name in ("mean", "bos", "per_token"):
-        if name in include:
-            arrays.update({f"{name}/{layer}": array for layer, array in getattr(outputs, name).items()})
-    for name in ("contacts", "attentions", "logits"):
-        if name in include:
-            arrays[name] = getattr(outputs, name)
+    for kind in _FILE_ORDER:
+        if kind not in kinds:
+            continue
+        if kind.per_layer:
+            arrays.update({f"{kind.value}/{layer}": array for layer, array in outputs.get(kind).items()})
+        else:
+            arrays[kind.value] = outputs.get(kind)
     return arrays
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from esm2_client.client import Esm2Client
-from service.validation import MASK, STANDARD_AMINO_ACIDS
+from esm2_wire.vocabulary import MASK, STANDARD_AMINO_ACIDS
 
 _MUTATION = re.compile(r"([A-Z])(\d+)([A-Z])")
 

@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 from gateway.envoy_config import GatewayConfig, add_arguments, config_from_args, render
-from service.subprocesses import REPO, free_port, stop_process
+from gateway.processes import free_port, stop_process
 
 log = logging.getLogger("gateway")
+# Where the `service` package lives (the source checkout, or site-packages): the server child's cwd.
+PACKAGES_ROOT = Path(__file__).resolve().parent.parent
 
 
 def envoy_binary() -> str:
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             grace = server_args.grace_seconds
             server_argv = [*server_argv, "--port", str(port), "--max-json-response-mb", str(args.max_json_response_mb)]
             # Own session: a terminal's Ctrl-C reaches only this launcher, which stops the children in order.
-            server = subprocess.Popen([sys.executable, "-m", "service.server", *server_argv], cwd=REPO,
+            server = subprocess.Popen([sys.executable, "-m", "service.server", *server_argv], cwd=PACKAGES_ROOT,
                                       start_new_session=True)
         envoy = EnvoyProcess(config_from_args(args, upstream), log_level=args.envoy_log_level)
         log.info("JSON gateway on %s/api/v3/ -> gRPC %s:%d", envoy.url, *upstream)

@@ -61,6 +61,14 @@ class LoadedModel:
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def tokenize(self, tokens: tuple[str, ...]) -> torch.Tensor:
+        """int64 [BOS, residues..., EOS] for validated tokens (letters and `<mask>`).
+
+        The alphabet's index directly: fair-esm's tokenizer would drop whitespace silently."""
+        alphabet = self.alphabet
+        ids = [alphabet.cls_idx, *(alphabet.tok_to_idx[t] for t in tokens), alphabet.eos_idx]
+        return torch.tensor(ids, dtype=torch.int64)
+
 
 def regression_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + "-contact-regression.pt")

@@ -17,23 +17,36 @@ import torch
 import torch.nn.functional as F
 from esm.modules import apc, symmetrize
 
+from esm2_wire import output_kinds
+from esm2_wire.output_kinds import OutputKind
+
 # Logits are reported over the standard amino acids, in alphabet order.
-from service.validation import STANDARD_AMINO_ACIDS
+from esm2_wire.vocabulary import STANDARD_AMINO_ACIDS
 
 
 @dataclass(frozen=True)
 class BatchPlan:
     """What one forward pass must produce (the union over the batch's items)."""
 
-    layers: frozenset[int] = frozenset()
-    logits: bool = False
-    attentions: bool = False
-    contacts: bool = False
+    layers: frozenset[int] = frozenset()  # representations to keep
+    outputs: frozenset[OutputKind] = frozenset()  # logits, attentions and contacts are computed when here
     fast_attention: bool = True
 
     @property
     def needs_maps(self) -> bool:
-        return self.attentions or self.contacts
+        return output_kinds.needs_maps(self.outputs)
+
+    @property
+    def logits(self) -> bool:
+        return OutputKind.LOGITS in self.outputs
+
+    @property
+    def attentions(self) -> bool:
+        return OutputKind.ATTENTIONS in self.outputs
+
+    @property
+    def contacts(self) -> bool:
+        return OutputKind.CONTACTS in self.outputs
 
 
 @dataclass

@@ -8,21 +8,34 @@ uses orjson's typical width of a float32 in its shortest form ("-0.12345678," is
 
 from __future__ import annotations
 
+from esm2_wire.output_kinds import OutputKind
+
 DEFAULT_MAX_JSON_RESPONSE_MB = 512
 BYTES_PER_VALUE = 12
 BYTES_PER_ATTENTION = 14
 _PER_ITEM_OVERHEAD = 256  # keys, brackets, vocab_tokens
 
 
-def estimate_encode_bytes(lengths: list[int], include: frozenset[str], layers: int, embed_dim: int, vocab: int) -> int:
-    values = attention = 0
+def _values(kind: OutputKind, length: int, layers: int, embed_dim: int, vocab: int) -> int:
+    """Floats one item's output of this kind holds."""
+    if kind in (OutputKind.MEAN, OutputKind.BOS):
+        return layers * embed_dim
+    if kind is OutputKind.PER_TOKEN:
+        return layers * length * embed_dim
+    if kind is OutputKind.LOGITS:
+        return length * vocab
+    return length * length  # contacts, attentions
+
+
+def estimate_encode_bytes(
+    lengths: list[int], outputs: frozenset[OutputKind], layers: int, embed_dim: int, vocab: int
+) -> int:
+    total = _PER_ITEM_OVERHEAD * len(lengths)
     for length in lengths:
-        values += layers * embed_dim * (("mean" in include) + ("bos" in include))
-        values += layers * length * embed_dim * ("per_token" in include)
-        values += length * length * ("contacts" in include)
-        values += length * vocab * ("logits" in include)
-        attention += length * length * ("attentions" in include)
-    return values * BYTES_PER_VALUE + attention * BYTES_PER_ATTENTION + _PER_ITEM_OVERHEAD * len(lengths)
+        for kind in outputs:
+            width = BYTES_PER_ATTENTION if kind is OutputKind.ATTENTIONS else BYTES_PER_VALUE
+            total += _values(kind, length, layers, embed_dim, vocab) * width
+    return total
 
 
 def estimate_predict_bytes(lengths: list[int], vocab: int) -> int:

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from esm2_wire import output_kinds
+from esm2_wire.item_result import ItemResult
+from esm2_wire.output_kinds import OutputKind
 from service.checkpoints import LoadedModel
+from service.errors import Internal, OutOfMemory, ServiceError
 from service.faults import FaultHook
 from service.esm_forward import BatchPlan, forward
-from service.item_outputs import ItemResult
 
 log = logging.getLogger(__name__)
 
@@ -27,25 +30,14 @@ class DeviceUnusable(Exception):
     """The device fails every call (e.g. after a CUDA device-side assert): only a restart helps."""
 
 
-class ItemFailed(Exception):
-    """A work item could not be computed; `code` names the gRPC status to report."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(eq=False)
-class WorkItem:
-    """One sequence of one request, ready for the model."""
+@dataclass(frozen=True, eq=False)
+class ModelInput:
+    """One sequence, ready for the model: all the worker needs to compute its outputs."""
 
     model: str
-    token_ids: torch.Tensor  # int64 [BOS, residues..., EOS]
-    include: frozenset[str]
-    layers: tuple[int, ...]
-    future: object  # asyncio.Future, resolved by the scheduler
-    deadline: float | None  # time.monotonic() seconds
-    enqueued_at: float
+    token_ids: torch.Tensor  # int64 [BOS, residues..., EOS], from LoadedModel.tokenize
+    outputs: frozenset[OutputKind]
+    layers: tuple[int, ...]  # non-negative; used by the per-layer outputs
 
     @property
     def length(self) -> int:  # tokens, BOS and EOS included
@@ -53,7 +45,7 @@ class WorkItem:
 
     @property
     def needs_maps(self) -> bool:
-        return "contacts" in self.include or "attentions" in self.include
+        return output_kinds.needs_maps(self.outputs)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -100,7 +92,7 @@ class ModelWorker:
         for loaded in models.values():
             loaded.model.to(device)
 
-    def run(self, batch: list[WorkItem]) -> list[ItemResult | ItemFailed]:
+    def run(self, batch: list[ModelInput]) -> list[ItemResult | ServiceError]:
         """Compute a batch (all items of one model).
 
         A failing batch fails only its own items, unless the device fails too: then
@@ -115,11 +107,11 @@ class ModelWorker:
                 log.exception("batch of %d items failed", len(batch))
                 if not self.device_usable():
                     raise DeviceUnusable(f"{self.device} fails every call after: {exc}") from exc
-                return [ItemFailed("INTERNAL", "model failure; see the server log") for _ in batch]
+                return [Internal("model failure; see the server log") for _ in batch]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if len(batch) == 1:
-            return [ItemFailed("RESOURCE_EXHAUSTED", f"a {batch[0].length - 2}-residue sequence does not fit in {self.device} memory")]
+            return [OutOfMemory(f"a {batch[0].length - 2}-residue sequence does not fit in {self.device} memory")]
         half = len(batch) // 2
         log.warning("out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
         return self.run(batch[:half]) + self.run(batch[half:])
@@ -134,7 +126,7 @@ class ModelWorker:
             log.exception("device check failed on %s", self.device)
             return False
 
-    def _run(self, batch: list[WorkItem]) -> list[ItemResult]:
+    def _run(self, batch: list[ModelInput]) -> list[ItemResult]:
         loaded = self.models[batch[0].model]
         width = max(item.length for item in batch)
         if self.simulate_oom_above_tokens and width * len(batch) > self.simulate_oom_above_tokens:
@@ -143,10 +135,8 @@ class ModelWorker:
         for row, item in enumerate(batch):
             tokens[row, : item.length] = item.token_ids
         plan = BatchPlan(
-            layers=frozenset(layer for item in batch for layer in item.layers if item.include & {"mean", "bos", "per_token"}),
-            logits=any("logits" in item.include for item in batch),
-            attentions=any("attentions" in item.include for item in batch),
-            contacts=any("contacts" in item.include for item in batch),
+            layers=frozenset(layer for item in batch if output_kinds.per_layer(item.outputs) for layer in item.layers),
+            outputs=frozenset().union(*(item.outputs for item in batch)),
             fast_attention=self.fast_attention,
         )
         autocast = (
@@ -159,23 +149,23 @@ class ModelWorker:
         return [self._extract(out, row, item) for row, item in enumerate(batch)]
 
     @staticmethod
-    def _extract(out, row: int, item: WorkItem) -> ItemResult:
+    def _extract(out, row: int, item: ModelInput) -> ItemResult:
         residues = item.length - 2
         result = ItemResult()
         for layer in item.layers:
             if layer not in out.representations:
                 continue
             rep = out.representations[layer][row]
-            if "mean" in item.include:
+            if OutputKind.MEAN in item.outputs:
                 result.mean[layer] = _numpy(rep[1 : residues + 1].mean(0))
-            if "bos" in item.include:
+            if OutputKind.BOS in item.outputs:
                 result.bos[layer] = _numpy(rep[0])
-            if "per_token" in item.include:
+            if OutputKind.PER_TOKEN in item.outputs:
                 result.per_token[layer] = _numpy(rep[1 : residues + 1])
-        if "logits" in item.include:
+        if OutputKind.LOGITS in item.outputs:
             result.logits = _numpy(out.logits[row, 1 : residues + 1])
-        if "contacts" in item.include:
+        if OutputKind.CONTACTS in item.outputs:
             result.contacts = _numpy(out.contacts[row, :residues, :residues])
-        if "attentions" in item.include:
+        if OutputKind.ATTENTIONS in item.outputs:
             result.attentions = _numpy(out.attentions[row, 1 : residues + 1, 1 : residues + 1])
         return result

@@ -10,11 +10,16 @@ from collections.abc import Iterator
 import numpy as np
 import orjson
 
-from service.item_outputs import ItemResult
-from service.proto import pb
+from esm2_wire.chunks import tensor_chunks
+from esm2_wire.item_result import ItemResult
+from esm2_wire.output_kinds import OutputKind
+from esm2_wire.proto import pb
 
-DEFAULT_CHUNK_BYTES = 1 << 20
-MAX_CHUNK_BYTES = 3 << 20
+# The order outputs take in a stream: per-layer kinds first, each layer in request order.
+STREAM_ORDER = (
+    OutputKind.MEAN, OutputKind.BOS, OutputKind.PER_TOKEN, OutputKind.CONTACTS, OutputKind.ATTENTIONS,
+    OutputKind.LOGITS,
+)
 
 
 def matrix(array: np.ndarray) -> pb.Matrix:
@@ -72,53 +77,11 @@ def json_body(results: list[dict]) -> bytes:
     return orjson.dumps({"results": results}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def to_wire(array: np.ndarray, data_type: int) -> np.ndarray:
-    """Little-endian array of the requested element type."""
-    array = np.ascontiguousarray(array, dtype="<f4")
-    if data_type == pb.DATA_TYPE_FLOAT16:
-        return array.astype("<f2")
-    if data_type == pb.DATA_TYPE_BFLOAT16:
-        bits = array.view("<u4")
-        # Round to nearest even, as torch does; NaN stays NaN.
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
-        return np.where(np.isnan(array), (bits >> 16).astype("<u2") | 0x40, rounded)
-    return array
-
-
-def tensor_chunks(
-    index: int, output: int, array: np.ndarray, data_type: int, max_chunk_bytes: int, layer: int | None = None
-) -> Iterator[pb.TensorChunk]:
-    data_type = data_type or pb.DATA_TYPE_FLOAT32  # UNSPECIFIED means float32
-    wire = to_wire(array, data_type)
-    rows = wire.shape[0]
-    row_bytes = max(1, wire[:1].nbytes)
-    per_chunk = max(1, max_chunk_bytes // row_bytes)
-    for start in range(0, max(rows, 1), per_chunk):
-        part = wire[start : start + per_chunk]
-        yield pb.TensorChunk(
-            sequence_index=index, output=output, layer=layer, shape=wire.shape, row_start=start,
-            row_count=part.shape[0], data_type=data_type, data=part.tobytes(),
-        )
-
-
 def encode_stream_chunks(index: int, result: ItemResult, data_type: int, max_chunk_bytes: int) -> Iterator[pb.TensorChunk]:
-    for kind, per_layer in (
-        (pb.OUTPUT_KIND_MEAN, result.mean),
-        (pb.OUTPUT_KIND_BOS, result.bos),
-        (pb.OUTPUT_KIND_PER_TOKEN, result.per_token),
-    ):
-        for layer, array in per_layer.items():
-            yield from tensor_chunks(index, kind, array, data_type, max_chunk_bytes, layer)
-    for kind, array in (
-        (pb.OUTPUT_KIND_CONTACTS, result.contacts),
-        (pb.OUTPUT_KIND_ATTENTIONS, result.attentions),
-        (pb.OUTPUT_KIND_LOGITS, result.logits),
-    ):
-        if array is not None:
-            yield from tensor_chunks(index, kind, array, data_type, max_chunk_bytes)
-
-
-def chunk_size(requested: int) -> int:
-    if requested <= 0:
-        return DEFAULT_CHUNK_BYTES
-    return min(requested, MAX_CHUNK_BYTES)
+    for kind in STREAM_ORDER:
+        value = result.get(kind)
+        if kind.per_layer:
+            for layer, array in value.items():
+                yield from tensor_chunks(index, kind.proto, array, data_type, max_chunk_bytes, layer)
+        elif value is not None:
+            yield from tensor_chunks(index, kind.proto, value, data_type, max_chunk_bytes)

@@ -18,8 +18,9 @@ import time
 
 import grpc
 
-from service import metrics
+from service import errors, metrics
 from service.auth import OPEN_METHODS, key_matches
+from service.errors import InvalidRequest, ServiceError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,12 @@ def metadata_bytes(metadata) -> int:
 
 
 class _Malformed:
-    """What a deserializer hands the handler instead of raising: the reason it could not decode."""
+    """What a deserializer hands the handler instead of raising: why it could not decode."""
 
-    __slots__ = ("reason",)
+    __slots__ = ("error",)
 
     def __init__(self, reason: str):
-        self.reason = reason
+        self.error = InvalidRequest(reason)
 
 
 class _RateLimitedLog:
@@ -65,14 +66,21 @@ class _RateLimitedLog:
         log.warning(message + " (%d similar suppressed in the last %.0fs)", *args, suppressed, self.interval_s)
 
 
-def _abort_with(code: grpc.StatusCode, message: str, handler):
-    """A handler of the same kind as `handler` that answers `code`; its request stays raw bytes."""
+async def _abort(context, error: ServiceError) -> None:
+    code, message, trailers = errors.status(error, "")
+    if trailers:
+        context.set_trailing_metadata(trailers)
+    await context.abort(code, message)
+
+
+def _abort_with(error: ServiceError, handler):
+    """A handler of the same kind as `handler` that answers `error`; its request stays raw bytes."""
 
     async def unary(request, context):
-        await context.abort(code, message)
+        await _abort(context, error)
 
     async def stream(request, context):
-        await context.abort(code, message)
+        await _abort(context, error)
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_stream:
@@ -101,13 +109,14 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
                 return None
             guarded = self._guarded[method] = self._guard(handler)
-            self._denied[method] = _abort_with(grpc.StatusCode.UNAUTHENTICATED, _DENIED, handler)
+            self._denied[method] = _abort_with(Unauthenticated(_DENIED), handler)
         size = metadata_bytes(details.invocation_metadata)
         if size > self.max_metadata_bytes:
             metrics.REFUSED_UNDECODED.labels("metadata").inc()
             return _abort_with(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request metadata (headers) is {size} bytes; at most {self.max_metadata_bytes} are accepted",
+                InvalidRequest(
+                    f"request metadata (headers) is {size} bytes; at most {self.max_metadata_bytes} are accepted"
+                ),
                 guarded,
             )
         if self._keys and not method.startswith(OPEN_METHODS):
@@ -142,13 +151,13 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
             async def checked(request, context):
                 if isinstance(request, _Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                    await _abort(context, request.error)
                 async for message in behavior(request, context):
                     yield message
         else:
             async def checked(request, context):
                 if isinstance(request, _Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                    await _abort(context, request.error)
                 return await behavior(request, context)
 
         make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.unary_unary_rpc_method_handler

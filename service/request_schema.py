@@ -5,7 +5,8 @@ BioLM's Python client reads `properties.items.maxItems` to size its batches.
 
 from __future__ import annotations
 
-from service.validation import INCLUDE_ALIASES, INCLUDE_VALUES, Limits
+from esm2_wire.output_kinds import ALIASES, NAMES
+from esm2_wire.vocabulary import Limits
 
 
 def request_schema(model: str, action: str, limits: Limits) -> dict:
@@ -18,7 +19,7 @@ def request_schema(model: str, action: str, limits: Limits) -> dict:
             "repr_layers": {"type": "array", "items": {"type": "integer"}, "default": [-1]},
             "include": {
                 "type": "array",
-                "items": {"type": "string", "enum": [*INCLUDE_VALUES, *INCLUDE_ALIASES]},
+                "items": {"type": "string", "enum": [*NAMES, *ALIASES]},
                 "default": ["mean"],
             },
         },

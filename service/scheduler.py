@@ -14,23 +14,34 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from esm2_wire.item_result import ItemResult
 from service import metrics
-from service.model_worker import ItemFailed, ModelWorker, WorkItem
+from service.errors import DeadlineExceeded, Internal, QueueFull, ServiceError, WorkerLost
+from service.model_worker import ModelInput, ModelWorker
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """Too much work waiting: the caller may retry later."""
-
-
-class WorkerLost(Exception):
-    """The model worker died or its device is unusable: this server stops; retry elsewhere or later."""
-
-
 WORKER_LOST = "the model worker failed and this server is restarting; retry the request"
+
+
+@dataclass(eq=False)
+class QueueEntry:
+    """One model input waiting for a batch, and where its result goes."""
+
+    input: ModelInput
+    future: asyncio.Future  # resolved with an ItemResult or a ServiceError
+    deadline: float | None = None  # time.monotonic() seconds
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def length(self) -> int:
+        return self.input.length
+
+    @property
+    def batch_key(self) -> tuple[str, bool]:
+        """Entries batch together only with equal keys: one model, one attention mode."""
+        return self.input.model, self.input.needs_maps
 
 
 @dataclass(frozen=True)
@@ -42,13 +53,10 @@ class BatchLimits:
     min_padding_efficiency: float = 0.92  # real tokens / padded tokens a batch may not fall below
 
 
-def take_batch(pending: list[WorkItem], limits: BatchLimits) -> list[WorkItem]:
-    """Remove and return the next batch: the oldest item plus its nearest-length peers."""
+def take_batch(pending: list[QueueEntry], limits: BatchLimits) -> list[QueueEntry]:
+    """Remove and return the next batch: the oldest entry plus its nearest-length peers."""
     anchor = pending[0]
-    peers = sorted(
-        (it for it in pending if it.model == anchor.model and it.needs_maps == anchor.needs_maps),
-        key=lambda it: it.length,
-    )
+    peers = sorted((it for it in pending if it.batch_key == anchor.batch_key), key=lambda it: it.length)
     lo = hi = peers.index(anchor)
     width = real = anchor.length  # real: tokens that are not padding
     while hi - lo + 1 < limits.max_batch_size:
@@ -86,7 +94,7 @@ class Scheduler:
     def __init__(self, worker: ModelWorker, limits: BatchLimits):
         self.worker = worker
         self.limits = limits
-        self._pending: list[WorkItem] = []
+        self._pending: list[QueueEntry] = []
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esm-model-worker")
         self._task: asyncio.Task | None = None
@@ -105,38 +113,43 @@ class Scheduler:
         reason = "scheduler stopped" if task.cancelled() else f"scheduler ended: {task.exception()!r}"
         self._lose(reason, [])
 
-    def _lose(self, reason: str, batch: list[WorkItem]) -> None:
+    def _lose(self, reason: str, batch: list[QueueEntry]) -> None:
         """Fail the batch in hand and everything queued with UNAVAILABLE; accept nothing more."""
         if self.lost is None:
             self.lost = reason
             log.critical("model worker lost: %s", reason)
             self.on_lost(reason)
-        for item in [*batch, *self._pending]:
-            if not item.future.done():
-                item.future.set_exception(ItemFailed("UNAVAILABLE", WORKER_LOST))
+        for entry in [*batch, *self._pending]:
+            if not entry.future.done():
+                entry.future.set_exception(WorkerLost(WORKER_LOST))
         self._pending.clear()
         metrics.QUEUE_DEPTH.set(0)
 
-    def submit(self, items: list[WorkItem]) -> None:
-        """Queue all items of one request, or none of them."""
+    def submit(self, inputs: list[ModelInput], deadline: float | None = None) -> list[asyncio.Future]:
+        """Queue all inputs of one request, or none of them; their futures, in order."""
         if self.lost is not None:
             raise WorkerLost(WORKER_LOST)
-        if len(self._pending) + len(items) > self.limits.max_queue_items:
+        if len(self._pending) + len(inputs) > self.limits.max_queue_items:
             metrics.REJECTED.inc()
             raise QueueFull(
                 f"server busy: {len(self._pending)} items queued (limit {self.limits.max_queue_items}); retry later"
             )
-        self._pending.extend(items)
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        entries = [QueueEntry(item, loop.create_future(), deadline, now) for item in inputs]
+        self._pending.extend(entries)
         metrics.QUEUE_DEPTH.set(len(self._pending))
         self._arrived.set()
+        return [entry.future for entry in entries]
 
-    async def run_once(self, batch: list[WorkItem]) -> None:
-        """Run one batch on the worker thread (also used for warm-up)."""
+    async def run_once(self, batch: list[QueueEntry]) -> None:
+        """Run one batch on the worker thread and resolve its futures."""
         loop = asyncio.get_running_loop()
+        inputs = [entry.input for entry in batch]
         started = time.perf_counter()
         metrics.WORKER_BUSY.set(1)
         try:
-            results = await loop.run_in_executor(self._executor, self.worker.run, batch)
+            results = await loop.run_in_executor(self._executor, self.worker.run, inputs)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # DeviceUnusable, or the thread died (SystemExit...): never serve on
@@ -144,14 +157,21 @@ class Scheduler:
             raise WorkerLost(WORKER_LOST) from exc
         finally:
             metrics.WORKER_BUSY.set(0)
-        metrics.observe_batch(batch, time.perf_counter() - started)
+        metrics.observe_batch(inputs, time.perf_counter() - started)
         for item, result in zip(batch, results):
             if item.future.done():  # cancelled while running
                 continue
-            if isinstance(result, ItemFailed):
+            if isinstance(result, ServiceError):
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)
+
+    async def run_now(self, inputs: list[ModelInput]) -> list[ItemResult]:
+        """Run `inputs` as one batch ahead of the queue (warm-up); raises the first item's error."""
+        loop = asyncio.get_running_loop()
+        batch = [QueueEntry(item, loop.create_future()) for item in inputs]
+        await self.run_once(batch)
+        return [entry.future.result() for entry in batch]
 
     def _drop_dead(self) -> None:
         now = time.monotonic()
@@ -161,15 +181,15 @@ class Scheduler:
                 metrics.DROPPED.labels("cancelled").inc()
             elif item.deadline is not None and now >= item.deadline:
                 metrics.DROPPED.labels("deadline").inc()
-                item.future.set_exception(ItemFailed("DEADLINE_EXCEEDED", "deadline passed while queued"))
+                item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
             else:
                 alive.append(item)
         self._pending[:] = alive
         metrics.QUEUE_DEPTH.set(len(alive))
 
     def _batch_is_full(self) -> bool:
-        anchor = self._pending[0]
-        same = [it for it in self._pending if it.model == anchor.model and it.needs_maps == anchor.needs_maps]
+        key = self._pending[0].batch_key
+        same = [it for it in self._pending if it.batch_key == key]
         width = max(it.length for it in same)
         return len(same) >= self.limits.max_batch_size or width * len(same) >= self.limits.max_batch_tokens
 
@@ -188,7 +208,7 @@ class Scheduler:
 
     async def _loop(self) -> None:
         while self.lost is None:
-            batch: list[WorkItem] = []
+            batch: list[QueueEntry] = []
             try:
                 self._drop_dead()
                 if not self._pending:
@@ -213,7 +233,7 @@ class Scheduler:
                     self._pending.clear()
                 for item in held:
                     if not item.future.done():
-                        item.future.set_exception(ItemFailed("INTERNAL", "scheduler failure; see the server log"))
+                        item.future.set_exception(Internal("scheduler failure; see the server log"))
 
     async def close(self) -> None:
         """Finish everything queued, then stop."""

@@ -14,23 +14,21 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import prometheus_client
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import checkpoints, faults, json_limits
-from service import request_guard
+from esm2_wire.output_kinds import OutputKind
+from esm2_wire.proto import pb, pb_grpc
+from esm2_wire.vocabulary import Limits
+from service import checkpoints, faults, json_limits, request_guard
 from service.auth import load_keys
-from service.model_worker import ModelWorker, WorkItem, resolve_device
-from service.proto import pb, pb_grpc
+from service.model_worker import ModelInput, ModelWorker, resolve_device
 from service.scheduler import BatchLimits, Scheduler
 from service.servicer import Esm2Servicer
-from service.validation import Limits
 
 log = logging.getLogger("service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
@@ -123,14 +121,10 @@ def load_models(args) -> dict[str, checkpoints.LoadedModel]:
 
 async def warm_up(scheduler: Scheduler, servicer: Esm2Servicer) -> None:
     """One pass per model and attention mode, so the first request pays no start-up cost."""
-    loop = asyncio.get_running_loop()
     for name, loaded in servicer.models.items():
-        tokens = [loaded.alphabet.cls_idx] + [loaded.alphabet.get_idx(c) for c in "MKTAYIAKQR"] + [loaded.alphabet.eos_idx]
-        for include in ({"mean", "logits"}, {"attentions"}):
-            item = WorkItem(name, torch.tensor(tokens), frozenset(include), (loaded.num_layers,),
-                            loop.create_future(), None, time.monotonic())
-            await scheduler.run_once([item])
-            item.future.result()
+        token_ids = loaded.tokenize(tuple("MKTAYIAKQR"))
+        for outputs in ({OutputKind.MEAN, OutputKind.LOGITS}, {OutputKind.ATTENTIONS}):
+            await scheduler.run_now([ModelInput(name, token_ids, frozenset(outputs), (loaded.num_layers,))])
         servicer.ready.add(name)
 
 

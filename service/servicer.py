@@ -13,28 +13,23 @@ from dataclasses import dataclass
 
 import grpc
 import orjson
-import torch
 from google.api import httpbody_pb2
 
-from service import json_limits, metrics, rendering
+from esm2_wire import chunks
+from esm2_wire.item_result import ItemResult
+from esm2_wire.output_kinds import OutputKind
+from esm2_wire.proto import pb, pb_grpc
+from esm2_wire.vocabulary import Limits
+from service import errors, json_limits, metrics, rendering
 from service.checkpoints import LoadedModel
+from service.errors import FailedPrecondition, InvalidRequest, NotFound, echo, join_problems
 from service.esm_forward import amino_acid_columns
-from service.item_outputs import ItemResult
-from service.model_worker import ItemFailed, WorkItem
-from service.proto import pb, pb_grpc
+from service.model_worker import ModelInput
 from service.request_schema import request_schema
-from service.scheduler import QueueFull, Scheduler, WorkerLost
-from service.validation import (
-    InvalidRequest, Limits, ParsedItem, bounded_message, echo, join_problems, parse_items, parse_options,
-)
+from service.scheduler import Scheduler
+from service.validation import ParsedItem, parse_items, parse_options
 
 log = logging.getLogger(__name__)
-
-
-class Rejected(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -43,7 +38,7 @@ class Job:
 
     model: LoadedModel
     items: list[ParsedItem]
-    include: frozenset[str]
+    outputs: frozenset[OutputKind]
     layers: tuple[int, ...]
 
 
@@ -66,8 +61,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def _model(self, name: str) -> LoadedModel:
         loaded = self.models.get(name)
         if loaded is None:
-            raise Rejected(
-                grpc.StatusCode.NOT_FOUND,
+            raise NotFound(
                 f"model {echo(name)} is not served here; served models: {', '.join(sorted(self.models))}",
             )
         return loaded
@@ -85,38 +79,24 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             errors.append(str(exc))
         if errors:
             raise InvalidRequest(join_problems(errors))
-        if "contacts" in options.include and not loaded.has_contact_regression:
-            raise Rejected(
-                grpc.StatusCode.FAILED_PRECONDITION,
+        if OutputKind.CONTACTS in options.outputs and not loaded.has_contact_regression:
+            raise FailedPrecondition(
                 f"params.include: model {model} has no contact regression weights "
                 f"({loaded.checkpoint.stem}-contact-regression.pt was not found), so contacts are unavailable",
             )
-        return Job(loaded, parsed, options.include, options.layers)
+        return Job(loaded, parsed, options.outputs, options.layers)
 
     def _predict_job(self, model: str, items) -> Job:
         loaded = self._model(model)
         parsed = parse_items([it.sequence for it in items], predict=True, limits=self.limits)
-        return Job(loaded, parsed, frozenset({"logits"}), ())
+        return Job(loaded, parsed, frozenset({OutputKind.LOGITS}), ())
 
     def _submit(self, job: Job, context) -> list[asyncio.Future]:
-        loop = asyncio.get_running_loop()
-        now = time.monotonic()
         remaining = context.time_remaining()
-        alphabet = job.model.alphabet
-        work = [
-            WorkItem(
-                model=job.model.name,
-                token_ids=_token_ids(alphabet, item.tokens),
-                include=job.include,
-                layers=job.layers,
-                future=loop.create_future(),
-                deadline=None if remaining is None else now + remaining,
-                enqueued_at=now,
-            )
-            for item in job.items
+        inputs = [
+            ModelInput(job.model.name, job.model.tokenize(item.tokens), job.outputs, job.layers) for item in job.items
         ]
-        self.scheduler.submit(work)
-        return [w.future for w in work]
+        return self.scheduler.submit(inputs, None if remaining is None else time.monotonic() + remaining)
 
     async def _results(self, job: Job, context) -> list[ItemResult]:
         futures = self._submit(job, context)
@@ -128,33 +108,23 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context):
         """Map failures to gRPC statuses, and count every RPC."""
-        code, message, retry = grpc.StatusCode.OK, "", False
+        code, message = grpc.StatusCode.OK, ""
         try:
             yield
-        except InvalidRequest as exc:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        except Rejected as exc:
-            code, message = exc.code, str(exc)
-        except QueueFull as exc:
-            code, message, retry = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), True
-        except WorkerLost as exc:
-            code, message, retry = grpc.StatusCode.UNAVAILABLE, str(exc), True
-        except ItemFailed as exc:
-            code, message = getattr(grpc.StatusCode, exc.code), str(exc)
-            retry = code is grpc.StatusCode.UNAVAILABLE
         except asyncio.CancelledError:
             metrics.REQUESTS.labels(method, "CANCELLED").inc()
             raise
         except grpc.aio.AbortError:
             raise
-        except Exception:  # a bug, not the caller's fault: say so without the details
-            log.exception("%s failed", method)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
+        except Exception as exc:
+            if not isinstance(exc, errors.ServiceError):  # a bug, not the caller's fault: log it, say only where
+                log.exception("%s failed", method)
+            code, message, trailers = errors.status(exc, method)
+            if trailers:
+                context.set_trailing_metadata(trailers)
         metrics.REQUESTS.labels(method, code.name).inc()
-        if retry:  # a full queue or a lost worker; not an item too large for memory
-            context.set_trailing_metadata((("retry-after", "1"),))  # Envoy sends it as Retry-After
         if code is not grpc.StatusCode.OK:
-            await context.abort(code, bounded_message(message))
+            await context.abort(code, message)
 
     # ---- unary ---------------------------------------------------------------
     async def Encode(self, request, context):
@@ -198,7 +168,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             job = self._encode_job(request.model, request.params, request.items)
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_encode_bytes(
-                [len(item.tokens) for item in job.items], job.include, len(job.layers), job.model.embed_dim, len(vocab)
+                [len(item.tokens) for item in job.items], job.outputs, len(job.layers), job.model.embed_dim, len(vocab)
             )
             render = lambda i, r: rendering.encode_json_result(i, r, vocab)  # noqa: E731
             return await self._json(job, context, estimate, render, "EncodeStream")
@@ -215,7 +185,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("GetRequestSchema", context):
             loaded = self._model(request.model)
             if request.action not in ("encode", "predict"):
-                raise Rejected(grpc.StatusCode.NOT_FOUND, f"action {echo(request.action)} does not exist; use encode or predict")
+                raise NotFound(f"action {echo(request.action)} does not exist; use encode or predict")
             schema = request_schema(loaded.name, request.action, self.limits)
             return httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(schema))
 
@@ -228,7 +198,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             )
         futures = self._submit(job, context)
         vocab = self._vocab[job.model.name]
-        chunk_bytes = rendering.chunk_size(options.max_chunk_bytes)
+        chunk_bytes = chunks.chunk_size(options.max_chunk_bytes)
         try:
             for index, future in enumerate(futures):
                 result = await future
@@ -277,7 +247,3 @@ def _release(futures: list[asyncio.Future]) -> None:
             future.exception()  # marks it retrieved, so asyncio logs nothing at collection
         future.cancel()
 
-
-def _token_ids(alphabet, tokens: tuple[str, ...]) -> torch.Tensor:
-    ids = [alphabet.cls_idx, *(alphabet.tok_to_idx[t] for t in tokens), alphabet.eos_idx]
-    return torch.tensor(ids, dtype=torch.int64)

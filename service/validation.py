@@ -10,63 +10,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# The 20 standard amino acids: predict logits are reported over these (esm_forward).
-STANDARD_AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWY")
-ENCODE_LETTERS = STANDARD_AMINO_ACIDS | frozenset("BXZUO-")
-PREDICT_LETTERS = ENCODE_LETTERS - {"-"}
-MASK = "<mask>"
-INCLUDE_VALUES = ("mean", "per_token", "bos", "contacts", "logits", "attentions")
-INCLUDE_ALIASES = {"per_residue": "per_token"}
+from esm2_wire import output_kinds
+from esm2_wire.output_kinds import OutputKind
+from esm2_wire.vocabulary import ENCODE_LETTERS, MASK, PREDICT_LETTERS, Limits
+from service.errors import InvalidRequest, echo, join_problems
+
 DEFAULT_INCLUDE = ("mean",)
 DEFAULT_REPR_LAYERS = (-1,)
 _MASK_SPLIT = re.compile(re.escape(MASK))
 
-
-# Error messages travel in the grpc-message trailer (and Envoy's JSON body); clients and
-# Envoy refuse trailers over 8-16 KiB and then fail the whole connection, so every value
-# echoed from a request is cut, and so is the whole message.
-MAX_ECHO_CHARS = 40
-MAX_MESSAGE_CHARS = 2048
-ELLIPSIS = "..."
-
-
-class InvalidRequest(ValueError):
-    """Input the caller must fix (gRPC INVALID_ARGUMENT, HTTP 400)."""
-
-
-def echo(value) -> str:
-    """A caller's value for an error message: ASCII-escaped like repr(); past MAX_ECHO_CHARS, cut with its length.
-
-    ascii() keeps the message 7-bit, so percent-encoding in the trailer cannot multiply its size.
-    """
-    text = ascii(value[:MAX_ECHO_CHARS])  # cut first: escaping a megabyte to keep 40 characters is waste
-    if len(text) <= MAX_ECHO_CHARS and len(value) <= MAX_ECHO_CHARS:
-        return text
-    return text[: MAX_ECHO_CHARS - len(ELLIPSIS)] + ELLIPSIS + f" ({len(value)} characters)"
-
-
-def bounded_message(message: str) -> str:
-    """The whole message cut at MAX_MESSAGE_CHARS, saying that it was cut."""
-    if len(message) <= MAX_MESSAGE_CHARS:
-        return message
-    tail = f"{ELLIPSIS} (message cut at {MAX_MESSAGE_CHARS} characters)"
-    return message[: MAX_MESSAGE_CHARS - len(tail)] + tail
-
-
-def join_problems(problems: list[str]) -> str:
-    """All problems in one message, within MAX_MESSAGE_CHARS (the first ones, and how many more)."""
-    return bounded_message("; ".join(problems))
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_items: int = 8
-    max_sequence_length: int = 2048
+__all__ = ["EncodeOptions", "InvalidRequest", "Limits", "ParsedItem", "parse_items", "parse_options"]
 
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    include: frozenset[str]
+    outputs: frozenset[OutputKind]
     layers: tuple[int, ...]  # non-negative, in request order, deduplicated
 
 
@@ -151,13 +109,13 @@ def parse_options(include: list[str], repr_layers: list[int], num_layers: int, m
     errors = []
     chosen = set()
     for index, value in enumerate(include or DEFAULT_INCLUDE):
-        name = INCLUDE_ALIASES.get(value, value)
-        if name in INCLUDE_VALUES:
-            chosen.add(name)
+        kind = OutputKind.parse(value)
+        if kind is not None:
+            chosen.add(kind)
         else:
             errors.append(
                 f"params.include[{index}]: unknown value {echo(value)}; allowed: "
-                + ", ".join(INCLUDE_VALUES)
+                + ", ".join(output_kinds.NAMES)
                 + " (per_residue is an alias of per_token)"
             )
     layers: list[int] = []
@@ -173,4 +131,4 @@ def parse_options(include: list[str], repr_layers: list[int], num_layers: int, m
             )
     if errors:
         raise InvalidRequest(join_problems(errors))
-    return EncodeOptions(include=frozenset(chosen), layers=tuple(layers))
+    return EncodeOptions(outputs=frozenset(chosen), layers=tuple(layers))

@@ -4,34 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 import pytest
+from support import ServerProcess
 
-import service.subprocesses
+from esm2_wire.proto import pb_grpc
 from service.checkpoints import load
-from service.proto import pb, pb_grpc
 from service.random_checkpoints import write_random_checkpoint
-from service.subprocesses import REPO, free_port  # noqa: F401 (re-exported for the tests)
-
-
-class ServerProcess(service.subprocesses.ServerProcess):
-    """A real server subprocess, plus a gRPC channel to it once ready."""
-
-    channel = None
-
-    def wait_ready(self, timeout: float = 120) -> "ServerProcess":
-        super().wait_ready(timeout)
-        self.channel = grpc.insecure_channel(self.target, options=[("grpc.max_receive_message_length", 1 << 30)])
-        return self
-
-    @property
-    def stub(self) -> pb_grpc.Esm2ServiceStub:
-        return pb_grpc.Esm2ServiceStub(self.channel)
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.channel is not None:
-            self.channel.close()
-        return super().stop(timeout)
 
 
 @pytest.fixture(scope="session")
@@ -74,10 +52,3 @@ def server(tmp_path_factory, checkpoint_dir, tiny_checkpoint):
 def stub(server) -> pb_grpc.Esm2ServiceStub:
     return server.stub
 
-
-def encode_request(model: str, sequences, include=(), repr_layers=()) -> pb.EncodeRequest:
-    return pb.EncodeRequest(
-        model=model,
-        params=pb.EncodeParams(include=list(include), repr_layers=list(repr_layers)),
-        items=[pb.SequenceItem(sequence=s) for s in sequences],
-    )

@@ -4,10 +4,8 @@ import numpy as np
 import torch
 from reference import assert_close, matrix, reference
 
-from conftest import encode_request
-from service.model_worker import WorkItem
-from service.proto import pb
-from service.scheduler import BatchLimits, take_batch
+from support import encode_request
+from esm2_wire.proto import pb
 
 ALPHABET = list("ACDEFGHIKLMNPQRSTVWY")
 OPTIONS = [
@@ -66,24 +64,3 @@ def test_fifty_concurrent_requests_each_get_their_own_result(server, reference_m
     assert items == sum(len(call[1]) for call in calls)
     assert batches < items / 2, "requests were not batched together"
 
-
-def _item(length, model="m", maps=False, t=0.0):
-    return WorkItem(model, torch.zeros(length, dtype=torch.int64), frozenset({"contacts"} if maps else {"mean"}),
-                    (1,), None, None, t)
-
-
-def test_take_batch_groups_similar_lengths_under_the_token_budget():
-    pending = [_item(100, t=0), _item(500), _item(105), _item(98), _item(480), _item(110, model="other"), _item(101, maps=True)]
-    limits = BatchLimits(max_batch_tokens=400, max_batch_size=8)
-    batch = take_batch(pending, limits)
-    # Anchored on the oldest (100); nearest lengths of the same model and mode; 4 x 105 > 400.
-    assert sorted(i.length for i in batch) == [98, 100, 105]
-    assert [i.length for i in pending] == [500, 480, 110, 101]
-
-
-def test_take_batch_takes_an_oversized_item_alone_and_respects_max_size():
-    pending = [_item(5000), _item(10)]
-    assert [i.length for i in take_batch(pending, BatchLimits(max_batch_tokens=1000))] == [5000]
-    pending = [_item(10) for _ in range(10)]
-    assert len(take_batch(pending, BatchLimits(max_batch_tokens=10**6, max_batch_size=4))) == 4
-    assert len(pending) == 6

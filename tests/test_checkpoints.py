@@ -10,7 +10,7 @@ import esm
 import pytest
 import torch
 
-from conftest import REPO
+from support import REPO
 from reference import assert_close, reference
 from service import checkpoints
 from service.esm_forward import BatchPlan, forward

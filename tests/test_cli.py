@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from conftest import REPO, ServerProcess, free_port
+from support import REPO, ServerProcess, free_port
 from reference import STANDARD_ORDER, assert_close, reference
 
 from bench import esm_extract

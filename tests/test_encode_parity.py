@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from reference import assert_close, matrix, reference
 
-from conftest import encode_request
-from service.proto import pb
+from support import encode_request
+from esm2_wire.proto import pb
 
 SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWYBXZUO-", "G" * 3, "MSLLTEVETPIRNEWGCRCNDSSDPLVVAASIIGILHLILWILDRLFFKCIYRFFEHGLKRG"]
 INCLUDE_ALL = ["mean", "per_token", "bos", "contacts", "logits", "attentions"]
@@ -83,7 +83,7 @@ def test_predict_matches_fair_esm(stub, reference_models):
 
 
 def test_exact_attention_server_matches_fair_esm(tmp_path, tiny_checkpoint, reference_models):
-    from conftest import ServerProcess
+    from support import ServerProcess
 
     server = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
                            "--attention", "exact").wait_ready()

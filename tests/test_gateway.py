@@ -15,11 +15,11 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from conftest import REPO, ServerProcess, encode_request, free_port
+from support import REPO, ServerProcess, encode_request, free_port
 
 from gateway.envoy_config import GatewayConfig
 from gateway.launch import EnvoyProcess
-from service.proto import pb, pb_grpc
+from esm2_wire.proto import pb, pb_grpc
 
 KEY = "test-key-0123456789"
 ALL_INCLUDE = ["mean", "per_token", "bos", "contacts", "logits", "attentions"]

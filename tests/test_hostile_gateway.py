@@ -8,7 +8,7 @@ import pytest
 import requests
 from test_gateway import body, gateway, post  # noqa: F401 (gateway: a module-scoped fixture)
 
-from service.validation import MAX_MESSAGE_CHARS
+from service.errors import MAX_MESSAGE_CHARS
 
 HUGE = "x" * 70_000
 LEGIT = body(["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "GSHMSLFDFFKNKG"])

@@ -8,11 +8,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from conftest import ServerProcess, encode_request
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sequence_text import TEXT, oracle_tokens
+from support import ServerProcess, encode_request
 
-from service.proto import pb, pb_grpc
+from esm2_wire.proto import pb, pb_grpc
 from service.request_guard import DEFAULT_MAX_METADATA_BYTES, max_request_message_bytes
-from service.validation import MAX_MESSAGE_CHARS
+from esm2_wire.vocabulary import Limits
+from service.errors import MAX_MESSAGE_CHARS
+from service.validation import ParsedItem, parse_sequence
 
 KEY = "guard-key-0123456789"
 ENCODE = "/esm.v1.Esm2Service/Encode"
@@ -181,3 +186,27 @@ def test_many_concurrent_hostile_and_legit_calls(server):
             future.result(timeout=120)
         for future in bad:
             assert isinstance(future.exception(timeout=120), grpc.RpcError)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(TEXT, min_size=1, max_size=3), st.booleans())
+def test_any_text_gets_its_tokens_or_invalid_argument(server, texts, predict):
+    """Property (issue 9, section 6) against the real server; its limits are 8 x 2,048, so
+    characters and masks decide here (lengths are covered in tests/unit)."""
+    stub = server.stub
+    items = [pb.SequenceItem(sequence=t) for t in texts]
+    try:
+        if predict:
+            results = stub.Predict(pb.PredictRequest(model="esm2-tiny", items=items), timeout=60).results
+            counts = [len(r.sequence_tokens) for r in results]
+        else:
+            request = pb.EncodeRequest(model="esm2-tiny", items=items, params=pb.EncodeParams(include=["logits"]))
+            counts = [r.logits.rows for r in stub.Encode(request, timeout=60).results]
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
+        limits = Limits(max_items=8, max_sequence_length=2048)
+        refused = [i for i, t in enumerate(texts)
+                   if not isinstance(parse_sequence(i, t, predict=predict, limits=limits), ParsedItem)]
+        assert refused and all(f"items[{i}].sequence: " in exc.details() for i in refused)
+        return
+    assert counts == [len(oracle_tokens(t, predict)[0]) for t in texts]

@@ -10,8 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from reference import assert_close, matrix, reference
 
-from conftest import ServerProcess, encode_request
-from service.proto import pb
+from support import ServerProcess, encode_request
+from esm2_wire.proto import pb
 
 rng = np.random.default_rng(11)
 LONG = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 2000)) for _ in range(8)]

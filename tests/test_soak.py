@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import encode_request
+from support import encode_request
 from reference import assert_close, matrix, reference
 from test_encode_parity import check_result
 from test_gateway import gateway  # noqa: F401 (a module-scoped fixture: this module's own Envoy)
 
-from service.proto import pb
+from esm2_wire.proto import pb
 
 CLIENTS = 6  # half gRPC, half JSON through Envoy
 WARMUP_REQUESTS = 8  # per client

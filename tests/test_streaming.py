@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from reference import assert_close, matrix, reference
 
-from conftest import ServerProcess, encode_request
+from support import ServerProcess, encode_request
 from service.checkpoints import load
-from service.proto import pb, pb_grpc
+from esm2_wire.proto import pb, pb_grpc
 from service.random_checkpoints import write_random_checkpoint
 
 SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ" * 5, "ACDEFGHIKLMNPQRSTVWY", "MKV"]

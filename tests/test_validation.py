@@ -3,8 +3,8 @@
 import grpc
 import pytest
 
-from conftest import encode_request
-from service.proto import pb
+from support import encode_request
+from esm2_wire.proto import pb
 
 
 def rejection(call, request):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ServerProcess, encode_request
+from support import ServerProcess, encode_request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_gateway import body, post, start_gateway
 

@@ -1,39 +1,22 @@
-"""The server as a child process: for the gateway launcher, the tests and the benchmarks."""
+"""The server as a child process, for the tests and the benchmarks (not part of the package)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
-import urllib.request
-
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.processes import free_port, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 READY_LINE = "ready: serving"  # logged by service.server once every model is warm
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 60) -> int:
-    """SIGTERM (the server then finishes in-flight work), SIGKILL if it takes longer than timeout."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+__all__ = ["READY_LINE", "REPO", "ServerProcess", "free_port", "stop_process"]
 
 
 class ServerProcess:

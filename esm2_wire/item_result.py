@@ -1,5 +1,5 @@
 """The outputs of one sequence as numpy arrays: what the model worker produces, and what
-a client rebuilds from a stream (kept free of torch so that clients import it cheaply)."""
+a client rebuilds from a stream."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from esm2_wire.output_kinds import OutputKind
+
 
 @dataclass
 class ItemResult:
-    """float32 outputs of one item, residues only (BOS/EOS excluded); absent ones stay empty/None."""
+    """float32 outputs of one item, residues only (BOS/EOS excluded); absent ones stay empty/None.
+
+    Field names are OutputKind values."""
 
     mean: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [embed_dim]
     bos: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [embed_dim]
@@ -18,3 +22,13 @@ class ItemResult:
     contacts: np.ndarray | None = None  # [L, L]
     attentions: np.ndarray | None = None  # [L, L]
     logits: np.ndarray | None = None  # [L, 20]
+
+    def get(self, kind: OutputKind):
+        """A per-layer kind's {layer: array}, or another kind's array (None when absent)."""
+        return getattr(self, kind.value)
+
+    def put(self, kind: OutputKind, array: np.ndarray, layer: int | None = None) -> None:
+        if kind.per_layer:
+            self.get(kind)[layer] = array
+        else:
+            setattr(self, kind.value, array)

@@ -1,5 +1,5 @@
-"""Property tests of request parsing and validation (issue 9, section 6), in-process and
-against a real server.
+"""Property tests of request parsing and validation (issue 9, section 6), in-process
+(the same property against a real server is in tests/test_hostile_grpc.py).
 
 For any text: either accepted with the token count an independent tokenizer finds, or
 refused with a message naming the item and, for a bad character, its position and the
@@ -10,38 +10,17 @@ from __future__ import annotations
 
 import re
 
-import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sequence_text import TEXT, oracle_tokens
 
-from service.proto import pb
-
-from service.validation import (
-    ENCODE_LETTERS, MASK, MAX_MESSAGE_CHARS, PREDICT_LETTERS, InvalidRequest, Limits, ParsedItem, parse_items,
-    parse_options, parse_sequence,
-)
+from esm2_wire.output_kinds import OutputKind
+from esm2_wire.vocabulary import MASK, Limits
+from service.errors import MAX_MESSAGE_CHARS, InvalidRequest
+from service.validation import ParsedItem, parse_items, parse_options, parse_sequence
 
 LIMITS = Limits(max_items=4, max_sequence_length=12)  # small, so that lengths cross the limit often
-PIECES = st.sampled_from([*"ACDEFGHIKLMNPQRSTVWYBXZUO-", MASK, "<mas", "k>", "<", "a", " ", "\n", "\u00e9", "\u0000",
-                          "\U0001f600", "<pad>", "<cls>"])
-TEXT = st.lists(PIECES | st.characters(), max_size=24).map("".join)
 PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def oracle_tokens(text: str, predict: bool) -> tuple[list[str], int | None]:
-    """Tokens (`<mask>` as one in predict) and the offset of the first character not allowed."""
-    tokens, bad, position = [], None, 0
-    allowed = PREDICT_LETTERS if predict else ENCODE_LETTERS
-    while position < len(text):
-        if predict and text.startswith(MASK, position):
-            tokens.append(MASK)
-            position += len(MASK)
-            continue
-        if text[position] not in allowed and bad is None:
-            bad = position
-        tokens.append(text[position])
-        position += 1
-    return tokens, bad
 
 
 def check_one(text: str, predict: bool, index: int = 0) -> None:
@@ -99,7 +78,7 @@ def test_items_all_problems_or_all_tokens(texts, predict):
 
 
 @PROPERTY
-@given(st.lists(st.text(max_size=80) | st.sampled_from(["mean", "logits", "per_residue"]), max_size=5),
+@given(st.lists(st.text(max_size=80) | st.sampled_from(["mean", "logits", "per_residue", "attentions"]), max_size=5),
        st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=5))
 def test_options(include, layers):
     try:
@@ -111,7 +90,7 @@ def test_options(include, layers):
         return
     assert all(-7 <= layer <= 6 for layer in layers)
     assert all(0 <= layer <= 6 for layer in options.layers)
-    assert options.include <= {"mean", "per_token", "bos", "contacts", "logits", "attentions"}
+    assert options.outputs == {OutputKind.parse(name) for name in include or ["mean"]}
 
 
 def test_huge_values_are_cut_in_messages():
@@ -121,26 +100,3 @@ def test_huge_values_are_cut_in_messages():
         message = str(exc)
     assert len(message) <= MAX_MESSAGE_CHARS and message.endswith(f"(message cut at {MAX_MESSAGE_CHARS} characters)")
     assert "'xxxxxxxx" in message and "... (1000000 characters)" in message
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(TEXT, min_size=1, max_size=3), st.booleans())
-def test_real_server_answers_tokens_or_invalid_argument(server, texts, predict):
-    """The server's limits are larger (2,048), so only characters and masks decide here."""
-    stub = server.stub
-    items = [pb.SequenceItem(sequence=t) for t in texts]
-    try:
-        if predict:
-            results = stub.Predict(pb.PredictRequest(model="esm2-tiny", items=items), timeout=60).results
-            counts = [len(r.sequence_tokens) for r in results]
-        else:
-            request = pb.EncodeRequest(model="esm2-tiny", items=items, params=pb.EncodeParams(include=["logits"]))
-            counts = [r.logits.rows for r in stub.Encode(request, timeout=60).results]
-    except grpc.RpcError as exc:
-        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
-        limits = Limits(max_items=8, max_sequence_length=2048)
-        refused = [i for i, t in enumerate(texts)
-                   if not isinstance(parse_sequence(i, t, predict=predict, limits=limits), ParsedItem)]
-        assert refused and all(f"items[{i}].sequence: " in exc.details() for i in refused)
-        return
-    assert counts == [len(oracle_tokens(t, predict)[0]) for t in texts]

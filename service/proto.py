@@ -1,9 +1,0 @@
-"""The generated esm.v1 stubs (built from protos/ by `make protos`)."""
-
-try:
-    from service.gen.esm.v1 import esm2_pb2 as pb
-    from service.gen.esm.v1 import esm2_pb2_grpc as pb_grpc
-except ImportError as exc:  # pragma: no cover - a setup problem, not a code path
-    raise ImportError("generated gRPC stubs are missing: run `make protos`") from exc
-
-__all__ = ["pb", "pb_grpc"]

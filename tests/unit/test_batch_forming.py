@@ -1,0 +1,58 @@
+"""take_batch: which queued entries form the next batch (no model, no server)."""
+
+import numpy as np
+from fakes import entries, entry
+
+from service.scheduler import BatchLimits, take_batch
+
+
+def test_take_batch_groups_similar_lengths_under_the_token_budget():
+    pending = [entry(100), entry(500), entry(105), entry(98), entry(480), entry(110, model="other"),
+               entry(101, maps=True)]
+    limits = BatchLimits(max_batch_tokens=400, max_batch_size=8)
+    batch = take_batch(pending, limits)
+    # Anchored on the oldest (100); nearest lengths of the same model and mode; 4 x 105 > 400.
+    assert sorted(i.length for i in batch) == [98, 100, 105]
+    assert [i.length for i in pending] == [500, 480, 110, 101]
+
+
+def test_take_batch_takes_an_oversized_item_alone_and_respects_max_size():
+    pending = entries([5000, 10])
+    assert [i.length for i in take_batch(pending, BatchLimits(max_batch_tokens=1000))] == [5000]
+    pending = entries([10] * 10)
+    assert len(take_batch(pending, BatchLimits(max_batch_tokens=10**6, max_batch_size=4))) == 4
+    assert len(pending) == 6
+
+
+def test_entries_batch_only_with_their_own_model_and_attention_mode():
+    pending = [entry(50, model="a"), entry(50, model="b"), entry(50, model="a", maps=True), entry(50, model="a")]
+    batch = take_batch(pending, BatchLimits())
+    assert [(e.input.model, e.input.needs_maps) for e in batch] == [("a", False), ("a", False)]
+    assert {e.batch_key for e in pending} == {("b", False), ("a", True)}
+
+
+def test_batch_stops_growing_before_padding_exceeds_the_target():
+    pending = entries([300, 310, 200, 100, 305])
+    batch = take_batch(pending, BatchLimits())
+    # 200 would make it 1115 real of 4 x 310 = 1240 padded tokens (0.90 < 0.92).
+    assert sorted(i.length for i in batch) == [300, 305, 310]
+    assert sorted(i.length for i in pending) == [100, 200]
+
+
+def test_without_a_padding_target_the_token_budget_alone_limits_the_batch():
+    pending = entries([300, 310, 200, 100, 305])
+    batch = take_batch(pending, BatchLimits(min_padding_efficiency=0.0))
+    assert len(batch) == 5 and not pending
+
+
+def test_every_formed_batch_meets_the_target_on_a_log_normal_mix():
+    lengths = np.clip(np.random.default_rng(0).lognormal(np.log(300), 0.6, 64), 30, 2048).astype(int)
+    pending, limits = entries([n + 2 for n in lengths]), BatchLimits()
+    taken = 0
+    while pending:
+        batch = take_batch(pending, limits)
+        taken += len(batch)
+        width = max(i.length for i in batch)
+        assert len(batch) == 1 or sum(i.length for i in batch) >= limits.min_padding_efficiency * width * len(batch)
+        assert len(batch) == 1 or width * len(batch) <= limits.max_batch_tokens
+    assert taken == len(lengths)
