@@ -27,7 +27,7 @@ from esm2_wire.proto import pb
 
 CLIENTS = 6  # half gRPC, half JSON through Envoy
 WARMUP_REQUESTS = 8  # per client
-SOAK_REQUESTS = 30  # per client, after the warm-up
+SOAK_REQUESTS = 24  # per client, after the warm-up
 SERVER_RSS_GROWTH_MIB = 48
 ENVOY_RSS_GROWTH_MIB = 16
 INCLUDE = ["mean", "per_token", "bos", "contacts", "logits", "attentions"]
