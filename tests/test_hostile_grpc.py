@@ -188,7 +188,7 @@ def test_many_concurrent_hostile_and_legit_calls(server):
             assert isinstance(future.exception(timeout=120), grpc.RpcError)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(TEXT, min_size=1, max_size=3), st.booleans())
 def test_any_text_gets_its_tokens_or_invalid_argument(server, texts, predict):
     """Property (issue 9, section 6) against the real server; its limits are 8 x 2,048, so
