@@ -93,10 +93,14 @@ def _abort_with(error: ServiceError, handler):
 
 
 class RequestGuard(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: list[str], max_metadata_bytes: int, max_message_bytes: int):
+    def __init__(self, keys: list[str], max_metadata_bytes: int, max_message_bytes: int,
+                 message_bytes_by_method: dict[str, int] | None = None):
+        """message_bytes_by_method: other limits for some methods (the JSON gateway's, whose
+        bodies have their own bound and deserve an answer about the body, not its size)."""
         self._keys = [k.encode() for k in keys]
         self.max_metadata_bytes = max_metadata_bytes
         self.max_message_bytes = max_message_bytes
+        self.message_bytes_by_method = message_bytes_by_method or {}
         self._malformed_log = _RateLimitedLog(LOG_INTERVAL_S)
         self._guarded: dict[str, grpc.RpcMethodHandler] = {}
         self._denied: dict[str, grpc.RpcMethodHandler] = {}
@@ -108,7 +112,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
                 return None
-            guarded = self._guarded[method] = self._guard(handler)
+            limit = self.message_bytes_by_method.get(method, self.max_message_bytes)
+            guarded = self._guarded[method] = self._guard(handler, limit)
             self._denied[method] = _abort_with(Unauthenticated(_DENIED), handler)
         size = metadata_bytes(details.invocation_metadata)
         if size > self.max_metadata_bytes:
@@ -126,12 +131,11 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 return self._denied[method]
         return guarded
 
-    def _guard(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _guard(self, handler: grpc.RpcMethodHandler, limit: int) -> grpc.RpcMethodHandler:
         """The same handler, but with its request size checked and its decode failures answered."""
         if handler.request_streaming or handler.request_deserializer is None:
             return handler  # reflection's streams; nothing of ours
         deserialize = handler.request_deserializer
-        limit = self.max_message_bytes
 
         def decode(data: bytes):
             if len(data) > limit:

@@ -34,9 +34,11 @@ log = logging.getLogger("service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
 MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; streaming is preferred
 # grpc refuses bigger request messages itself (RESOURCE_EXHAUSTED) before reading them. Up to
-# here, RequestGuard answers INVALID_ARGUMENT for anything over --max-request-message-bytes,
-# so that a JSON body the gateway let through (its --max-request-bytes, 4 MiB) gets a 400.
+# here, RequestGuard answers INVALID_ARGUMENT for anything over --max-request-message-bytes;
+# the JSON gateway's methods may use all of it: their bodies are bounded by the gateway's own
+# --max-request-bytes (4 MiB), and a JSON caller should hear about its body, not a proto size.
 RECEIVE_CEILING_BYTES = (4 << 20) + (64 << 10)
+JSON_METHODS = (f"/{SERVICE_NAME}/EncodeJson", f"/{SERVICE_NAME}/PredictJson")
 # grpc's own metadata limit (soft and hard alike): above everything a gateway forwards (Envoy's
 # default header limit is 60 KiB), so that RequestGuard, not grpc's RESOURCE_EXHAUSTED, answers.
 GRPC_METADATA_CEILING_BYTES = 256 << 10
@@ -142,12 +144,14 @@ async def serve(args) -> int:
     servicer = Esm2Servicer(models, scheduler, limits, str(device), args.max_json_response_mb << 20)
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
-    guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes)
+    receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES)
+    guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
+                                       dict.fromkeys(JSON_METHODS, receive_ceiling))
     server = grpc.aio.server(
         interceptors=[guard],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES)),
+            ("grpc.max_receive_message_length", receive_ceiling),
             ("grpc.max_metadata_size", GRPC_METADATA_CEILING_BYTES),
             ("grpc.absolute_max_metadata_size", GRPC_METADATA_CEILING_BYTES),
         ],

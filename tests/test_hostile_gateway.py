@@ -71,3 +71,11 @@ def test_long_path_is_not_429_or_5xx(gateway):
     assert response.status_code in (400, 404, 414), (response.status_code, response.text[:300])
     assert len(response.text) < 4 * MAX_MESSAGE_CHARS
     assert legit(gateway, requests) == 200
+
+
+def test_large_json_body_is_answered_about_the_body(gateway):
+    """A JSON body well over the largest valid request, but within the gateway's body cap,
+    gets a 400 naming the item at fault, not a message about its transcoded size."""
+    response = post(gateway, "/api/v3/esm2-tiny/encode/", body(["MKJ" + "A" * 600_000]))
+    assert response.status_code == 400, response.text[:300]
+    assert "items[0].sequence: 600003 residues; at most 2048 are allowed" in response.json()["message"]
