@@ -24,7 +24,7 @@ from tqdm import tqdm
 from esm2_client import scoring
 from esm2_client.client import DEFAULT_TARGET, Esm2Client, Esm2Error
 from esm2_client.fasta import InputError, Record, read_fasta
-from esm2_client.outputs import (
+from esm2_client.embedding_store import (
     EmbeddingStore,
     OutputError,
     output_arrays,

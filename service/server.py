@@ -51,6 +51,7 @@ def _env(name: str, default):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    limits, batching = Limits(), BatchLimits()  # the flags' defaults are the dataclasses' own
     p = argparse.ArgumentParser(prog="esm2-server", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=_env("host", "0.0.0.0"))
     p.add_argument("--port", type=int, default=int(_env("port", 50051)), help="gRPC port (0 picks a free one)")
@@ -67,13 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="autocast precision (fp16/bf16 only make sense on CUDA)")
     p.add_argument("--attention", choices=("fast", "exact"), default=_env("attention", "fast"),
                    help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
-    p.add_argument("--max-items", type=int, default=int(_env("max_items", 8)))
-    p.add_argument("--max-sequence-length", type=int, default=int(_env("max_sequence_length", 2048)))
-    p.add_argument("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", 8192)))
-    p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", 64)))
-    p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", 5)))
-    p.add_argument("--max-queue-items", type=int, default=int(_env("max_queue_items", 256)))
-    p.add_argument("--min-padding-efficiency", type=float, default=float(_env("min_padding_efficiency", 0.92)),
+    p.add_argument("--max-items", type=int, default=int(_env("max_items", limits.max_items)))
+    p.add_argument("--max-sequence-length", type=int,
+                   default=int(_env("max_sequence_length", limits.max_sequence_length)))
+    p.add_argument("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", batching.max_batch_tokens)))
+    p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", batching.max_batch_size)))
+    p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", batching.max_wait_s * 1000)))
+    p.add_argument("--max-queue-items", type=int, default=int(_env("max_queue_items", batching.max_queue_items)))
+    p.add_argument("--min-padding-efficiency", type=float,
+                   default=float(_env("min_padding_efficiency", batching.min_padding_efficiency)),
                    help="a batch grows only while this share of its tokens are real residues")
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9090)), help="0 disables")
     p.add_argument("--max-request-message-bytes", type=int, default=int(_env("max_request_message_bytes", 0)),
@@ -98,6 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.max_metadata_bytes <= GRPC_METADATA_CEILING_BYTES:
         p.error(f"--max-metadata-bytes must be between 1 and {GRPC_METADATA_CEILING_BYTES}")
     return args
+
+
+def limits_from(args) -> tuple[Limits, BatchLimits]:
+    """The request limits and batching limits the flags set."""
+    return Limits(args.max_items, args.max_sequence_length), BatchLimits(
+        args.max_batch_tokens, args.max_batch_size, args.max_wait_ms / 1000, args.max_queue_items,
+        args.min_padding_efficiency)
 
 
 def load_models(args) -> dict[str, checkpoints.LoadedModel]:
@@ -135,12 +145,8 @@ async def serve(args) -> int:
     device = resolve_device(args.device)
     worker = ModelWorker(models, device, args.precision, args.attention == "fast", args.simulate_oom_above_tokens,
                          faults.FaultHook.from_env())
-    limits = Limits(args.max_items, args.max_sequence_length)
-    scheduler = Scheduler(
-        worker,
-        BatchLimits(args.max_batch_tokens, args.max_batch_size, args.max_wait_ms / 1000, args.max_queue_items,
-                    args.min_padding_efficiency),
-    )
+    limits, batching = limits_from(args)
+    scheduler = Scheduler(worker, batching)
     servicer = Esm2Servicer(models, scheduler, limits, str(device), args.max_json_response_mb << 20)
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))

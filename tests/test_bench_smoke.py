@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
+from support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import cases
 
 
 def test_quick_bench_writes_a_complete_report(tmp_path):
@@ -29,33 +29,33 @@ def test_quick_bench_writes_a_complete_report(tmp_path):
     assert run["matmul_flops_per_s"] > 0
     by_case = {m["case"]: m for m in run["measurements"] if m["model"] == "esm2-tiny"}
     timed = [m for m in by_case.values() if m["seconds"]]
-    assert {"baseline: stock fair-esm, mean", "baseline: stock fair-esm, contacts", "stock fair-esm, toks_per_batch 1024",
-            "in-process service forward, fast path", "in-process service forward, exact path"} <= set(by_case)
+    assert {cases.BASELINE_MEAN, cases.BASELINE_CONTACTS, cases.STOCK_SMALL_BATCHES, cases.forward_fast_case(),
+            cases.FORWARD_EXACT} <= set(by_case)
     for clients in (1, 8, 32):
         for items in (8, 1):
-            assert f"gRPC Encode mean, {clients} clients x {items} items, fast path (default)" in by_case
+            assert cases.grpc_mean_case(clients, items) in by_case
     for include in ("per_token", "logits", "contacts"):
-        streamed = by_case[f"gRPC EncodeStream {include}, 8 clients x 8 items"]
+        streamed = by_case[cases.stream_case(include)]
         assert streamed["bytes_per_s"] > 0
     for include in ("mean", "per_token"):  # through Envoy, unless the gateway is missing (then a stated skip)
-        json_case = by_case[f"JSON via Envoy {include}, 8 clients x 8 items"]
+        json_case = by_case[cases.json_case(include)]
         assert json_case["skipped"] or json_case["bytes_per_s"] > 0
     for m in timed:
         assert m["residues_per_s"] > 0 and m["flops_per_s"] > 0, m["case"]
         if m["case"].startswith("gRPC"):
             assert 0 < m["padding_efficiency"] <= 1, m["case"]
 
-    latency = by_case["latency: 1 item x 100 residues, 1 client"]["extra"]
+    latency = by_case[cases.LATENCY]["extra"]
     assert latency["requests"] == 20 and 0 < latency["p50_ms"] <= latency["p99_ms"]
-    assert all(v > 0 for v in by_case["server peak RSS"]["extra"]["peak_rss_mib"].values())
+    assert all(v > 0 for v in by_case[cases.SERVER_RSS]["extra"]["peak_rss_mib"].values())
 
-    for case in ("peer: esm-extract, whole process", "peer: esm2 embed, whole process (server already up)"):
+    for case in (cases.PEER_EXTRACT, cases.PEER_EMBED):
         assert by_case[case]["seconds"] and by_case[case]["residues_per_s"] > 0, case
     (peer,) = run["peer"]
     assert peer["model"] == "esm2-tiny" and peer["ratio"] > 0 and peer["server_startup_s"] > 0
     assert "bench.esm_extract" in peer["esm_extract_command"] or "esm-extract" in peer["esm_extract_command"]
 
-    (contacts,) = [m for m in run["measurements"] if m["case"].startswith("contacts memory")]
+    (contacts,) = [m for m in run["measurements"] if m["case"].startswith(cases.CONTACTS_MEMORY)]
     assert contacts["extra"]["allclose_1e5"] and contacts["extra"]["served_chunks"] > 0
     assert contacts["extra"]["stock_peak_rss_mib"] > 0 and contacts["extra"]["ours_peak_rss_mib"] > 0
 

@@ -23,7 +23,7 @@ from support import REPO, ServerProcess, free_port
 from reference import STANDARD_ORDER, assert_close, reference
 
 from bench import esm_extract
-from esm2_client.outputs import EmbeddingStore, OutputError
+from esm2_client.embedding_store import EmbeddingStore, OutputError
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 ESM2 = Path(sys.executable).with_name("esm2")
