@@ -1,9 +1,13 @@
 """Start the ESM-2 gRPC server: load and warm the models, then serve until SIGTERM.
 
     python -m service.server --models esm2-8m --model-dir /models
+    python -m service.server --models esm2-ft --checkpoint esm2-ft=hf:my-org/esm2-650m-ft
+    python -m service.server --models-file models.toml
 
 Every flag can also be set by an environment variable (ESM_ plus the flag name in
-capitals, e.g. ESM_MODELS, ESM_PORT); flags win.
+capitals, e.g. ESM_MODELS, ESM_PORT); flags win. A models file (service.model_specs)
+gives each model its own source, device, precision and batch budget; the flags are the
+defaults for what it leaves out.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from grpc_reflection.v1alpha import reflection
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
-from service import checkpoints, faults, json_limits, request_guard
+from service import checkpoints, faults, hf_checkpoints, json_limits, memory_budget, model_sources, model_specs
+from service import request_guard
 from service.auth import load_keys
+from service.model_router import ModelRouter
 from service.model_worker import ModelInput, ModelWorker, resolve_device
 from service.scheduler import BatchLimits, Scheduler
 from service.servicer import Esm2Servicer
@@ -55,11 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="esm2-server", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=_env("host", "0.0.0.0"))
     p.add_argument("--port", type=int, default=int(_env("port", 50051)), help="gRPC port (0 picks a free one)")
-    p.add_argument("--models", default=_env("models", "esm2-8m"), help="comma-separated served models")
+    p.add_argument("--models", default=_env("models", None), help="comma-separated served models (default esm2-8m)")
+    p.add_argument("--models-file", type=Path, default=_env("models_file", None),
+                   help="TOML file of served models, each with its source, device, precision and batch budget")
     p.add_argument("--model-dir", type=Path, default=_env("model_dir", None), help="directory of fair-esm .pt files")
     p.add_argument(
         "--checkpoint", action="append", default=[c for c in _env("checkpoints", "").split(",") if c],
-        metavar="NAME=PATH", help="explicit checkpoint for a model (repeatable; ESM_CHECKPOINTS is comma-separated)",
+        metavar="NAME=SOURCE",
+        help="where a model's weights are: a fair-esm .pt file, a Hugging Face save_pretrained directory, or "
+             "hf:org/name[@revision] (repeatable; ESM_CHECKPOINTS is comma-separated)",
     )
     p.add_argument("--offline", action="store_true", default=_env("offline", "") in ("1", "true"),
                    help="never download missing checkpoints")
@@ -91,10 +101,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="largest JSON gateway response; bigger ones get INVALID_ARGUMENT (HTTP 400) naming EncodeStream")
     p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)))
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once ready")
+    p.add_argument("--assume-available-memory-gib", type=float,
+                   default=float(_env("assume_available_memory_gib", 0)) or None,
+                   help="check models against this much memory per device instead of what the device reports")
     p.add_argument("--simulate-oom-above-tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.max_queue_items < args.max_items:
-        p.error("--max-queue-items must be at least --max-items")
+    if args.models_file is not None and (args.models is not None or args.checkpoint):
+        p.error("--models-file names the models: leave out --models and --checkpoint (and ESM_MODELS, ESM_CHECKPOINTS)")
+    if args.models is None:
+        args.models = "esm2-8m"
+    try:
+        defaults = model_specs.defaults_from_args(args)
+        if args.models_file is not None:
+            args.specs = model_specs.from_file(args.models_file, defaults)
+        else:
+            args.specs = model_specs.from_flags(args.models, args.checkpoint, defaults)
+    except model_specs.BadModelsConfig as exc:
+        p.error(str(exc))
+    too_small = [s.name for s in args.specs if s.max_queue_items < args.max_items]
+    if too_small:
+        p.error(f"max_queue_items must be at least --max-items ({args.max_items}) for {', '.join(too_small)}")
     if not args.max_request_message_bytes:
         args.max_request_message_bytes = request_guard.max_request_message_bytes(
             args.max_items, args.max_sequence_length)
@@ -110,24 +136,38 @@ def limits_from(args) -> tuple[Limits, BatchLimits]:
         args.min_padding_efficiency)
 
 
-def load_models(args) -> dict[str, checkpoints.LoadedModel]:
-    explicit = {}
-    for entry in args.checkpoint:
-        name, sep, path = entry.partition("=")
-        if not sep:
-            raise SystemExit(f"--checkpoint {entry!r}: expected NAME=PATH")
-        explicit[name.strip()] = Path(path.strip())
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence_length: int) -> memory_budget.Need:
+    layers, dim, heads = shape
+    needed = memory_budget.required_bytes(layers, dim, heads, spec.max_batch_tokens, max_sequence_length)
+    return memory_budget.Need(spec.name, device, layers, dim, heads, needed)
+
+
+def load_models(args) -> dict[str, tuple[model_specs.ModelSpec, torch.device, checkpoints.LoadedModel]]:
+    """Locate every model, check they fit their devices (from shapes alone), then load them."""
+    allow_download = not args.offline
+    located, needs = {}, []
+    for spec in args.specs:
+        device = resolve_device(spec.device)
+        stem = checkpoints.STANDARD_MODELS.get(spec.name) if spec.source is None else None
+        if stem is not None and not any(p.is_file() for p in checkpoints.candidate_paths(spec.name, None, args.model_dir)):
+            shape = checkpoints.STANDARD_SHAPES[stem]  # checked before a download, not after
+        else:
+            located[spec.name] = model_sources.locate(spec.name, spec.source, args.model_dir, allow_download)
+            shape = model_sources.shape(located[spec.name])
+        needs.append(_need(spec, device, shape, args.max_sequence_length))
+    memory_budget.check_fits(needs, args.assume_available_memory_gib)
     models = {}
-    for name in names:
-        path = checkpoints.locate(name, explicit.get(name), args.model_dir, allow_download=not args.offline)
-        loaded = checkpoints.load(name, path)
+    for spec, need in zip(args.specs, needs):
+        where = located.get(spec.name) or model_sources.locate(spec.name, spec.source, args.model_dir, allow_download)
+        loaded = model_sources.load(spec.name, where)
         if loaded.random_weights:
             log.warning("!" * 72)
-            log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", name, path)
+            log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", spec.name, where.path)
             log.warning("!" * 72)
-        log.info("loaded %s from %s: %d layers, dim %d", name, path, loaded.num_layers, loaded.embed_dim)
-        models[name] = loaded
+        log.info("loaded %s (%s) from %s: %d layers, dim %d; on %s, %s, batches of up to %d tokens",
+                 spec.name, loaded.source_format, where.path, loaded.num_layers, loaded.embed_dim, need.device,
+                 spec.precision, spec.max_batch_tokens)
+        models[spec.name] = (spec, need.device, loaded)
     return models
 
 
@@ -140,14 +180,27 @@ async def warm_up(scheduler: Scheduler, servicer: Esm2Servicer) -> None:
         servicer.ready.add(name)
 
 
+def build_schedulers(served, simulate_oom_above_tokens: int = 0) -> ModelRouter:
+    """One worker and one scheduler per model, each with the model's own settings."""
+    schedulers = {}
+    for name, (spec, device, loaded) in served.items():
+        worker = ModelWorker({name: loaded}, device, spec.precision, spec.attention == "fast", simulate_oom_above_tokens,
+                             faults.FaultHook.from_env())
+        schedulers[name] = Scheduler(
+            worker,
+            BatchLimits(spec.max_batch_tokens, spec.max_batch_size, spec.max_wait_ms / 1000, spec.max_queue_items,
+                        spec.min_padding_efficiency),
+        )
+    return ModelRouter(schedulers)
+
+
 async def serve(args) -> int:
-    models = load_models(args)
-    device = resolve_device(args.device)
-    worker = ModelWorker(models, device, args.precision, args.attention == "fast", args.simulate_oom_above_tokens,
-                         faults.FaultHook.from_env())
-    limits, batching = limits_from(args)
-    scheduler = Scheduler(worker, batching)
-    servicer = Esm2Servicer(models, scheduler, limits, str(device), args.max_json_response_mb << 20)
+    served = load_models(args)
+    models = {name: loaded for name, (_, _, loaded) in served.items()}
+    scheduler = build_schedulers(served, args.simulate_oom_above_tokens)
+    limits, _ = limits_from(args)  # batching limits are per model (args.specs)
+    devices = {name: str(device) for name, (_, device, _) in served.items()}
+    servicer = Esm2Servicer(models, scheduler, limits, devices, args.max_json_response_mb << 20)
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES)
@@ -174,7 +227,7 @@ async def serve(args) -> int:
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, addr=args.host)
     await server.start()
-    log.info("gRPC listening on %s:%d; warming up on %s", args.host, port, device)
+    log.info("gRPC listening on %s:%d; warming up", args.host, port)
 
     await warm_up(scheduler, servicer)
     scheduler.start()
@@ -190,7 +243,7 @@ async def serve(args) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    scheduler.on_lost = lambda reason: stop.set()
+    scheduler.on_lost(lambda reason: stop.set())
     await stop.wait()
 
     if scheduler.lost is not None:
@@ -216,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         code = asyncio.run(serve(args))
-    except checkpoints.CheckpointNotFound as exc:
+    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit) as exc:
         log.error("%s", exc)
         return 2
     if code == EXIT_WORKER_LOST:

@@ -21,7 +21,7 @@ from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service import errors, json_limits, metrics, rendering
-from service.checkpoints import LoadedModel
+from service.checkpoints import FAIR_ESM, HUGGING_FACE, LoadedModel
 from service.errors import FailedPrecondition, InvalidRequest, NotFound, echo, join_problems
 from service.esm_forward import amino_acid_columns
 from service.model_worker import ModelInput
@@ -44,14 +44,14 @@ class Job:
 
 class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def __init__(
-        self, models: dict[str, LoadedModel], scheduler: Scheduler, limits: Limits, device: str,
+        self, models: dict[str, LoadedModel], scheduler: Scheduler, limits: Limits, devices: dict[str, str],
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
     ):
         self.max_json_response_bytes = max_json_response_bytes
         self.models = models
         self.scheduler = scheduler
         self.limits = limits
-        self.device = device
+        self.devices = devices  # model -> device it runs on
         self.ready: set[str] = set()
         self._vocab = {
             name: [m.alphabet.all_toks[i] for i in amino_acid_columns(m.alphabet)] for name, m in models.items()
@@ -82,12 +82,23 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if OutputKind.CONTACTS in options.outputs and not loaded.has_contact_regression:
             raise FailedPrecondition(
                 f"params.include: model {model} has no contact regression weights "
-                f"({loaded.checkpoint.stem}-contact-regression.pt was not found), so contacts are unavailable",
+                f"({loaded.contacts_unavailable}), so contacts are unavailable",
             )
+        if OutputKind.LOGITS in options.outputs:
+            self._require_lm_head(loaded, "params.include")
         return Job(loaded, parsed, options.outputs, options.layers)
+
+    @staticmethod
+    def _require_lm_head(loaded: LoadedModel, field: str) -> None:
+        if not loaded.has_lm_head:
+            raise FailedPrecondition(
+                f"{field}: model {loaded.name} has no masked-LM head ({loaded.source} is not an EsmForMaskedLM "
+                "checkpoint), so logits and predictions are unavailable",
+            )
 
     def _predict_job(self, model: str, items) -> Job:
         loaded = self._model(model)
+        self._require_lm_head(loaded, "model")
         parsed = parse_items([it.sequence for it in items], predict=True, limits=self.limits)
         return Job(loaded, parsed, frozenset({OutputKind.LOGITS}), ())
 
@@ -233,11 +244,18 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def model_info(self, name: str) -> pb.ModelInfo:
         m = self.models[name]
         return pb.ModelInfo(
-            name=name, checkpoint=str(m.checkpoint), num_layers=m.num_layers, embed_dim=m.embed_dim,
+            name=name, checkpoint=m.source, num_layers=m.num_layers, embed_dim=m.embed_dim,
             attention_heads=m.attention_heads, parameters=m.parameters, random_weights=m.random_weights,
             ready=name in self.ready, max_items=self.limits.max_items,
-            max_sequence_length=self.limits.max_sequence_length, device=self.device,
+            max_sequence_length=self.limits.max_sequence_length, device=self.devices[name],
+            source_format=_SOURCE_FORMATS[m.source_format], finetuned_from=m.finetuned_from,
         )
+
+
+_SOURCE_FORMATS = {
+    FAIR_ESM: pb.ModelInfo.SOURCE_FORMAT_FAIR_ESM,
+    HUGGING_FACE: pb.ModelInfo.SOURCE_FORMAT_HUGGING_FACE,
+}
 
 
 def _release(futures: list[asyncio.Future]) -> None:

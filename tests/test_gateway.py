@@ -235,6 +235,9 @@ def test_schema(gateway, action, slash):
 def test_models(gateway):
     models = requests.get(gateway.url + "/api/v3/models", timeout=10).json()["models"]
     assert {m["name"]: m["embed_dim"] for m in models} == {"esm2-8m": 320, "esm2-tiny": 64}
+    for m in models:  # a caller sees the format and a file name, never a server path
+        assert (m["source_format"], m["finetuned_from"]) == ("SOURCE_FORMAT_FAIR_ESM", "")
+        assert "/" not in m["checkpoint"] and m["checkpoint"].endswith(".pt")
 
 
 # ---- errors ------------------------------------------------------------------------
