@@ -14,6 +14,7 @@ OPEN_METHODS = (
     "/grpc.reflection.",
     "/esm.v1.Esm2Service/GetRequestSchema",
     "/esm.v1.Esm2Service/ListModels",
+    "/esm.v1.Esm2Service/GetOpenApiDocument",
 )
 
 

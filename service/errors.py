@@ -47,12 +47,22 @@ class ServiceError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     retry_after_s: int | None = None  # set: the caller may retry after this many seconds
+    http_status: int | None = None  # set: the JSON gateway answers this instead of the code's status
 
 
 class InvalidRequest(ServiceError, ValueError):
     """Input the caller must fix (HTTP 400); the message names the field, item and problem."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class BadBody(InvalidRequest):
+    """A JSON request body that cannot be read: too large once inflated (413), an
+    unsupported encoding (415), a corrupt gzip stream or invalid JSON (400)."""
+
+    def __init__(self, http_status: int, message: str):
+        super().__init__(message)
+        self.http_status = http_status
 
 
 class NotFound(ServiceError):
@@ -109,3 +119,19 @@ def status(exc: Exception, method: str) -> tuple[grpc.StatusCode, str, tuple[tup
         trailers = () if exc.retry_after_s is None else (("retry-after", str(exc.retry_after_s)),)
         return exc.code, bounded_message(str(exc)), trailers
     return grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log", ()
+
+
+# What Envoy's transcoder answers for each gRPC status (Grpc::Utility::grpcToHttpStatus).
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ABORTED: 409, grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status(exc: Exception | None, code: grpc.StatusCode) -> int:
+    """The HTTP status the JSON gateway answers for this failure."""
+    override = getattr(exc, "http_status", None) if isinstance(exc, ServiceError) else None
+    return override or _HTTP_STATUS.get(code, 500)

@@ -21,6 +21,7 @@ import grpc
 from service import errors, metrics
 from service.auth import OPEN_METHODS, key_matches
 from service.errors import InvalidRequest, ServiceError, Unauthenticated
+from service.json_body import gateway_error_metadata
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +67,27 @@ class _RateLimitedLog:
         log.warning(message + " (%d similar suppressed in the last %.0fs)", *args, suppressed, self.interval_s)
 
 
-async def _abort(context, error: ServiceError) -> None:
+# Methods of the JSON gateway: their refusals also carry the HTTP status and BioLM's error body.
+GATEWAY_METHODS = frozenset(
+    f"/esm.v1.Esm2Service/{name}" for name in ("EncodeJson", "PredictJson", "GetRequestSchema", "GetOpenApiDocument")
+)
+
+
+async def _abort(context, error: ServiceError, gateway: bool) -> None:
     code, message, trailers = errors.status(error, "")
-    if trailers:
-        context.set_trailing_metadata(trailers)
-    await context.abort(code, message)
+    if gateway:
+        trailers += gateway_error_metadata(errors.http_status(error, code), code.name, message)
+    await context.abort(code, message, trailers)
 
 
-def _abort_with(error: ServiceError, handler):
+def _abort_with(error: ServiceError, handler, gateway: bool):
     """A handler of the same kind as `handler` that answers `error`; its request stays raw bytes."""
 
     async def unary(request, context):
-        await _abort(context, error)
+        await _abort(context, error, gateway)
 
     async def stream(request, context):
-        await _abort(context, error)
+        await _abort(context, error, gateway)
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_stream:
@@ -113,8 +120,9 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
                 return None
             limit = self.message_bytes_by_method.get(method, self.max_message_bytes)
-            guarded = self._guarded[method] = self._guard(handler, limit)
-            self._denied[method] = _abort_with(Unauthenticated(_DENIED), handler)
+            gateway = method in GATEWAY_METHODS
+            guarded = self._guarded[method] = self._guard(handler, limit, gateway)
+            self._denied[method] = _abort_with(Unauthenticated(_DENIED), handler, gateway)
         size = metadata_bytes(details.invocation_metadata)
         if size > self.max_metadata_bytes:
             metrics.REFUSED_UNDECODED.labels("metadata").inc()
@@ -123,6 +131,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                     f"request metadata (headers) is {size} bytes; at most {self.max_metadata_bytes} are accepted"
                 ),
                 guarded,
+                method in GATEWAY_METHODS,
             )
         if self._keys and not method.startswith(OPEN_METHODS):
             supplied = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
@@ -131,7 +140,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 return self._denied[method]
         return guarded
 
-    def _guard(self, handler: grpc.RpcMethodHandler, limit: int) -> grpc.RpcMethodHandler:
+    def _guard(self, handler: grpc.RpcMethodHandler, limit: int, gateway: bool) -> grpc.RpcMethodHandler:
         """The same handler, but with its request size checked and its decode failures answered."""
         if handler.request_streaming or handler.request_deserializer is None:
             return handler  # reflection's streams; nothing of ours
@@ -155,13 +164,13 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
             async def checked(request, context):
                 if isinstance(request, _Malformed):
-                    await _abort(context, request.error)
+                    await _abort(context, request.error, gateway)
                 async for message in behavior(request, context):
                     yield message
         else:
             async def checked(request, context):
                 if isinstance(request, _Malformed):
-                    await _abort(context, request.error)
+                    await _abort(context, request.error, gateway)
                 return await behavior(request, context)
 
         make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.unary_unary_rpc_method_handler

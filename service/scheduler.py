@@ -223,6 +223,7 @@ class Scheduler:
                     continue
                 batch = take_batch(self._pending, self.limits)
                 metrics.QUEUE_DEPTH.set(len(self._pending))
+                metrics.observe_queue_wait(batch, time.monotonic())
                 await self.run_once(batch)
             except WorkerLost:
                 return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from service.servicer import Esm2Servicer
 
 log = logging.getLogger("service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
+OPENAPI_DOCUMENT = Path(__file__).resolve().parent / "openapi.json"  # served at /api/v3/openapi.json
 MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; streaming is preferred
 # grpc refuses bigger request messages itself (RESOURCE_EXHAUSTED) before reading them. Up to
 # here, RequestGuard answers INVALID_ARGUMENT for anything over --max-request-message-bytes;
@@ -50,6 +52,10 @@ JSON_METHODS = (f"/{SERVICE_NAME}/EncodeJson", f"/{SERVICE_NAME}/PredictJson")
 GRPC_METADATA_CEILING_BYTES = 256 << 10
 EXIT_WORKER_LOST = 3  # the model worker died or the device is unusable: restart me
 LOST_WORKER_GRACE_S = 5.0  # to send the UNAVAILABLE answers of work already accepted
+
+
+class AddressInUse(Exception):
+    pass
 
 
 def _env(name: str, default):
@@ -95,11 +101,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-metadata-bytes", type=int,
                    default=int(_env("max_metadata_bytes", request_guard.DEFAULT_MAX_METADATA_BYTES)),
                    help="largest request metadata (headers) in bytes, HPACK-counted; more is INVALID_ARGUMENT")
+    p.add_argument("--metrics-host", default=_env("metrics_host", "127.0.0.1"),
+                   help="Prometheus listener address (0.0.0.0 where a scraper on another host reads it)")
     p.add_argument("--api-keys-file", default=_env("api_keys_file", None), help="one key per line")
     p.add_argument("--max-json-response-mb", type=int,
                    default=int(_env("max_json_response_mb", json_limits.DEFAULT_MAX_JSON_RESPONSE_MB)),
                    help="largest JSON gateway response; bigger ones get INVALID_ARGUMENT (HTTP 400) naming EncodeStream")
-    p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)))
+    p.add_argument("--max-request-bytes", type=int,
+                   default=int(_env("max_request_bytes", json_limits.DEFAULT_MAX_REQUEST_BYTES)),
+                   help="largest JSON request body after gzip decompression (HTTP 413 above)")
+    p.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 0)),
+                   help="after SIGTERM: report NOT_SERVING at once but keep serving this long, so that load "
+                        "balancers move traffic away first (a fleet behind Envoy: 5; Kubernetes: see the README)")
+    p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)),
+                   help="then: stop accepting and give in-flight requests this long to finish")
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once ready")
     p.add_argument("--assume-available-memory-gib", type=float,
                    default=float(_env("assume_available_memory_gib", 0)) or None,
@@ -200,10 +215,11 @@ async def serve(args) -> int:
     scheduler = build_schedulers(served, args.simulate_oom_above_tokens)
     limits, _ = limits_from(args)  # batching limits are per model (args.specs)
     devices = {name: str(device) for name, (_, device, _) in served.items()}
-    servicer = Esm2Servicer(models, scheduler, limits, devices, args.max_json_response_mb << 20)
+    servicer = Esm2Servicer(models, scheduler, limits, devices, args.max_json_response_mb << 20,
+                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes())
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
-    receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES)
+    receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
                                        dict.fromkeys(JSON_METHODS, receive_ceiling))
     server = grpc.aio.server(
@@ -213,6 +229,9 @@ async def serve(args) -> int:
             ("grpc.max_receive_message_length", receive_ceiling),
             ("grpc.max_metadata_size", GRPC_METADATA_CEILING_BYTES),
             ("grpc.absolute_max_metadata_size", GRPC_METADATA_CEILING_BYTES),
+            ("grpc.max_receive_message_length", 64 << 20),
+            # A second server on a busy port must fail, not take half of its connections.
+            ("grpc.so_reuseport", 0),
         ],
     )
     pb_grpc.add_Esm2ServiceServicer_to_server(servicer, server)
@@ -223,9 +242,15 @@ async def serve(args) -> int:
     )
     for name in ["", SERVICE_NAME, *models]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    try:
+        port = server.add_insecure_port(f"{args.host}:{args.port}")
+    except RuntimeError as exc:  # grpc says only "Failed to bind"; a busy port is the usual cause
+        raise AddressInUse(f"cannot listen on {args.host}:{args.port}: address in use or unavailable ({exc})") from None
     if args.metrics_port:
-        prometheus_client.start_http_server(args.metrics_port, addr=args.host)
+        try:
+            prometheus_client.start_http_server(args.metrics_port, addr=args.metrics_host)
+        except OSError as exc:
+            raise AddressInUse(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror}") from None
     await server.start()
     log.info("gRPC listening on %s:%d; warming up", args.host, port)
 
@@ -256,8 +281,16 @@ async def serve(args) -> int:
         await server.stop(min(args.grace_seconds, LOST_WORKER_GRACE_S))
         return EXIT_WORKER_LOST
 
-    log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
+    # Health checks see NOT_SERVING at once (every name), while requests are still served for the
+    # drain window: balancers stop sending before the server stops accepting. A second signal
+    # ends the window early.
     await health_servicer.enter_graceful_shutdown()
+    if args.drain_seconds > 0:
+        log.info("draining: NOT_SERVING, still serving for %.1fs", args.drain_seconds)
+        stop.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.drain_seconds)
+    log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
     await server.stop(args.grace_seconds)
     await scheduler.close()
     log.info("stopped")
@@ -269,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         code = asyncio.run(serve(args))
-    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit) as exc:
+    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit, AddressInUse) as exc:
         log.error("%s", exc)
         return 2
     if code == EXIT_WORKER_LOST:

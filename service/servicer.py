@@ -23,6 +23,7 @@ from esm2_wire.vocabulary import Limits
 from service import errors, json_limits, metrics, rendering
 from service.checkpoints import FAIR_ESM, HUGGING_FACE, LoadedModel
 from service.errors import FailedPrecondition, InvalidRequest, NotFound, echo, join_problems
+from service.json_body import CONTENT_ENCODING_METADATA, BodyParser, gateway_error_metadata
 from service.esm_forward import amino_acid_columns
 from service.model_worker import ModelInput
 from service.request_schema import request_schema
@@ -46,8 +47,12 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def __init__(
         self, models: dict[str, LoadedModel], scheduler: Scheduler, limits: Limits, devices: dict[str, str],
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
+        max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
+        openapi_document: bytes = b"{}",
     ):
         self.max_json_response_bytes = max_json_response_bytes
+        self.bodies = BodyParser(limits, max_request_bytes)
+        self.openapi_document = openapi_document
         self.models = models
         self.scheduler = scheduler
         self.limits = limits
@@ -66,15 +71,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             )
         return loaded
 
-    def _encode_job(self, model: str, params: pb.EncodeParams, items) -> Job:
+    def _encode_job(self, model: str, include: list[str], repr_layers: list[int], sequences: list[str]) -> Job:
         loaded = self._model(model)
         errors = []  # report every problem at once: items first, then params
         try:
-            parsed = parse_items([it.sequence for it in items], predict=False, limits=self.limits)
+            parsed = parse_items(sequences, predict=False, limits=self.limits)
         except InvalidRequest as exc:
             errors.append(str(exc))
         try:
-            options = parse_options(list(params.include), list(params.repr_layers), loaded.num_layers, model)
+            options = parse_options(include, repr_layers, loaded.num_layers, model)
         except InvalidRequest as exc:
             errors.append(str(exc))
         if errors:
@@ -96,10 +101,10 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                 "checkpoint), so logits and predictions are unavailable",
             )
 
-    def _predict_job(self, model: str, items) -> Job:
+    def _predict_job(self, model: str, sequences: list[str]) -> Job:
         loaded = self._model(model)
         self._require_lm_head(loaded, "model")
-        parsed = parse_items([it.sequence for it in items], predict=True, limits=self.limits)
+        parsed = parse_items(sequences, predict=True, limits=self.limits)
         return Job(loaded, parsed, frozenset({OutputKind.LOGITS}), ())
 
     def _submit(self, job: Job, context) -> list[asyncio.Future]:
@@ -117,9 +122,14 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             _release(futures)
 
     @contextlib.asynccontextmanager
-    async def _rpc(self, method: str, context):
-        """Map failures to gRPC statuses, and count every RPC."""
-        code, message = grpc.StatusCode.OK, ""
+    async def _rpc(self, method: str, context, model: str, gateway: bool = False):
+        """Map failures to gRPC statuses, count every RPC, time those of served models.
+
+        gateway: the RPC serves the JSON API, so failures also carry the HTTP status and
+        BioLM's error body for the gateway (json_body.gateway_error_metadata).
+        """
+        code, message, trailers, http_status = grpc.StatusCode.OK, "", (), 200
+        started = time.monotonic()
         try:
             yield
         except asyncio.CancelledError:
@@ -131,16 +141,20 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             if not isinstance(exc, errors.ServiceError):  # a bug, not the caller's fault: log it, say only where
                 log.exception("%s failed", method)
             code, message, trailers = errors.status(exc, method)
-            if trailers:
-                context.set_trailing_metadata(trailers)
+            http_status = errors.http_status(exc, code)
         metrics.REQUESTS.labels(method, code.name).inc()
+        if model in self.models:  # a label per served model only: callers cannot grow the label set
+            metrics.REQUEST_SECONDS.labels(model, method).observe(time.monotonic() - started)
         if code is not grpc.StatusCode.OK:
-            await context.abort(code, message)
+            if gateway:
+                trailers += gateway_error_metadata(http_status, code.name, message)
+            await context.abort(code, message, trailers)
 
     # ---- unary ---------------------------------------------------------------
     async def Encode(self, request, context):
-        async with self._rpc("Encode", context):
-            job = self._encode_job(request.model, request.params, request.items)
+        async with self._rpc("Encode", context, request.model):
+            job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
+                                   [item.sequence for item in request.items])
             results = await self._results(job, context)
             vocab = self._vocab[job.model.name]
             return await asyncio.to_thread(
@@ -150,8 +164,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             )
 
     async def Predict(self, request, context):
-        async with self._rpc("Predict", context):
-            job = self._predict_job(request.model, request.items)
+        async with self._rpc("Predict", context, request.model):
+            job = self._predict_job(request.model, [item.sequence for item in request.items])
             results = await self._results(job, context)
             vocab = self._vocab[job.model.name]
             return await asyncio.to_thread(
@@ -174,9 +188,16 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             raise InvalidRequest(json_limits.too_large(len(body), limit, estimated=False, stream_rpc=stream_rpc))
         return httpbody_pb2.HttpBody(content_type="application/json", data=body)
 
+    async def _body(self, request, context, action: str):
+        """The parsed body, read off the event loop (up to 4 MiB of JSON)."""
+        encoding = dict(context.invocation_metadata() or ()).get(CONTENT_ENCODING_METADATA, "")
+        return await asyncio.to_thread(self.bodies.parse, request.body.data, encoding, action)
+
     async def EncodeJson(self, request, context):
-        async with self._rpc("EncodeJson", context):
-            job = self._encode_job(request.model, request.params, request.items)
+        async with self._rpc("EncodeJson", context, request.model, gateway=True):
+            loaded = self._model(request.model)
+            body = await self._body(request, context, "encode")
+            job = self._encode_job(loaded.name, body.include, [int(v) for v in body.repr_layers], body.sequences)
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_encode_bytes(
                 [len(item.tokens) for item in job.items], job.outputs, len(job.layers), job.model.embed_dim, len(vocab)
@@ -185,20 +206,25 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             return await self._json(job, context, estimate, render, "EncodeStream")
 
     async def PredictJson(self, request, context):
-        async with self._rpc("PredictJson", context):
-            job = self._predict_job(request.model, request.items)
+        async with self._rpc("PredictJson", context, request.model, gateway=True):
+            loaded = self._model(request.model)
+            body = await self._body(request, context, "predict")
+            job = self._predict_job(loaded.name, body.sequences)
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab))
             render = lambda i, r: rendering.predict_json_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
             return await self._json(job, context, estimate, render, "PredictStream")
 
     async def GetRequestSchema(self, request, context):
-        async with self._rpc("GetRequestSchema", context):
+        async with self._rpc("GetRequestSchema", context, request.model, gateway=True):
             loaded = self._model(request.model)
             if request.action not in ("encode", "predict"):
                 raise NotFound(f"action {echo(request.action)} does not exist; use encode or predict")
             schema = request_schema(loaded.name, request.action, self.limits)
             return httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(schema))
+
+    async def GetOpenApiDocument(self, request, context):
+        return httpbody_pb2.HttpBody(content_type="application/json", data=self.openapi_document)
 
     # ---- streaming ------------------------------------------------------------
     async def _stream(self, job: Job, context, options: pb.StreamOptions, response_type, predict: bool):
@@ -226,14 +252,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             _release(futures)
 
     async def EncodeStream(self, request, context):
-        async with self._rpc("EncodeStream", context):
-            job = self._encode_job(request.model, request.params, request.items)
+        async with self._rpc("EncodeStream", context, request.model):
+            job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
+                                   [item.sequence for item in request.items])
             async for message in self._stream(job, context, request.stream_options, pb.EncodeStreamResponse, False):
                 yield message
 
     async def PredictStream(self, request, context):
-        async with self._rpc("PredictStream", context):
-            job = self._predict_job(request.model, request.items)
+        async with self._rpc("PredictStream", context, request.model):
+            job = self._predict_job(request.model, [item.sequence for item in request.items])
             async for message in self._stream(job, context, request.stream_options, pb.PredictStreamResponse, True):
                 yield message
 
