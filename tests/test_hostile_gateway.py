@@ -22,7 +22,8 @@ def legit(envoy, session) -> int:  # a requests.Session, or the requests module
     "hostile,fragment",
     [
         ({**LEGIT, "params": {"include": [HUGE]}}, "params.include[0]: unknown value 'xxx"),
-        ({**LEGIT, "params": {"include": ["y" * 300] * 200}}, "params.include[0]: unknown value 'yyy"),
+        # Over-long lists are refused by their length, before any value is looked at.
+        ({**LEGIT, "params": {"include": ["y" * 300] * 200}}, "params.include: at most 64 values, got 200"),
     ],
     ids=["one-huge-include", "many-includes"],
 )
@@ -43,7 +44,8 @@ def test_huge_echo_next_to_legitimate_callers(gateway, hostile, fragment):
     for response in refused:
         assert response.status_code == 400, response.text[:300]
         message = response.json()["message"]
-        assert fragment in message and "..." in message and len(message) <= MAX_MESSAGE_CHARS
+        assert fragment in message and len(message) <= MAX_MESSAGE_CHARS
+        assert "y" * 41 not in message and "x" * 41 not in message  # echoes are cut at 40 characters
 
 
 def test_huge_model_name_is_answered_with_a_short_message(gateway):
@@ -68,7 +70,8 @@ def test_long_path_is_not_429_or_5xx(gateway):
     """Before: a 17-59 KB path reached grpc as metadata (the model name and Envoy's
     x-envoy-original-path) over grpc's limit: 429 without Retry-After."""
     response = post(gateway, "/api/v3/" + "m" * (30 << 10) + "/encode/", LEGIT)
-    assert response.status_code in (400, 404, 414), (response.status_code, response.text[:300])
+    # Envoy's codec counts the request line against its header limit: 431 (or 414 from the edge's path check).
+    assert response.status_code in (400, 404, 414, 431), (response.status_code, response.text[:300])
     assert len(response.text) < 4 * MAX_MESSAGE_CHARS
     assert legit(gateway, requests) == 200
 
