@@ -8,7 +8,7 @@ GEN := esm2_wire/gen
 DESCRIPTOR := gateway/esm2_descriptor.pb
 CHECKPOINTS ?= checkpoints
 
-.PHONY: setup protos serve demo test test-unit bench clean lint-protos
+.PHONY: setup protos serve demo fleet deploy-config test test-unit bench clean lint-protos
 
 setup: $(VENV)/.installed protos
 
@@ -37,6 +37,20 @@ serve: setup
 demo: setup
 	$(PY) -m service.random_checkpoints --shape 8m --out $(CHECKPOINTS)
 	$(PY) -m gateway.launch --models esm2-8m --model-dir $(CHECKPOINTS) --offline $(SERVE_ARGS)
+
+# A fleet on one host, offline: REPLICAS random-weight 8M-shape servers behind one Envoy.
+REPLICAS ?= 3
+fleet: setup
+	$(PY) -m service.random_checkpoints --shape 8m --out $(CHECKPOINTS)
+	$(PY) -m gateway.launch --replicas $(REPLICAS) --models esm2-8m --model-dir $(CHECKPOINTS) --offline $(SERVE_ARGS)
+
+# Envoy's ConfigMap of each Kubernetes overlay, rendered from gateway/envoy.yaml (tests check they match).
+K8S_ENVOY = --configmap esm2-envoy --http-port 8080 --descriptor /etc/esm2/esm2_descriptor.pb
+deploy-config: protos
+	$(PY) -m gateway.envoy_config $(K8S_ENVOY) --pool esm2-8m=esm2-8m.esm2.svc.cluster.local:50051 \
+		> deploy/k8s/overlays/cpu/envoy-config.yaml
+	$(PY) -m gateway.envoy_config $(K8S_ENVOY) --pool esm2-650m=esm2-650m.esm2.svc.cluster.local:50051 \
+		> deploy/k8s/overlays/gpu/envoy-config.yaml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

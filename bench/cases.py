@@ -156,7 +156,7 @@ class ModelCases:
             upstream = int(self.server("fast").target.rsplit(":", 1)[1])
             log_path = Path(self.server("fast")._dir.name) / "envoy.log"  # removed with the server's files
             self.envoy = EnvoyProcess(GatewayConfig(http_host="127.0.0.1", http_port=free_port(),
-                                                    upstream_port=upstream, admin_port=None),
+                                                    upstream_port=upstream),
                                       log_path=log_path).wait_listening()
             end = time.monotonic() + 30
             while requests.get(self.envoy.url + "/healthz", timeout=5).status_code != 200:

@@ -32,6 +32,7 @@ from esm2_client.embedding_store import (
 )
 from esm2_wire import output_kinds
 from esm2_wire.output_kinds import OutputKind
+from esm2_wire.proto import pb
 from esm2_wire.vocabulary import MASK
 
 # The server's names, plus esm-extract's `per_tok`.
@@ -218,10 +219,14 @@ def cmd_health(args) -> int:
 def cmd_models(args) -> int:
     with _client(args) as client:
         models = client.list_models()
-    header = ("model", "ready", "layers", "dim", "heads", "parameters", "max_items", "max_length", "device", "weights")
+    header = ("model", "ready", "layers", "dim", "heads", "parameters", "max_items", "max_length", "device", "format",
+              "weights")
+    formats = {pb.ModelInfo.SOURCE_FORMAT_FAIR_ESM: "fair-esm", pb.ModelInfo.SOURCE_FORMAT_HUGGING_FACE: "huggingface"}
     rows = [
         (m.name, "yes" if m.ready else "no", m.num_layers, m.embed_dim, m.attention_heads, f"{m.parameters:,}",
-         m.max_items, m.max_sequence_length, m.device, "RANDOM" if m.random_weights else m.checkpoint)
+         m.max_items, m.max_sequence_length, m.device, formats.get(m.source_format, "-"),
+         ("RANDOM " if m.random_weights else "") + m.checkpoint
+         + (f" (fine-tuned from {m.finetuned_from})" if m.finetuned_from else ""))
         for m in models
     ]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]

@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from esm2_client.streams import ItemOutputs, StreamAssembler
-from esm2_wire.proto import pb, pb_grpc
+from esm2_wire.proto import MODEL_HEADER, pb, pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 # Finished requests held while an earlier one still runs, per max_in_flight slot: bounds
@@ -133,10 +133,16 @@ class _Base:
         self._metadata = (("authorization", f"Token {api_key}"),) if api_key else ()
         self._models: dict[str, pb.ModelInfo] = {}
 
+    def _headers(self, model: str | None, auth: bool = True) -> tuple[tuple[str, str], ...]:
+        """Metadata of a call about `model`: a gateway in front of a fleet routes by its header."""
+        base = self._metadata if auth else ()
+        return (*base, (MODEL_HEADER, model)) if model else base
+
     def _pick(self, models: Sequence[pb.ModelInfo], name: str) -> pb.ModelInfo:
-        self._models = {m.name: m for m in models}
-        if name not in self._models:
-            served = ", ".join(sorted(self._models)) or "none"
+        listed = {m.name: m for m in models}
+        self._models.update(listed)  # behind a fleet gateway, each pool lists its own models
+        if name not in listed:
+            served = ", ".join(sorted(listed)) or "none"
             raise Esm2Error(f"model {name!r} is not served by {self.target}; served models: {served}",
                             grpc.StatusCode.NOT_FOUND)
         return self._models[name]
@@ -189,18 +195,22 @@ class Esm2Client(_Base):
                 retry += 1
 
     # ---- models and health ------------------------------------------------
-    def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+    def list_models(self, timeout: float | None = None, model: str | None = None) -> list[pb.ModelInfo]:
+        """Models served; through a fleet gateway, those of `model`'s pool (or the default pool)."""
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
-        response = self._call(lambda t: self._stub.ListModels(pb.ListModelsRequest(), timeout=t), deadline)
+        metadata = self._headers(model, auth=False)
+        response = self._call(
+            lambda t: self._stub.ListModels(pb.ListModelsRequest(), timeout=t, metadata=metadata), deadline)
         return list(response.models)
 
     def model_info(self, model: str, timeout: float | None = None) -> pb.ModelInfo:
-        return self._models.get(model) or self._pick(self.list_models(timeout), model)
+        return self._models.get(model) or self._pick(self.list_models(timeout, model), model)
 
     def health(self, service: str = "", timeout: float | None = 10) -> str:
         """The standard gRPC health status of `service` ("" = the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
-        response = self._call(lambda t: self._health.Check(request, timeout=t), _Deadline(timeout))
+        metadata = self._headers(service, auth=False)  # a model's name routes to its pool
+        response = self._call(lambda t: self._health.Check(request, timeout=t, metadata=metadata), _Deadline(timeout))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     # ---- encode and predict ---------------------------------------------------
@@ -246,7 +256,7 @@ class Esm2Client(_Base):
             request = make_request(sequences[start:end])
 
             def attempt(t):
-                call = rpc(request, timeout=t, metadata=self._metadata)
+                call = rpc(request, timeout=t, metadata=self._headers(model))
                 with lock:
                     calls.add(call)
                 try:
@@ -328,17 +338,22 @@ class AsyncEsm2Client(_Base):
                 await asyncio.sleep(pause)
                 retry += 1
 
-    async def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+    async def list_models(self, timeout: float | None = None, model: str | None = None) -> list[pb.ModelInfo]:
+        """Models served; through a fleet gateway, those of `model`'s pool (or the default pool)."""
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
-        response = await self._call(lambda t: self._stub.ListModels(pb.ListModelsRequest(), timeout=t), deadline)
+        metadata = self._headers(model, auth=False)
+        response = await self._call(
+            lambda t: self._stub.ListModels(pb.ListModelsRequest(), timeout=t, metadata=metadata), deadline)
         return list(response.models)
 
     async def model_info(self, model: str, timeout: float | None = None) -> pb.ModelInfo:
-        return self._models.get(model) or self._pick(await self.list_models(timeout), model)
+        return self._models.get(model) or self._pick(await self.list_models(timeout, model), model)
 
     async def health(self, service: str = "", timeout: float | None = 10) -> str:
         request = health_pb2.HealthCheckRequest(service=service)
-        response = await self._call(lambda t: self._health.Check(request, timeout=t), _Deadline(timeout))
+        metadata = self._headers(service, auth=False)  # a model's name routes to its pool
+        response = await self._call(lambda t: self._health.Check(request, timeout=t, metadata=metadata),
+                                    _Deadline(timeout))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     async def encode(self, sequences: Iterable[str], model: str, include: Sequence[str] = ("mean",),
@@ -375,7 +390,7 @@ class AsyncEsm2Client(_Base):
 
             async def attempt(t):
                 assembler = StreamAssembler()
-                async for message in rpc(request, timeout=t, metadata=self._metadata):
+                async for message in rpc(request, timeout=t, metadata=self._headers(model)):
                     assembler.add(message)
                 return assembler.ordered(end - start)
             return start, await self._call(attempt, deadline, start)

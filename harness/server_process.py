@@ -11,22 +11,28 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.processes import free_port, stop_process
+from gateway.processes import free_port, stop_process, stop_processes
 
 REPO = Path(__file__).resolve().parent.parent
 READY_LINE = "ready: serving"  # logged by service.server once every model is warm
 
-__all__ = ["READY_LINE", "REPO", "ServerProcess", "free_port", "stop_process"]
+__all__ = ["READY_LINE", "REPO", "ServerProcess", "free_port", "stop_process", "stop_processes"]
 
 
 class ServerProcess:
     """`python -m service.server` on free 127.0.0.1 ports, logging to a file in log_dir."""
 
-    def __init__(self, log_dir: Path, *args: str, env: dict | None = None):
-        self.port = free_port()
-        self.metrics_port = free_port()
+    def __init__(self, log_dir: Path, *args: str, env: dict | None = None, port: int | None = None,
+                 metrics_port: int | None = None):
+        """`port`/`metrics_port`: reuse a stopped replica's ports (a restart); default: free ones."""
+        self.port = port or free_port()
+        self.metrics_port = metrics_port or free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"server-{self.port}.log"
+        for restart in range(1, 1000):  # a restarted replica logs to a new file
+            if not self.log_path.exists():
+                break
+            self.log_path = Path(log_dir) / f"server-{self.port}-{restart}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.server", "--host", "127.0.0.1", "--port", str(self.port),

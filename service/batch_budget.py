@@ -62,6 +62,15 @@ def for_model(setting: str, loaded: LoadedModel, device: torch.device, autocast:
     return fixed(int(setting))
 
 
+def most_tokens(setting: str, device: torch.device) -> int:
+    """The largest budget a setting can choose on this device (for the memory estimate before loading)."""
+    if setting == "device":
+        return DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cuda"])
+    if setting == "sweep":
+        return max(CANDIDATES.get(device.type, CANDIDATES["cuda"]))
+    return int(setting)
+
+
 def parse_setting(text: str) -> str:
     """argparse type of --max-batch-tokens."""
     if text in ("device", "sweep"):

@@ -1,8 +1,9 @@
-"""Find and load fair-esm ESM-2 checkpoints, safely.
+"""Find and load fair-esm ESM-2 checkpoints, safely; the LoadedModel every format becomes.
 
 A checkpoint is fair-esm's `<stem>.pt` (model weights plus an `argparse.Namespace`
 config) and its `<stem>-contact-regression.pt`. Files are unpickled with torch's
 `weights_only=True` loader, allowing exactly one extra class: `argparse.Namespace`.
+Hugging Face checkpoints are read by service.hf_checkpoints into the same module.
 """
 
 from __future__ import annotations
@@ -24,7 +25,19 @@ STANDARD_MODELS = {
     "esm2-150m": "esm2_t30_150M_UR50D",
     "esm2-650m": "esm2_t33_650M_UR50D",
     "esm2-3b": "esm2_t36_3B_UR50D",
+    "esm2-15b": "esm2_t48_15B_UR50D",
 }
+# fair-esm stem -> (layers, embed_dim, attention heads): known before any file is read.
+STANDARD_SHAPES = {
+    "esm2_t6_8M_UR50D": (6, 320, 20),
+    "esm2_t12_35M_UR50D": (12, 480, 20),
+    "esm2_t30_150M_UR50D": (30, 640, 20),
+    "esm2_t33_650M_UR50D": (33, 1280, 20),
+    "esm2_t36_3B_UR50D": (36, 2560, 40),
+    "esm2_t48_15B_UR50D": (48, 5120, 40),
+}
+FAIR_ESM = "fair-esm"
+HUGGING_FACE = "huggingface"
 # fair-esm's own download locations (esm/pretrained.py).
 _MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{stem}.pt"
 _REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{stem}-contact-regression.pt"
@@ -41,9 +54,21 @@ class LoadedModel:
     name: str
     model: torch.nn.Module  # esm.model.esm2.ESM2, eval mode, on CPU
     alphabet: esm.data.Alphabet
-    checkpoint: Path
+    checkpoint: Path  # where it was read from: for logs only, never shown to callers
     random_weights: bool
     has_contact_regression: bool
+    source: str = ""  # what callers see: a file name, directory name or hub repo id
+    source_format: str = FAIR_ESM
+    finetuned_from: str = ""  # Hugging Face config's _name_or_path
+    has_lm_head: bool = True
+    # Why contacts are refused, when has_contact_regression is False.
+    contacts_unavailable: str = ""
+
+    def __post_init__(self):
+        if not self.source:
+            self.source = self.checkpoint.name
+        if not self.has_contact_regression and not self.contacts_unavailable:
+            self.contacts_unavailable = f"{regression_path(self.checkpoint).name} was not found"
 
     @property
     def num_layers(self) -> int:
@@ -79,10 +104,18 @@ def hub_checkpoint_dir() -> Path:
 
 
 def safe_load(path: Path) -> dict:
-    """torch.load with weights_only=True plus the one class fair-esm's format pickles."""
+    """torch.load with weights_only=True plus the one class fair-esm's format pickles.
+
+    Memory-mapped where the file format allows it, so reading the config costs nothing
+    and loading does not hold a second copy of the weights."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # legacy (non-zip) files cannot be mapped
+                if "mmap" not in str(exc):
+                    raise
+                return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError or RuntimeError
         raise RuntimeError(
             f"could not load checkpoint {path}: {exc}. Only fair-esm ESM-2 checkpoints "
@@ -151,6 +184,15 @@ def locate(name: str, explicit: Path | None, model_dir: Path | None, allow_downl
     )
 
 
+def fair_esm_shape(path: Path) -> tuple[int, int, int]:
+    """(layers, embed_dim, heads) from a fair-esm file's config, without reading the weights."""
+    data = safe_load(path)
+    cfg = data.get("cfg", {}).get("model") if isinstance(data.get("cfg"), dict) else None
+    if cfg is None:
+        raise RuntimeError(f"{path} is not a fair-esm ESM-2 checkpoint (no 'cfg'/'model' entries)")
+    return cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads
+
+
 def load(name: str, path: Path) -> LoadedModel:
     """Build an ESM-2 model from a fair-esm checkpoint through fair-esm's own loader."""
     model_data = safe_load(path)
@@ -171,5 +213,7 @@ def load(name: str, path: Path) -> LoadedModel:
         checkpoint=path,
         random_weights=random_weights,
         has_contact_regression=regression_data is not None,
+        source=path.name,
+        source_format=FAIR_ESM,
     )
 

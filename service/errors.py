@@ -10,18 +10,59 @@ from __future__ import annotations
 
 import grpc
 
+# Messages travel in the grpc-message trailer (and Envoy's JSON body); clients and Envoy
+# refuse trailers over 8-16 KiB and then fail the whole connection, so every value echoed
+# from a request is cut (echo), and so is every whole message (status).
+MAX_ECHO_CHARS = 40
+MAX_MESSAGE_CHARS = 2048
+ELLIPSIS = "..."
+
+
+def echo(value: str) -> str:
+    """A caller's value for a message: ASCII-escaped like repr(); past MAX_ECHO_CHARS, cut with its length.
+
+    ascii() keeps messages 7-bit, so percent-encoding in the trailer cannot multiply their size.
+    """
+    text = ascii(value[:MAX_ECHO_CHARS])  # cut first: escaping a megabyte to keep 40 characters is waste
+    if len(text) <= MAX_ECHO_CHARS and len(value) <= MAX_ECHO_CHARS:
+        return text
+    return text[: MAX_ECHO_CHARS - len(ELLIPSIS)] + ELLIPSIS + f" ({len(value)} characters)"
+
+
+def bounded_message(message: str) -> str:
+    """The whole message cut at MAX_MESSAGE_CHARS, saying that it was cut."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    tail = f"{ELLIPSIS} (message cut at {MAX_MESSAGE_CHARS} characters)"
+    return message[: MAX_MESSAGE_CHARS - len(tail)] + tail
+
+
+def join_problems(problems: list[str]) -> str:
+    """Several problems in one message, within MAX_MESSAGE_CHARS."""
+    return bounded_message("; ".join(problems))
+
 
 class ServiceError(Exception):
     """A failure to report to the caller as `code` with this message."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     retry_after_s: int | None = None  # set: the caller may retry after this many seconds
+    http_status: int | None = None  # set: the JSON gateway answers this instead of the code's status
 
 
 class InvalidRequest(ServiceError, ValueError):
     """Input the caller must fix (HTTP 400); the message names the field, item and problem."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class BadBody(InvalidRequest):
+    """A JSON request body that cannot be read: too large once inflated (413), an
+    unsupported encoding (415), a corrupt gzip stream or invalid JSON (400)."""
+
+    def __init__(self, http_status: int, message: str):
+        super().__init__(message)
+        self.http_status = http_status
 
 
 class NotFound(ServiceError):
@@ -53,6 +94,19 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(ServiceError):
+    """A missing or wrong API key (HTTP 401)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class WorkerLost(ServiceError):
+    """The model worker died or its device is unusable: this server stops; retry elsewhere or later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    retry_after_s = 1
+
+
 class Internal(ServiceError):
     """A bug or a model failure; the message says where to look, never the internals."""
 
@@ -63,5 +117,21 @@ def status(exc: Exception, method: str) -> tuple[grpc.StatusCode, str, tuple[tup
     """(code, message, trailing metadata) for an exception raised while serving `method`."""
     if isinstance(exc, ServiceError):
         trailers = () if exc.retry_after_s is None else (("retry-after", str(exc.retry_after_s)),)
-        return exc.code, str(exc), trailers
+        return exc.code, bounded_message(str(exc)), trailers
     return grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log", ()
+
+
+# What Envoy's transcoder answers for each gRPC status (Grpc::Utility::grpcToHttpStatus).
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ABORTED: 409, grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status(exc: Exception | None, code: grpc.StatusCode) -> int:
+    """The HTTP status the JSON gateway answers for this failure."""
+    override = getattr(exc, "http_status", None) if isinstance(exc, ServiceError) else None
+    return override or _HTTP_STATUS.get(code, 500)

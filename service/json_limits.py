@@ -11,6 +11,10 @@ from __future__ import annotations
 from esm2_wire.output_kinds import OutputKind
 
 DEFAULT_MAX_JSON_RESPONSE_MB = 512
+# Largest JSON request body, after gzip decompression: 8 predict items of 2048 tokens
+# written as `<mask>` are ~100 KB. Envoy refuses larger bodies as sent (413); the server
+# stops inflating gzip bodies at this size (413).
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 BYTES_PER_VALUE = 12
 BYTES_PER_ATTENTION = 14
 _PER_ITEM_OVERHEAD = 256  # keys, brackets, vocab_tokens

@@ -18,6 +18,27 @@ BATCH_SECONDS = Histogram(
 )
 BATCH_SIZE = Histogram("esm_batch_items", "Items per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 REQUESTS = Counter("esm_requests_total", "RPCs finished", ["method", "code"])
+REFUSED_UNDECODED = Counter(
+    "esm_refused_undecoded_total", "Calls refused before their message was decoded (service.request_guard)", ["reason"]
+)
+# The autoscaling signal (see README, Deploy): how long work waits for the model, which grows
+# with load before latency targets are missed, whatever the sequence lengths.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+QUEUE_WAIT = Histogram(
+    "esm_queue_wait_seconds", "Time an item waits from enqueue to the start of its batch", ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+REQUEST_SECONDS = Histogram(
+    "esm_request_seconds", "RPC time from arrival to the last response byte, by model", ["model", "method"],
+    buckets=_LATENCY_BUCKETS,
+)
+
+
+def observe_queue_wait(batch, now: float) -> None:
+    """Queue entries of one batch; `now` on their enqueued_at clock (time.monotonic)."""
+    histogram = QUEUE_WAIT.labels(batch[0].input.model)
+    for entry in batch:
+        histogram.observe(max(0.0, now - entry.enqueued_at))
 
 
 def observe_batch(batch, seconds: float) -> None:

@@ -9,16 +9,22 @@ from esm2_wire.output_kinds import ALIASES, NAMES
 from esm2_wire.vocabulary import Limits
 
 
+# Longest params list: more layers than any ESM-2 has, every output several times over.
+MAX_LIST_PARAM = 64
+
+
 def request_schema(model: str, action: str, limits: Limits) -> dict:
     sequence_pattern = "^[ACDEFGHIKLMNPQRSTVWYBXZUO-]+$" if action == "encode" else (
         "^([ACDEFGHIKLMNPQRSTVWYBXZUO]|<mask>)*<mask>([ACDEFGHIKLMNPQRSTVWYBXZUO]|<mask>)*$"
     )
     params = {
         "type": "object",
+        "additionalProperties": False,
         "properties": {
-            "repr_layers": {"type": "array", "items": {"type": "integer"}, "default": [-1]},
+            "repr_layers": {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_LIST_PARAM, "default": [-1]},
             "include": {
                 "type": "array",
+                "maxItems": MAX_LIST_PARAM,
                 "items": {"type": "string", "enum": [*NAMES, *ALIASES]},
                 "default": ["mean"],
             },
@@ -28,6 +34,7 @@ def request_schema(model: str, action: str, limits: Limits) -> dict:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"{model} {action} request",
         "type": "object",
+        "additionalProperties": False,
         "required": ["items"],
         "properties": {
             "params": params,
@@ -37,6 +44,7 @@ def request_schema(model: str, action: str, limits: Limits) -> dict:
                 "maxItems": limits.max_items,
                 "items": {
                     "type": "object",
+                    "additionalProperties": False,
                     "required": ["sequence"],
                     "properties": {
                         "sequence": {

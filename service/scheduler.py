@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from esm2_wire.item_result import ItemResult
 from service import metrics
-from service.errors import DeadlineExceeded, Internal, QueueFull, ServiceError
+from service.errors import DeadlineExceeded, Internal, QueueFull, ServiceError, WorkerLost
 from service.model_worker import ModelInput, ModelWorker
 
 log = logging.getLogger(__name__)
+WORKER_LOST = "the model worker failed and this server is restarting; retry the request"
 
 
 @dataclass(eq=False)
@@ -50,10 +51,6 @@ class BatchLimits:
     max_wait_s: float = 0.005  # how long an idle worker waits to fill a batch
     max_queue_items: int = 256
     min_padding_efficiency: float = 0.92  # real tokens / padded tokens a batch may not fall below
-    model_batch_tokens: Mapping[str, int] = field(default_factory=dict)  # per-model budgets, else the one above
-
-    def tokens_for(self, model: str) -> int:
-        return self.model_batch_tokens.get(model, self.max_batch_tokens)
 
 
 def take_batch(pending: list[QueueEntry], limits: BatchLimits) -> list[QueueEntry]:
@@ -61,7 +58,6 @@ def take_batch(pending: list[QueueEntry], limits: BatchLimits) -> list[QueueEntr
     anchor = pending[0]
     peers = sorted((it for it in pending if it.batch_key == anchor.batch_key), key=lambda it: it.length)
     lo = hi = peers.index(anchor)
-    budget = limits.tokens_for(anchor.input.model)
     width = real = anchor.length  # real: tokens that are not padding
     while hi - lo + 1 < limits.max_batch_size:
         count = hi - lo + 2
@@ -71,12 +67,12 @@ def take_batch(pending: list[QueueEntry], limits: BatchLimits) -> list[QueueEntr
         options = []
         if lo > 0:
             shorter = peers[lo - 1]
-            if width * count <= budget and \
+            if width * count <= limits.max_batch_tokens and \
                     real + shorter.length >= limits.min_padding_efficiency * width * count:
                 options.append((width - shorter.length, -1))
         if hi + 1 < len(peers):
             longer = peers[hi + 1]
-            if longer.length * count <= budget and \
+            if longer.length * count <= limits.max_batch_tokens and \
                     real + longer.length >= limits.min_padding_efficiency * longer.length * count:
                 options.append(((longer.length - width) * (count - 1), 1))
         if not options:
@@ -103,12 +99,36 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esm-model-worker")
         self._task: asyncio.Task | None = None
         self._closing = False
+        self.lost: str | None = None  # why the worker is gone, once it is
+        # Called once when the worker is lost; the server then reports NOT_SERVING and exits.
+        self.on_lost: Callable[[str], None] = lambda reason: None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="esm-scheduler")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        if self._closing and not task.cancelled() and task.exception() is None:
+            return
+        reason = "scheduler stopped" if task.cancelled() else f"scheduler ended: {task.exception()!r}"
+        self._lose(reason, [])
+
+    def _lose(self, reason: str, batch: list[QueueEntry]) -> None:
+        """Fail the batch in hand and everything queued with UNAVAILABLE; accept nothing more."""
+        if self.lost is None:
+            self.lost = reason
+            log.critical("model worker lost: %s", reason)
+            self.on_lost(reason)
+        for entry in [*batch, *self._pending]:
+            if not entry.future.done():
+                entry.future.set_exception(WorkerLost(WORKER_LOST))
+        self._pending.clear()
+        metrics.QUEUE_DEPTH.set(0)
 
     def submit(self, inputs: list[ModelInput], deadline: float | None = None) -> list[asyncio.Future]:
         """Queue all inputs of one request, or none of them; their futures, in order."""
+        if self.lost is not None:
+            raise WorkerLost(WORKER_LOST)
         if len(self._pending) + len(inputs) > self.limits.max_queue_items:
             metrics.REJECTED.inc()
             raise QueueFull(
@@ -130,6 +150,11 @@ class Scheduler:
         metrics.WORKER_BUSY.set(1)
         try:
             results = await loop.run_in_executor(self._executor, self.worker.run, inputs)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # DeviceUnusable, or the thread died (SystemExit...): never serve on
+            self._lose(f"{type(exc).__name__}: {exc}", batch)
+            raise WorkerLost(WORKER_LOST) from exc
         finally:
             metrics.WORKER_BUSY.set(0)
         metrics.observe_batch(inputs, time.perf_counter() - started)
@@ -166,7 +191,7 @@ class Scheduler:
         key = self._pending[0].batch_key
         same = [it for it in self._pending if it.batch_key == key]
         width = max(it.length for it in same)
-        return len(same) >= self.limits.max_batch_size or width * len(same) >= self.limits.tokens_for(key[0])
+        return len(same) >= self.limits.max_batch_size or width * len(same) >= self.limits.max_batch_tokens
 
     async def _fill_window(self) -> None:
         """Give concurrent callers a moment to join before an idle worker starts."""
@@ -182,7 +207,7 @@ class Scheduler:
                 return
 
     async def _loop(self) -> None:
-        while True:
+        while self.lost is None:
             batch: list[QueueEntry] = []
             try:
                 self._drop_dead()
@@ -198,7 +223,10 @@ class Scheduler:
                     continue
                 batch = take_batch(self._pending, self.limits)
                 metrics.QUEUE_DEPTH.set(len(self._pending))
+                metrics.observe_queue_wait(batch, time.monotonic())
                 await self.run_once(batch)
+            except WorkerLost:
+                return
             except Exception:  # the loop must survive anything: fail what it held, keep serving
                 log.exception("scheduler failure")
                 held = batch or self._pending[:]

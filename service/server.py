@@ -1,15 +1,20 @@
 """Start the ESM-2 gRPC server: load and warm the models, then serve until SIGTERM.
 
     python -m service.server --models esm2-8m --model-dir /models
+    python -m service.server --models esm2-ft --checkpoint esm2-ft=hf:my-org/esm2-650m-ft
+    python -m service.server --models-file models.toml
 
 Every flag can also be set by an environment variable (ESM_ plus the flag name in
-capitals, e.g. ESM_MODELS, ESM_PORT); flags win.
+capitals, e.g. ESM_MODELS, ESM_PORT); flags win. A models file (service.model_specs)
+gives each model its own source, device, precision and batch budget; the flags are the
+defaults for what it leaves out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -24,15 +29,33 @@ from grpc_reflection.v1alpha import reflection
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
-from service import batch_budget, checkpoints, json_limits, precision
-from service.auth import ApiKeyInterceptor, load_keys
+from service import batch_budget, checkpoints, faults, hf_checkpoints, json_limits, memory_budget, model_sources
+from service import model_specs, precision, request_guard
+from service.auth import load_keys
+from service.model_router import ModelRouter
 from service.model_worker import ModelInput, ModelWorker, resolve_device
 from service.scheduler import BatchLimits, Scheduler
 from service.servicer import Esm2Servicer
 
 log = logging.getLogger("service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
+OPENAPI_DOCUMENT = Path(__file__).resolve().parent / "openapi.json"  # served at /api/v3/openapi.json
 MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; streaming is preferred
+# grpc refuses bigger request messages itself (RESOURCE_EXHAUSTED) before reading them. Up to
+# here, RequestGuard answers INVALID_ARGUMENT for anything over --max-request-message-bytes;
+# the JSON gateway's methods may use all of it: their bodies are bounded by the gateway's own
+# --max-request-bytes (4 MiB), and a JSON caller should hear about its body, not a proto size.
+RECEIVE_CEILING_BYTES = (4 << 20) + (64 << 10)
+JSON_METHODS = (f"/{SERVICE_NAME}/EncodeJson", f"/{SERVICE_NAME}/PredictJson")
+# grpc's own metadata limit (soft and hard alike): above everything a gateway forwards (Envoy's
+# default header limit is 60 KiB), so that RequestGuard, not grpc's RESOURCE_EXHAUSTED, answers.
+GRPC_METADATA_CEILING_BYTES = 256 << 10
+EXIT_WORKER_LOST = 3  # the model worker died or the device is unusable: restart me
+LOST_WORKER_GRACE_S = 5.0  # to send the UNAVAILABLE answers of work already accepted
+
+
+class AddressInUse(Exception):
+    pass
 
 
 def _env(name: str, default):
@@ -44,11 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="esm2-server", description=__doc__.splitlines()[0])
     p.add_argument("--host", default=_env("host", "0.0.0.0"))
     p.add_argument("--port", type=int, default=int(_env("port", 50051)), help="gRPC port (0 picks a free one)")
-    p.add_argument("--models", default=_env("models", "esm2-8m"), help="comma-separated served models")
+    p.add_argument("--models", default=_env("models", None), help="comma-separated served models (default esm2-8m)")
+    p.add_argument("--models-file", type=Path, default=_env("models_file", None),
+                   help="TOML file of served models, each with its source, device, precision and batch budget")
     p.add_argument("--model-dir", type=Path, default=_env("model_dir", None), help="directory of fair-esm .pt files")
     p.add_argument(
         "--checkpoint", action="append", default=[c for c in _env("checkpoints", "").split(",") if c],
-        metavar="NAME=PATH", help="explicit checkpoint for a model (repeatable; ESM_CHECKPOINTS is comma-separated)",
+        metavar="NAME=SOURCE",
+        help="where a model's weights are: a fair-esm .pt file, a Hugging Face save_pretrained directory, or "
+             "hf:org/name[@revision] (repeatable; ESM_CHECKPOINTS is comma-separated)",
     )
     p.add_argument("--offline", action="store_true", default=_env("offline", "") in ("1", "true"),
                    help="never download missing checkpoints")
@@ -73,18 +100,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=float(_env("min_padding_efficiency", batching.min_padding_efficiency)),
                    help="a batch grows only while this share of its tokens are real residues")
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9090)), help="0 disables")
+    p.add_argument("--max-request-message-bytes", type=int, default=int(_env("max_request_message_bytes", 0)),
+                   help="largest gRPC request message; 0 (default) derives it from --max-items and "
+                        "--max-sequence-length (114,816 bytes with the defaults)")
+    p.add_argument("--max-metadata-bytes", type=int,
+                   default=int(_env("max_metadata_bytes", request_guard.DEFAULT_MAX_METADATA_BYTES)),
+                   help="largest request metadata (headers) in bytes, HPACK-counted; more is INVALID_ARGUMENT")
+    p.add_argument("--metrics-host", default=_env("metrics_host", "127.0.0.1"),
+                   help="Prometheus listener address (0.0.0.0 where a scraper on another host reads it)")
     p.add_argument("--api-keys-file", default=_env("api_keys_file", None), help="one key per line")
     p.add_argument("--max-json-response-mb", type=int,
                    default=int(_env("max_json_response_mb", json_limits.DEFAULT_MAX_JSON_RESPONSE_MB)),
                    help="largest JSON gateway response; bigger ones get INVALID_ARGUMENT (HTTP 400) naming EncodeStream")
-    p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)))
+    p.add_argument("--max-request-bytes", type=int,
+                   default=int(_env("max_request_bytes", json_limits.DEFAULT_MAX_REQUEST_BYTES)),
+                   help="largest JSON request body after gzip decompression (HTTP 413 above)")
+    p.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 0)),
+                   help="after SIGTERM: report NOT_SERVING at once but keep serving this long, so that load "
+                        "balancers move traffic away first (a fleet behind Envoy: 5; Kubernetes: see the README)")
+    p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)),
+                   help="then: stop accepting and give in-flight requests this long to finish")
     p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once ready")
+    p.add_argument("--assume-available-memory-gib", type=float,
+                   default=float(_env("assume_available_memory_gib", 0)) or None,
+                   help="check models against this much memory per device instead of what the device reports")
     p.add_argument("--simulate-oom-above-tokens", type=int, default=0, help=argparse.SUPPRESS)
     # Testing aid: pretend the CPU has (or lacks) native bf16/fp16, to test both paths on any machine.
     p.add_argument("--simulate-cpu-native", choices=("present", "absent"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.max_queue_items < args.max_items:
-        p.error("--max-queue-items must be at least --max-items")
+    if args.models_file is not None and (args.models is not None or args.checkpoint):
+        p.error("--models-file names the models: leave out --models and --checkpoint (and ESM_MODELS, ESM_CHECKPOINTS)")
+    if args.models is None:
+        args.models = "esm2-8m"
+    try:
+        defaults = model_specs.defaults_from_args(args)
+        if args.models_file is not None:
+            args.specs = model_specs.from_file(args.models_file, defaults)
+        else:
+            args.specs = model_specs.from_flags(args.models, args.checkpoint, defaults)
+    except model_specs.BadModelsConfig as exc:
+        p.error(str(exc))
+    too_small = [s.name for s in args.specs if s.max_queue_items < args.max_items]
+    if too_small:
+        p.error(f"max_queue_items must be at least --max-items ({args.max_items}) for {', '.join(too_small)}")
+    if not args.max_request_message_bytes:
+        args.max_request_message_bytes = request_guard.max_request_message_bytes(
+            args.max_items, args.max_sequence_length)
+    if not 0 < args.max_metadata_bytes <= GRPC_METADATA_CEILING_BYTES:
+        p.error(f"--max-metadata-bytes must be between 1 and {GRPC_METADATA_CEILING_BYTES}")
     return args
 
 
@@ -95,33 +158,48 @@ def _setting(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def limits_from(args, budgets: dict | None = None) -> tuple[Limits, BatchLimits]:
-    """The request limits and batching limits the flags set; `budgets`: each model's
-    batch_budget.BudgetChoice (chosen once the models are on their device)."""
-    tokens = {name: b.tokens for name, b in (budgets or {}).items()}
+def limits_from(args) -> tuple[Limits, BatchLimits]:
+    """The request limits, and the batching limits the flags set (a model's budget may differ:
+    batch_budget chooses it on the device)."""
+    tokens = args.max_batch_tokens
     return Limits(args.max_items, args.max_sequence_length), BatchLimits(
-        max(tokens.values(), default=BatchLimits().max_batch_tokens), args.max_batch_size, args.max_wait_ms / 1000,
-        args.max_queue_items, args.min_padding_efficiency, model_batch_tokens=tokens)
+        int(tokens) if tokens.isdigit() else BatchLimits().max_batch_tokens, args.max_batch_size,
+        args.max_wait_ms / 1000, args.max_queue_items, args.min_padding_efficiency)
 
 
-def load_models(args) -> dict[str, checkpoints.LoadedModel]:
-    explicit = {}
-    for entry in args.checkpoint:
-        name, sep, path = entry.partition("=")
-        if not sep:
-            raise SystemExit(f"--checkpoint {entry!r}: expected NAME=PATH")
-        explicit[name.strip()] = Path(path.strip())
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence_length: int) -> memory_budget.Need:
+    layers, dim, heads = shape
+    batch_tokens = batch_budget.most_tokens(spec.max_batch_tokens, device)
+    needed = memory_budget.required_bytes(layers, dim, heads, batch_tokens, max_sequence_length)
+    return memory_budget.Need(spec.name, device, layers, dim, heads, needed)
+
+
+def load_models(args) -> dict[str, tuple[model_specs.ModelSpec, torch.device, checkpoints.LoadedModel]]:
+    """Locate every model, check they fit their devices (from shapes alone), then load them."""
+    allow_download = not args.offline
+    located, needs = {}, []
+    for spec in args.specs:
+        device = resolve_device(spec.device)
+        stem = checkpoints.STANDARD_MODELS.get(spec.name) if spec.source is None else None
+        if stem is not None and not any(p.is_file() for p in checkpoints.candidate_paths(spec.name, None, args.model_dir)):
+            shape = checkpoints.STANDARD_SHAPES[stem]  # checked before a download, not after
+        else:
+            located[spec.name] = model_sources.locate(spec.name, spec.source, args.model_dir, allow_download)
+            shape = model_sources.shape(located[spec.name])
+        needs.append(_need(spec, device, shape, args.max_sequence_length))
+    memory_budget.check_fits(needs, args.assume_available_memory_gib)
     models = {}
-    for name in names:
-        path = checkpoints.locate(name, explicit.get(name), args.model_dir, allow_download=not args.offline)
-        loaded = checkpoints.load(name, path)
+    for spec, need in zip(args.specs, needs):
+        where = located.get(spec.name) or model_sources.locate(spec.name, spec.source, args.model_dir, allow_download)
+        loaded = model_sources.load(spec.name, where)
         if loaded.random_weights:
             log.warning("!" * 72)
-            log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", name, path)
+            log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", spec.name, where.path)
             log.warning("!" * 72)
-        log.info("loaded %s from %s: %d layers, dim %d", name, path, loaded.num_layers, loaded.embed_dim)
-        models[name] = loaded
+        log.info("loaded %s (%s) from %s: %d layers, dim %d; on %s, %s, batches of up to %d tokens",
+                 spec.name, loaded.source_format, where.path, loaded.num_layers, loaded.embed_dim, need.device,
+                 spec.precision, spec.max_batch_tokens)
+        models[spec.name] = (spec, need.device, loaded)
     return models
 
 
@@ -134,28 +212,51 @@ async def warm_up(scheduler: Scheduler, servicer: Esm2Servicer) -> None:
         servicer.ready.add(name)
 
 
-async def serve(args) -> None:
-    device = resolve_device(args.device)
+def build_schedulers(served, simulate_oom_above_tokens: int = 0, sweep_seconds: float = 20.0):
+    """One worker and one scheduler per model, each with the model's own settings and batch
+    budget (chosen now that the model is on its device); the budgets, for ListModels."""
+    schedulers, budgets = {}, {}
+    for name, (spec, device, loaded) in served.items():
+        worker = ModelWorker({name: loaded}, device, spec.precision, spec.attention == "fast", simulate_oom_above_tokens,
+                             faults.FaultHook.from_env())
+        budgets[name] = batch_budget.for_model(spec.max_batch_tokens, loaded, device, worker.autocast_dtype,
+                                               sweep_seconds)
+        log.info("%s: batch budget %s; precision %s", name, budgets[name].describe(), spec.precision)
+        schedulers[name] = Scheduler(
+            worker,
+            BatchLimits(budgets[name].tokens, spec.max_batch_size, spec.max_wait_ms / 1000, spec.max_queue_items,
+                        spec.min_padding_efficiency),
+        )
+    return ModelRouter(schedulers), budgets
+
+
+async def serve(args) -> int:
     simulated = {"present": True, "absent": False}.get(args.simulate_cpu_native)
-    precision.check(args.precision, device, simulated)  # before the slow part: refuse fast
-    models = load_models(args)
-    worker = ModelWorker(models, device, args.precision, args.attention == "fast", args.simulate_oom_above_tokens)
-    budgets = {}
-    for name, loaded in models.items():
-        budgets[name] = batch_budget.for_model(args.max_batch_tokens, loaded, device, worker.autocast_dtype,
-                                               args.batch_sweep_seconds)
-        log.info("%s: batch budget %s; precision %s", name, budgets[name].describe(), args.precision)
-    limits, batching = limits_from(args, budgets)
-    scheduler = Scheduler(worker, batching)
-    servicer = Esm2Servicer(models, scheduler, limits, str(device), args.max_json_response_mb << 20,
-                            batch_budgets=budgets, precision=args.precision)
+    for spec in args.specs:  # before the slow part: refuse fast
+        precision.check(spec.precision, resolve_device(spec.device), simulated)
+    served = load_models(args)
+    models = {name: loaded for name, (_, _, loaded) in served.items()}
+    scheduler, budgets = build_schedulers(served, args.simulate_oom_above_tokens, args.batch_sweep_seconds)
+    limits, _ = limits_from(args)  # batching limits are per model (args.specs)
+    devices = {name: str(device) for name, (_, device, _) in served.items()}
+    servicer = Esm2Servicer(models, scheduler, limits, devices, args.max_json_response_mb << 20,
+                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(), batch_budgets=budgets,
+                            precisions={name: spec.precision for name, (spec, _, _) in served.items()})
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
+    receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
+    guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
+                                       dict.fromkeys(JSON_METHODS, receive_ceiling))
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(keys)] if keys else [],
+        interceptors=[guard],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", receive_ceiling),
+            ("grpc.max_metadata_size", GRPC_METADATA_CEILING_BYTES),
+            ("grpc.absolute_max_metadata_size", GRPC_METADATA_CEILING_BYTES),
             ("grpc.max_receive_message_length", 64 << 20),
+            # A second server on a busy port must fail, not take half of its connections.
+            ("grpc.so_reuseport", 0),
         ],
     )
     pb_grpc.add_Esm2ServiceServicer_to_server(servicer, server)
@@ -166,11 +267,17 @@ async def serve(args) -> None:
     )
     for name in ["", SERVICE_NAME, *models]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    try:
+        port = server.add_insecure_port(f"{args.host}:{args.port}")
+    except RuntimeError as exc:  # grpc says only "Failed to bind"; a busy port is the usual cause
+        raise AddressInUse(f"cannot listen on {args.host}:{args.port}: address in use or unavailable ({exc})") from None
     if args.metrics_port:
-        prometheus_client.start_http_server(args.metrics_port, addr=args.host)
+        try:
+            prometheus_client.start_http_server(args.metrics_port, addr=args.metrics_host)
+        except OSError as exc:
+            raise AddressInUse(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror}") from None
     await server.start()
-    log.info("gRPC listening on %s:%d; warming up on %s", args.host, port, device)
+    log.info("gRPC listening on %s:%d; warming up", args.host, port)
 
     await warm_up(scheduler, servicer)
     scheduler.start()
@@ -186,24 +293,48 @@ async def serve(args) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    scheduler.on_lost(lambda reason: stop.set())
     await stop.wait()
 
-    log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
+    if scheduler.lost is not None:
+        # Queued work has already failed with UNAVAILABLE; let those answers go out, then exit
+        # non-zero so that a supervisor restarts the process. The worker thread may be stuck
+        # in the device, so it is not joined.
+        log.error("exiting with status %d so that a supervisor restarts this server", EXIT_WORKER_LOST)
+        for name in ["", SERVICE_NAME, *models]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(min(args.grace_seconds, LOST_WORKER_GRACE_S))
+        return EXIT_WORKER_LOST
+
+    # Health checks see NOT_SERVING at once (every name), while requests are still served for the
+    # drain window: balancers stop sending before the server stops accepting. A second signal
+    # ends the window early.
     await health_servicer.enter_graceful_shutdown()
+    if args.drain_seconds > 0:
+        log.info("draining: NOT_SERVING, still serving for %.1fs", args.drain_seconds)
+        stop.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.drain_seconds)
+    log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
     await server.stop(args.grace_seconds)
     await scheduler.close()
     log.info("stopped")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        asyncio.run(serve(args))
-    except (checkpoints.CheckpointNotFound, precision.PrecisionUnsupported) as exc:
+        code = asyncio.run(serve(args))
+    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit, AddressInUse,
+            precision.PrecisionUnsupported) as exc:
         log.error("%s", exc)
         return 2
-    return 0
+    if code == EXIT_WORKER_LOST:
+        logging.shutdown()
+        os._exit(code)  # without joining the worker thread, which may never return
+    return code
 
 
 if __name__ == "__main__":

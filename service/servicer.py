@@ -21,8 +21,9 @@ from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service import errors, json_limits, metrics, rendering
-from service.checkpoints import LoadedModel
-from service.errors import FailedPrecondition, InvalidRequest, NotFound
+from service.checkpoints import FAIR_ESM, HUGGING_FACE, LoadedModel
+from service.errors import FailedPrecondition, InvalidRequest, NotFound, echo, join_problems
+from service.json_body import CONTENT_ENCODING_METADATA, BodyParser, gateway_error_metadata
 from service.esm_forward import amino_acid_columns
 from service.model_worker import ModelInput
 from service.request_schema import request_schema
@@ -44,17 +45,21 @@ class Job:
 
 class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def __init__(
-        self, models: dict[str, LoadedModel], scheduler: Scheduler, limits: Limits, device: str,
+        self, models: dict[str, LoadedModel], scheduler: Scheduler, limits: Limits, devices: dict[str, str],
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
-        batch_budgets: dict | None = None, precision: str = "fp32",
+        max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
+        openapi_document: bytes = b"{}",
+        batch_budgets: dict | None = None, precisions: dict[str, str] | None = None,
     ):
         self.batch_budgets = batch_budgets or {}  # model -> batch_budget.BudgetChoice
-        self.precision = precision
+        self.precisions = precisions or {}  # model -> "fp32", "bf16" or "fp16"
         self.max_json_response_bytes = max_json_response_bytes
+        self.bodies = BodyParser(limits, max_request_bytes)
+        self.openapi_document = openapi_document
         self.models = models
         self.scheduler = scheduler
         self.limits = limits
-        self.device = device
+        self.devices = devices  # model -> device it runs on
         self.ready: set[str] = set()
         self._vocab = {
             name: [m.alphabet.all_toks[i] for i in amino_acid_columns(m.alphabet)] for name, m in models.items()
@@ -65,33 +70,44 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         loaded = self.models.get(name)
         if loaded is None:
             raise NotFound(
-                f"model {name!r} is not served here; served models: {', '.join(sorted(self.models))}",
+                f"model {echo(name)} is not served here; served models: {', '.join(sorted(self.models))}",
             )
         return loaded
 
-    def _encode_job(self, model: str, params: pb.EncodeParams, items) -> Job:
+    def _encode_job(self, model: str, include: list[str], repr_layers: list[int], sequences: list[str]) -> Job:
         loaded = self._model(model)
         errors = []  # report every problem at once: items first, then params
         try:
-            parsed = parse_items([it.sequence for it in items], predict=False, limits=self.limits)
+            parsed = parse_items(sequences, predict=False, limits=self.limits)
         except InvalidRequest as exc:
             errors.append(str(exc))
         try:
-            options = parse_options(list(params.include), list(params.repr_layers), loaded.num_layers, model)
+            options = parse_options(include, repr_layers, loaded.num_layers, model)
         except InvalidRequest as exc:
             errors.append(str(exc))
         if errors:
-            raise InvalidRequest("; ".join(errors))
+            raise InvalidRequest(join_problems(errors))
         if OutputKind.CONTACTS in options.outputs and not loaded.has_contact_regression:
             raise FailedPrecondition(
                 f"params.include: model {model} has no contact regression weights "
-                f"({loaded.checkpoint.stem}-contact-regression.pt was not found), so contacts are unavailable",
+                f"({loaded.contacts_unavailable}), so contacts are unavailable",
             )
+        if OutputKind.LOGITS in options.outputs:
+            self._require_lm_head(loaded, "params.include")
         return Job(loaded, parsed, options.outputs, options.layers)
 
-    def _predict_job(self, model: str, items) -> Job:
+    @staticmethod
+    def _require_lm_head(loaded: LoadedModel, field: str) -> None:
+        if not loaded.has_lm_head:
+            raise FailedPrecondition(
+                f"{field}: model {loaded.name} has no masked-LM head ({loaded.source} is not an EsmForMaskedLM "
+                "checkpoint), so logits and predictions are unavailable",
+            )
+
+    def _predict_job(self, model: str, sequences: list[str]) -> Job:
         loaded = self._model(model)
-        parsed = parse_items([it.sequence for it in items], predict=True, limits=self.limits)
+        self._require_lm_head(loaded, "model")
+        parsed = parse_items(sequences, predict=True, limits=self.limits)
         return Job(loaded, parsed, frozenset({OutputKind.LOGITS}), ())
 
     def _submit(self, job: Job, context) -> list[asyncio.Future]:
@@ -109,9 +125,14 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             _release(futures)
 
     @contextlib.asynccontextmanager
-    async def _rpc(self, method: str, context):
-        """Map failures to gRPC statuses, and count every RPC."""
-        code, message = grpc.StatusCode.OK, ""
+    async def _rpc(self, method: str, context, model: str, gateway: bool = False):
+        """Map failures to gRPC statuses, count every RPC, time those of served models.
+
+        gateway: the RPC serves the JSON API, so failures also carry the HTTP status and
+        BioLM's error body for the gateway (json_body.gateway_error_metadata).
+        """
+        code, message, trailers, http_status = grpc.StatusCode.OK, "", (), 200
+        started = time.monotonic()
         try:
             yield
         except asyncio.CancelledError:
@@ -123,16 +144,20 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             if not isinstance(exc, errors.ServiceError):  # a bug, not the caller's fault: log it, say only where
                 log.exception("%s failed", method)
             code, message, trailers = errors.status(exc, method)
-            if trailers:
-                context.set_trailing_metadata(trailers)
+            http_status = errors.http_status(exc, code)
         metrics.REQUESTS.labels(method, code.name).inc()
+        if model in self.models:  # a label per served model only: callers cannot grow the label set
+            metrics.REQUEST_SECONDS.labels(model, method).observe(time.monotonic() - started)
         if code is not grpc.StatusCode.OK:
-            await context.abort(code, message)
+            if gateway:
+                trailers += gateway_error_metadata(http_status, code.name, message)
+            await context.abort(code, message, trailers)
 
     # ---- unary ---------------------------------------------------------------
     async def Encode(self, request, context):
-        async with self._rpc("Encode", context):
-            job = self._encode_job(request.model, request.params, request.items)
+        async with self._rpc("Encode", context, request.model):
+            job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
+                                   [item.sequence for item in request.items])
             results = await self._results(job, context)
             vocab = self._vocab[job.model.name]
             return await asyncio.to_thread(
@@ -142,8 +167,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             )
 
     async def Predict(self, request, context):
-        async with self._rpc("Predict", context):
-            job = self._predict_job(request.model, request.items)
+        async with self._rpc("Predict", context, request.model):
+            job = self._predict_job(request.model, [item.sequence for item in request.items])
             results = await self._results(job, context)
             vocab = self._vocab[job.model.name]
             return await asyncio.to_thread(
@@ -166,9 +191,16 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             raise InvalidRequest(json_limits.too_large(len(body), limit, estimated=False, stream_rpc=stream_rpc))
         return httpbody_pb2.HttpBody(content_type="application/json", data=body)
 
+    async def _body(self, request, context, action: str):
+        """The parsed body, read off the event loop (up to 4 MiB of JSON)."""
+        encoding = dict(context.invocation_metadata() or ()).get(CONTENT_ENCODING_METADATA, "")
+        return await asyncio.to_thread(self.bodies.parse, request.body.data, encoding, action)
+
     async def EncodeJson(self, request, context):
-        async with self._rpc("EncodeJson", context):
-            job = self._encode_job(request.model, request.params, request.items)
+        async with self._rpc("EncodeJson", context, request.model, gateway=True):
+            loaded = self._model(request.model)
+            body = await self._body(request, context, "encode")
+            job = self._encode_job(loaded.name, body.include, [int(v) for v in body.repr_layers], body.sequences)
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_encode_bytes(
                 [len(item.tokens) for item in job.items], job.outputs, len(job.layers), job.model.embed_dim, len(vocab)
@@ -177,20 +209,25 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             return await self._json(job, context, estimate, render, "EncodeStream")
 
     async def PredictJson(self, request, context):
-        async with self._rpc("PredictJson", context):
-            job = self._predict_job(request.model, request.items)
+        async with self._rpc("PredictJson", context, request.model, gateway=True):
+            loaded = self._model(request.model)
+            body = await self._body(request, context, "predict")
+            job = self._predict_job(loaded.name, body.sequences)
             vocab = self._vocab[job.model.name]
             estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab))
             render = lambda i, r: rendering.predict_json_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
             return await self._json(job, context, estimate, render, "PredictStream")
 
     async def GetRequestSchema(self, request, context):
-        async with self._rpc("GetRequestSchema", context):
+        async with self._rpc("GetRequestSchema", context, request.model, gateway=True):
             loaded = self._model(request.model)
             if request.action not in ("encode", "predict"):
-                raise NotFound(f"action {request.action!r} does not exist; use encode or predict")
+                raise NotFound(f"action {echo(request.action)} does not exist; use encode or predict")
             schema = request_schema(loaded.name, request.action, self.limits)
             return httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(schema))
+
+    async def GetOpenApiDocument(self, request, context):
+        return httpbody_pb2.HttpBody(content_type="application/json", data=self.openapi_document)
 
     # ---- streaming ------------------------------------------------------------
     async def _stream(self, job: Job, context, options: pb.StreamOptions, response_type, predict: bool):
@@ -218,14 +255,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             _release(futures)
 
     async def EncodeStream(self, request, context):
-        async with self._rpc("EncodeStream", context):
-            job = self._encode_job(request.model, request.params, request.items)
+        async with self._rpc("EncodeStream", context, request.model):
+            job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
+                                   [item.sequence for item in request.items])
             async for message in self._stream(job, context, request.stream_options, pb.EncodeStreamResponse, False):
                 yield message
 
     async def PredictStream(self, request, context):
-        async with self._rpc("PredictStream", context):
-            job = self._predict_job(request.model, request.items)
+        async with self._rpc("PredictStream", context, request.model):
+            job = self._predict_job(request.model, [item.sequence for item in request.items])
             async for message in self._stream(job, context, request.stream_options, pb.PredictStreamResponse, True):
                 yield message
 
@@ -236,13 +274,20 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def model_info(self, name: str) -> pb.ModelInfo:
         m, budget = self.models[name], self.batch_budgets.get(name)
         return pb.ModelInfo(
-            name=name, checkpoint=str(m.checkpoint), num_layers=m.num_layers, embed_dim=m.embed_dim,
+            name=name, checkpoint=m.source, num_layers=m.num_layers, embed_dim=m.embed_dim,
             attention_heads=m.attention_heads, parameters=m.parameters, random_weights=m.random_weights,
             ready=name in self.ready, max_items=self.limits.max_items,
-            max_sequence_length=self.limits.max_sequence_length, device=self.device,
-            max_batch_tokens=self.scheduler.limits.tokens_for(name),
-            batch_tokens_source=budget.source if budget else "", precision=self.precision,
+            max_sequence_length=self.limits.max_sequence_length, device=self.devices[name],
+            source_format=_SOURCE_FORMATS[m.source_format], finetuned_from=m.finetuned_from,
+            max_batch_tokens=budget.tokens if budget else 0, batch_tokens_source=budget.source if budget else "",
+            precision=self.precisions.get(name, "fp32"),
         )
+
+
+_SOURCE_FORMATS = {
+    FAIR_ESM: pb.ModelInfo.SOURCE_FORMAT_FAIR_ESM,
+    HUGGING_FACE: pb.ModelInfo.SOURCE_FORMAT_HUGGING_FACE,
+}
 
 
 def _release(futures: list[asyncio.Future]) -> None:

@@ -37,3 +37,22 @@ def encode_request(model: str, sequences, include=(), repr_layers=()) -> pb.Enco
         params=pb.EncodeParams(include=list(include), repr_layers=list(repr_layers)),
         items=[pb.SequenceItem(sequence=s) for s in sequences],
     )
+
+
+def envoy_admin_get(socket_path, path: str, timeout: float = 10) -> str:
+    """GET from Envoy's admin interface, which listens only on a Unix socket (mode 0600)."""
+    import http.client
+    import socket
+
+    class _UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(socket_path))
+
+    connection = _UnixConnection("localhost", timeout=timeout)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().read().decode()
+    finally:
+        connection.close()

@@ -28,7 +28,7 @@ SEQS = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "GSHMSLFDFFKNKG-SEQNAVLKAW"]
 
 def start_gateway(tmp, upstream_port: int, **config) -> EnvoyProcess:
     envoy = EnvoyProcess(
-        GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=upstream_port, admin_port=None,
+        GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=upstream_port,
                       **config),
         log_path=tmp / "envoy.log",
     ).wait_listening()
@@ -235,6 +235,9 @@ def test_schema(gateway, action, slash):
 def test_models(gateway):
     models = requests.get(gateway.url + "/api/v3/models", timeout=10).json()["models"]
     assert {m["name"]: m["embed_dim"] for m in models} == {"esm2-8m": 320, "esm2-tiny": 64}
+    for m in models:  # a caller sees the format and a file name, never a server path
+        assert (m["source_format"], m["finetuned_from"]) == ("SOURCE_FORMAT_FAIR_ESM", "")
+        assert "/" not in m["checkpoint"] and m["checkpoint"].endswith(".pt")
 
 
 # ---- errors ------------------------------------------------------------------------
@@ -246,14 +249,14 @@ VALIDATION_ERRORS = [
     ("encode", body([LONG]), ["items[0].sequence", "2049 residues", "2048"]),
     ("encode", body(["MKT"] * 9), ["items", "1 to 8", "got 9"]),
     ("encode", {"items": []}, ["items", "got 0"]),
-    ("encode", {"params": {"include": ["mean"]}}, ["items", "got 0"]),
+    ("encode", {"params": {"include": ["mean"]}}, ["missing required field 'items'"]),
     ("encode", body(["MKT"], ["mean", "everything"]), ["params.include[1]", "'everything'", "per_token"]),
     ("encode", body(["MKT"], None, [7]), ["params.repr_layers[0]", "layer 7", "-7 to 6"]),
     ("encode", body(["MKT"], None, [0, -8]), ["params.repr_layers[1]", "-8"]),
     ("encode", body(["MK<mask>T"]), ["items[0].sequence", "<mask>", "predict"]),
     ("predict", body(["MKT"]), ["items[0].sequence", "at least one <mask>"]),
     ("predict", body(["MK-<mask>"]), ["items[0].sequence", "'-'", "position 2"]),
-    ("encode", {"items": [{"sequence": 5}]}, ["items[0].sequence", "invalid value 5"]),
+    ("encode", {"items": [{"sequence": 5}]}, ["items[0].sequence", "expected a string", "5"]),
     ("encode", {"params": {"repr_layers": [1.5]}, "items": [{"sequence": "MKT"}]}, ["params.repr_layers[0]", "1.5"]),
 ]
 
@@ -269,7 +272,8 @@ def test_validation_errors_are_400_json(gateway, action, request_body, fragments
 
 
 def test_malformed_json_is_400(gateway):
-    response = requests.post(gateway.url + "/api/v3/esm2-8m/encode", data=b'{"items": [', timeout=10)
+    response = requests.post(gateway.url + "/api/v3/esm2-8m/encode", data=b'{"items": [', timeout=10,
+                             headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.json()["message"]
 
@@ -322,12 +326,12 @@ def test_full_queue_is_429_with_retry_after(limited):
 
 
 def test_upstream_down_is_503_json(tmp_path):
-    envoy = EnvoyProcess(GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=free_port(),
-                                       admin_port=None), log_path=tmp_path / "envoy.log").wait_listening()
+    envoy = EnvoyProcess(GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=free_port()), log_path=tmp_path / "envoy.log").wait_listening()
     try:
         response = post(envoy, "/api/v3/esm2-8m/encode/", body(["MKT"]))
         assert response.status_code == 503
-        assert response.json()["code"] == 503
+        assert response.json()["status_code"] == 503 and response.json()["detail"]
+        assert response.headers["retry-after"] == "1"  # unavailable now, maybe not in a second
         assert requests.get(envoy.url + "/healthz", timeout=10).status_code == 503
     finally:
         envoy.stop()
@@ -380,7 +384,7 @@ def test_launcher_starts_and_stops_server_and_envoy(tmp_path, tiny_checkpoint):
     log = open(tmp_path / "launch.log", "wb")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "gateway.launch", "--http-host", "127.0.0.1", "--http-port", str(http_port),
-         "--admin-port", "-1", "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", "0",
+         "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", "0",
          "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}", "--offline"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )

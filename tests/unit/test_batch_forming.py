@@ -56,12 +56,3 @@ def test_every_formed_batch_meets_the_target_on_a_log_normal_mix():
         assert len(batch) == 1 or sum(i.length for i in batch) >= limits.min_padding_efficiency * width * len(batch)
         assert len(batch) == 1 or width * len(batch) <= limits.max_batch_tokens
     assert taken == len(lengths)
-
-
-def test_per_model_budgets_bound_each_models_batches():
-    """Each model's measured budget bounds its own batches; others keep the default budget."""
-    limits = BatchLimits(max_batch_tokens=8192, model_batch_tokens={"small": 1024})
-    pending = entries([258] * 8, model="small")
-    assert len(take_batch(pending, limits)) == 3  # 3 x 258 <= 1024 < 4 x 258
-    pending = entries([258] * 8, model="other")
-    assert len(take_batch(pending, limits)) == 8

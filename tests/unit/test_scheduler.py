@@ -141,3 +141,31 @@ def test_close_finishes_everything_already_queued():
         return [f.done() and not f.cancelled() and f.exception() is None for f in futures]
 
     assert _run(test, worker) == [True, True, True]
+
+
+def test_queue_wait_is_observed_per_model_from_enqueue_to_batch_start():
+    """esm_queue_wait_seconds (the autoscaling signal): one observation per entry, at least as long
+    as the entry really waited behind a busy worker."""
+    from service import metrics
+
+    worker = FakeWorker(gate=threading.Event())
+
+    def count_and_sum():
+        samples = {s.name: s.value for s in metrics.QUEUE_WAIT.collect()[0].samples
+                   if s.labels.get("model") == model_input(5).model}
+        return samples.get("esm_queue_wait_seconds_count", 0.0), samples.get("esm_queue_wait_seconds_sum", 0.0)
+
+    before_count, before_sum = count_and_sum()
+
+    async def test(scheduler):
+        first = scheduler.submit([model_input(10)])
+        await _busy(worker)
+        waiting = scheduler.submit([model_input(11), model_input(12)])
+        await asyncio.sleep(0.2)  # held behind the gate at least this long
+        worker.gate.set()
+        await asyncio.gather(*first, *waiting)
+
+    _run(test, worker)
+    count, total = count_and_sum()
+    assert count - before_count == 3
+    assert total - before_sum >= 2 * 0.2

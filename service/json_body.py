@@ -1,0 +1,232 @@
+"""The JSON API's request bodies, read strictly, and its error bodies, in BioLM's shape.
+
+Envoy passes each encode/predict body through untouched (google.api.HttpBody), so the
+rules here are the only ones: the published JSON schema (service.request_schema) with
+`additionalProperties: false`, plus what JSON text itself must not do (duplicate keys,
+NaN, invalid UTF-8). The transcoder's own JSON mapping merged duplicate keys, coerced
+scalars into arrays and ignored unknown fields, answering 200 for something other
+than what the caller wrote.
+
+gzip bodies are inflated here, never past the request cap: a bomb costs at most
+`max_bytes` of memory and is refused with 413 as soon as its output passes the cap.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from dataclasses import dataclass, field
+
+import jsonschema
+
+from esm2_wire.vocabulary import Limits
+from service.errors import ELLIPSIS, BadBody, InvalidRequest, echo
+from service.request_schema import MAX_LIST_PARAM, request_schema
+
+CONTENT_ENCODING_METADATA = "x-esm-content-encoding"  # set by the gateway's Lua filter
+
+
+@dataclass
+class EncodeBody:
+    sequences: list[str]
+    include: list[str] = field(default_factory=list)
+    repr_layers: list[int] = field(default_factory=list)
+
+
+def _short(value) -> str:
+    """A caller's value in a message, bounded as every echo is (errors.echo)."""
+    return echo(value if isinstance(value, str) else repr(value))
+
+
+def inflate(data: bytes, encoding: str, max_bytes: int) -> bytes:
+    """The body as the caller wrote it: gzip (one member, CRC and length checked) or identity."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return data
+    if encoding != "gzip":
+        raise BadBody(415, f"Content-Encoding {_short(encoding)} is not supported; send gzip or no encoding")
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing only
+    try:
+        out = inflater.decompress(data, max_bytes + 1)
+    except zlib.error as exc:
+        raise BadBody(400, f"the request body could not be decompressed (Content-Encoding: gzip): {exc}") from None
+    if len(out) > max_bytes:
+        raise BadBody(
+            413, f"the decompressed request body exceeds {max_bytes} bytes (--max-request-bytes)"
+        )
+    if not inflater.eof:
+        raise BadBody(400, "the request body could not be decompressed (Content-Encoding: gzip): "
+                             "the gzip stream is truncated")
+    if inflater.unused_data:
+        raise BadBody(400, "the request body could not be decompressed (Content-Encoding: gzip): "
+                             "unexpected data after the gzip stream")
+    return out
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise BadBody(400, f"invalid JSON: duplicate key {_short(key)} in an object")
+        seen[key] = value
+    return seen
+
+
+def _reject_constant(name):
+    raise BadBody(400, f"invalid JSON: {name} is not a JSON number")
+
+
+def _path(error: jsonschema.ValidationError) -> str:
+    text = ""
+    for part in error.absolute_path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "body"
+
+
+_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+               float: "a number", type(None): "null"}
+
+
+def _describe(error: jsonschema.ValidationError, limits: Limits) -> str:
+    """A message naming the problem without echoing more than a few characters of the input."""
+    kind = error.validator
+    if kind == "type":
+        wanted = {"array": "an array", "object": "an object", "integer": "an integer", "string": "a string"}
+        got = _TYPE_NAMES.get(type(error.instance), "a value")
+        if not isinstance(error.instance, (dict, list)) and error.instance is not None:
+            got += f" ({_short(error.instance)})"
+        return f"expected {wanted.get(error.validator_value, error.validator_value)}, got {got}"
+    if kind == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        hint = " (the model comes from the URL path)" if "model" in extra else ""
+        allowed = ", ".join(error.schema.get("properties", {}))
+        return f"unknown field {', '.join(_short(k) for k in extra)}{hint}; allowed: {allowed}"
+    if kind == "required":
+        return f"missing required field {_short(error.validator_value[0]) if len(error.validator_value) == 1 else error.validator_value}"
+    if kind in ("minItems", "maxItems") and list(error.absolute_path) == ["items"]:
+        return f"expected 1 to {limits.max_items} items, got {len(error.instance)}"
+    if kind == "maxItems":
+        return f"at most {error.validator_value} values, got {len(error.instance)}"
+    if kind == "enum":
+        return f"unknown value {_short(error.instance)}; allowed: {', '.join(map(str, error.validator_value))}"
+    return _clip(error.message, 200)
+
+
+def _check_list_lengths(document, limits: Limits) -> None:
+    """The schema's maxItems, checked first: a 4 MiB body of 200,000 items or include
+    values is refused before the validator visits each of them."""
+    if not isinstance(document, dict):
+        return
+    items = document.get("items")
+    if isinstance(items, list) and len(items) > limits.max_items:
+        raise InvalidRequest(f"items: expected 1 to {limits.max_items} items, got {len(items)}")
+    params = document.get("params")
+    for name in ("include", "repr_layers"):
+        values = params.get(name) if isinstance(params, dict) else None
+        if isinstance(values, list) and len(values) > MAX_LIST_PARAM:
+            raise InvalidRequest(f"params.{name}: at most {MAX_LIST_PARAM} values, got {len(values)}")
+
+
+# Sequence contents (letters, length, masks) are checked by service.validation, whose
+# messages name the position of the first bad character; the schema states the same rules.
+_SEQUENCE_RULES = {"pattern", "minLength", "maxLength"}
+
+
+@dataclass
+class BodyParser:
+    limits: Limits
+    max_bytes: int
+
+    def __post_init__(self):
+        self._validators = {}
+        for action in ("encode", "predict"):
+            schema = request_schema("{model}", action, self.limits)
+            self._validators[action] = jsonschema.Draft202012Validator(schema)
+
+    def parse(self, data: bytes, encoding: str, action: str) -> EncodeBody:
+        if len(data) > self.max_bytes:
+            raise BadBody(413, f"the request body exceeds {self.max_bytes} bytes (--max-request-bytes)")
+        text = inflate(data, encoding, self.max_bytes)
+        try:
+            document = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        except UnicodeDecodeError:
+            raise BadBody(400, "invalid JSON: the body is not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise BadBody(400, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+                                 f" (character {exc.pos})") from None
+        except RecursionError:
+            raise BadBody(400, "invalid JSON: nested too deeply") from None
+        _check_list_lengths(document, self.limits)
+        problems = {}  # one problem per field: the first (a wrong type before a wrong value)
+        for error in self._validators[action].iter_errors(document):
+            if error.validator in _SEQUENCE_RULES and list(error.absolute_path)[-1:] == ["sequence"]:
+                continue
+            key = tuple(map(str, error.absolute_path))
+            if key not in problems or error.validator == "type":
+                problems[key] = (_path(error), _describe(error, self.limits))
+        problems = [problems[key] for key in sorted(problems, key=lambda k: [(len(p), p) for p in k])]
+        if problems:
+            raise InvalidRequest("; ".join(f"{f}: {m}" for f, m in problems))
+        params = document.get("params") or {}
+        return EncodeBody(
+            sequences=[item["sequence"] for item in document["items"]],
+            include=list(params.get("include", [])),
+            repr_layers=list(params.get("repr_layers", [])),
+        )
+
+
+# ---- error bodies ---------------------------------------------------------------------
+_FIELD_START = re.compile(r"; (?=(?:items|params)[\[.:])")
+_ITEM_FIELD = re.compile(r"^(items\[(\d+)\][\w.]*|params[\w.\[\]]*|items)\s*:")
+
+
+def split_problems(message: str) -> list[tuple[str, str]]:
+    """(field, message) for each problem of a validation message 'field: problem; field: problem'."""
+    problems = []
+    for piece in _FIELD_START.split(message):
+        match = _ITEM_FIELD.match(piece)
+        if match:
+            problems.append((match.group(1), piece[match.end():].strip()))
+    return problems
+
+
+MAX_DETAIL_CHARS = 2048
+MAX_ERRORS = 16
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(ELLIPSIS)] + ELLIPSIS
+
+
+def error_body(http_status: int, code: str, message: str, problems: list[tuple[str, str]] | None = None) -> bytes:
+    """BioLM's error shape: `detail`, `errors` (per item and field), `status_code`, `code`;
+    `message` repeats `detail` for callers of the earlier google.rpc.Status shape.
+
+    ASCII only, so that it can travel in gRPC metadata to the gateway.
+    """
+    if problems is None:
+        problems = split_problems(message)
+    message = _clip(message, MAX_DETAIL_CHARS)  # the body travels in gRPC trailers: keep it small
+    errors = []
+    for name, text in problems[:MAX_ERRORS]:
+        item = re.match(r"items\[(\d+)\]", name)
+        errors.append({"index": int(item.group(1)) if item else None, "field": _clip(name, 64),
+                       "detail": _clip(text, MAX_DETAIL_CHARS // 4)})
+    return json.dumps(
+        {"detail": message, "errors": errors, "status_code": http_status, "code": code, "message": message},
+        ensure_ascii=True,
+    ).encode()
+
+
+# The gateway's Lua filter answers with this status and body instead of the transcoder's
+# google.rpc.Status JSON (gateway/envoy.yaml); gRPC callers see the usual status.
+HTTP_STATUS_METADATA = "x-esm-http-status"
+ERROR_BODY_METADATA = "x-esm-error"
+
+
+def gateway_error_metadata(http_status: int, code: str, message: str, problems=None) -> tuple:
+    return (
+        (HTTP_STATUS_METADATA, str(http_status)),
+        (ERROR_BODY_METADATA, error_body(http_status, code, message, problems).decode()),
+    )

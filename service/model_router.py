@@ -1,0 +1,44 @@
+"""Routes each model's work to that model's own scheduler.
+
+Every served model has its own worker (device, precision, attention mode) and scheduler
+(batch budget, queue bound), so a slow model on one device never holds up another's
+queue. The router has the scheduler's interface, so the servicer needs no model map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from esm2_wire.item_result import ItemResult
+from service.model_worker import ModelInput
+from service.scheduler import Scheduler
+
+
+class ModelRouter:
+    def __init__(self, schedulers: dict[str, Scheduler]):
+        self.schedulers = schedulers
+
+    def submit(self, inputs: list[ModelInput], deadline: float | None = None) -> list[asyncio.Future]:
+        """All inputs of one request belong to one model (the servicer builds them so)."""
+        return self.schedulers[inputs[0].model].submit(inputs, deadline)
+
+    async def run_now(self, inputs: list[ModelInput]) -> list[ItemResult]:
+        return await self.schedulers[inputs[0].model].run_now(inputs)
+
+    @property
+    def lost(self) -> str | None:
+        """Why a model's worker is gone, if one is; the server then stops as a whole."""
+        return next((s.lost for s in self.schedulers.values() if s.lost is not None), None)
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.on_lost = callback
+
+    def start(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.start()
+
+    async def close(self) -> None:
+        for scheduler in self.schedulers.values():
+            await scheduler.close()

@@ -1,0 +1,186 @@
+"""The OpenAPI 3.1 document of the JSON API, committed as service/openapi.json.
+
+    python -m service.openapi > service/openapi.json
+
+The server serves the committed file at GET /api/v3/openapi.json; a test checks that it
+equals what this module builds, so request bodies always follow service.request_schema.
+Limits are the defaults (--max-items, --max-sequence-length); a server started with
+other limits enforces its own, which GET /api/v3/schema/{model}/{action}/ reports.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from esm2_wire.output_kinds import NAMES as INCLUDE_VALUES
+from esm2_wire.vocabulary import Limits
+from service.request_schema import request_schema
+
+NUMBERS = {"type": "array", "items": {"type": "number"}}
+MATRIX = {"type": "array", "items": NUMBERS}
+
+
+def _layer(key: str, value: dict) -> dict:
+    return {"type": "array", "items": {"type": "object", "required": ["layer", key],
+                                        "properties": {"layer": {"type": "integer", "minimum": 0}, key: value}}}
+
+
+ENCODE_RESULT = {
+    "type": "object",
+    "description": "Outputs of one item; only those `include` asked for are present.",
+    "required": ["sequence_index"],
+    "additionalProperties": False,
+    "properties": {
+        "sequence_index": {"type": "integer", "minimum": 0},
+        "embeddings": _layer("embedding", NUMBERS),
+        "bos_embeddings": _layer("embedding", NUMBERS),
+        "per_token_embeddings": _layer("embeddings", MATRIX),
+        "contacts": MATRIX,
+        "attentions": MATRIX,
+        "logits": MATRIX,
+        "vocab_tokens": {"type": "array", "items": {"type": "string"}},
+    },
+}
+PREDICT_RESULT = {
+    "type": "object",
+    "required": ["sequence_index", "logits", "sequence_tokens", "vocab_tokens"],
+    "additionalProperties": False,
+    "properties": {
+        "sequence_index": {"type": "integer", "minimum": 0},
+        "logits": MATRIX,
+        "sequence_tokens": {"type": "array", "items": {"type": "string"}},
+        "vocab_tokens": {"type": "array", "items": {"type": "string"}},
+    },
+}
+ERROR = {
+    "type": "object",
+    "description": "BioLM's error shape. `message` repeats `detail`.",
+    "required": ["detail", "errors", "status_code", "code", "message"],
+    "properties": {
+        "detail": {"type": "string", "minLength": 1},
+        "errors": {
+            "type": "array",
+            "description": "One entry per problem with a field: the item index (null outside items) and the field.",
+            "items": {
+                "type": "object",
+                "required": ["index", "field", "detail"],
+                "properties": {"index": {"type": ["integer", "null"]}, "field": {"type": "string"},
+                               "detail": {"type": "string"}},
+            },
+        },
+        "status_code": {"type": "integer"},
+        "code": {"type": "string", "description": "gRPC status name (server) or Envoy's response code details"},
+        "message": {"type": "string"},
+    },
+}
+MODEL_INFO = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"}, "checkpoint": {"type": "string"}, "num_layers": {"type": "integer"},
+        "embed_dim": {"type": "integer"}, "attention_heads": {"type": "integer"},
+        "parameters": {"type": "string", "description": "int64, written as a string by the proto JSON mapping"},
+        "random_weights": {"type": "boolean"}, "ready": {"type": "boolean"}, "max_items": {"type": "integer"},
+        "max_sequence_length": {"type": "integer"}, "device": {"type": "string"},
+    },
+}
+
+_ERRORS = {
+    "400": "Malformed request: invalid JSON, unknown field, wrong type, bad sequence, bad gzip body, malformed path "
+           "or header",
+    "401": "Missing or invalid API key (when keys are configured)",
+    "404": "Unknown model, action or path",
+    "413": "Request body over --max-request-bytes, as sent or after gzip decompression",
+    "414": "URL path over --max-path-bytes",
+    "415": "Content-Type other than application/json, or a Content-Encoding other than gzip",
+    "429": "The server's queue is full; retry after Retry-After seconds",
+    "431": "Request headers over --max-header-bytes",
+    "503": "No healthy server; retry after Retry-After seconds",
+    "504": "The request took longer than --request-timeout-s",
+}
+
+
+def _responses(ok: dict, ok_description: str, codes: tuple[str, ...]) -> dict:
+    out = {"200": {"description": ok_description, "content": {"application/json": {"schema": ok}}}}
+    for code in codes:
+        out[code] = {"description": _ERRORS[code], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return out
+
+
+MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "Served model name, e.g. esm2-8m"}
+ALL_CODES = ("400", "401", "404", "413", "414", "415", "429", "431", "503", "504")
+GET_CODES = ("400", "404", "414", "431", "503", "504")
+
+
+def _action(action: str, result: dict, limits: Limits) -> dict:
+    body = request_schema("{model}", action, limits)
+    del body["$schema"], body["title"]
+    return {
+        "post": {
+            "operationId": action,
+            "summary": "Embeddings, contacts, attentions and logits" if action == "encode" else "Masked-token logits",
+            "parameters": [MODEL],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}},
+                            "description": "Optionally gzip-compressed (Content-Encoding: gzip)."},
+            "responses": _responses({"type": "object", "required": ["results"], "additionalProperties": False,
+                                     "properties": {"results": {"type": "array", "items": result}}},
+                                    "One result per item, in request order", ALL_CODES),
+        }
+    }
+
+
+def document(limits: Limits = Limits()) -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ESM-2 inference service, BioLM-compatible JSON API",
+            "version": "3",
+            "description": "ESM-2 protein language models through the Envoy gateway. Outputs: "
+                           + ", ".join(INCLUDE_VALUES) + ". Large per-token outputs belong on the streaming gRPC RPCs.",
+        },
+        "paths": {
+            "/api/v3/{model}/encode/": _action("encode", ENCODE_RESULT, limits),
+            "/api/v3/{model}/predict/": _action("predict", PREDICT_RESULT, limits),
+            "/api/v3/schema/{model}/{action}/": {
+                "get": {
+                    "operationId": "schema",
+                    "summary": "JSON schema of an action's request body",
+                    "parameters": [MODEL, {"name": "action", "in": "path", "required": True,
+                                           "schema": {"type": "string", "enum": ["encode", "predict"]}}],
+                    "responses": _responses({"type": "object"}, "A JSON schema (draft 2020-12)", GET_CODES),
+                }
+            },
+            "/api/v3/models": {
+                "get": {
+                    "operationId": "models",
+                    "summary": "The served models, their shapes and readiness",
+                    "responses": _responses({"type": "object", "properties": {"models": {"type": "array", "items": MODEL_INFO}}},
+                                            "Served models", GET_CODES),
+                }
+            },
+            "/api/v3/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": _responses({"type": "object"}, "OpenAPI 3.1 document", GET_CODES),
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "200 while the server passes Envoy's gRPC health checks, else 503",
+                    "responses": {"200": {"description": "Serving"}, "503": {"description": "Not serving"}},
+                }
+            },
+        },
+        "components": {"schemas": {"Error": ERROR}},
+    }
+
+
+def render() -> bytes:
+    return (json.dumps(document(), indent=1, ensure_ascii=True) + "\n").encode()
+
+
+if __name__ == "__main__":
+    sys.stdout.buffer.write(render())
