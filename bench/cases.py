@@ -36,12 +36,16 @@ from esm2_wire.proto import pb, pb_grpc
 # so renaming a case renames what the report looks for.
 BASELINE_MEAN = "baseline: stock fair-esm, mean"
 BASELINE_CONTACTS = "baseline: stock fair-esm, contacts"
-STOCK_SMALL_BATCHES = "stock fair-esm, toks_per_batch 1024"
 FORWARD_EXACT = "in-process service forward, exact path"
 LATENCY = "latency: 1 item x 100 residues, 1 client"
 SERVER_RSS = "server peak RSS"
 PEER_EXTRACT = "peer: esm-extract, whole process"
 PEER_EMBED = "peer: esm2 embed, whole process (server already up)"
+BEST_STOCK = "peer: stock fair-esm at its best token budget, mean"
+HF_MEAN = "peer: HF transformers EsmModel sdpa at its best token budget, mean"
+HF_LOGITS = "peer: HF transformers EsmForMaskedLM sdpa, logits"
+# Token budgets each peer's sweep tries (sorted-length batches, as a user who batches well would).
+PEER_BUDGETS = {"cpu": (1024, 2048, 4096), "cuda": (4096, 8192, 16384, 32768)}
 
 
 def forward_fast_case(precision: str = "fp32") -> str:
@@ -128,6 +132,8 @@ class ModelCases:
         self.startup_seconds: dict[str, float] = {}  # start to ready, per server
         self.envoy = None
         self._files = tempfile.TemporaryDirectory(prefix="esm-bench-peer-")
+        self.peer_budgets: dict[str, int] | None = None  # peer -> its best toks_per_batch, swept once
+        self.hf = self.hf_parity = self.peer_sweep = None
 
     def server(self, mode: str) -> Server:
         """'fast': the server's default settings; 'exact': --attention exact (fair-esm's attention)."""
@@ -185,11 +191,6 @@ class ModelCases:
     def baseline_mean(self) -> None:
         self._in_process(BASELINE_MEAN, self.workload, baseline.stock_pass)
 
-    def baseline_small_batches(self) -> None:
-        """esm-extract with --toks_per_batch 1024: stock fair-esm's best setting on a small CPU."""
-        self._in_process(STOCK_SMALL_BATCHES, self.workload,
-                         lambda loaded, seqs: baseline.stock_pass(loaded, seqs, toks_per_batch=1024))
-
     def baseline_contacts(self) -> None:
         self._in_process(BASELINE_CONTACTS, self.contacts_workload,
                          lambda loaded, seqs: baseline.stock_pass(loaded, seqs, contacts=True))
@@ -202,6 +203,45 @@ class ModelCases:
     def forward_exact(self) -> None:
         self._in_process(FORWARD_EXACT, self.workload,
                          lambda loaded, seqs: baseline.service_forward_pass(loaded, seqs, fast=False))
+
+    # ---- peers at their best token budget (stock fair-esm, HF transformers) --
+    def _peer_budgets(self) -> dict[str, int]:
+        """Sweep each peer's token budget once, on a third of the workload, and keep its best."""
+        if self.peer_budgets is None:
+            from bench.hf_peer import HfPeer
+
+            self.hf = HfPeer(self.loaded, self.device)
+            sample = self.workload.sequences[::3]
+            self.hf_parity = self.hf.parity(self.loaded, sample[:4])
+            runs = {"stock": lambda b: baseline.stock_pass(self.loaded, sample, toks_per_batch=b),
+                    "hf": lambda b: self.hf.mean_pass(sample, b, self.autocast)}
+            self.peer_budgets, self.peer_sweep = {}, {}
+            for peer, run in runs.items():
+                seconds = {budget: run(budget) for budget in PEER_BUDGETS[self.device.split(":")[0]]}
+                self.peer_sweep[peer] = {b: sum(map(len, sample)) / s for b, s in seconds.items()}
+                self.peer_budgets[peer] = min(seconds, key=seconds.get)
+        return self.peer_budgets
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+
+    def peers_mean(self) -> None:
+        budgets = self._peer_budgets()
+        common = {"sweep_residues_per_s": self.peer_sweep}
+        self._in_process(BEST_STOCK, self.workload,
+                         lambda loaded, seqs: baseline.stock_pass(loaded, seqs, toks_per_batch=budgets["stock"]))
+        self.results[BEST_STOCK].extra.update(common, toks_per_batch=budgets["stock"])
+        self._in_process(HF_MEAN, self.workload,
+                         lambda loaded, seqs: self.hf.mean_pass(seqs, budgets["hf"], self.autocast))
+        self.results[HF_MEAN].extra.update(common, toks_per_batch=budgets["hf"], parity_vs_stock=self.hf_parity,
+                                           precision=self.precision)
+
+    def peer_logits(self) -> None:
+        budgets = self._peer_budgets()
+        self._in_process(HF_LOGITS, self.workload,
+                         lambda loaded, seqs: self.hf.logits_pass(seqs, budgets["hf"], self.autocast))
+        self.results[HF_LOGITS].extra.update(toks_per_batch=budgets["hf"], precision=self.precision)
 
     # ---- gRPC ---------------------------------------------------------------
     def _drive(self, case: str, mode: str, workload: Workload, clients: int, items: int,

@@ -22,7 +22,7 @@ from service.random_checkpoints import SHAPES, write_random_checkpoint
 log = logging.getLogger("bench")
 HERE = Path(__file__).resolve().parent
 # --cases: groups of the per-model cases, plus the --mfu-models and --rss-models runs.
-CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "mfu", "rss", "hol", "cache")
+CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "hf", "mfu", "rss", "hol", "cache")
 SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer"}  # the ones that need a server
 
 
@@ -54,6 +54,11 @@ def parse_args(argv):
     p.add_argument("--hol-length", type=int, default=2048,
                    help="hol case: residues of each of the huge request's 3 items (every output)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: baseline, in-process forward and servers")
+    p.add_argument("--gpu-suite", action="store_true",
+                   help="the GPU suite instead of the cases (bench/gpu_suite.py): --suite-models in-process, "
+                        "fp32/bf16/fp16 vs stock fp32 fair-esm and HF sdpa, MFU against the measured bf16 matmul rate")
+    p.add_argument("--suite-models", default="650m,3b", help="shapes of --gpu-suite")
+    p.add_argument("--suite-sequences", type=int, default=128, help="log-normal sequences of --gpu-suite")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="the service's autocast precision (the stock baseline stays fp32)")
     p.add_argument("--server-args", default="", help="extra flags for every server, e.g. '--max-batch-tokens 2048'")
@@ -105,18 +110,18 @@ def warm(model_cases: cases.ModelCases, workload: Workload) -> None:
 
 
 def full_cases(m: cases.ModelCases, clients, items, groups) -> list:
-    steps = [("baseline", m.baseline_mean), ("baseline", m.baseline_small_batches),
+    steps = [("baseline", m.baseline_mean), ("hf", m.peers_mean),
              ("forward", m.forward_fast), ("forward", m.forward_exact)]
     steps += [("grpc", lambda c=c, i=i: m.grpc_mean(c, i)) for i in items for c in clients]
     steps += [("grpc", lambda: m.grpc_mean(8, 8, "exact")), ("stream", lambda: m.stream("per_token")),
               ("stream", lambda: m.stream("logits")), ("baseline", m.baseline_contacts),
               ("stream", lambda: m.stream("contacts")), ("json", lambda: m.json("mean")),
-              ("json", lambda: m.json("per_token")), ("peer", m.peer)]
+              ("json", lambda: m.json("per_token")), ("peer", m.peer), ("hf", m.peer_logits)]
     return [step for group, step in steps if group in groups]
 
 
-def mfu_cases(m: cases.ModelCases) -> list:
-    return [m.baseline_mean, m.forward_fast, lambda: m.grpc_mean(8, 8)]
+def mfu_cases(m: cases.ModelCases, groups) -> list:
+    return [m.baseline_mean, m.forward_fast, lambda: m.grpc_mean(8, 8)] + ([m.peers_mean] if "hf" in groups else [])
 
 
 def run_model(shape, args, workload, contacts_workload, full: bool) -> list[cases.Measurement]:
@@ -132,7 +137,7 @@ def run_model(shape, args, workload, contacts_workload, full: bool) -> list[case
             m.server("fast")
         if full and "grpc" in groups:
             m.server("exact")
-        steps = full_cases(m, int_list(args.clients), int_list(args.items), groups) if full else mfu_cases(m)
+        steps = full_cases(m, int_list(args.clients), int_list(args.items), groups) if full else mfu_cases(m, args.cases)
         if steps or m.servers:  # the scheduler cases warm their own servers
             warm(m, workload)
         for repeat in range(args.repeats):
@@ -172,6 +177,16 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
     }
     log.info("machine: %s", run["machine"])
+    if args.gpu_suite:
+        from bench import gpu_suite
+
+        measurements = gpu_suite.run(args, run, checkpoint_for)
+        run["wall_seconds"] = time.monotonic() - started
+        run["targets"] = report.targets(measurements, run["matmul_flops_per_s"])
+        json_path, md_path = report.write(args.out_dir, run, measurements)
+        print(md_path.read_text())
+        log.info("wrote %s and %s", json_path, md_path)
+        return 0
     # MFU is against the matmul rate of the precision the service computes in.
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
     run["matmul_flops_per_s"] = machine.matmul_rate(args.device, dtype, n=2048 if args.device == "cpu" else 8192)
@@ -187,11 +202,18 @@ def main(argv=None) -> int:
     write_fasta(workload, args.out_dir / "workload.fasta")
 
     measurements: list[cases.Measurement] = []
+
+    def checkpoint_results():  # each model's results are on disk as soon as it is done
+        run["wall_seconds"] = time.monotonic() - started
+        report.write(args.out_dir, run, measurements)
+
     for shape in shapes(args.models):
         measurements += run_model(shape, args, workload, contacts_workload, full=True)
+        checkpoint_results()
         gc.collect()
     for shape in shapes(args.mfu_models) if "mfu" in args.cases else ():
         measurements += run_model(shape, args, small, small, full=False)
+        checkpoint_results()
         gc.collect()
     rss_sample = Workload("8x300 + 1x2048", tuple(s for s in workload.sequences if len(s) in (300, 2048)))
     for shape in shapes(args.rss_models) if "rss" in args.cases else ():

@@ -10,6 +10,37 @@ from __future__ import annotations
 
 import grpc
 
+# Messages travel in the grpc-message trailer (and Envoy's JSON body); clients and Envoy
+# refuse trailers over 8-16 KiB and then fail the whole connection, so every value echoed
+# from a request is cut (echo), and so is every whole message (status).
+MAX_ECHO_CHARS = 40
+MAX_MESSAGE_CHARS = 2048
+ELLIPSIS = "..."
+
+
+def echo(value: str) -> str:
+    """A caller's value for a message: ASCII-escaped like repr(); past MAX_ECHO_CHARS, cut with its length.
+
+    ascii() keeps messages 7-bit, so percent-encoding in the trailer cannot multiply their size.
+    """
+    text = ascii(value[:MAX_ECHO_CHARS])  # cut first: escaping a megabyte to keep 40 characters is waste
+    if len(text) <= MAX_ECHO_CHARS and len(value) <= MAX_ECHO_CHARS:
+        return text
+    return text[: MAX_ECHO_CHARS - len(ELLIPSIS)] + ELLIPSIS + f" ({len(value)} characters)"
+
+
+def bounded_message(message: str) -> str:
+    """The whole message cut at MAX_MESSAGE_CHARS, saying that it was cut."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    tail = f"{ELLIPSIS} (message cut at {MAX_MESSAGE_CHARS} characters)"
+    return message[: MAX_MESSAGE_CHARS - len(tail)] + tail
+
+
+def join_problems(problems: list[str]) -> str:
+    """Several problems in one message, within MAX_MESSAGE_CHARS."""
+    return bounded_message("; ".join(problems))
+
 
 class ServiceError(Exception):
     """A failure to report to the caller as `code` with this message."""
@@ -63,6 +94,19 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(ServiceError):
+    """A missing or wrong API key (HTTP 401)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class WorkerLost(ServiceError):
+    """The model worker died or its device is unusable: this server stops; retry elsewhere or later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    retry_after_s = 1
+
+
 class Internal(ServiceError):
     """A bug or a model failure; the message says where to look, never the internals."""
 
@@ -73,7 +117,7 @@ def status(exc: Exception, method: str) -> tuple[grpc.StatusCode, str, tuple[tup
     """(code, message, trailing metadata) for an exception raised while serving `method`."""
     if isinstance(exc, ServiceError):
         trailers = () if exc.retry_after_s is None else (("retry-after", str(exc.retry_after_s)),)
-        return exc.code, str(exc), trailers
+        return exc.code, bounded_message(str(exc)), trailers
     return grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log", ()
 
 

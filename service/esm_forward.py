@@ -11,6 +11,7 @@ with two changes that leave the numbers equal to stock within float rounding:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -171,3 +172,18 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan, between_layers=None) -
     if plan.contacts:
         out.contacts = torch.sigmoid(contact_logits + regression.bias.to(contact_logits.dtype))
     return out
+
+
+@torch.inference_mode()
+def time_fast_layer(model, rows: int, width: int, device) -> float:
+    """Seconds for the first layer's fast path on a [rows, width] batch of random activations
+    (the batch budget sweep's probe)."""
+    x = torch.randn(rows, width, model.embed_dim, device=device)
+    rotary = _rotary_tables(model.layers[0].self_attn.rot_emb, width, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    _fast_layer(model.layers[0], x, None, rotary)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

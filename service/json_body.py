@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 import jsonschema
 
 from esm2_wire.vocabulary import Limits
-from service.errors import BadBody, InvalidRequest
+from service.errors import ELLIPSIS, BadBody, InvalidRequest, echo
 from service.request_schema import MAX_LIST_PARAM, request_schema
 
 CONTENT_ENCODING_METADATA = "x-esm-content-encoding"  # set by the gateway's Lua filter
-_ECHO_LIMIT = 40  # characters of a caller's value repeated in a message
 
 
 @dataclass
@@ -36,8 +35,8 @@ class EncodeBody:
 
 
 def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= _ECHO_LIMIT else text[: _ECHO_LIMIT - 1] + "…"
+    """A caller's value in a message, bounded as every echo is (errors.echo)."""
+    return echo(value if isinstance(value, str) else repr(value))
 
 
 def inflate(data: bytes, encoding: str, max_bytes: int) -> bytes:
@@ -111,7 +110,7 @@ def _describe(error: jsonschema.ValidationError, limits: Limits) -> str:
         return f"at most {error.validator_value} values, got {len(error.instance)}"
     if kind == "enum":
         return f"unknown value {_short(error.instance)}; allowed: {', '.join(map(str, error.validator_value))}"
-    return error.message if len(error.message) <= 200 else error.message[:199] + "…"
+    return _clip(error.message, 200)
 
 
 def _check_list_lengths(document, limits: Limits) -> None:
@@ -197,7 +196,7 @@ MAX_ERRORS = 16
 
 
 def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - len(ELLIPSIS)] + ELLIPSIS
 
 
 def error_body(http_status: int, code: str, message: str, problems: list[tuple[str, str]] | None = None) -> bytes:

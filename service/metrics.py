@@ -28,6 +28,9 @@ CACHE_EVICTIONS = Counter("esm_cache_evictions_total", "Results evicted from the
 CACHE_BYTES = Gauge("esm_cache_bytes", "Bytes of results held by the result cache")
 CACHE_ENTRIES = Gauge("esm_cache_entries", "Results held by the result cache")
 REQUESTS = Counter("esm_requests_total", "RPCs finished", ["method", "code"])
+REFUSED_UNDECODED = Counter(
+    "esm_refused_undecoded_total", "Calls refused before their message was decoded (service.request_guard)", ["reason"]
+)
 # The autoscaling signal (see README, Deploy): how long work waits for the model, which grows
 # with load before latency targets are missed, whatever the sequence lengths.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

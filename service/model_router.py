@@ -8,6 +8,7 @@ queue. The router has the scheduler's interface, so the servicer needs no model 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from esm2_wire.item_result import ItemResult
 from service.model_worker import ModelInput
@@ -24,6 +25,15 @@ class ModelRouter:
 
     async def run_now(self, inputs: list[ModelInput], worker: int = 0) -> list[ItemResult]:
         return await self.schedulers[inputs[0].model].run_now(inputs, worker)
+
+    @property
+    def lost(self) -> str | None:
+        """Why a model's worker is gone, if one is; the server then stops as a whole."""
+        return next((s.lost for s in self.schedulers.values() if s.lost is not None), None)
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.on_lost = callback
 
     def start(self) -> None:
         for scheduler in self.schedulers.values():

@@ -21,6 +21,8 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from service import batch_budget
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTION = ("fast", "exact")
 
@@ -36,14 +38,14 @@ class ModelSpec:
     device: str = "auto"
     precision: str = "fp32"
     attention: str = "fast"
-    max_batch_tokens: int = 8192
+    max_batch_tokens: str = "device"  # a number of tokens, "device" or "sweep" (service.batch_budget)
     max_batch_size: int = 64
     max_wait_ms: float = 5.0
     max_queue_items: int = 256
     min_padding_efficiency: float = 0.92
 
 
-_TYPES = {"source": str, "device": str, "precision": str, "attention": str, "max_batch_tokens": int,
+_TYPES = {"source": str, "device": str, "precision": str, "attention": str, "max_batch_tokens": (int, str),
           "max_batch_size": int, "max_wait_ms": (int, float), "max_queue_items": int,
           "min_padding_efficiency": (int, float)}
 MODEL_KEYS = tuple(f.name for f in fields(ModelSpec) if f.name != "name")
@@ -64,7 +66,11 @@ def _check(spec: ModelSpec, where: str) -> ModelSpec:
         problems.append(f"precision {spec.precision!r} is not one of {', '.join(PRECISIONS)}")
     if spec.attention not in ATTENTION:
         problems.append(f"attention {spec.attention!r} is not one of {', '.join(ATTENTION)}")
-    for key in ("max_batch_tokens", "max_batch_size", "max_queue_items"):
+    try:
+        spec = replace(spec, max_batch_tokens=batch_budget.parse_setting(str(spec.max_batch_tokens)))
+    except ValueError as exc:
+        problems.append(f"max_batch_tokens: {exc}")
+    for key in ("max_batch_size", "max_queue_items"):
         if getattr(spec, key) < 1:
             problems.append(f"{key} must be at least 1")
     if not 0 <= spec.min_padding_efficiency <= 1:

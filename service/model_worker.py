@@ -22,9 +22,15 @@ from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from service.checkpoints import LoadedModel
 from service.errors import Internal, OutOfMemory, ServiceError
+from service.faults import FaultHook
 from service.esm_forward import BatchPlan, forward
+from service.precision import AUTOCAST_DTYPES
 
 log = logging.getLogger(__name__)
+
+
+class DeviceUnusable(Exception):
+    """The device fails every call (e.g. after a CUDA device-side assert): only a restart helps."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,9 +79,6 @@ def replicate(models: dict[str, LoadedModel], devices: list[torch.device]) -> li
     return copies
 
 
-_PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def _out_of_memory(exc: Exception) -> bool:
     # CUDA raises torch.OutOfMemoryError; the CPU allocator a plain RuntimeError.
     return isinstance(exc, torch.OutOfMemoryError) or (
@@ -96,24 +99,35 @@ class ModelWorker:
         precision: str = "fp32",
         fast_attention: bool = True,
         simulate_oom_above_tokens: int = 0,
+        faults: FaultHook | None = None,
     ):
         self.models = models
         self.device = device
-        self.autocast_dtype = _PRECISIONS[precision]
+        self.precision = precision
+        self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.fast_attention = fast_attention
         # Testing aid: behave as if the device ran out of memory on larger batches.
         self.simulate_oom_above_tokens = simulate_oom_above_tokens
+        self.faults = faults  # None unless armed at start-up (service.faults)
         for loaded in models.values():
             loaded.model.to(device)
 
     def run(self, batch: list[ModelInput], between_layers=None) -> list[ItemResult | ServiceError]:
-        """Compute a batch (all items of one model); never raises. `between_layers` is called
-        between the model's layers (see esm_forward.forward)."""
+        """Compute a batch (all items of one model).
+
+        A failing batch fails only its own items, unless the device fails too: then
+        DeviceUnusable, since every later call would fail as well. `between_layers` is called
+        between the model's layers (see esm_forward.forward).
+        """
         try:
+            if self.faults is not None:
+                self.faults.before_batch()
             return self._run(batch, between_layers)
         except Exception as exc:
-            if not _out_of_memory(exc):  # a failing batch fails only its own items
+            if not _out_of_memory(exc):
                 log.exception("batch of %d items failed", len(batch))
+                if not self.device_usable():
+                    raise DeviceUnusable(f"{self.device} fails every call after: {exc}") from exc
                 return [Internal("model failure; see the server log") for _ in batch]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -122,6 +136,16 @@ class ModelWorker:
         half = len(batch) // 2
         log.warning("out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
         return self.run(batch[:half]) + self.run(batch[half:])
+
+    def device_usable(self) -> bool:
+        """A tiny computation that must succeed; CUDA errors such as device-side asserts are sticky."""
+        try:
+            if self.faults is not None:
+                self.faults.check_device()
+            return torch.ones(1, device=self.device).add_(1).item() == 2.0  # .item() synchronizes
+        except Exception:
+            log.exception("device check failed on %s", self.device)
+            return False
 
     def _run(self, batch: list[ModelInput], between_layers=None) -> list[ItemResult]:
         loaded = self.models[batch[0].model]

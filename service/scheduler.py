@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 
 from esm2_wire.item_result import ItemResult
 from service import metrics
-from service.errors import DeadlineExceeded, Internal, QueueFull, ServiceError
+from service.errors import DeadlineExceeded, Internal, QueueFull, ServiceError, WorkerLost
 from service.model_worker import ModelInput, ModelWorker
 from service.result_cache import ResultCache, cache_key, freeze
 
 log = logging.getLogger(__name__)
+WORKER_LOST = "the model worker failed and this server is restarting; retry the request"
 
 # Work estimate of one item, in token units: linear in its tokens, plus the attention's
 # quadratic term (about equal to the linear work at this many tokens, for the 8M-650M
@@ -236,6 +237,9 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._loop_ref: asyncio.AbstractEventLoop | None = None
+        self.lost: str | None = None  # why a worker is gone, once one is
+        # Called once when a worker is lost; the server then reports NOT_SERVING and exits.
+        self.on_lost: Callable[[str], None] = lambda reason: None
 
     @property
     def workers(self) -> list[ModelWorker]:
@@ -244,6 +248,25 @@ class Scheduler:
     def start(self) -> None:
         self._loop_ref = asyncio.get_running_loop()
         self._task = self._loop_ref.create_task(self._loop(), name="esm-scheduler")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        if self._closing and not task.cancelled() and task.exception() is None:
+            return
+        reason = "scheduler stopped" if task.cancelled() else f"scheduler ended: {task.exception()!r}"
+        self._lose(reason, [])
+
+    def _lose(self, reason: str, batch: list[QueueEntry]) -> None:
+        """Fail the batch in hand and everything queued with UNAVAILABLE; accept nothing more."""
+        if self.lost is None:
+            self.lost = reason
+            log.critical("model worker lost: %s", reason)
+            self.on_lost(reason)
+        for entry in [*batch, *self._pending]:
+            self._finish(entry, WorkerLost(WORKER_LOST))
+        self._pending.clear()
+        metrics.QUEUE_DEPTH.set(0)
+        self._wake.set()
 
     # ---- intake ------------------------------------------------------------------
     def _key(self, item: ModelInput) -> bytes:
@@ -255,6 +278,8 @@ class Scheduler:
         Inputs already cached are answered at once; inputs equal to one queued or running
         (this request's own duplicates included) wait for it; only the rest are new work,
         and only new work counts against the queue bound."""
+        if self.lost is not None:
+            raise WorkerLost(WORKER_LOST)
         keys = [self._key(item) for item in inputs]
         new_keys = {k for k in keys if k not in self._inflight and not self.cache.contains(k)}
         if len(self._pending) + len(new_keys) > self.limits.max_queue_items:
@@ -300,6 +325,14 @@ class Scheduler:
                 slot.executor, lambda: slot.worker.run(inputs, between_layers=lambda: self._interleave(slot)))
             while not slot.interleaved.empty():  # put there after the batch's last layer
                 await loop.run_in_executor(slot.executor, self._interleave, slot)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # DeviceUnusable, or the thread died (SystemExit...): never serve on
+            stranded = []  # handed over for between its layers, never run
+            while not slot.interleaved.empty():
+                stranded += slot.interleaved.get_nowait()
+            self._lose(f"{type(exc).__name__}: {exc}", [*batch, *stranded])
+            raise WorkerLost(WORKER_LOST) from exc
         finally:
             metrics.WORKER_BUSY.dec()
         self._batch_done(batch, results, time.perf_counter() - started - slot.interleaved_seconds, slot)
@@ -378,6 +411,8 @@ class Scheduler:
     async def _dispatch(self, batch: list[QueueEntry], slot: WorkerSlot) -> None:
         try:
             await self.run_once(batch, slot)
+        except WorkerLost:  # run_once failed everything; the server is exiting
+            pass
         except Exception:  # fail what it held; the worker and the loop keep serving
             log.exception("scheduler failure on worker %s", slot.name)
             self._fail(batch)
@@ -430,7 +465,7 @@ class Scheduler:
         return next((slot for slot in self.slots if not slot.busy), None)
 
     async def _loop(self) -> None:
-        while True:
+        while self.lost is None:
             batch: list[QueueEntry] = []
             try:
                 self._drop_dead()

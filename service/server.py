@@ -29,8 +29,9 @@ from grpc_reflection.v1alpha import reflection
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
-from service import checkpoints, hf_checkpoints, json_limits, memory_budget, model_sources, model_specs, result_cache
-from service.auth import ApiKeyInterceptor, load_keys
+from service import batch_budget, checkpoints, faults, hf_checkpoints, json_limits, memory_budget, model_sources
+from service import model_specs, precision, request_guard, result_cache
+from service.auth import load_keys
 from service.model_router import ModelRouter
 from service.model_worker import ModelInput, ModelWorker, replicate, resolve_devices
 from service.scheduler import BatchLimits, Scheduler
@@ -40,6 +41,17 @@ log = logging.getLogger("service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
 OPENAPI_DOCUMENT = Path(__file__).resolve().parent / "openapi.json"  # served at /api/v3/openapi.json
 MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; streaming is preferred
+# grpc refuses bigger request messages itself (RESOURCE_EXHAUSTED) before reading them. Up to
+# here, RequestGuard answers INVALID_ARGUMENT for anything over --max-request-message-bytes;
+# the JSON gateway's methods may use all of it: their bodies are bounded by the gateway's own
+# --max-request-bytes (4 MiB), and a JSON caller should hear about its body, not a proto size.
+RECEIVE_CEILING_BYTES = (4 << 20) + (64 << 10)
+JSON_METHODS = (f"/{SERVICE_NAME}/EncodeJson", f"/{SERVICE_NAME}/PredictJson")
+# grpc's own metadata limit (soft and hard alike): above everything a gateway forwards (Envoy's
+# default header limit is 60 KiB), so that RequestGuard, not grpc's RESOURCE_EXHAUSTED, answers.
+GRPC_METADATA_CEILING_BYTES = 256 << 10
+EXIT_WORKER_LOST = 3  # the model worker died or the device is unusable: restart me
+LOST_WORKER_GRACE_S = 5.0  # to send the UNAVAILABLE answers of work already accepted
 
 
 class AddressInUse(Exception):
@@ -69,14 +81,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="never download missing checkpoints")
     p.add_argument("--device", default=_env("device", "auto"),
                    help="auto, cpu, cuda or cuda:N; a comma-separated list (cuda:0,cuda:1) runs one worker per device")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=_env("precision", "fp32"),
-                   help="autocast precision (fp16/bf16 only make sense on CUDA)")
+    p.add_argument("--precision", choices=tuple(precision.AUTOCAST_DTYPES), default=_env("precision", "fp32"),
+                   help="fp32 (default, equal to fair-esm) or fp16/bf16 autocast; on CPU only where the "
+                        "processor has native instructions for it (bf16: AVX512_BF16 or AMX), else refused")
     p.add_argument("--attention", choices=("fast", "exact"), default=_env("attention", "fast"),
                    help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
     p.add_argument("--max-items", type=int, default=int(_env("max_items", limits.max_items)))
     p.add_argument("--max-sequence-length", type=int,
                    default=int(_env("max_sequence_length", limits.max_sequence_length)))
-    p.add_argument("--max-batch-tokens", type=int, default=int(_env("max_batch_tokens", batching.max_batch_tokens)))
+    p.add_argument("--max-batch-tokens", type=_setting, default=_env("max_batch_tokens", "device"),
+                   help="padded tokens per batch: a number, 'device' (default: the measured default for the "
+                        "device type, 1024 on CPU, 8192 on CUDA) or 'sweep' (time the candidates at start-up)")
+    p.add_argument("--batch-sweep-seconds", type=float, default=float(_env("batch_sweep_seconds", 20)),
+                   help="time bound of one model's --max-batch-tokens sweep")
     p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", batching.max_batch_size)))
     p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", batching.max_wait_s * 1000)))
     p.add_argument("--max-queue-items", type=int, default=int(_env("max_queue_items", batching.max_queue_items)))
@@ -91,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-mb", type=int, default=int(_env("cache_mb", result_cache.DEFAULT_CACHE_MB)),
                    help="result cache size in MiB (0 turns it off); identical items in flight are always merged")
     p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9090)), help="0 disables")
+    p.add_argument("--max-request-message-bytes", type=int, default=int(_env("max_request_message_bytes", 0)),
+                   help="largest gRPC request message; 0 (default) derives it from --max-items and "
+                        "--max-sequence-length (114,816 bytes with the defaults)")
+    p.add_argument("--max-metadata-bytes", type=int,
+                   default=int(_env("max_metadata_bytes", request_guard.DEFAULT_MAX_METADATA_BYTES)),
+                   help="largest request metadata (headers) in bytes, HPACK-counted; more is INVALID_ARGUMENT")
     p.add_argument("--metrics-host", default=_env("metrics_host", "127.0.0.1"),
                    help="Prometheus listener address (0.0.0.0 where a scraper on another host reads it)")
     p.add_argument("--api-keys-file", default=_env("api_keys_file", None), help="one key per line")
@@ -110,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=float(_env("assume_available_memory_gib", 0)) or None,
                    help="check models against this much memory per device instead of what the device reports")
     p.add_argument("--simulate-oom-above-tokens", type=int, default=0, help=argparse.SUPPRESS)
+    # Testing aid: pretend the CPU has (or lacks) native bf16/fp16, to test both paths on any machine.
+    p.add_argument("--simulate-cpu-native", choices=("present", "absent"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cache_mb < 0 or args.max_batch_token_pairs < 1 or args.aging < 0:
         p.error("--cache-mb and --aging must not be negative; --max-batch-token-pairs must be at least 1")
@@ -128,19 +153,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     too_small = [s.name for s in args.specs if s.max_queue_items < args.max_items]
     if too_small:
         p.error(f"max_queue_items must be at least --max-items ({args.max_items}) for {', '.join(too_small)}")
+    if not args.max_request_message_bytes:
+        args.max_request_message_bytes = request_guard.max_request_message_bytes(
+            args.max_items, args.max_sequence_length)
+    if not 0 < args.max_metadata_bytes <= GRPC_METADATA_CEILING_BYTES:
+        p.error(f"--max-metadata-bytes must be between 1 and {GRPC_METADATA_CEILING_BYTES}")
     return args
 
 
+def _setting(text: str) -> str:
+    try:
+        return batch_budget.parse_setting(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def limits_from(args) -> tuple[Limits, BatchLimits]:
-    """The request limits and batching limits the flags set."""
+    """The request limits, and the batching limits the flags set (a model's budget may differ:
+    batch_budget chooses it on the device)."""
+    tokens = args.max_batch_tokens
     return Limits(args.max_items, args.max_sequence_length), BatchLimits(
-        args.max_batch_tokens, args.max_batch_size, args.max_wait_ms / 1000, args.max_queue_items,
-        args.min_padding_efficiency, args.max_batch_token_pairs, args.aging)
+        int(tokens) if tokens.isdigit() else BatchLimits().max_batch_tokens, args.max_batch_size,
+        args.max_wait_ms / 1000, args.max_queue_items, args.min_padding_efficiency, args.max_batch_token_pairs,
+        args.aging)
 
 
 def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence_length: int) -> memory_budget.Need:
     layers, dim, heads = shape
-    needed = memory_budget.required_bytes(layers, dim, heads, spec.max_batch_tokens, max_sequence_length)
+    batch_tokens = batch_budget.most_tokens(spec.max_batch_tokens, device)
+    needed = memory_budget.required_bytes(layers, dim, heads, batch_tokens, max_sequence_length)
     return memory_budget.Need(spec.name, device, layers, dim, heads, needed)
 
 
@@ -168,7 +209,7 @@ def load_models(args) -> dict[str, tuple[model_specs.ModelSpec, list[torch.devic
             log.warning("!" * 72)
             log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", spec.name, where.path)
             log.warning("!" * 72)
-        log.info("loaded %s (%s) from %s: %d layers, dim %d; on %s, %s, batches of up to %d tokens",
+        log.info("loaded %s (%s) from %s: %d layers, dim %d; on %s, %s, batch budget %s",
                  spec.name, loaded.source_format, where.path, loaded.num_layers, loaded.embed_dim,
                  ",".join(map(str, devices)), spec.precision, spec.max_batch_tokens)
         models[spec.name] = (spec, devices, loaded)
@@ -193,40 +234,56 @@ def cache_scope(loaded: checkpoints.LoadedModel, spec: model_specs.ModelSpec) ->
     return f"{loaded.name}|{weights}|{spec.precision}|{spec.attention}"
 
 
-def build_schedulers(served, args) -> ModelRouter:
-    """Per model, one worker per device it lists and one scheduler with the model's own settings;
-    one result cache (one byte bound) for all of them."""
+def build_schedulers(served, args) -> tuple[ModelRouter, dict]:
+    """Per model, one worker per device it lists and one scheduler with the model's own settings
+    and batch budget (chosen once the model is on its device); one result cache (one byte bound)
+    for all of them. Also the budgets, for ListModels."""
     cache = result_cache.ResultCache(args.cache_mb << 20)
-    schedulers = {}
+    schedulers, budgets = {}, {}
     for name, (spec, devices, loaded) in served.items():
         workers = [
-            ModelWorker(copy, device, spec.precision, spec.attention == "fast", args.simulate_oom_above_tokens)
+            ModelWorker(copy, device, spec.precision, spec.attention == "fast", args.simulate_oom_above_tokens,
+                        faults.FaultHook.from_env())
             for copy, device in zip(replicate({name: loaded}, devices), devices)
         ]
+        first = workers[0]
+        budgets[name] = batch_budget.for_model(spec.max_batch_tokens, first.models[name], first.device,
+                                               first.autocast_dtype, args.batch_sweep_seconds)
+        log.info("%s: batch budget %s; precision %s", name, budgets[name].describe(), spec.precision)
         schedulers[name] = Scheduler(
             workers,
-            BatchLimits(spec.max_batch_tokens, spec.max_batch_size, spec.max_wait_ms / 1000, spec.max_queue_items,
+            BatchLimits(budgets[name].tokens, spec.max_batch_size, spec.max_wait_ms / 1000, spec.max_queue_items,
                         spec.min_padding_efficiency, args.max_batch_token_pairs, args.aging),
             cache=cache, scopes={name: cache_scope(loaded, spec)},
         )
-    return ModelRouter(schedulers)
+    return ModelRouter(schedulers), budgets
 
 
-async def serve(args) -> None:
+async def serve(args) -> int:
+    simulated = {"present": True, "absent": False}.get(args.simulate_cpu_native)
+    for spec in args.specs:  # before the slow part: refuse fast
+        for device in resolve_devices(spec.device):
+            precision.check(spec.precision, device, simulated)
     served = load_models(args)
     models = {name: loaded for name, (_, _, loaded) in served.items()}
-    scheduler = build_schedulers(served, args)
+    scheduler, budgets = build_schedulers(served, args)
     limits, _ = limits_from(args)  # batching limits are per model (args.specs)
     devices = {name: ",".join(map(str, model_devices)) for name, (_, model_devices, _) in served.items()}
     servicer = Esm2Servicer(models, scheduler, limits, devices, args.max_json_response_mb << 20,
-                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes())
+                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(), batch_budgets=budgets,
+                            precisions={name: spec.precision for name, (spec, _, _) in served.items()})
 
     keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
+    receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
+    guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
+                                       dict.fromkeys(JSON_METHODS, receive_ceiling))
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(keys)] if keys else [],
+        interceptors=[guard],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", receive_ceiling),
+            ("grpc.max_metadata_size", GRPC_METADATA_CEILING_BYTES),
+            ("grpc.absolute_max_metadata_size", GRPC_METADATA_CEILING_BYTES),
             # A second server on a busy port must fail, not take half of its connections.
             ("grpc.so_reuseport", 0),
         ],
@@ -265,7 +322,18 @@ async def serve(args) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    scheduler.on_lost(lambda reason: stop.set())
     await stop.wait()
+
+    if scheduler.lost is not None:
+        # Queued work has already failed with UNAVAILABLE; let those answers go out, then exit
+        # non-zero so that a supervisor restarts the process. The worker thread may be stuck
+        # in the device, so it is not joined.
+        log.error("exiting with status %d so that a supervisor restarts this server", EXIT_WORKER_LOST)
+        for name in ["", SERVICE_NAME, *models]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(min(args.grace_seconds, LOST_WORKER_GRACE_S))
+        return EXIT_WORKER_LOST
 
     # Health checks see NOT_SERVING at once (every name), while requests are still served for the
     # drain window: balancers stop sending before the server stops accepting. A second signal
@@ -280,17 +348,22 @@ async def serve(args) -> None:
     await server.stop(args.grace_seconds)
     await scheduler.close()
     log.info("stopped")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        asyncio.run(serve(args))
-    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit, AddressInUse) as exc:
+        code = asyncio.run(serve(args))
+    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit, AddressInUse,
+            precision.PrecisionUnsupported) as exc:
         log.error("%s", exc)
         return 2
-    return 0
+    if code == EXIT_WORKER_LOST:
+        logging.shutdown()
+        os._exit(code)  # without joining the worker thread, which may never return
+    return code
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service import errors, json_limits, metrics, rendering
 from service.checkpoints import FAIR_ESM, HUGGING_FACE, LoadedModel
+from service.errors import FailedPrecondition, InvalidRequest, NotFound, echo, join_problems
 from service.json_body import CONTENT_ENCODING_METADATA, BodyParser, gateway_error_metadata
-from service.errors import FailedPrecondition, InvalidRequest, NotFound
 from service.esm_forward import amino_acid_columns
 from service.model_worker import ModelInput
 from service.request_schema import request_schema
@@ -49,7 +49,10 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
         max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
         openapi_document: bytes = b"{}",
+        batch_budgets: dict | None = None, precisions: dict[str, str] | None = None,
     ):
+        self.batch_budgets = batch_budgets or {}  # model -> batch_budget.BudgetChoice
+        self.precisions = precisions or {}  # model -> "fp32", "bf16" or "fp16"
         self.max_json_response_bytes = max_json_response_bytes
         self.bodies = BodyParser(limits, max_request_bytes)
         self.openapi_document = openapi_document
@@ -67,7 +70,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         loaded = self.models.get(name)
         if loaded is None:
             raise NotFound(
-                f"model {name!r} is not served here; served models: {', '.join(sorted(self.models))}",
+                f"model {echo(name)} is not served here; served models: {', '.join(sorted(self.models))}",
             )
         return loaded
 
@@ -83,7 +86,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         except InvalidRequest as exc:
             errors.append(str(exc))
         if errors:
-            raise InvalidRequest("; ".join(errors))
+            raise InvalidRequest(join_problems(errors))
         if OutputKind.CONTACTS in options.outputs and not loaded.has_contact_regression:
             raise FailedPrecondition(
                 f"params.include: model {model} has no contact regression weights "
@@ -219,7 +222,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("GetRequestSchema", context, request.model, gateway=True):
             loaded = self._model(request.model)
             if request.action not in ("encode", "predict"):
-                raise NotFound(f"action {request.action!r} does not exist; use encode or predict")
+                raise NotFound(f"action {echo(request.action)} does not exist; use encode or predict")
             schema = request_schema(loaded.name, request.action, self.limits)
             return httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(schema))
 
@@ -269,13 +272,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         return pb.ListModelsResponse(models=[self.model_info(name) for name in sorted(self.models)])
 
     def model_info(self, name: str) -> pb.ModelInfo:
-        m = self.models[name]
+        m, budget = self.models[name], self.batch_budgets.get(name)
         return pb.ModelInfo(
             name=name, checkpoint=m.source, num_layers=m.num_layers, embed_dim=m.embed_dim,
             attention_heads=m.attention_heads, parameters=m.parameters, random_weights=m.random_weights,
             ready=name in self.ready, max_items=self.limits.max_items,
             max_sequence_length=self.limits.max_sequence_length, device=self.devices[name],
             source_format=_SOURCE_FORMATS[m.source_format], finetuned_from=m.finetuned_from,
+            max_batch_tokens=budget.tokens if budget else 0, batch_tokens_source=budget.source if budget else "",
+            precision=self.precisions.get(name, "fp32"),
         )
 
 

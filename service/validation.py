@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from esm2_wire import output_kinds
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.vocabulary import ENCODE_LETTERS, MASK, PREDICT_LETTERS, Limits
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, echo, join_problems
 
 DEFAULT_INCLUDE = ("mean",)
 DEFAULT_REPR_LAYERS = (-1,)
@@ -35,17 +35,23 @@ class ParsedItem:
 
 def _describe(char: str) -> str:
     if char.isspace():
-        return f"whitespace {char!r}"
+        return f"whitespace {ascii(char)}"
     if char.islower():
-        return f"lowercase letter {char!r} (use upper case)"
-    return repr(char)
+        return f"lowercase letter {ascii(char)} (use upper case)"
+    return ascii(char)
 
 
 def _check_letters(field: str, text: str, allowed: frozenset[str], offset: int, what: str) -> str | None:
+    if allowed.issuperset(text):  # one pass in C; the Python loop below runs only to name a bad one
+        return None
     for position, char in enumerate(text, start=offset):
         if char not in allowed:
             return f"{field}: invalid character {_describe(char)} at position {position}; {what}"
     return None
+
+
+def _too_long(field: str, residues: int, limits: Limits) -> str:
+    return f"{field}: {residues} residues; at most {limits.max_sequence_length} are allowed"
 
 
 def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) -> ParsedItem | str:
@@ -53,6 +59,10 @@ def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) 
     field = f"items[{index}].sequence"
     if not sequence:
         return f"{field}: must not be empty"
+    # Length first (str.count runs in C), so an oversized sequence costs no per-character scan.
+    residues = len(sequence) - (len(MASK) - 1) * sequence.count(MASK) if predict else len(sequence)
+    if residues > limits.max_sequence_length:
+        return _too_long(field, residues, limits)
     if predict:
         pieces = _MASK_SPLIT.split(sequence)
         allowed_text = "allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and <mask> ('-' is not allowed in predict)"
@@ -78,8 +88,6 @@ def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) 
         if error:
             return error
         tokens = list(sequence)
-    if len(tokens) > limits.max_sequence_length:
-        return f"{field}: {len(tokens)} residues; at most {limits.max_sequence_length} are allowed"
     return ParsedItem(tuple(tokens))
 
 
@@ -92,11 +100,12 @@ def parse_items(sequences: list[str], *, predict: bool, limits: Limits) -> list[
         result = parse_sequence(index, sequence, predict=predict, limits=limits)
         (errors.append if isinstance(result, str) else parsed.append)(result)
     if errors:
-        raise InvalidRequest("; ".join(errors))
+        raise InvalidRequest(join_problems(errors))
     return parsed
 
 
 def parse_options(include: list[str], repr_layers: list[int], num_layers: int, model: str) -> EncodeOptions:
+    """`model` is a served model's name (checked before), so it is safe to repeat."""
     errors = []
     chosen = set()
     for index, value in enumerate(include or DEFAULT_INCLUDE):
@@ -105,7 +114,7 @@ def parse_options(include: list[str], repr_layers: list[int], num_layers: int, m
             chosen.add(kind)
         else:
             errors.append(
-                f"params.include[{index}]: unknown value {value!r}; allowed: "
+                f"params.include[{index}]: unknown value {echo(value)}; allowed: "
                 + ", ".join(output_kinds.NAMES)
                 + " (per_residue is an alias of per_token)"
             )
@@ -121,5 +130,5 @@ def parse_options(include: list[str], repr_layers: list[int], num_layers: int, m
                 f"({num_layers} layers); allowed: {-(num_layers + 1)} to {num_layers}"
             )
     if errors:
-        raise InvalidRequest("; ".join(errors))
+        raise InvalidRequest(join_problems(errors))
     return EncodeOptions(outputs=frozenset(chosen), layers=tuple(layers))

@@ -37,7 +37,7 @@ def test_quick_bench_writes_a_complete_report(tmp_path):
     assert run["matmul_flops_per_s"] > 0
     by_case = {m["case"]: m for m in run["measurements"] if m["model"] == "esm2-tiny"}
     timed = [m for m in by_case.values() if m["seconds"]]
-    assert {cases.BASELINE_MEAN, cases.BASELINE_CONTACTS, cases.STOCK_SMALL_BATCHES, cases.forward_fast_case(),
+    assert {cases.BASELINE_MEAN, cases.BASELINE_CONTACTS, cases.forward_fast_case(),
             cases.FORWARD_EXACT} <= set(by_case)
     for clients in (1, 8, 32):
         for items in (8, 1):
@@ -52,6 +52,15 @@ def test_quick_bench_writes_a_complete_report(tmp_path):
         assert m["residues_per_s"] > 0 and m["flops_per_s"] > 0, m["case"]
         if m["case"].startswith("gRPC"):
             assert 0 < m["padding_efficiency"] <= 1, m["case"]
+
+    # The peers, each at the budget its sweep found best; the HF peer computes what stock computes.
+    for case in (cases.BEST_STOCK, cases.HF_MEAN, cases.HF_LOGITS):
+        assert by_case[case]["seconds"] and by_case[case]["extra"]["toks_per_batch"] in (1024, 2048, 4096)
+    hf = by_case[cases.HF_MEAN]["extra"]
+    assert hf["parity_vs_stock"]["max_abs_diff_representations"] < 1e-4
+    assert set(hf["sweep_residues_per_s"]) == {"stock", "hf"}
+    assert any(t["target"].startswith("gRPC 8x8 mean, default settings / best peer") for t in run["targets"])
+    assert "service / best peer" in markdown_file.read_text()
 
     latency = by_case[cases.LATENCY]["extra"]
     assert latency["requests"] == 20 and 0 < latency["p50_ms"] <= latency["p99_ms"]

@@ -475,7 +475,10 @@ def test_schemathesis_finds_no_5xx_no_nonconforming_response_no_hang(tmp_path, t
              "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                          "response_schema_conformance",
              "--phases", "examples,coverage,fuzzing", "--max-examples", "10", "--seed", "9",
-             "--request-timeout", "20", "--max-time", "60", "--workers", "2", "--no-shrink"],
+             "--request-timeout", "20", "--max-time", "60", "--no-shrink",
+             # One worker: CPython 3.11 before 3.11.9 raises "AST constructor recursion depth
+             # mismatch" when two threads compile at once (gh-106905), which schemathesis' fuzzer does.
+             "--workers", "1"],
             cwd=tmp_path, capture_output=True, text=True, timeout=240,
         )
         # Exit status 0: no check failed; every generated case passed (warnings are allowed).

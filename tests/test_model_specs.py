@@ -24,8 +24,8 @@ max_batch_tokens = 16384
 """)
     specs = _specs("--models-file", str(models), "--max-batch-size", "16", "--precision", "fp16")
     assert specs == [
-        ModelSpec("esm2-8m", None, "cpu", "fp16", "fast", 8192, 16),
-        ModelSpec("esm2-ft", "hf:my-org/esm2-650m-ft@v2", "cuda:0", "bf16", "fast", 16384, 16),
+        ModelSpec("esm2-8m", None, "cpu", "fp16", "fast", "device", 16),
+        ModelSpec("esm2-ft", "hf:my-org/esm2-650m-ft@v2", "cuda:0", "bf16", "fast", "16384", 16),
     ]
 
 
@@ -39,7 +39,8 @@ def test_flags_alone_describe_the_one_or_several_models(monkeypatch):
 
 @pytest.mark.parametrize("text,message", [
     ('[models.a]\nsorce = "x"\n', "[models.a]: unknown keys sorce (known: source, device,"),
-    ('[models.a]\nmax_batch_tokens = "big"\n', "[models.a]: max_batch_tokens = 'big' has the wrong type"),
+    ('[models.a]\nmax_batch_tokens = "big"\n', "[models.a]: max_batch_tokens: expected a number of tokens, 'device' or 'sweep', not 'big'"),
+    ('[models.a]\nmax_batch_tokens = 1.5\n', "[models.a]: max_batch_tokens = 1.5 has the wrong type"),
     ('[models.a]\nprecision = "fp8"\n', "[models.a]: precision 'fp8' is not one of fp32, fp16, bf16"),
     ('[models.a]\nmax_queue_items = 2\n', "max_queue_items must be at least --max-items (8) for a"),
     ('[server]\nport = 1\n', "expected only [models.<name>] tables (unknown: server)"),

@@ -134,9 +134,10 @@ def test_contacts_need_the_regression_file(tmp_path, tiny_checkpoint):
 
 def test_mixed_precision_autocast_path(tmp_path, tiny_checkpoint, reference_models):
     """--precision bf16 runs the model under autocast (on CPU here, as on CUDA) and returns
-    float32 outputs close to fp32 fair-esm, within bfloat16's ~3 significant digits."""
+    float32 outputs close to fp32 fair-esm, within bfloat16's ~3 significant digits. (The CPU
+    is told it has native bf16, so that the path runs on any machine; tests/test_precision.py.)"""
     server = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
-                           "--precision", "bf16").wait_ready()
+                           "--precision", "bf16", "--simulate-cpu-native", "present").wait_ready()
     sequence = "MKTAYIAKQRQISFVKSHFSRQ"
     try:
         response = server.stub.Encode(encode_request("esm2-tiny", [sequence], ["mean", "contacts", "logits"]))

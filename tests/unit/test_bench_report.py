@@ -36,3 +36,12 @@ def test_every_target_finds_the_cases_the_runner_records():
     by_case = {m.case: m for m in measurements}
     assert report._baseline_for(by_case[cases.stream_case("contacts")], by_case).case == cases.BASELINE_CONTACTS
     assert report._baseline_for(by_case[cases.json_case("mean")], by_case).case == cases.BASELINE_MEAN
+
+
+def test_service_is_compared_with_the_best_peer():
+    measurements = [_measured(cases.BASELINE_MEAN, 1000), _measured(cases.BEST_STOCK, 1500),
+                    _measured(cases.HF_MEAN, 2000), _measured(cases.grpc_mean_case(8, 8), 2400)]
+    checks = {c["target"]: c for c in report.targets(measurements, matmul_flops=1e9)}
+    best = checks["gRPC 8x8 mean, default settings / best peer (HF transformers EsmModel sdpa)"]
+    assert best["value"] == 1.2 and best["threshold"] == 1.1 and best["met"]
+    assert "| **1.20** |" in "\n".join(report.peer_table({"esm2-150m": {m.case: m for m in measurements}}))

@@ -47,7 +47,7 @@ def test_error_body_names_items_and_fields_and_stays_small():
                               {"index": None, "field": "params.include[0]", "detail": "no"}]
     assert body["detail"] == body["message"] and body["status_code"] == 400
     huge = json.loads(error_body(400, "INVALID_ARGUMENT", "items: " + "x" * 100_000))
-    assert len(huge["detail"]) <= 2048 and huge["detail"].endswith("…")
+    assert len(huge["detail"]) <= 2048 and huge["detail"].endswith("...")
 
 
 @pytest.mark.parametrize("data, fragment", [

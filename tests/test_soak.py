@@ -1,0 +1,162 @@
+"""A bounded soak (issue 9, section 5): mixed sizes and options from concurrent gRPC and JSON
+clients through a real Envoy; every answer equals its solo fair-esm reference; the server's and
+Envoy's memory and file descriptors do not grow after a warm-up.
+
+Bounded by request count, not time (SOAK_REQUESTS after WARMUP_REQUESTS), so a busy machine
+makes it slower, never wrong. The bounds on growth, after the warm-up round:
+- RSS: SERVER_RSS_GROWTH_MIB for the server, ENVOY_RSS_GROWTH_MIB for Envoy;
+- file descriptors: none for either (connections are kept open across both readings).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from support import encode_request
+from reference import assert_close, matrix, reference
+from test_encode_parity import check_result
+from test_gateway import gateway  # noqa: F401 (a module-scoped fixture: this module's own Envoy)
+
+from esm2_wire.proto import pb
+
+CLIENTS = 6  # half gRPC, half JSON through Envoy
+WARMUP_REQUESTS = 8  # per client
+SOAK_REQUESTS = 24  # per client, after the warm-up
+SERVER_RSS_GROWTH_MIB = 48
+ENVOY_RSS_GROWTH_MIB = 16
+INCLUDE = ["mean", "per_token", "bos", "contacts", "logits", "attentions"]
+LETTERS = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.fixture(scope="module")
+def pool(reference_models):
+    """Sequences of mixed lengths (5 to 400 residues) with their solo references, per model."""
+    rng = random.Random(9)
+    sequences = ["".join(rng.choice(LETTERS) for _ in range(n)) for n in (5, 17, 40, 96, 150, 230, 400)]
+    masked = [s[:2] + "<mask>" + s[3:-1] + "<mask>" for s in sequences[:4]]
+    return {
+        model: {s: reference(loaded, s) for s in sequences + masked}
+        for model, loaded in reference_models.items()
+    }, sequences, masked
+
+
+def random_request(rng: random.Random, sequences, masked, layer_counts) -> dict:
+    model = rng.choice(sorted(layer_counts))
+    if rng.random() < 0.25:
+        return {"action": "predict", "model": model, "items": rng.sample(masked, rng.randint(1, 3))}
+    items = rng.sample(sequences[:5] if rng.random() < 0.7 else sequences, rng.randint(1, 4))
+    n = layer_counts[model]
+    return {
+        "action": "encode", "model": model, "items": items,
+        "include": rng.sample(INCLUDE, rng.randint(1, 3)),
+        "layers": sorted(set(rng.sample(range(-1, n + 1), rng.randint(1, 2)))),
+    }
+
+
+def check_grpc(stub, spec, refs, num_layers) -> None:
+    if spec["action"] == "predict":
+        response = stub.Predict(pb.PredictRequest(model=spec["model"],
+                                                  items=[pb.SequenceItem(sequence=s) for s in spec["items"]]),
+                                timeout=300)
+        for sequence, result in zip(spec["items"], response.results, strict=True):
+            assert_close(matrix(result.logits), refs[sequence]["logits"], "predict logits")
+        return
+    response = stub.Encode(encode_request(spec["model"], spec["items"], spec["include"], spec["layers"]), timeout=300)
+    absolute = [layer % (num_layers + 1) for layer in spec["layers"]]
+    for sequence, result in zip(spec["items"], response.results, strict=True):
+        check_result(result, refs[sequence], list(dict.fromkeys(absolute)), spec["include"])
+
+
+def check_json(session, url, spec, refs, num_layers) -> None:
+    payload: dict = {"items": [{"sequence": s} for s in spec["items"]]}
+    if spec["action"] == "encode":
+        payload["params"] = {"include": spec["include"], "repr_layers": spec["layers"]}
+    response = session.post(f"{url}/api/v3/{spec['model']}/{spec['action']}/", json=payload, timeout=300)
+    assert response.status_code == 200, response.text[:300]
+    results = response.json()["results"]
+    assert len(results) == len(spec["items"])
+    for sequence, result in zip(spec["items"], results):
+        ref = refs[sequence]
+        if spec["action"] == "predict":
+            assert_close(result["logits"], ref["logits"], "predict logits")
+            continue
+        for key, ref_key, field in (("embeddings", "mean", "embedding"), ("bos_embeddings", "bos", "embedding"),
+                                    ("per_token_embeddings", "per_token", "embeddings")):
+            for entry in result.get(key, []):
+                assert_close(entry[field], ref[ref_key][entry["layer"]], f"{key} layer {entry['layer']}")
+        wanted = {"mean": "embeddings", "bos": "bos_embeddings", "per_token": "per_token_embeddings"}
+        for include in spec["include"]:
+            key = wanted.get(include, include)
+            assert key in result, (key, spec)
+            if include in ("contacts", "attentions", "logits"):
+                assert_close(np.asarray(result[key]), ref[include], include)
+
+
+def run_round(server, envoy, sessions, pool, requests_per_client: int, seed: int) -> None:
+    refs, sequences, masked = pool
+    layer_counts = {"esm2-tiny": 2, "esm2-8m": 6}
+    errors: list[BaseException] = []
+
+    def client(number: int) -> None:
+        rng = random.Random(seed * 100 + number)
+        try:
+            for _ in range(requests_per_client):
+                spec = random_request(rng, sequences, masked, layer_counts)
+                model_refs = refs[spec["model"]]
+                if number % 2:
+                    check_json(sessions[number], envoy.url, spec, model_refs, layer_counts[spec["model"]])
+                else:
+                    check_grpc(server.stub, spec, model_refs, layer_counts[spec["model"]])
+        except BaseException as exc:  # noqa: BLE001 - reported below with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+
+
+def test_soak_answers_memory_and_descriptors(server, gateway, pool):
+    sessions = {n: requests.Session() for n in range(1, CLIENTS, 2)}  # kept open across both readings
+    refs, sequences, _ = pool
+    try:
+        # Warm-up: the largest request first (the allocators' peak), then a random round.
+        for model, num_layers in (("esm2-tiny", 2), ("esm2-8m", 6)):
+            largest = {"action": "encode", "model": model, "items": sequences[-4:], "include": INCLUDE,
+                       "layers": [0, -1]}
+            check_grpc(server.stub, largest, refs[model], num_layers)
+            check_json(sessions[1], gateway.url, largest, refs[model], num_layers)
+        run_round(server, gateway, sessions, pool, WARMUP_REQUESTS, seed=1)
+        pids = {"server": server.proc.pid, "envoy": gateway.proc.pid}
+        start = {name: (rss_mib(pid), open_fds(pid)) for name, pid in pids.items()}
+        run_round(server, gateway, sessions, pool, SOAK_REQUESTS, seed=2)
+        end = {name: (rss_mib(pid), open_fds(pid)) for name, pid in pids.items()}
+    finally:
+        for session in sessions.values():
+            session.close()
+    report = ", ".join(f"{name} RSS {start[name][0]:.0f} -> {end[name][0]:.0f} MiB, fds {start[name][1]} -> "
+                       f"{end[name][1]}" for name in pids)
+    print(f"soak ({CLIENTS} clients x {SOAK_REQUESTS} requests after {WARMUP_REQUESTS} warm-up): {report}")
+    assert end["server"][0] - start["server"][0] <= SERVER_RSS_GROWTH_MIB, report
+    assert end["envoy"][0] - start["envoy"][0] <= ENVOY_RSS_GROWTH_MIB, report
+    assert end["server"][1] <= start["server"][1], report
+    assert end["envoy"][1] <= start["envoy"][1], report
