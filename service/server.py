@@ -196,7 +196,7 @@ def load_models(args) -> dict[str, tuple[model_specs.ModelSpec, torch.device, ch
             log.warning("!" * 72)
             log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", spec.name, where.path)
             log.warning("!" * 72)
-        log.info("loaded %s (%s) from %s: %d layers, dim %d; on %s, %s, batches of up to %d tokens",
+        log.info("loaded %s (%s) from %s: %d layers, dim %d; on %s, %s, batch budget %s",
                  spec.name, loaded.source_format, where.path, loaded.num_layers, loaded.embed_dim, need.device,
                  spec.precision, spec.max_batch_tokens)
         models[spec.name] = (spec, need.device, loaded)
