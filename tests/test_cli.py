@@ -100,26 +100,38 @@ def test_embed_npz_and_safetensors(server, reference_models, tmp_path, suffix):
     assert "wrote 0 sequences" in again.stderr and "(2 already there)" in again.stderr
 
 
-def _wait_for_progress(work: Path, proc: subprocess.Popen, min_bytes: int) -> None:
-    end = time.monotonic() + 60
-    while time.monotonic() < end and proc.poll() is None:
-        if work.exists() and work.stat().st_size > min_bytes:
-            return
-        time.sleep(0.05)
+def _interrupt_mid_run(work: Path, proc: subprocess.Popen, server, how: signal.Signals, min_bytes: int) -> None:
+    """Send `how` once the run has written some sequences but cannot have finished.
+
+    Progress is checked with the server frozen (SIGSTOP), so no further answer can arrive
+    between the check and the signal, however slow or busy the machine is.
+    """
+    end = time.monotonic() + 120
+    try:
+        while time.monotonic() < end and proc.poll() is None:
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            if work.exists() and work.stat().st_size > min_bytes:
+                proc.send_signal(how)
+                proc.wait(60)  # it needs nothing from the frozen server to stop
+                return
+            os.kill(server.proc.pid, signal.SIGCONT)
+            time.sleep(0.05)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
     pytest.fail(f"no progress before the run ended (exit {proc.poll()}): {proc.stderr.read() if proc.stderr else ''}")
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
 def test_embed_resumes_after_interruption(server, reference_models, tmp_path, how):
-    # Other sequences per case: the server's result cache would answer repeats at once.
-    records = random_records(24, 80, 150, seed=2 + int(how))
+    # 6 requests of 8, a few written before the signal; other sequences per case: the server's
+    # result cache would answer repeats at once.
+    records = random_records(48, 80, 150, seed=2 + int(how))
     fasta = write_fasta(tmp_path / "p.fasta", records)
     out = tmp_path / "out.h5"
     args = ["embed", fasta, "-o", out, "-m", "esm2-8m", "--server", server.target, "--include", "mean", "per_token",
             "--max-in-flight", "1"]
     proc = subprocess.Popen([*ESM2_COMMAND, *map(str, args)], stderr=subprocess.PIPE, text=True)
-    _wait_for_progress(tmp_path / "out.h5.partial.h5", proc, min_bytes=300_000)  # a few sequences in
-    proc.send_signal(how)
+    _interrupt_mid_run(tmp_path / "out.h5.partial.h5", proc, server, how, min_bytes=300_000)
     _, stderr = proc.communicate(timeout=60)
     if how == signal.SIGINT:
         assert proc.returncode == 130 and "run the same command again" in stderr

@@ -64,7 +64,9 @@ def limited(tmp_path_factory, checkpoint_dir):
     tmp = tmp_path_factory.mktemp("limited")
     proc = ServerProcess(tmp, "--models", "esm2-8m", "--model-dir", str(checkpoint_dir), "--max-json-response-mb", "1",
                          "--max-queue-items", "8", "--max-batch-size", "1").wait_ready()
-    envoy = start_gateway(tmp, proc.port, max_json_response_mb=1)
+    # No retries: a fleet's Envoy retries queue-full on another replica after Retry-After; with one
+    # replica the caller should see the 429 itself.
+    envoy = start_gateway(tmp, proc.port, max_json_response_mb=1, retries=0)
     yield envoy, proc
     envoy.stop()
     proc.stop()

@@ -8,6 +8,7 @@ UNAVAILABLE (HTTP 503 with Retry-After), reports NOT_SERVING and exits with stat
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -22,7 +23,13 @@ from test_gateway import body, post, start_gateway
 from service.scheduler import WORKER_LOST
 from service.server import EXIT_WORKER_LOST
 
-SEQ = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
+_USED = itertools.count()
+
+
+def fresh() -> str:
+    """A sequence no earlier call sent: identical items in flight are merged and results cached."""
+    n = next(_USED)
+    return "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ" + "ACDEFGHIKLMNPQRSTVWY"[n % 20] * (1 + n // 20)
 
 
 def arm(fault_file: Path, fault: str) -> None:
@@ -59,17 +66,17 @@ def faulty(tmp_path_factory, tiny_checkpoint):
 def test_failing_batch_is_500_through_the_gateway_and_serving_goes_on(faulty):
     proc, envoy, fault_file = faulty
     arm(fault_file, "batch-error")
-    failed = post(envoy, "/api/v3/esm2-tiny/encode/", body([SEQ]))
+    failed = post(envoy, "/api/v3/esm2-tiny/encode/", body([fresh()]))
     assert failed.status_code == 500, failed.text
     assert failed.json()["message"] == "model failure; see the server log"
     assert "injected" not in failed.text  # internals stay in the log
-    assert post(envoy, "/api/v3/esm2-tiny/encode/", body([SEQ])).status_code == 200
+    assert post(envoy, "/api/v3/esm2-tiny/encode/", body([fresh()])).status_code == 200
 
     arm(fault_file, "batch-error")
     with pytest.raises(grpc.RpcError) as info:
-        proc.stub.Encode(encode_request("esm2-tiny", [SEQ]), timeout=30)
+        proc.stub.Encode(encode_request("esm2-tiny", [fresh()]), timeout=30)
     assert info.value.code() == grpc.StatusCode.INTERNAL
-    assert len(proc.stub.Encode(encode_request("esm2-tiny", [SEQ]), timeout=30).results) == 1
+    assert len(proc.stub.Encode(encode_request("esm2-tiny", [fresh()]), timeout=30).results) == 1
     health = health_pb2_grpc.HealthStub(proc.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert proc.proc.poll() is None
@@ -90,13 +97,13 @@ def test_lost_worker_fails_accepted_work_reports_not_serving_and_exits(tmp_path,
 
         def grpc_call():
             try:
-                proc.stub.Encode(encode_request("esm2-tiny", [SEQ]), timeout=120)
+                proc.stub.Encode(encode_request("esm2-tiny", [fresh()]), timeout=120)
                 grpc_results.append(("OK", "", ()))
             except grpc.RpcError as exc:
                 grpc_results.append((exc.code(), exc.details(), exc.trailing_metadata()))
 
         def json_call():
-            json_results.append(post(envoy, "/api/v3/esm2-tiny/encode/", body([SEQ])))
+            json_results.append(post(envoy, "/api/v3/esm2-tiny/encode/", body([fresh()])))
 
         arm(fault_file, "stall")  # the next batch waits in the worker until the fault is written
         threads = [threading.Thread(target=grpc_call)]
