@@ -180,13 +180,7 @@ def main(argv=None) -> int:
     if args.gpu_suite:
         from bench import gpu_suite
 
-        measurements = gpu_suite.run(args, run, checkpoint_for)
-        run["wall_seconds"] = time.monotonic() - started
-        run["targets"] = report.targets(measurements, run["matmul_flops_per_s"])
-        json_path, md_path = report.write(args.out_dir, run, measurements)
-        print(md_path.read_text())
-        log.info("wrote %s and %s", json_path, md_path)
-        return 0
+        return _finish(args, run, gpu_suite.run(args, run, checkpoint_for), started)
     # MFU is against the matmul rate of the precision the service computes in.
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
     run["matmul_flops_per_s"] = machine.matmul_rate(args.device, dtype, n=2048 if args.device == "cpu" else 8192)
@@ -223,7 +217,11 @@ def main(argv=None) -> int:
         measurements.append(cases.contacts_memory(served_name(shape), checkpoint_for(shape, args.cache_dir),
                                                   args.contacts_compare_length, args.contacts_serve_length))
     run["peer"] = report.peer(measurements)
+    return _finish(args, run, measurements, started)
 
+
+def _finish(args, run: dict, measurements: list, started: float) -> int:
+    """Targets, the report files, and the report on stdout."""
     run["wall_seconds"] = time.monotonic() - started
     run["targets"] = report.targets(measurements, run["matmul_flops_per_s"])
     json_path, md_path = report.write(args.out_dir, run, measurements)
