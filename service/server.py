@@ -168,14 +168,15 @@ def _setting(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def limits_from(args) -> tuple[Limits, BatchLimits]:
-    """The request limits, and the batching limits the flags set (a model's budget may differ:
-    batch_budget chooses it on the device)."""
-    tokens = args.max_batch_tokens
-    return Limits(args.max_items, args.max_sequence_length), BatchLimits(
-        int(tokens) if tokens.isdigit() else BatchLimits().max_batch_tokens, args.max_batch_size,
-        args.max_wait_ms / 1000, args.max_queue_items, args.min_padding_efficiency, args.max_batch_token_pairs,
-        args.aging)
+def request_limits(args) -> Limits:
+    return Limits(args.max_items, args.max_sequence_length)
+
+
+def batch_limits(spec: model_specs.ModelSpec, batch_tokens: int, args) -> BatchLimits:
+    """A model's batching limits: its own settings (models file or flags), the budget chosen on its
+    device, and the server-wide scheduling flags."""
+    return BatchLimits(batch_tokens, spec.max_batch_size, spec.max_wait_ms / 1000, spec.max_queue_items,
+                       spec.min_padding_efficiency, args.max_batch_token_pairs, args.aging)
 
 
 def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence_length: int) -> memory_budget.Need:
@@ -252,8 +253,7 @@ def build_schedulers(served, args) -> tuple[ModelRouter, dict]:
         log.info("%s: batch budget %s; precision %s", name, budgets[name].describe(), spec.precision)
         schedulers[name] = Scheduler(
             workers,
-            BatchLimits(budgets[name].tokens, spec.max_batch_size, spec.max_wait_ms / 1000, spec.max_queue_items,
-                        spec.min_padding_efficiency, args.max_batch_token_pairs, args.aging),
+            batch_limits(spec, budgets[name].tokens, args),
             cache=cache, scopes={name: cache_scope(loaded, spec)},
         )
     return ModelRouter(schedulers), budgets
@@ -266,10 +266,9 @@ async def serve(args) -> int:
             precision.check(spec.precision, device, simulated)
     served = load_models(args)
     models = {name: loaded for name, (_, _, loaded) in served.items()}
-    scheduler, budgets = build_schedulers(served, args)
-    limits, _ = limits_from(args)  # batching limits are per model (args.specs)
+    router, budgets = build_schedulers(served, args)
     devices = {name: ",".join(map(str, model_devices)) for name, (_, model_devices, _) in served.items()}
-    servicer = Esm2Servicer(models, scheduler, limits, devices, args.max_json_response_mb << 20,
+    servicer = Esm2Servicer(models, router, request_limits(args), devices, args.max_json_response_mb << 20,
                             args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(), batch_budgets=budgets,
                             precisions={name: spec.precision for name, (spec, _, _) in served.items()})
 
@@ -308,8 +307,8 @@ async def serve(args) -> int:
     await server.start()
     log.info("gRPC listening on %s:%d; warming up; result cache %d MiB", args.host, port, args.cache_mb)
 
-    await warm_up(scheduler, servicer)
-    scheduler.start()
+    await warm_up(router, servicer)
+    router.start()
     for name in ["", SERVICE_NAME, *models]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if keys:
@@ -322,10 +321,10 @@ async def serve(args) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    scheduler.on_lost(lambda reason: stop.set())
+    router.on_lost(lambda reason: stop.set())
     await stop.wait()
 
-    if scheduler.lost is not None:
+    if router.lost is not None:
         # Queued work has already failed with UNAVAILABLE; let those answers go out, then exit
         # non-zero so that a supervisor restarts the process. The worker thread may be stuck
         # in the device, so it is not joined.
@@ -346,7 +345,7 @@ async def serve(args) -> int:
             await asyncio.wait_for(stop.wait(), args.drain_seconds)
     log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
     await server.stop(args.grace_seconds)
-    await scheduler.close()
+    await router.close()
     log.info("stopped")
     return 0
 

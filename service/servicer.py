@@ -25,9 +25,9 @@ from service.checkpoints import FAIR_ESM, HUGGING_FACE, LoadedModel
 from service.errors import FailedPrecondition, InvalidRequest, NotFound, echo, join_problems
 from service.json_body import CONTENT_ENCODING_METADATA, BodyParser, gateway_error_metadata
 from service.esm_forward import amino_acid_columns
+from service.model_router import ModelRouter
 from service.model_worker import ModelInput
 from service.request_schema import request_schema
-from service.scheduler import Scheduler
 from service.validation import ParsedItem, parse_items, parse_options
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Job:
 
 class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def __init__(
-        self, models: dict[str, LoadedModel], scheduler: Scheduler, limits: Limits, devices: dict[str, str],
+        self, models: dict[str, LoadedModel], router: ModelRouter, limits: Limits, devices: dict[str, str],
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
         max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
         openapi_document: bytes = b"{}",
@@ -57,7 +57,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         self.bodies = BodyParser(limits, max_request_bytes)
         self.openapi_document = openapi_document
         self.models = models
-        self.scheduler = scheduler
+        self.router = router  # one scheduler per model
         self.limits = limits
         self.devices = devices  # model -> device it runs on
         self.ready: set[str] = set()
@@ -115,7 +115,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         inputs = [
             ModelInput(job.model.name, job.model.tokenize(item.tokens), job.outputs, job.layers) for item in job.items
         ]
-        return self.scheduler.submit(inputs, None if remaining is None else time.monotonic() + remaining)
+        return self.router.submit(inputs, None if remaining is None else time.monotonic() + remaining)
 
     async def _results(self, job: Job, context) -> list[ItemResult]:
         futures = self._submit(job, context)

@@ -2,16 +2,21 @@
 
 from esm2_wire.vocabulary import Limits
 from service.scheduler import BatchLimits
-from service.server import limits_from, parse_args
+from service.server import batch_limits, parse_args, request_limits
 
 
 def test_no_flags_means_the_dataclass_defaults():
-    assert limits_from(parse_args([])) == (Limits(), BatchLimits())
+    args = parse_args([])
+    assert request_limits(args) == Limits()
+    [spec] = args.specs
+    assert batch_limits(spec, BatchLimits().max_batch_tokens, args) == BatchLimits()
 
 
 def test_flags_and_environment_override_them(monkeypatch):
     monkeypatch.setenv("ESM_MAX_BATCH_SIZE", "16")
-    limits, batching = limits_from(parse_args(["--max-items", "4", "--max-wait-ms", "20", "--aging", "0",
-                                               "--max-batch-token-pairs", "1000000"]))
-    assert limits == Limits(max_items=4)
-    assert batching == BatchLimits(max_batch_size=16, max_wait_s=0.02, aging=0.0, max_batch_token_pairs=1000000)
+    args = parse_args(["--max-items", "4", "--max-wait-ms", "20", "--aging", "0",
+                       "--max-batch-token-pairs", "1000000"])
+    assert request_limits(args) == Limits(max_items=4)
+    [spec] = args.specs
+    assert batch_limits(spec, 1024, args) == BatchLimits(max_batch_tokens=1024, max_batch_size=16, max_wait_s=0.02,
+                                                         aging=0.0, max_batch_token_pairs=1000000)
