@@ -24,7 +24,7 @@ log = logging.getLogger("bench")
 HERE = Path(__file__).resolve().parent
 # --cases: groups of the per-model cases, plus the --mfu-models and --rss-models runs.
 CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "hf", "mfu", "rss", "hol", "cache")
-SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer"}  # the ones that need a server
+SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer", "hf"}  # the ones that need a server
 
 
 def parse_args(argv):
@@ -111,9 +111,15 @@ def warm(model_cases: cases.ModelCases, workload: Workload) -> None:
 
 
 def full_cases(m: cases.ModelCases, clients, items, groups) -> list:
-    steps = [("baseline", m.baseline_mean), ("hf", m.peers_mean),
-             ("forward", m.forward_fast), ("forward", m.forward_exact)]
-    steps += [("grpc", lambda c=c, i=i: m.grpc_mean(c, i)) for i in items for c in clients]
+    # The service's 8x8 case runs right after the peers, so that each repeat gives a back-to-back
+    # pair (report.paired_ratios); with "hf" it runs there even when "grpc" is not asked for.
+    pairs = [(c, i) for i in items for c in clients]
+    steps = [("baseline", m.baseline_mean), ("hf", m.peers_mean)]
+    if "hf" in groups:
+        steps.append(("hf", lambda: m.grpc_mean(8, 8)))
+        pairs = [p for p in pairs if p != (8, 8)]
+    steps += [("forward", m.forward_fast), ("forward", m.forward_exact)]
+    steps += [("grpc", lambda c=c, i=i: m.grpc_mean(c, i)) for c, i in pairs]
     steps += [("grpc", lambda: m.grpc_mean(8, 8, "exact")), ("stream", lambda: m.stream("per_token")),
               ("stream", lambda: m.stream("logits")), ("baseline", m.baseline_contacts),
               ("stream", lambda: m.stream("contacts")), ("json", lambda: m.json("mean")),
@@ -122,7 +128,8 @@ def full_cases(m: cases.ModelCases, clients, items, groups) -> list:
 
 
 def mfu_cases(m: cases.ModelCases, groups) -> list:
-    return [m.baseline_mean, m.forward_fast, lambda: m.grpc_mean(8, 8)] + ([m.peers_mean] if "hf" in groups else [])
+    peers = [m.peers_mean] if "hf" in groups else []
+    return [m.baseline_mean, *peers, lambda: m.grpc_mean(8, 8), m.forward_fast]  # 8x8 right after the peers
 
 
 def run_model(shape, args, workload, contacts_workload, full: bool) -> list[cases.Measurement]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-QUEUE_DEPTH = Gauge("esm_queue_items", "Work items waiting for a batch")
-WORKER_BUSY = Gauge("esm_worker_busy", "Model workers running a batch now (0 to the number of workers)")
+QUEUE_DEPTH = Gauge("esm_queue_items", "Work items waiting for a batch, all models")
+WORKER_BUSY = Gauge("esm_worker_busy", "Model workers running a batch now, all models (0 to the number of workers)")
 WORKER_BATCHES = Counter("esm_worker_batches_total", "Batches run, per model worker", ["worker", "device"])
 WORKER_SECONDS = Counter("esm_worker_seconds_total", "Time spent running batches, per model worker", ["worker", "device"])
 REJECTED = Counter("esm_rejected_requests_total", "Requests refused because the queue was full")

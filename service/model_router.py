@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable
 
 from esm2_wire.item_result import ItemResult
+from service import metrics
 from service.model_worker import ModelInput
 from service.scheduler import Scheduler
 
@@ -18,6 +19,8 @@ from service.scheduler import Scheduler
 class ModelRouter:
     def __init__(self, schedulers: dict[str, Scheduler]):
         self.schedulers = schedulers
+        # One server-wide gauge over every model's queue, read when scraped.
+        metrics.QUEUE_DEPTH.set_function(lambda: sum(s.queued_items for s in schedulers.values()))
 
     def submit(self, inputs: list[ModelInput], deadline: float | None = None) -> list[asyncio.Future]:
         """All inputs of one request belong to one model (the servicer builds them so)."""

@@ -242,6 +242,10 @@ class Scheduler:
         self.on_lost: Callable[[str], None] = lambda reason: None
 
     @property
+    def queued_items(self) -> int:
+        return len(self._pending)
+
+    @property
     def workers(self) -> list[ModelWorker]:
         return [slot.worker for slot in self.slots]
 
@@ -265,7 +269,6 @@ class Scheduler:
         for entry in [*batch, *self._pending]:
             self._finish(entry, WorkerLost(WORKER_LOST))
         self._pending.clear()
-        metrics.QUEUE_DEPTH.set(0)
         self._wake.set()
 
     # ---- intake ------------------------------------------------------------------
@@ -307,7 +310,6 @@ class Scheduler:
                 entry.request_work = request_work
                 self._pending.append(entry)
             entry.waiters.append(Waiter(future, deadline))
-        metrics.QUEUE_DEPTH.set(len(self._pending))
         self._wake.set()
         return futures
 
@@ -383,7 +385,6 @@ class Scheduler:
                 batch = take_batch(self._pending, self.limits, anchor)
                 metrics.observe_queue_wait(batch, self.clock())
                 slot.interleaved.put(batch)
-            metrics.QUEUE_DEPTH.set(len(self._pending))
 
     def _finish(self, entry: QueueEntry, result: ItemResult | ServiceError) -> None:
         if entry.key is not None and self._inflight.get(entry.key) is entry:
@@ -439,7 +440,6 @@ class Scheduler:
             elif entry.key is not None and self._inflight.get(entry.key) is entry:
                 del self._inflight[entry.key]
         self._pending[:] = alive
-        metrics.QUEUE_DEPTH.set(len(alive))
 
     def _batch_is_full(self, anchor: QueueEntry) -> bool:
         same = [it for it in self._pending if it.batch_key == anchor.batch_key]
@@ -483,7 +483,6 @@ class Scheduler:
                 if not self._pending or slot is None:
                     continue
                 batch = take_batch(self._pending, self.limits, next_anchor(self._pending, self.limits, self.cost))
-                metrics.QUEUE_DEPTH.set(len(self._pending))
                 metrics.observe_queue_wait(batch, self.clock())
                 slot.busy = True
                 slot.running_due = min(due(entry, self.limits, self.cost) for entry in batch)
