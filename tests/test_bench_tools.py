@@ -1,0 +1,39 @@
+"""The benchmark's stand-alone tools still run: the bf16 accuracy report and the kernel profile.
+
+Like test_bench_smoke, nothing here looks at how fast anything was; the accuracy bounds are
+the ones tests/test_precision.py holds the served model to.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from support import REPO
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_accuracy_report_compares_bf16_with_fp32(tmp_path):
+    out = _run("bench.accuracy", "--models", "tiny", "--sequences", "2", "--max-length", "300",
+               "--cache-dir", str(tmp_path))
+    (report,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert report["model"] == "esm2-tiny" and report["precision"] == "bf16" and report["sequences"] >= 8
+    assert 0 < report["embeddings_max_rel_diff"] < 0.02
+    assert report["mean_embedding_cosine_min"] >= 0.999 and report["logits_top1_agreement"] >= 0.95
+    assert report["contacts_sequences"] == report["sequences"] and 0 <= report["contacts_topL_agreement"] <= 1
+
+
+def test_kernel_profile_splits_both_programs_time(tmp_path):
+    out = _run("bench.kernel_profile", "--models", "tiny", "--sequences", "2", "--cache-dir", str(tmp_path))
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| esm2-tiny |")]
+    assert [row[1].strip() for row in rows] == ["service forward (fast path)", "HF EsmModel sdpa"]
+    for row in rows:
+        wall, gemm, attention, other = map(float, row[2:6])
+        share = float(row[6].strip().rstrip("%"))
+        assert wall > 0 and gemm > 0 and attention > 0 and other >= 0 and 0 < share <= 100
