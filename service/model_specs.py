@@ -43,11 +43,13 @@ class ModelSpec:
     max_wait_ms: float = 5.0
     max_queue_items: int = 256
     min_padding_efficiency: float = 0.92
+    max_batch_token_pairs: int = 2048 * 2048  # batch size x longest item squared (service.scheduler)
+    aging: float = 4.0  # an item is due at arrival + aging x its estimated run time
 
 
 _TYPES = {"source": str, "device": str, "precision": str, "attention": str, "max_batch_tokens": (int, str),
           "max_batch_size": int, "max_wait_ms": (int, float), "max_queue_items": int,
-          "min_padding_efficiency": (int, float)}
+          "min_padding_efficiency": (int, float), "max_batch_token_pairs": int, "aging": (int, float)}
 MODEL_KEYS = tuple(f.name for f in fields(ModelSpec) if f.name != "name")
 
 
@@ -57,6 +59,7 @@ def defaults_from_args(args) -> ModelSpec:
         name="", device=args.device, precision=args.precision, attention=args.attention,
         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_queue_items=args.max_queue_items, min_padding_efficiency=args.min_padding_efficiency,
+        max_batch_token_pairs=args.max_batch_token_pairs, aging=args.aging,
     )
 
 
@@ -70,9 +73,11 @@ def _check(spec: ModelSpec, where: str) -> ModelSpec:
         spec = replace(spec, max_batch_tokens=batch_budget.parse_setting(str(spec.max_batch_tokens)))
     except ValueError as exc:
         problems.append(f"max_batch_tokens: {exc}")
-    for key in ("max_batch_size", "max_queue_items"):
+    for key in ("max_batch_size", "max_queue_items", "max_batch_token_pairs"):
         if getattr(spec, key) < 1:
             problems.append(f"{key} must be at least 1")
+    if spec.aging < 0:
+        problems.append("aging must not be negative")
     if not 0 <= spec.min_padding_efficiency <= 1:
         problems.append("min_padding_efficiency must be between 0 and 1")
     if spec.max_wait_ms < 0:

@@ -172,11 +172,11 @@ def request_limits(args) -> Limits:
     return Limits(args.max_items, args.max_sequence_length)
 
 
-def batch_limits(spec: model_specs.ModelSpec, batch_tokens: int, args) -> BatchLimits:
-    """A model's batching limits: its own settings (models file or flags), the budget chosen on its
-    device, and the server-wide scheduling flags."""
+def batch_limits(spec: model_specs.ModelSpec, batch_tokens: int) -> BatchLimits:
+    """A model's batching limits: its own settings (models file or flags) and the budget chosen on
+    its device."""
     return BatchLimits(batch_tokens, spec.max_batch_size, spec.max_wait_ms / 1000, spec.max_queue_items,
-                       spec.min_padding_efficiency, args.max_batch_token_pairs, args.aging)
+                       spec.min_padding_efficiency, spec.max_batch_token_pairs, spec.aging)
 
 
 def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence_length: int) -> memory_budget.Need:
@@ -253,7 +253,7 @@ def build_schedulers(served, args) -> tuple[ModelRouter, dict]:
         log.info("%s: batch budget %s; precision %s", name, budgets[name].describe(), spec.precision)
         schedulers[name] = Scheduler(
             workers,
-            batch_limits(spec, budgets[name].tokens, args),
+            batch_limits(spec, budgets[name].tokens),
             cache=cache, scopes={name: cache_scope(loaded, spec)},
         )
     return ModelRouter(schedulers), budgets

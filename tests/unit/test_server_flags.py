@@ -9,7 +9,7 @@ def test_no_flags_means_the_dataclass_defaults():
     args = parse_args([])
     assert request_limits(args) == Limits()
     [spec] = args.specs
-    assert batch_limits(spec, BatchLimits().max_batch_tokens, args) == BatchLimits()
+    assert batch_limits(spec, BatchLimits().max_batch_tokens) == BatchLimits()
 
 
 def test_flags_and_environment_override_them(monkeypatch):
@@ -18,5 +18,13 @@ def test_flags_and_environment_override_them(monkeypatch):
                        "--max-batch-token-pairs", "1000000"])
     assert request_limits(args) == Limits(max_items=4)
     [spec] = args.specs
-    assert batch_limits(spec, 1024, args) == BatchLimits(max_batch_tokens=1024, max_batch_size=16, max_wait_s=0.02,
+    assert batch_limits(spec, 1024) == BatchLimits(max_batch_tokens=1024, max_batch_size=16, max_wait_s=0.02,
                                                          aging=0.0, max_batch_token_pairs=1000000)
+
+
+def test_a_models_file_sets_scheduling_per_model(tmp_path):
+    models = tmp_path / "models.toml"
+    models.write_text('[models.a]\naging = 0\nmax_batch_token_pairs = 65536\n\n[models.b]\n')
+    a, b = parse_args(["--models-file", str(models), "--aging", "8"]).specs
+    assert batch_limits(a, 1024) == BatchLimits(max_batch_tokens=1024, aging=0.0, max_batch_token_pairs=65536)
+    assert batch_limits(b, 1024) == BatchLimits(max_batch_tokens=1024, aging=8.0)
