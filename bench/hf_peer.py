@@ -81,27 +81,26 @@ class HfPeer:
             encoded = self.tokenizer(batch, padding=True, return_tensors="pt").to(self.device)
             yield batch, encoded
 
-    @torch.inference_mode()
     def mean_pass(self, sequences, toks_per_batch: int, autocast: torch.dtype | None = None) -> float:
         """Seconds for mean-of-last-layer embeddings of every sequence (EsmModel)."""
-        start = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
-            for batch, encoded in self._batches(sequences, toks_per_batch):
-                hidden = self.embedder(**encoded).last_hidden_state.float().cpu()
-                for i, s in enumerate(batch):
-                    hidden[i, 1 : len(s) + 1].mean(0).clone()
-        _sync(self.device)
-        return time.perf_counter() - start
+        return self._timed(sequences, toks_per_batch, autocast,
+                           lambda encoded: self.embedder(**encoded).last_hidden_state,
+                           lambda rows: rows.mean(0).clone())
 
-    @torch.inference_mode()
     def logits_pass(self, sequences, toks_per_batch: int, autocast: torch.dtype | None = None) -> float:
         """Seconds for per-residue logits of every sequence (EsmForMaskedLM)."""
+        return self._timed(sequences, toks_per_batch, autocast, lambda encoded: self.mlm(**encoded).logits,
+                           lambda rows: rows.clone())
+
+    @torch.inference_mode()
+    def _timed(self, sequences, toks_per_batch: int, autocast, model, per_item) -> float:
+        """Seconds to run `model` over the batches and `per_item` on each sequence's residue rows."""
         start = time.perf_counter()
         with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
             for batch, encoded in self._batches(sequences, toks_per_batch):
-                logits = self.mlm(**encoded).logits.float().cpu()
+                out = model(encoded).float().cpu()
                 for i, s in enumerate(batch):
-                    logits[i, 1 : len(s) + 1].clone()
+                    per_item(out[i, 1 : len(s) + 1])
         _sync(self.device)
         return time.perf_counter() - start
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from service import batch_budget
+from service.scheduler import BatchLimits
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTION = ("fast", "exact")
@@ -39,12 +40,13 @@ class ModelSpec:
     precision: str = "fp32"
     attention: str = "fast"
     max_batch_tokens: str = "device"  # a number of tokens, "device" or "sweep" (service.batch_budget)
-    max_batch_size: int = 64
-    max_wait_ms: float = 5.0
-    max_queue_items: int = 256
-    min_padding_efficiency: float = 0.92
-    max_batch_token_pairs: int = 2048 * 2048  # batch size x longest item squared (service.scheduler)
-    aging: float = 4.0  # an item is due at arrival + aging x its estimated run time
+    # The scheduler's own defaults (service.scheduler.BatchLimits explains each).
+    max_batch_size: int = BatchLimits.max_batch_size
+    max_wait_ms: float = BatchLimits.max_wait_s * 1000
+    max_queue_items: int = BatchLimits.max_queue_items
+    min_padding_efficiency: float = BatchLimits.min_padding_efficiency
+    max_batch_token_pairs: int = BatchLimits.max_batch_token_pairs
+    aging: float = BatchLimits.aging
 
 
 _TYPES = {"source": str, "device": str, "precision": str, "attention": str, "max_batch_tokens": (int, str),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import random
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -134,20 +134,9 @@ def check_json(session, url, spec, refs, num_layers) -> None:
 
 def all_at_once(calls) -> None:
     """Run each call on its own thread, together; re-raise the first failure."""
-    errors: list[BaseException] = []
-
-    def run(call) -> None:
-        try:
-            call()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors[:3]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()
 
 
 def run_round(server, envoy, sessions, pool, requests_per_client: int, seed: int) -> None:
