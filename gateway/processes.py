@@ -2,16 +2,55 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
 import time
 
+_LOWEST_PORT = 10000  # below this sit well-known services
+_RANDOM = random.SystemRandom()  # not the seedable module state: two processes must not draw the same ports
+_handed_out: set[int] = set()  # this process never hands a port out twice
 
-def free_port() -> int:
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (inclusive)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 49152, 65535  # the IANA range, which macOS and Windows use
+
+
+def free_port(room: int = 1) -> int:
+    """A port free on 127.0.0.1 now, with the next room - 1 ports free too, for a child to bind.
+
+    It lies outside the ephemeral range. Every outgoing connection takes its local port from that
+    range, Envoy's health checks included, so a port picked there can be taken before the child
+    binds it. Outside that range only another explicit bind can take it.
+    """
+    low, high = ephemeral_port_range()
+    if low - _LOWEST_PORT > 1000:
+        candidates = range(_LOWEST_PORT, low - room)
+    else:
+        candidates = range(high + 1, 65536 - room)
+    for _ in range(1000):
+        port = _RANDOM.choice(candidates)
+        block = range(port, port + room)
+        if not _handed_out.intersection(block) and all(_bindable(p) for p in block):
+            _handed_out.update(block)
+            return port
+    raise RuntimeError(f"no {room} free port(s) on 127.0.0.1 in {candidates.start}-{candidates.stop - 1}")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 60) -> int:

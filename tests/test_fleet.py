@@ -290,7 +290,7 @@ def test_pool_with_every_replica_down_answers_503_at_once(fleet):
 
 def test_launcher_runs_replicas_behind_one_envoy_and_stops_them_all(tmp_path, tiny_checkpoint):
     """`make fleet`: python -m gateway.launch --replicas N."""
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_port(), free_port(room=2)  # the replicas take --port and --port + 1
     admin_socket = tmp_path / "admin.sock"
     log = open(tmp_path / "launch.log", "wb")
     launcher = subprocess.Popen(
