@@ -28,13 +28,13 @@ def free_port(room: int = 1) -> int:
 
     It lies outside the ephemeral range. Every outgoing connection takes its local port from that
     range, Envoy's health checks included, so a port picked there can be taken before the child
-    binds it. Outside that range only another explicit bind can take it.
+    binds it. Outside that range only another explicit bind can take it. (Where that range leaves
+    fewer than 1000 ports, the draw is from every port from _LOWEST_PORT up, ephemeral ones included.)
     """
     low, high = ephemeral_port_range()
-    if low - _LOWEST_PORT > 1000:
-        candidates = range(_LOWEST_PORT, low - room)
-    else:
-        candidates = range(high + 1, 65536 - room)
+    candidates = max(range(_LOWEST_PORT, low - room), range(high + 1, 65536 - room), key=len)
+    if len(candidates) < 1000:  # the ephemeral range covers nearly every port: draw from them all
+        candidates = range(_LOWEST_PORT, 65536 - room)
     for _ in range(1000):
         port = _RANDOM.choice(candidates)
         block = range(port, port + room)
