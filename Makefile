@@ -35,13 +35,13 @@ serve: setup
 
 # Try the whole service offline with a random-weight checkpoint at the 8M shape.
 demo: setup
-	$(PY) -m service.random_checkpoints --shape 8m --out $(CHECKPOINTS)
+	$(PY) -m service.models.random_checkpoints --shape 8m --out $(CHECKPOINTS)
 	$(PY) -m gateway.launch --models esm2-8m --model-dir $(CHECKPOINTS) --offline $(SERVE_ARGS)
 
 # A fleet on one host, offline: REPLICAS random-weight 8M-shape servers behind one Envoy.
 REPLICAS ?= 3
 fleet: setup
-	$(PY) -m service.random_checkpoints --shape 8m --out $(CHECKPOINTS)
+	$(PY) -m service.models.random_checkpoints --shape 8m --out $(CHECKPOINTS)
 	$(PY) -m gateway.launch --replicas $(REPLICAS) --models esm2-8m --model-dir $(CHECKPOINTS) --offline $(SERVE_ARGS)
 
 # Envoy's ConfigMap of each Kubernetes overlay, rendered from gateway/envoy.yaml (tests check they match).

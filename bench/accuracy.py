@@ -2,7 +2,7 @@
 
     python -m bench.accuracy --models 8m,35m [--precision bf16] [--sequences 24]
 
-Runs the service's own forward (service.esm_forward) one sequence at a time, in fp32 and under
+Runs the service's own forward (service.models.forward) one sequence at a time, in fp32 and under
 autocast, and reports: the largest |difference| of last-layer per-residue embeddings (absolute,
 and relative to the largest fp32 value), the cosine of the mean embeddings (worst sequence),
 top-1 agreement of the logits over all residues, agreement of the top-L contacts (pairs at
@@ -24,9 +24,9 @@ import torch
 from bench.run import checkpoint_for, shapes
 from bench.workload import mixed_workload
 from esm2_wire.output_kinds import OutputKind
-from service.checkpoints import load
-from service.esm_forward import BatchPlan, forward
-from service.precision import AUTOCAST_DTYPES
+from service.models.checkpoints import load
+from service.models.forward import BatchPlan, forward
+from service.models.precision import AUTOCAST_DTYPES
 
 MIN_SEPARATION = 6  # contacts closer than this along the chain are trivially predicted
 

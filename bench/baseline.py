@@ -16,7 +16,7 @@ import time
 import torch
 from esm.data import FastaBatchedDataset
 
-from service.esm_forward import BatchPlan, forward
+from service.models.forward import BatchPlan, forward
 
 TOKS_PER_BATCH = 4096  # esm-extract's default
 
@@ -60,7 +60,7 @@ def stock_pass(loaded, sequences, contacts: bool = False, toks_per_batch: int = 
 
 def service_forward_pass(loaded, sequences, fast: bool, toks_per_batch: int = TOKS_PER_BATCH,
                          autocast: torch.dtype | None = None) -> float:
-    """Seconds for the service's forward (service.esm_forward) over the same batches, in-process:
+    """Seconds for the service's forward (service.models.forward) over the same batches, in-process:
     the model's share of the service's time, without the serving layers."""
     plan = BatchPlan(layers=frozenset({loaded.num_layers}), fast_attention=fast)
     device = _device(loaded.model)

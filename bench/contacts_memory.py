@@ -21,8 +21,8 @@ import torch
 from bench.machine import reset_peak_rss
 from bench.workload import single
 from esm2_wire.output_kinds import OutputKind
-from service.checkpoints import load
-from service.esm_forward import BatchPlan, forward
+from service.models.checkpoints import load
+from service.models.forward import BatchPlan, forward
 
 
 def status_mib(field: str) -> float:

@@ -9,7 +9,7 @@ FastaBatchedDataset, its token-budget batches (extra_toks_per_seq=1) fed through
 `<label>.pt` per sequence holding `label` plus, as asked, `representations` (per token, rows
 1..n), `mean_representations`, `bos_representations` (row 0) and `contacts` ([:n, :n]), keyed by
 layer, with n = min(truncation, length). Labels already written are skipped, as upstream does.
-The one difference: the checkpoint goes through service.checkpoints.load (torch's weights_only
+The one difference: the checkpoint goes through service.models.checkpoints.load (torch's weights_only
 unpickler) instead of fair-esm's unrestricted torch.load.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import esm
 import torch
 
-from service.checkpoints import load
+from service.models.checkpoints import load
 
 
 def command() -> list[str]:

@@ -21,7 +21,7 @@ from bench.cases import BASELINE_MEAN, PEER_BUDGETS, Measurement, workload_flops
 from bench.hf_peer import HfPeer
 from bench.machine import cpu_seconds
 from bench.workload import mixed_workload
-from service.checkpoints import load
+from service.models.checkpoints import load
 
 log = logging.getLogger("bench.gpu")
 STOCK = "stock fair-esm fp32"

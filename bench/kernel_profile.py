@@ -22,7 +22,7 @@ from bench.baseline import service_forward_pass
 from bench.hf_peer import HfPeer
 from bench.run import checkpoint_for, shapes
 from bench.workload import mixed_workload
-from service.checkpoints import load
+from service.models.checkpoints import load
 
 GEMM = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"}
 

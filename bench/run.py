@@ -17,8 +17,8 @@ import torch
 from bench import cases, machine, report, scheduling
 from bench.clients import drive, encode_requests
 from bench.workload import Workload, mixed_workload, write_fasta
-from service.checkpoints import load
-from service.random_checkpoints import SHAPES, write_random_checkpoint
+from service.models.checkpoints import load
+from service.models.random_checkpoints import SHAPES, write_random_checkpoint
 
 log = logging.getLogger("bench")
 HERE = Path(__file__).resolve().parent

@@ -66,7 +66,7 @@ function envoy_on_request(handle)
     if encoding ~= "gzip" and encoding ~= "identity" then
       return reject(handle, 415, "Content-Encoding '" .. encoding:sub(1, 40) .. "' is not supported; send gzip or no encoding")
     end
-    -- The server inflates the body itself, bounded (service/json_body.py).
+    -- The server inflates the body itself, bounded (service/api/json_body.py).
     headers:remove("content-encoding")
     headers:add("x-esm-content-encoding", encoding)
   end

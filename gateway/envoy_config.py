@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from esm2_wire.proto import MODEL_HEADER
-from service.json_limits import DEFAULT_MAX_JSON_RESPONSE_MB, DEFAULT_MAX_REQUEST_BYTES
+from service.api.json_limits import DEFAULT_MAX_JSON_RESPONSE_MB, DEFAULT_MAX_REQUEST_BYTES
 
 GATEWAY_DIR = Path(__file__).resolve().parent
 TEMPLATE = GATEWAY_DIR / "envoy.yaml"

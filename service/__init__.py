@@ -1,1 +1,17 @@
-"""ESM-2 inference service: gRPC front end, batching scheduler, one model worker."""
+"""The ESM-2 server, in three layers that import only downwards:
+
+- `service.api`: what callers see. gRPC handlers, validation, rendering, the JSON edge's
+  bodies, schema and OpenAPI document, the checks made before a message is decoded.
+  May import `service.engine`, `service.models` and the base modules.
+- `service.engine`: how work runs. Torch-free hand-off types, the scheduling policy, the
+  scheduler and router, the result cache, and the worker thread that owns a device.
+  May import `service.models` and the base modules, never `service.api`.
+- `service.models`: the networks themselves. The forward pass, loading fair-esm and
+  Hugging Face weights, where weights come from, memory and precision checks, batch budgets.
+  May import only the base modules.
+
+Base modules, imported by every layer and importing none: `service.errors` (every error,
+mapped to its status in one place) and `service.metrics`. At the top, importing everything
+and imported by nothing in the package: `service.server` (start-up) and `service.model_specs`
+(what to serve). `tests/unit/test_layers.py` checks the direction.
+"""

@@ -29,7 +29,7 @@ CACHE_BYTES = Gauge("esm_cache_bytes", "Bytes of results held by the result cach
 CACHE_ENTRIES = Gauge("esm_cache_entries", "Results held by the result cache")
 REQUESTS = Counter("esm_requests_total", "RPCs finished", ["method", "code"])
 REFUSED_UNDECODED = Counter(
-    "esm_refused_undecoded_total", "Calls refused before their message was decoded (service.request_guard)", ["reason"]
+    "esm_refused_undecoded_total", "Calls refused before their message was decoded (service.api.request_guard)", ["reason"]
 )
 # The autoscaling signal (see README, Deploy): how long work waits for the model, which grows
 # with load before latency targets are missed, whatever the sequence lengths.

@@ -21,8 +21,8 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from service import batch_budget
-from service.scheduler import BatchLimits
+from service.models import batch_budget
+from service.engine.scheduler import BatchLimits
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTION = ("fast", "exact")
@@ -39,8 +39,8 @@ class ModelSpec:
     device: str = "auto"
     precision: str = "fp32"
     attention: str = "fast"
-    max_batch_tokens: str = "device"  # a number of tokens, "device" or "sweep" (service.batch_budget)
-    # The scheduler's own defaults (service.scheduler.BatchLimits explains each).
+    max_batch_tokens: str = "device"  # a number of tokens, "device" or "sweep" (service.models.batch_budget)
+    # The scheduler's own defaults (service.engine.scheduler.BatchLimits explains each).
     max_batch_size: int = BatchLimits.max_batch_size
     max_wait_ms: float = BatchLimits.max_wait_s * 1000
     max_queue_items: int = BatchLimits.max_queue_items

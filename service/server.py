@@ -29,17 +29,23 @@ from grpc_reflection.v1alpha import reflection
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
-from service import batch_budget, checkpoints, faults, hf_checkpoints, json_limits, memory_budget, model_sources
-from service import model_specs, precision, request_guard, result_cache
-from service.auth import load_keys
-from service.model_router import ModelRouter
-from service.model_worker import ModelInput, ModelWorker, replicate, resolve_devices
-from service.scheduler import BatchLimits, Scheduler
-from service.servicer import Esm2Servicer
+from service.models import batch_budget, checkpoints, hf_checkpoints, memory_budget, sources
+from service.engine import faults
+from service.api import json_limits
+from service import model_specs
+from service.models import precision
+from service.api import request_guard
+from service.engine import result_cache
+from service.api.auth import load_keys
+from service.engine.router import ModelRouter
+from service.engine.inputs import ModelInput
+from service.engine.worker import ModelWorker, replicate, resolve_devices
+from service.engine.scheduler import BatchLimits, Scheduler
+from service.api.servicer import Esm2Servicer
 
 log = logging.getLogger("service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
-OPENAPI_DOCUMENT = Path(__file__).resolve().parent / "openapi.json"  # served at /api/v3/openapi.json
+OPENAPI_DOCUMENT = Path(__file__).resolve().parent / "api" / "openapi.json"  # served at /api/v3/openapi.json
 MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; streaming is preferred
 # grpc refuses bigger request messages itself (RESOURCE_EXHAUSTED) before reading them. Up to
 # here, RequestGuard answers INVALID_ARGUMENT for anything over --max-request-message-bytes;
@@ -198,14 +204,14 @@ def load_models(args) -> dict[str, tuple[model_specs.ModelSpec, list[torch.devic
         if stem is not None and not any(p.is_file() for p in checkpoints.candidate_paths(spec.name, None, args.model_dir)):
             shape = checkpoints.STANDARD_SHAPES[stem]  # checked before a download, not after
         else:
-            located[spec.name] = model_sources.locate(spec.name, spec.source, args.model_dir, allow_download)
-            shape = model_sources.shape(located[spec.name])
+            located[spec.name] = sources.locate(spec.name, spec.source, args.model_dir, allow_download)
+            shape = sources.shape(located[spec.name])
         needs += [_need(spec, device, shape, args.max_sequence_length) for device in devices]
     memory_budget.check_fits(needs, args.assume_available_memory_gib)
     models = {}
     for spec, devices in zip(args.specs, spec_devices):
-        where = located.get(spec.name) or model_sources.locate(spec.name, spec.source, args.model_dir, allow_download)
-        loaded = model_sources.load(spec.name, where)
+        where = located.get(spec.name) or sources.locate(spec.name, spec.source, args.model_dir, allow_download)
+        loaded = sources.load(spec.name, where)
         if loaded.random_weights:
             log.warning("!" * 72)
             log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", spec.name, where.path)

@@ -8,8 +8,8 @@ import pytest
 from support import ServerProcess
 
 from esm2_wire.proto import pb_grpc
-from service.checkpoints import load
-from service.random_checkpoints import write_random_checkpoint
+from service.models.checkpoints import load
+from service.models.random_checkpoints import write_random_checkpoint
 
 
 @pytest.fixture(scope="session")

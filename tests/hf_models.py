@@ -1,6 +1,6 @@
 """Hugging Face ESM-2 checkpoints for the tests, written and run by transformers itself.
 
-Random weights at a tiny shape and the real 8M/35M shapes (as service.random_checkpoints
+Random weights at a tiny shape and the real 8M/35M shapes (as service.models.random_checkpoints
 makes fair-esm ones), fair-esm weights converted to HF format, and transformers' own
 EsmForMaskedLM forward of one sequence alone: the ground truth for HF-served outputs.
 transformers is a test dependency only; the server reads these files without it.
@@ -15,8 +15,8 @@ import torch
 from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
 
 from reference import STANDARD_ORDER
-from service.checkpoints import RANDOM_WEIGHTS_KEY
-from service.hf_checkpoints import ALPHABET
+from service.models.checkpoints import RANDOM_WEIGHTS_KEY
+from service.models.hf_checkpoints import ALPHABET
 
 # shape -> (layers, hidden, heads)
 HF_SHAPES = {"tiny": (2, 64, 4), "8m": (6, 320, 20), "35m": (12, 480, 20)}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from support import REPO, ServerProcess
-from service import batch_budget
+from service.models import batch_budget
 from esm2_wire.proto import pb
 
 

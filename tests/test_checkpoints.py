@@ -12,9 +12,9 @@ import torch
 
 from support import REPO
 from reference import assert_close, reference
-from service import checkpoints
-from service.esm_forward import BatchPlan, forward
-from service.random_checkpoints import write_random_checkpoint
+from service.models import checkpoints
+from service.models.forward import BatchPlan, forward
+from service.models.random_checkpoints import write_random_checkpoint
 
 
 def test_random_checkpoints_are_in_fair_esm_format(tiny_checkpoint):

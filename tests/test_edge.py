@@ -449,10 +449,10 @@ def test_launcher_binds_grpc_and_metrics_to_loopback(tmp_path, tiny_checkpoint):
 
 # ---- 6. OpenAPI ----------------------------------------------------------------------
 def test_openapi_served_is_the_committed_document(edge):
-    from service import openapi
+    from service.api import openapi
 
-    committed = (REPO / "service" / "openapi.json").read_bytes()
-    assert committed == openapi.render(), "service/openapi.json is stale: python -m service.openapi > service/openapi.json"
+    committed = (REPO / "service" / "api" / "openapi.json").read_bytes()
+    assert committed == openapi.render(), "service/api/openapi.json is stale: python -m service.api.openapi > service/api/openapi.json"
     response = requests.get(edge.url + "/api/v3/openapi.json", timeout=HANG)
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
     assert response.content == committed

@@ -22,10 +22,11 @@ from test_encode_parity import INCLUDE_ALL, SEQUENCES, check_result
 from transformers import EsmForSequenceClassification, EsmModel
 
 from support import REPO, ServerProcess, encode_request, free_port
-from service import hf_checkpoints, model_sources, server
-from service.checkpoints import CheckpointNotFound
-from service.esm_forward import BatchPlan, forward
-from service.memory_budget import DoesNotFit, parameter_count
+from service.models import hf_checkpoints, sources
+from service import server
+from service.models.checkpoints import CheckpointNotFound
+from service.models.forward import BatchPlan, forward
+from service.models.memory_budget import DoesNotFit, parameter_count
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb
 
@@ -102,7 +103,7 @@ def test_served_outputs_equal_transformers(hf_server, hf_dirs, model, directory)
 def test_loader_matches_transformers_at_real_shapes(tmp_path, shape):
     """In-process, both attention paths, every layer: the conversion is exact at every shape."""
     directory = write_random_hf(shape, tmp_path / shape, seed=11)
-    loaded = model_sources.load("x", model_sources.locate("x", str(directory), None, False))
+    loaded = sources.load("x", sources.locate("x", str(directory), None, False))
     layers, dim, heads = HF_SHAPES[shape]
     assert (loaded.num_layers, loaded.embed_dim, loaded.attention_heads) == (layers, dim, heads)
     assert loaded.parameters == parameter_count(layers, dim, heads)
@@ -222,7 +223,7 @@ def test_bin_weights_load_only_through_weights_only(tmp_path, hf_dirs):
     weights = load_file(hf_dirs["tiny"] / "model.safetensors")
     torch.save(weights, directory / "pytorch_model.bin")
     served = _load(tmp_path, "--models", "m", "--checkpoint", f"m={directory}")
-    from_safetensors = model_sources.load("m", model_sources.locate("m", str(hf_dirs["tiny"]), None, False))
+    from_safetensors = sources.load("m", sources.locate("m", str(hf_dirs["tiny"]), None, False))
     for (name, a), b in zip(served["m"][2].model.state_dict().items(), from_safetensors.model.state_dict().values()):
         assert torch.equal(a, b), name
     torch.save({"weights": weights, "evil": Exception("not a tensor")}, directory / "pytorch_model.bin")
@@ -234,7 +235,7 @@ def test_hub_id_absent_offline_names_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointNotFound) as info:
-        model_sources.locate("ft", "hf:my-org/absent", None, allow_download=False)
+        sources.locate("ft", "hf:my-org/absent", None, allow_download=False)
     message = str(info.value)
     assert str(tmp_path / "hub" / "models--my-org--absent" / "snapshots") in message
     assert "Downloading is switched off (--offline)" in message and "--checkpoint ft=" in message
@@ -268,7 +269,7 @@ def test_hub_id_absent_online_tries_huggingface_hub_and_says_why_it_failed(tmp_p
     monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", closed)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointNotFound) as info:
-        model_sources.locate("ft", "hf:my-org/absent", None, allow_download=True)
+        sources.locate("ft", "hf:my-org/absent", None, allow_download=True)
     message = str(info.value)
     assert "Download from the Hugging Face hub failed" in message and "Connection refused" in message
     assert str(tmp_path / "hub" / "models--my-org--absent" / "snapshots") in message
@@ -276,11 +277,11 @@ def test_hub_id_absent_online_tries_huggingface_hub_and_says_why_it_failed(tmp_p
 
 def test_bare_esm_model_serves_embeddings_without_lm_head(tmp_path, caplog):
     """An EsmModel save (no `esm.` prefix, a pooler, no LM head): embeddings exact, logits refused."""
-    caplog.set_level(logging.INFO, "service.hf_checkpoints")
+    caplog.set_level(logging.INFO, "service.models.hf_checkpoints")
     torch.manual_seed(3)
     bare = EsmModel(esm2_config(*HF_SHAPES["tiny"])).eval()
     directory = save(bare, tmp_path / "bare")
-    loaded = model_sources.load("bare", model_sources.locate("bare", str(directory), None, False))
+    loaded = sources.load("bare", sources.locate("bare", str(directory), None, False))
     assert not loaded.has_lm_head and loaded.has_contact_regression
     assert "ignoring 2 tensors of heads the service does not serve (esm.pooler)" in caplog.text
     a = loaded.alphabet

@@ -14,10 +14,10 @@ from sequence_text import TEXT, oracle_tokens
 from support import ServerProcess, encode_request
 
 from esm2_wire.proto import pb, pb_grpc
-from service.request_guard import DEFAULT_MAX_METADATA_BYTES, max_request_message_bytes
+from service.api.request_guard import DEFAULT_MAX_METADATA_BYTES, max_request_message_bytes
 from esm2_wire.vocabulary import Limits
 from service.errors import MAX_MESSAGE_CHARS
-from service.validation import ParsedItem, parse_sequence
+from service.api.validation import ParsedItem, parse_sequence
 
 KEY = "guard-key-0123456789"
 ENCODE = "/esm.v1.Esm2Service/Encode"

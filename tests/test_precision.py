@@ -11,9 +11,9 @@ import torch
 
 from support import REPO
 from esm2_wire.output_kinds import OutputKind
-from service import precision
+from service.models import precision
 from esm2_wire.proto import pb
-from service.esm_forward import BatchPlan, forward
+from service.models.forward import BatchPlan, forward
 from esm2_wire.proto import pb
 
 # bf16 keeps 8 bits of mantissa (~0.4% per rounding); over the 8M shape's 6 layers the

@@ -6,9 +6,9 @@ import pytest
 from reference import assert_close, matrix, reference
 
 from support import ServerProcess, encode_request
-from service.checkpoints import load
+from service.models.checkpoints import load
 from esm2_wire.proto import pb, pb_grpc
-from service.random_checkpoints import write_random_checkpoint
+from service.models.random_checkpoints import write_random_checkpoint
 
 SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ" * 5, "ACDEFGHIKLMNPQRSTVWY", "MKV"]
 ALL = ["mean", "per_token", "bos", "contacts", "logits", "attentions"]

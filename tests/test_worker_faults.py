@@ -1,6 +1,6 @@
 """The model worker failing (issue 9, section 5), through the test-only fault hook.
 
-The hook is armed by ESM_FAULT_FILE at start-up (service.faults); a test writes a fault name
+The hook is armed by ESM_FAULT_FILE at start-up (service.engine.faults); a test writes a fault name
 into that file. A failing batch fails only its items (gRPC INTERNAL, HTTP 500 through Envoy)
 and serving goes on. A dead worker thread or an unusable device fails all accepted work with
 UNAVAILABLE (HTTP 503 with Retry-After), reports NOT_SERVING and exits with status 3.
@@ -20,7 +20,7 @@ from support import ServerProcess, encode_request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_gateway import body, post, start_gateway
 
-from service.scheduler import WORKER_LOST
+from service.engine.scheduler import WORKER_LOST
 from service.server import EXIT_WORKER_LOST
 
 _USED = itertools.count()

@@ -9,20 +9,19 @@ import asyncio
 import threading
 
 import numpy as np
-import torch
 
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from service.errors import ServiceError
-from service.model_worker import ModelInput
-from service.scheduler import BatchLimits, QueueEntry, Scheduler
+from service.engine.inputs import ModelInput
+from service.engine.scheduler import BatchLimits, QueueEntry, Scheduler
 
 
 def model_input(length: int, model: str = "m", maps: bool = False, token: int = 0) -> ModelInput:
     """An input of `length` tokens (BOS and EOS included), all equal to `token`; `maps`: it
     needs attention maps. Inputs with equal arguments are identical (computed once)."""
     outputs = {OutputKind.CONTACTS} if maps else {OutputKind.MEAN}
-    return ModelInput(model, torch.full((length,), token, dtype=torch.int64), frozenset(outputs), (1,))
+    return ModelInput(model, np.full((length,), token, dtype=np.int64), frozenset(outputs), (1,))
 
 
 def entry(length: int, model: str = "m", maps: bool = False, enqueued_at: float = 0.0) -> QueueEntry:

@@ -3,7 +3,7 @@
 import numpy as np
 from fakes import entries, entry
 
-from service.scheduler import BatchLimits, take_batch
+from service.engine.scheduler import BatchLimits, take_batch
 
 
 def test_take_batch_groups_similar_lengths_under_the_token_budget():

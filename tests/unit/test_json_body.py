@@ -1,4 +1,4 @@
-"""The JSON API's body reader and error bodies, in-process (service/json_body.py)."""
+"""The JSON API's body reader and error bodies, in-process (service/api/json_body.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from esm2_wire.vocabulary import Limits
 from service.errors import BadBody, InvalidRequest
-from service.json_body import BodyParser, error_body, inflate
+from service.api.json_body import BodyParser, error_body, inflate
 
 PARSER = BodyParser(Limits(8, 2048), max_bytes=1 << 20)
 

@@ -5,7 +5,7 @@ import pytest
 
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
-from service import json_limits, rendering
+from service.api import json_limits, rendering
 
 VOCAB = list("ACDEFGHIKLMNPQRSTVWY")
 

@@ -12,9 +12,9 @@ import torch
 from fakes import FakeWorker, model_input
 
 from service.errors import Internal, WorkerLost
-from service.faults import FaultHook
-from service.model_worker import DeviceUnusable, ModelWorker
-from service.scheduler import WORKER_LOST, BatchLimits, Scheduler
+from service.engine.faults import FaultHook
+from service.engine.worker import DeviceUnusable, ModelWorker
+from service.engine.scheduler import WORKER_LOST, BatchLimits, Scheduler
 
 
 class DyingWorker(FakeWorker):

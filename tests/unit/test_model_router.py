@@ -8,8 +8,8 @@ import threading
 from fakes import FakeWorker, busy, model_input
 
 from service import metrics
-from service.model_router import ModelRouter
-from service.scheduler import BatchLimits, Scheduler
+from service.engine.router import ModelRouter
+from service.engine.scheduler import BatchLimits, Scheduler
 
 
 def test_each_model_runs_on_its_own_worker_and_the_queue_gauge_sums_every_model():

@@ -6,8 +6,8 @@ import pytest
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.vocabulary import MASK, Limits
 from service.errors import InvalidRequest
-from service.request_schema import request_schema
-from service.validation import parse_items, parse_options
+from service.api.request_schema import request_schema
+from service.api.validation import parse_items, parse_options
 
 LIMITS = Limits(max_items=3, max_sequence_length=6)
 

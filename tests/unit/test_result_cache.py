@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from fakes import model_input
 
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
-from service.model_worker import ModelInput
-from service.result_cache import ResultCache, cache_key, result_bytes
+from service.engine.inputs import ModelInput
+from service.engine.result_cache import ResultCache, cache_key, result_bytes
 
 
 def _result(floats: int) -> ItemResult:
@@ -17,16 +16,16 @@ def _result(floats: int) -> ItemResult:
 
 
 def test_the_key_changes_with_scope_tokens_outputs_and_layers():
-    base = ModelInput("m", torch.tensor([0, 5, 6, 2]), frozenset({OutputKind.MEAN}), (1,))
+    base = ModelInput("m", np.array([0, 5, 6, 2], dtype=np.int64), frozenset({OutputKind.MEAN}), (1,))
     variants = [
-        ModelInput("m", torch.tensor([0, 5, 7, 2]), base.outputs, base.layers),
+        ModelInput("m", np.array([0, 5, 7, 2], dtype=np.int64), base.outputs, base.layers),
         ModelInput("m", base.token_ids, frozenset({OutputKind.MEAN, OutputKind.LOGITS}), base.layers),
         ModelInput("m", base.token_ids, base.outputs, (1, 2)),
     ]
     keys = {cache_key("m|w|fp32", base)} | {cache_key("m|w|fp32", v) for v in variants}
     keys |= {cache_key("m|w|bf16", base), cache_key("m|other-weights|fp32", base)}
     assert len(keys) == 6
-    same = ModelInput("m", torch.tensor([0, 5, 6, 2]), frozenset({OutputKind.MEAN}), (1,))
+    same = ModelInput("m", np.array([0, 5, 6, 2], dtype=np.int64), frozenset({OutputKind.MEAN}), (1,))
     assert cache_key("m|w|fp32", same) == cache_key("m|w|fp32", base)
 
 

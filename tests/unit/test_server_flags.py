@@ -1,7 +1,7 @@
 """The server's flags default to the limits' own defaults, and override them one by one."""
 
 from esm2_wire.vocabulary import Limits
-from service.scheduler import BatchLimits
+from service.engine.scheduler import BatchLimits
 from service.server import batch_limits, parse_args, request_limits
 
 

@@ -17,7 +17,7 @@ from sequence_text import TEXT, oracle_tokens
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.vocabulary import MASK, Limits
 from service.errors import MAX_MESSAGE_CHARS, InvalidRequest
-from service.validation import ParsedItem, parse_items, parse_options, parse_sequence
+from service.api.validation import ParsedItem, parse_items, parse_options, parse_sequence
 
 LIMITS = Limits(max_items=4, max_sequence_length=12)  # small, so that lengths cross the limit often
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,7 +11,7 @@ from esm2_wire.chunks import ChunkError, chunk_size, decode_rows, tensor_chunks,
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb
-from service import rendering
+from service.api import rendering
 
 DATA_TYPES = [pb.DATA_TYPE_UNSPECIFIED, pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16]
 

@@ -2,7 +2,7 @@
 
 Keys are compared in constant time against every configured key and never logged.
 Health checks, reflection, schemas and the model list stay open. The check itself runs in
-service.request_guard, on metadata, before a request message is decoded.
+service.api.request_guard, on metadata, before a request message is decoded.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ the same worker thread, so a small request waits about one layer, not the whole 
 Several workers (one per device) may serve the same models: each batch goes to
 whichever worker is free. Identical items (same model, tokens, outputs and layers) are
 computed once: one queued or running computation has many waiters, and a finished
-result is kept in a byte-bounded cache (service.result_cache).
+result is kept in a byte-bounded cache (service.engine.result_cache).
 """
 
 from __future__ import annotations
@@ -31,12 +31,16 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from esm2_wire.item_result import ItemResult
 from service import metrics
 from service.errors import DeadlineExceeded, Internal, QueueFull, ServiceError, WorkerLost
-from service.model_worker import ModelInput, ModelWorker
-from service.result_cache import ResultCache, cache_key, freeze
+from service.engine.inputs import ModelInput
+from service.engine.result_cache import ResultCache, cache_key, freeze
+
+if TYPE_CHECKING:  # the worker imports torch; the scheduler only hands it batches
+    from service.engine.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 WORKER_LOST = "the model worker failed and this server is restarting; retry the request"

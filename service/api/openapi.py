@@ -1,9 +1,9 @@
-"""The OpenAPI 3.1 document of the JSON API, committed as service/openapi.json.
+"""The OpenAPI 3.1 document of the JSON API, committed as service/api/openapi.json.
 
-    python -m service.openapi > service/openapi.json
+    python -m service.api.openapi > service/api/openapi.json
 
 The server serves the committed file at GET /api/v3/openapi.json; a test checks that it
-equals what this module builds, so request bodies always follow service.request_schema.
+equals what this module builds, so request bodies always follow service.api.request_schema.
 Limits are the defaults (--max-items, --max-sequence-length); a server started with
 other limits enforces its own, which GET /api/v3/schema/{model}/{action}/ reports.
 """
@@ -15,7 +15,7 @@ import sys
 
 from esm2_wire.output_kinds import NAMES as INCLUDE_VALUES
 from esm2_wire.vocabulary import Limits
-from service.request_schema import request_schema
+from service.api.request_schema import request_schema
 
 NUMBERS = {"type": "array", "items": {"type": "number"}}
 MATRIX = {"type": "array", "items": NUMBERS}

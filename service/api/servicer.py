@@ -20,15 +20,16 @@ from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
-from service import errors, json_limits, metrics, rendering
-from service.checkpoints import FAIR_ESM, HUGGING_FACE, LoadedModel
+from service import errors, metrics
+from service.api import json_limits, rendering
+from service.models.checkpoints import FAIR_ESM, HUGGING_FACE, LoadedModel
 from service.errors import FailedPrecondition, InvalidRequest, NotFound, echo, join_problems
-from service.json_body import CONTENT_ENCODING_METADATA, BodyParser, gateway_error_metadata
-from service.esm_forward import amino_acid_columns
-from service.model_router import ModelRouter
-from service.model_worker import ModelInput
-from service.request_schema import request_schema
-from service.validation import ParsedItem, parse_items, parse_options
+from service.api.json_body import CONTENT_ENCODING_METADATA, BodyParser, gateway_error_metadata
+from service.models.forward import amino_acid_columns
+from service.engine.router import ModelRouter
+from service.engine.inputs import ModelInput
+from service.api.request_schema import request_schema
+from service.api.validation import ParsedItem, parse_items, parse_options
 
 log = logging.getLogger(__name__)
 

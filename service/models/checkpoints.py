@@ -3,7 +3,7 @@
 A checkpoint is fair-esm's `<stem>.pt` (model weights plus an `argparse.Namespace`
 config) and its `<stem>-contact-regression.pt`. Files are unpickled with torch's
 `weights_only=True` loader, allowing exactly one extra class: `argparse.Namespace`.
-Hugging Face checkpoints are read by service.hf_checkpoints into the same module.
+Hugging Face checkpoints are read by service.models.hf_checkpoints into the same module.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import esm
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ HUGGING_FACE = "huggingface"
 # fair-esm's own download locations (esm/pretrained.py).
 _MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{stem}.pt"
 _REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{stem}-contact-regression.pt"
-# Written by service.random_checkpoints into every checkpoint it makes.
+# Written by service.models.random_checkpoints into every checkpoint it makes.
 RANDOM_WEIGHTS_KEY = "esm_service_random_weights"
 
 
@@ -86,13 +87,13 @@ class LoadedModel:
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def tokenize(self, tokens: tuple[str, ...]) -> torch.Tensor:
+    def tokenize(self, tokens: tuple[str, ...]) -> np.ndarray:
         """int64 [BOS, residues..., EOS] for validated tokens (letters and `<mask>`).
 
         The alphabet's index directly: fair-esm's tokenizer would drop whitespace silently."""
         alphabet = self.alphabet
         ids = [alphabet.cls_idx, *(alphabet.tok_to_idx[t] for t in tokens), alphabet.eos_idx]
-        return torch.tensor(ids, dtype=torch.int64)
+        return np.array(ids, dtype=np.int64)
 
 
 def regression_path(checkpoint: Path) -> Path:

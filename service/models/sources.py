@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from service import checkpoints, hf_checkpoints
-from service.checkpoints import FAIR_ESM, HUGGING_FACE, CheckpointNotFound, LoadedModel
+from service.models import checkpoints, hf_checkpoints
+from service.models.checkpoints import FAIR_ESM, HUGGING_FACE, CheckpointNotFound, LoadedModel
 
 log = logging.getLogger(__name__)
 

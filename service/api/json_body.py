@@ -1,7 +1,7 @@
 """The JSON API's request bodies, read strictly, and its error bodies, in BioLM's shape.
 
 Envoy passes each encode/predict body through untouched (google.api.HttpBody), so the
-rules here are the only ones: the published JSON schema (service.request_schema) with
+rules here are the only ones: the published JSON schema (service.api.request_schema) with
 `additionalProperties: false`, plus what JSON text itself must not do (duplicate keys,
 NaN, invalid UTF-8). The transcoder's own JSON mapping merged duplicate keys, coerced
 scalars into arrays and ignored unknown fields, answering 200 for something other
@@ -22,7 +22,7 @@ import jsonschema
 
 from esm2_wire.vocabulary import Limits
 from service.errors import ELLIPSIS, BadBody, InvalidRequest, echo
-from service.request_schema import MAX_LIST_PARAM, request_schema
+from service.api.request_schema import MAX_LIST_PARAM, request_schema
 
 CONTENT_ENCODING_METADATA = "x-esm-content-encoding"  # set by the gateway's Lua filter
 
@@ -128,7 +128,7 @@ def _check_list_lengths(document, limits: Limits) -> None:
             raise InvalidRequest(f"params.{name}: at most {MAX_LIST_PARAM} values, got {len(values)}")
 
 
-# Sequence contents (letters, length, masks) are checked by service.validation, whose
+# Sequence contents (letters, length, masks) are checked by service.api.validation, whose
 # messages name the position of the first bad character; the schema states the same rules.
 _SEQUENCE_RULES = {"pattern", "minLength", "maxLength"}
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from esm2_wire.item_result import ItemResult
 from service import metrics
-from service.model_worker import ModelInput
-from service.scheduler import Scheduler
+from service.engine.inputs import ModelInput
+from service.engine.scheduler import Scheduler
 
 
 class ModelRouter:

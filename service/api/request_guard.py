@@ -3,7 +3,7 @@
 grpc's asyncio server runs interceptors on the method name and metadata only; the message
 is read and decoded afterwards by the handler's deserializer. So, in this order:
 1. metadata over --max-metadata-bytes can never succeed: INVALID_ARGUMENT, body not decoded;
-2. a missing or wrong API key: UNAUTHENTICATED, body not decoded (see service.auth);
+2. a missing or wrong API key: UNAUTHENTICATED, body not decoded (see service.api.auth);
 3. a message over --max-request-message-bytes: INVALID_ARGUMENT, without decoding it;
 4. a message that is not valid protobuf: INVALID_ARGUMENT (grpc itself would answer UNKNOWN
    and log a traceback per call), logged at most once per LOG_INTERVAL_S.
@@ -19,9 +19,9 @@ import time
 import grpc
 
 from service import errors, metrics
-from service.auth import OPEN_METHODS, key_matches
+from service.api.auth import OPEN_METHODS, key_matches
 from service.errors import InvalidRequest, ServiceError, Unauthenticated
-from service.json_body import gateway_error_metadata
+from service.api.json_body import gateway_error_metadata
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ For tests, benchmarks and offline demos: throughput does not depend on the weigh
 values, and parity tests compare against fair-esm loading the very same file. Every
 checkpoint written here is marked, and the server says loudly that it is random.
 
-    python -m service.random_checkpoints --shape 8m --out checkpoints/
+    python -m service.models.random_checkpoints --shape 8m --out checkpoints/
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import esm
 import torch
 
-from service.checkpoints import RANDOM_WEIGHTS_KEY, STANDARD_MODELS, regression_path
+from service.models.checkpoints import RANDOM_WEIGHTS_KEY, STANDARD_MODELS, regression_path
 
 # shape name -> (layers, embed_dim, heads, file stem); real shapes use fair-esm's names.
 SHAPES = {

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.checkpoints import LoadedModel
-from service.esm_forward import time_fast_layer
+from service.models.checkpoints import LoadedModel
+from service.models.forward import time_fast_layer
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import esm
 import torch
 
-from service.checkpoints import RANDOM_WEIGHTS_KEY
+from service.models.checkpoints import RANDOM_WEIGHTS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class HfShape:
     rope_theta: float
     name_or_path: str  # the model it was fine-tuned from / saved as ("" when unknown)
     architecture: str
-    random_weights: bool  # marked by service.random_checkpoints
+    random_weights: bool  # marked by service.models.random_checkpoints
 
 
 def is_hf_directory(path: Path) -> bool:

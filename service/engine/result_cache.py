@@ -15,7 +15,7 @@ import numpy as np
 
 from esm2_wire.item_result import ItemResult
 from service import metrics
-from service.model_worker import ModelInput
+from service.engine.inputs import ModelInput
 
 DEFAULT_CACHE_MB = 512
 # One result may take at most this share of the cache, so that a few huge per-token or
@@ -29,7 +29,7 @@ def cache_key(scope: str, item: ModelInput) -> bytes:
     digest.update(scope.encode())
     digest.update(b"\0outputs:" + ",".join(sorted(kind.value for kind in item.outputs)).encode())
     digest.update(b"\0layers:" + ",".join(map(str, item.layers)).encode())
-    digest.update(b"\0tokens:" + item.token_ids.numpy().astype(np.int64).tobytes())
+    digest.update(b"\0tokens:" + item.token_ids.astype(np.int64).tobytes())
     return digest.digest()
 
 

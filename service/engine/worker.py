@@ -12,7 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
-from dataclasses import dataclass
+
 
 import numpy as np
 import torch
@@ -20,35 +20,18 @@ import torch
 from esm2_wire import output_kinds
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
-from service.checkpoints import LoadedModel
+from service.models.checkpoints import LoadedModel
 from service.errors import Internal, OutOfMemory, ServiceError
-from service.faults import FaultHook
-from service.esm_forward import BatchPlan, forward
-from service.precision import AUTOCAST_DTYPES
+from service.engine.faults import FaultHook
+from service.engine.inputs import ModelInput
+from service.models.forward import BatchPlan, forward
+from service.models.precision import AUTOCAST_DTYPES
 
 log = logging.getLogger(__name__)
 
 
 class DeviceUnusable(Exception):
     """The device fails every call (e.g. after a CUDA device-side assert): only a restart helps."""
-
-
-@dataclass(frozen=True, eq=False)
-class ModelInput:
-    """One sequence, ready for the model: all the worker needs to compute its outputs."""
-
-    model: str
-    token_ids: torch.Tensor  # int64 [BOS, residues..., EOS], from LoadedModel.tokenize
-    outputs: frozenset[OutputKind]
-    layers: tuple[int, ...]  # non-negative; used by the per-layer outputs
-
-    @property
-    def length(self) -> int:  # tokens, BOS and EOS included
-        return self.token_ids.numel()
-
-    @property
-    def needs_maps(self) -> bool:
-        return output_kinds.needs_maps(self.outputs)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -108,7 +91,7 @@ class ModelWorker:
         self.fast_attention = fast_attention
         # Testing aid: behave as if the device ran out of memory on larger batches.
         self.simulate_oom_above_tokens = simulate_oom_above_tokens
-        self.faults = faults  # None unless armed at start-up (service.faults)
+        self.faults = faults  # None unless armed at start-up (service.engine.faults)
         for loaded in models.values():
             loaded.model.to(device)
 
@@ -154,7 +137,7 @@ class ModelWorker:
             raise torch.OutOfMemoryError(f"simulated: {len(batch)} x {width} tokens")
         tokens = torch.full((len(batch), width), loaded.alphabet.padding_idx, dtype=torch.int64)
         for row, item in enumerate(batch):
-            tokens[row, : item.length] = item.token_ids
+            tokens[row, : item.length] = torch.from_numpy(item.token_ids)
         plan = BatchPlan(
             layers=frozenset(layer for item in batch if output_kinds.per_layer(item.outputs) for layer in item.layers),
             outputs=frozenset().union(*(item.outputs for item in batch)),

@@ -1,0 +1,32 @@
+"""The hand-off type between the API layer and the engine: one sequence, ready for a model.
+
+Torch-free on purpose: the scheduler, the result cache and the handlers pass it around and
+hash it without importing torch; only the worker turns the token ids into a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from esm2_wire import output_kinds
+from esm2_wire.output_kinds import OutputKind
+
+
+@dataclass(frozen=True, eq=False)
+class ModelInput:
+    """One sequence, ready for the model: all the worker needs to compute its outputs."""
+
+    model: str
+    token_ids: np.ndarray  # int64 [BOS, residues..., EOS], from LoadedModel.tokenize
+    outputs: frozenset[OutputKind]
+    layers: tuple[int, ...]  # non-negative; used by the per-layer outputs
+
+    @property
+    def length(self) -> int:  # tokens, BOS and EOS included
+        return int(self.token_ids.size)
+
+    @property
+    def needs_maps(self) -> bool:
+        return output_kinds.needs_maps(self.outputs)
