@@ -92,9 +92,9 @@ class Declared(BaseSettings):
 
 
 def ordered(cls: type[BaseModel]) -> list[tuple[str, FieldInfo]]:
-    """The settings of `cls`, its own first, then those it shares (per-model, JSON edge)."""
-    own = getattr(cls, "__annotations__", {})
-    return sorted(cls.model_fields.items(), key=lambda item: item[0] not in own)
+    """The settings of `cls`, its own first, then those of its bases (per-model, JSON edge)."""
+    names = [n for base in cls.__mro__ for n in vars(base).get("__annotations__", {}) if n in cls.model_fields]
+    return [(n, cls.model_fields[n]) for n in dict.fromkeys(names)]
 
 
 def _metavar(info: FieldInfo) -> str:
