@@ -14,7 +14,9 @@ from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from service.errors import ServiceError
 from service.engine.inputs import ModelInput
-from service.engine.scheduler import BatchLimits, QueueEntry, Scheduler
+from service.engine.intake import QueueEntry
+from service.engine.policy import BatchLimits
+from service.engine.scheduler import Scheduler
 
 
 def model_input(length: int, model: str = "m", maps: bool = False, token: int = 0) -> ModelInput:
@@ -40,22 +42,23 @@ class FakeWorker:
 
     def __init__(self, gate: threading.Event | None = None, fail: dict[int, ServiceError] | None = None,
                  on_run=None, layers: int = 1):
-        self.layers = layers  # between_layers is called layers - 1 times per batch, as the model does
+        self.layers = layers  # layer_hook is called layers - 1 times per batch, as the forward pass does
+        self.layer_hook = None  # set by the scheduler's worker slot, as on ModelWorker
         self.batches: list[list[ModelInput]] = []
         self.on_run = on_run  # called with each batch before it is answered (e.g. to advance a fake clock)
         self.gate = gate
         self.fail = fail or {}
         self.started = threading.Event()
 
-    def run(self, batch: list[ModelInput], between_layers=None) -> list[ItemResult | ServiceError]:
+    def run(self, batch: list[ModelInput]) -> list[ItemResult | ServiceError]:
         self.batches.append(batch)
         if self.on_run is not None:
             self.on_run(batch)
         self.started.set()
         if self.gate is not None:
             self.gate.wait(30)  # bounded: a test that forgets to release fails, not hangs
-        for _ in range(self.layers - 1 if between_layers is not None else 0):
-            between_layers()
+        for _ in range(self.layers - 1 if self.layer_hook is not None else 0):
+            self.layer_hook.between_layers()
         return [self.fail.get(item.length) or ItemResult(mean={1: np.full(1, item.length, np.float32)})
                 for item in batch]
 

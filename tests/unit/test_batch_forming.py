@@ -1,9 +1,13 @@
-"""take_batch: which queued entries form the next batch (no model, no server)."""
+"""take_batch: which queued entries form the next batch (no model, no server); and the one batch
+budget that both take_batch and the scheduler's fill window ("is the batch full yet?") read."""
 
 import numpy as np
+import pytest
 from fakes import entries, entry
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from service.engine.scheduler import BatchLimits, take_batch
+from service.engine.policy import BatchLimits, CostModel, batch_is_full, next_anchor, take_batch
 
 
 def test_take_batch_groups_similar_lengths_under_the_token_budget():
@@ -56,3 +60,45 @@ def test_every_formed_batch_meets_the_target_on_a_log_normal_mix():
         assert len(batch) == 1 or sum(i.length for i in batch) >= limits.min_padding_efficiency * width * len(batch)
         assert len(batch) == 1 or width * len(batch) <= limits.max_batch_tokens
     assert taken == len(lengths)
+
+
+# ---- one budget, read by take_batch and by the fill window ----------------------------------
+@pytest.mark.parametrize("lengths, maps, limits, taken", [
+    ([10] * 4, False, BatchLimits(max_batch_size=4), 4),  # the size cap
+    ([2048] * 5, False, BatchLimits(max_batch_tokens=4 * 2048, max_batch_token_pairs=10**9), 4),  # the token budget
+    ([1024] * 5, False, BatchLimits(max_batch_token_pairs=4 * 1024 * 1024), 4),  # the pair budget
+    ([512] * 6, True, BatchLimits(max_batch_token_pairs=5 * 512 * 512 * 3), 5),  # ... x 3 with maps
+])
+def test_a_queue_at_a_bound_is_full_and_take_batch_stops_at_that_bound(lengths, maps, limits, taken):
+    pending = entries(lengths, maps=maps)
+    at_bound = pending[:taken]
+    assert batch_is_full(at_bound, at_bound[0], limits)
+    assert not batch_is_full(at_bound[:-1], at_bound[0], limits)
+    assert len(take_batch(pending, limits)) == taken
+
+
+_queues = st.lists(st.integers(3, 1200), min_size=1, max_size=40)
+_limits = st.builds(BatchLimits, max_batch_tokens=st.integers(1, 20_000), max_batch_size=st.integers(1, 50),
+                    max_batch_token_pairs=st.integers(1, 3_000_000), min_padding_efficiency=st.just(0.0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(lengths=_queues, maps=st.booleans(), limits=_limits)
+def test_a_queue_the_fill_window_calls_not_full_is_taken_whole(lengths, maps, limits):
+    """Waiting is only for a batch that could still grow: what is queued then fits as one batch."""
+    pending = entries(lengths, maps=maps)
+    anchor = next_anchor(pending, limits, CostModel(learn=False))
+    if not batch_is_full(pending, anchor, limits):
+        assert len(take_batch(pending, limits, anchor)) == len(lengths) and not pending
+
+
+@settings(max_examples=300, deadline=None)
+@given(lengths=_queues, maps=st.booleans(), limits=_limits)
+def test_a_queue_the_fill_window_calls_full_cannot_grow_by_waiting(lengths, maps, limits):
+    """Starting without waiting loses nothing: one more item as long as the longest queued would
+    not join the batch of everything queued."""
+    pending = entries(lengths, maps=maps)
+    anchor = next_anchor(pending, limits, CostModel(learn=False))
+    if batch_is_full(pending, anchor, limits):
+        pending.append(entry(max(lengths), maps=maps))
+        assert len(take_batch(pending, limits, anchor)) < len(lengths) + 1

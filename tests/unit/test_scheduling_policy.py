@@ -16,7 +16,8 @@ from fakes import FakeWorker, busy, entries, entry, model_input, run_scheduler
 from prometheus_client import REGISTRY
 
 from service.engine.result_cache import ResultCache
-from service.engine.scheduler import BatchLimits, CostModel, Scheduler, next_anchor, take_batch, work
+from service.engine.policy import BatchLimits, CostModel, next_anchor, take_batch, work
+from service.engine.scheduler import Scheduler
 
 RATE = 1e-3  # fake seconds per work unit: a 2,050-token item "runs" 6.2 s, a 50-token one 0.05 s
 
