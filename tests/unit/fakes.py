@@ -10,12 +10,14 @@ import threading
 
 import numpy as np
 
+from prometheus_client import REGISTRY
+
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from service.errors import ServiceError
 from service.engine.inputs import ModelInput
 from service.engine.intake import QueueEntry
-from service.engine.policy import BatchLimits
+from service.engine.policy import BatchLimits, CostModel, work
 from service.engine.scheduler import Scheduler
 
 
@@ -86,3 +88,33 @@ def run_scheduler(test, workers, scheduler_args: dict | None = None, **limits):
 async def busy(worker: FakeWorker) -> None:
     """Until the worker holds a batch (it stays there while its gate is closed)."""
     assert await asyncio.to_thread(worker.started.wait, 30)
+
+
+# ---- a fake clock, for expectations that follow from the policy alone --------------------------
+RATE = 1e-3  # fake seconds per work unit: a 2,050-token item "runs" 6.2 s, a 50-token one 0.05 s
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, batch) -> None:
+        """What the fake worker does: time passes as the batch's estimated run time."""
+        self.now += RATE * work(max(i.length for i in batch), batch[0].needs_maps, len(batch))
+
+
+def run_on_fake_clock(test, workers, clock=None, cache=None, **limits):
+    """run_scheduler with a fixed cost model (RATE) and a fake clock."""
+    cost = CostModel(learn=False, seconds_per_work=RATE)
+    return run_scheduler(test, workers, {"cache": cache, "cost": cost, "clock": clock or FakeClock()}, **limits)
+
+
+def batch_lengths(worker: FakeWorker) -> list[list[int]]:
+    return [[i.length for i in batch] for batch in worker.batches]
+
+
+def metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0

@@ -1,13 +1,42 @@
-"""take_batch: which queued entries form the next batch (no model, no server); and the one batch
-budget that both take_batch and the scheduler's fill window ("is the batch full yet?") read."""
+"""The scheduling policy as pure functions (no loop, no model, no server): which entry anchors the
+next batch, which queued entries form it, and the one batch budget that both take_batch and the
+scheduler's fill window ("is the batch full yet?") read."""
 
 import numpy as np
 import pytest
-from fakes import entries, entry
+from fakes import RATE, entries, entry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.engine.policy import BatchLimits, CostModel, batch_is_full, next_anchor, take_batch
+
+
+# ---- which entry anchors the next batch ------------------------------------------------
+def test_short_work_is_due_before_long_work_that_arrived_shortly_before_it():
+    cost = CostModel(learn=False, seconds_per_work=RATE)
+    huge, small = entry(2050, enqueued_at=0.0), entry(50, enqueued_at=1.0)
+    assert next_anchor([huge, small], BatchLimits(aging=4.0), cost) is small
+    # Arriving after the huge one's due time (0 + 4 x 6.2 s), the small one waits its turn.
+    late = entry(50, enqueued_at=30.0)
+    assert next_anchor([huge, late], BatchLimits(aging=4.0), cost) is huge
+    # aging 0 is first come, first served.
+    assert next_anchor([huge, small], BatchLimits(aging=0.0), cost) is huge
+
+
+def test_a_full_length_item_runs_alone_under_the_token_pair_budget():
+    limits = BatchLimits(max_batch_tokens=8192, max_batch_token_pairs=2048 * 2048)
+    pending = entries([2050, 2050, 2050])
+    assert _lengths_of(take_batch(pending, limits)) == [2050]  # 3 x 2050 tokens would fit the token budget
+    pending = entries([1024] * 5)
+    assert _lengths_of(take_batch(pending, limits)) == [1024] * 4  # 4 x 1024^2 = 2048^2
+    pending = entries([1024] * 2, maps=True)  # attention maps weigh 3x: one 1024-token item alone
+    assert _lengths_of(take_batch(pending, limits)) == [1024]
+    pending = entries([512] * 6, maps=True)
+    assert _lengths_of(take_batch(pending, limits)) == [512] * 5  # 5 x 512^2 x 3 <= 2048^2 < 6 x ...
+
+
+def _lengths_of(batch) -> list[int]:
+    return [e.length for e in batch]
 
 
 def test_take_batch_groups_similar_lengths_under_the_token_budget():
