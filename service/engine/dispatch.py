@@ -101,15 +101,19 @@ class Interleaver:
         return stranded
 
     def between_layers(self) -> None:
-        if self._inside:
+        self.run_handed_over()
+
+    def run_handed_over(self) -> None:
+        """Run every batch handed over, one after another (also after the running batch's last layer)."""
+        if self._inside:  # called from the forward pass of a batch this runs
             return
         self._inside = True
         try:
-            self.run_handed_over()
+            self._run_handed_over()
         finally:
             self._inside = False
 
-    def run_handed_over(self) -> None:
+    def _run_handed_over(self) -> None:
         while True:
             try:
                 batch = self._handed.get_nowait()

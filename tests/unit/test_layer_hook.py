@@ -64,3 +64,16 @@ def test_a_batch_run_between_another_batchs_layers_leaves_both_results_unchanged
     assert not interleaver.has_work() and len(reported) == 1 and interleaver.seconds > 0  # ran once, no nesting
     assert all(map(_same, results, alone_running))
     assert all(map(_same, reported[0].results, alone_between))
+
+
+def test_batches_handed_over_after_the_last_layer_run_one_after_another(checkpoint):
+    worker = ModelWorker({"m": load("m", checkpoint)}, torch.device("cpu"))
+    interleaver = Interleaver(worker)
+    reported: list[BatchDone] = []
+    interleaver.attach(lambda callback, arg: callback(arg), reported.append, lambda batch: None)
+    worker.layer_hook = interleaver
+    first, second = Batch([QueueEntry(_input(20, 4))]), Batch([QueueEntry(_input(30, 5))])
+    interleaver.hand_over(first)
+    interleaver.hand_over(second)
+    interleaver.run_handed_over()  # as dispatch does once the running batch has ended
+    assert [done.batch for done in reported] == [first, second]  # the second did not run inside the first
