@@ -74,6 +74,9 @@ class GatewayConfig:
     # A listener that serves only /healthz and is exempt from max_connections, so that
     # probes are answered while clients hold every connection; None: none.
     health_port: int | None = None
+    # A listener that serves only GET /stats/prometheus (Envoy's stats, read through the admin
+    # socket) for Prometheus; None: none. Needs admin_socket.
+    stats_port: int | None = None
     max_json_response_mb: int = DEFAULT_MAX_JSON_RESPONSE_MB
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     request_timeout_s: int = 600
@@ -103,6 +106,8 @@ class GatewayConfig:
 def render(config: GatewayConfig, check_descriptor: bool = True) -> str:
     if check_descriptor and not config.descriptor.is_file():
         raise FileNotFoundError(f"{config.descriptor} is missing: run `make protos`")
+    if config.stats_port and config.admin_socket is None:
+        raise ValueError("the stats listener (--stats-port) reads Envoy's admin socket: give --admin-socket too")
     admin = ""
     if config.admin_socket is not None:
         admin = f'admin:\n  address:\n    pipe: {{path: "{Path(config.admin_socket).resolve()}", mode: 384}}  # 0600\n'
@@ -118,7 +123,8 @@ def render(config: GatewayConfig, check_descriptor: bool = True) -> str:
         routes=render_routes(config, pools),
         retry_policy=render_vhost_retry_policy(config),
         healthy_percentages=healthy,
-        clusters="".join(render_cluster(config, p) for p in pools),
+        clusters="".join(render_cluster(config, p) for p in pools)
+        + (ADMIN_CLUSTER.format(socket=Path(config.admin_socket).resolve()) if config.stats_port else ""),
         request_timeout_s=config.request_timeout_s,
         request_headers_timeout_s=config.request_headers_timeout_s,
         request_receive_timeout_s=config.request_receive_timeout_s,
@@ -127,8 +133,9 @@ def render(config: GatewayConfig, check_descriptor: bool = True) -> str:
         max_connections=config.max_connections,
         lua_code=json.dumps(lua_code(config)),
         admin=admin,
-        health_listener=HEALTH_LISTENER.format(host=config.http_host, port=config.health_port, healthy=healthy)
-        if config.health_port else "",
+        health_listener=(HEALTH_LISTENER.format(host=config.http_host, port=config.health_port, healthy=healthy)
+                         if config.health_port else "")
+        + (STATS_LISTENER.format(host=config.http_host, port=config.stats_port) if config.stats_port else ""),
     )
 
 
@@ -314,6 +321,52 @@ HEALTH_LISTENER = """\
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
 """
 
+# --stats-port: Prometheus scrapes Envoy here. The admin interface itself stays on its Unix socket
+# (it can stop Envoy and change logging); this listener forwards exactly one read-only page of it.
+STATS_LISTENER = """\
+  - name: stats
+    address:
+      socket_address: {{address: "{host}", port_value: {port}}}
+    enable_reuse_port: false
+    ignore_global_conn_limit: true
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: stats
+          request_headers_timeout: 5s
+          common_http_protocol_options: {{idle_timeout: 60s}}
+          route_config:
+            virtual_hosts:
+            - name: stats
+              domains: ["*"]
+              routes:
+              - match:
+                  path: "/stats/prometheus"
+                  headers: [{{name: ":method", string_match: {{exact: GET}}}}]
+                route: {{cluster: envoy_admin, timeout: 10s}}
+              - match: {{prefix: "/"}}
+                direct_response: {{status: 404, body: {{inline_string: "only GET /stats/prometheus is served here"}}}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
+
+ADMIN_CLUSTER = """\
+  - name: envoy_admin
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: envoy_admin
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              pipe: {{path: "{socket}"}}
+"""
+
 
 def lua_code(config: GatewayConfig) -> str:
     code = LUA.read_text()
@@ -372,6 +425,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="downstream connections Envoy accepts in all")
     parser.add_argument("--health-port", type=int, default=d.health_port,
                         help="also serve /healthz on this port, answered even when --max-connections are taken")
+    parser.add_argument("--stats-port", type=int, default=d.stats_port,
+                        help="serve Envoy's stats for Prometheus (GET /stats/prometheus, nothing else) on this port; "
+                             "needs --admin-socket")
     parser.add_argument("--max-path-bytes", type=int, default=d.max_path_bytes, help="longer URL paths get 414")
     parser.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
                         help="request headers above this in total get 431")
@@ -403,7 +459,7 @@ def config_from_args(args: argparse.Namespace, upstream: tuple[tuple[str, int], 
         request_timeout_s=args.request_timeout_s, request_headers_timeout_s=args.request_headers_timeout_s,
         request_receive_timeout_s=args.request_receive_timeout_s, stream_idle_timeout_s=args.stream_idle_timeout_s,
         connection_idle_timeout_s=args.connection_idle_timeout_s, max_connections=args.max_connections,
-        health_port=args.health_port, max_path_bytes=args.max_path_bytes, max_header_bytes=args.max_header_bytes,
+        health_port=args.health_port, stats_port=args.stats_port, max_path_bytes=args.max_path_bytes, max_header_bytes=args.max_header_bytes,
         max_authorization_bytes=args.max_authorization_bytes, per_try_timeout_s=args.per_try_timeout_s,
         retries=args.retries, retry_budget_percent=args.retry_budget_percent,
         max_requests_per_pool=args.max_requests_per_pool,
