@@ -45,7 +45,8 @@ fleet: setup
 	$(PY) -m gateway.launch --replicas $(REPLICAS) --models esm2-8m --model-dir $(CHECKPOINTS) --offline $(SERVE_ARGS)
 
 # Envoy's ConfigMap of each Kubernetes overlay, rendered from gateway/envoy.yaml (tests check they match).
-K8S_ENVOY = --configmap esm2-envoy --http-port 8080 --descriptor /etc/esm2/esm2_descriptor.pb
+K8S_ENVOY = --configmap esm2-envoy --http-port 8080 --descriptor /etc/esm2/esm2_descriptor.pb \
+	--admin-socket /tmp/envoy-admin.sock --stats-port 9901
 deploy-config: protos
 	$(PY) -m gateway.envoy_config $(K8S_ENVOY) --pool esm2-8m=esm2-8m.esm2.svc.cluster.local:50051 \
 		> deploy/k8s/overlays/cpu/envoy-config.yaml
