@@ -149,6 +149,35 @@ def test_selectors_are_found_in_promql():
     assert selectors(expr) == {'esm_x_bucket{model=~"a|b"}', "up", 'kube_y{c="server"}'}
 
 
+# ---- Envoy's stats listener ------------------------------------------------------------------
+
+def test_envoys_stats_listener_serves_prometheus_stats_and_nothing_else_of_admin(tmp_path):
+    envoy = EnvoyProcess(GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=free_port(),
+                                       admin_socket=tmp_path / "admin.sock", stats_port=free_port()),
+                         log_path=tmp_path / "envoy.log").wait_listening()
+    try:
+        stats = f"http://127.0.0.1:{envoy.config.stats_port}"
+        wait_for(lambda: requests.get(f"{stats}/stats/prometheus", timeout=5).status_code == 200, timeout=30)
+        page = requests.get(f"{stats}/stats/prometheus", timeout=5).text
+        assert 'envoy_cluster_membership_healthy{envoy_cluster_name="esm2_grpc"}' in page
+        for method, path in [("POST", "/quitquitquit"), ("POST", "/logging?level=trace"), ("GET", "/config_dump"),
+                             ("GET", "/stats"), ("POST", "/stats/prometheus"), ("GET", "/stats/prometheus/../quitquitquit"),
+                             ("POST", "/runtime_modify?a=b")]:
+            response = requests.request(method, stats + path, timeout=5)
+            assert response.status_code == 404, (method, path, response.status_code)
+        assert envoy.proc.poll() is None  # /quitquitquit did not reach the admin interface
+        assert requests.get(f"{stats}/stats/prometheus", timeout=5).status_code == 200
+    finally:
+        envoy.stop()
+
+
+def test_a_stats_listener_needs_the_admin_socket():
+    from gateway.envoy_config import render
+
+    with pytest.raises(ValueError, match="--admin-socket"):
+        render(GatewayConfig(stats_port=9901))
+
+
 # ---- live: a real Prometheus scraping a server and Envoy -------------------------------------
 
 class PrometheusProcess:
