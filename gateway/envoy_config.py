@@ -133,9 +133,7 @@ def render(config: GatewayConfig, check_descriptor: bool = True) -> str:
         max_connections=config.max_connections,
         lua_code=json.dumps(lua_code(config)),
         admin=admin,
-        health_listener=(HEALTH_LISTENER.format(host=config.http_host, port=config.health_port, healthy=healthy)
-                         if config.health_port else "")
-        + (STATS_LISTENER.format(host=config.http_host, port=config.stats_port) if config.stats_port else ""),
+        side_listeners=side_listeners(config, healthy),
     )
 
 
@@ -286,8 +284,10 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-HEALTH_LISTENER = """\
-  - name: health
+# Listeners beside the API's, outside its connection cap (ignore_global_conn_limit), each
+# serving one thing and 404 for the rest: /healthz (--health-port) and Envoy's stats (--stats-port).
+SIDE_LISTENER = """\
+  - name: {name}
     address:
       socket_address: {{address: "{host}", port_value: {port}}}
     enable_reuse_port: false
@@ -297,62 +297,50 @@ HEALTH_LISTENER = """\
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: health
+          stat_prefix: {name}
           request_headers_timeout: 5s
-          common_http_protocol_options: {{idle_timeout: 10s}}
+          common_http_protocol_options: {{idle_timeout: {idle_timeout_s}s}}
           route_config:
             virtual_hosts:
-            - name: health
+            - name: {name}
               domains: ["*"]
               routes:
-              - match: {{prefix: "/"}}
-                direct_response: {{status: 404, body: {{inline_string: "only /healthz is served here"}}}}
+{routes}              - match: {{prefix: "/"}}
+                direct_response: {{status: 404, body: {{inline_string: "only {served} is served here"}}}}
           http_filters:
+{filters}          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
+
+HEALTH_FILTER = """\
           - name: envoy.filters.http.health_check
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
               pass_through_mode: false
               headers:
               - name: ":path"
-                string_match: {{exact: "/healthz"}}
+                string_match: {exact: "/healthz"}
               cluster_min_healthy_percentages:
-{healthy}          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
 """
 
-# --stats-port: Prometheus scrapes Envoy here. The admin interface itself stays on its Unix socket
-# (it can stop Envoy and change logging); this listener forwards exactly one read-only page of it.
-STATS_LISTENER = """\
-  - name: stats
-    address:
-      socket_address: {{address: "{host}", port_value: {port}}}
-    enable_reuse_port: false
-    ignore_global_conn_limit: true
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: stats
-          request_headers_timeout: 5s
-          common_http_protocol_options: {{idle_timeout: 60s}}
-          route_config:
-            virtual_hosts:
-            - name: stats
-              domains: ["*"]
-              routes:
+# The admin interface itself stays on its Unix socket (it can stop Envoy and change logging);
+# the stats listener forwards exactly one read-only page of it, for Prometheus.
+STATS_ROUTE = """\
               - match:
                   path: "/stats/prometheus"
-                  headers: [{{name: ":method", string_match: {{exact: GET}}}}]
-                route: {{cluster: envoy_admin, timeout: 10s}}
-              - match: {{prefix: "/"}}
-                direct_response: {{status: 404, body: {{inline_string: "only GET /stats/prometheus is served here"}}}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+                  headers: [{name: ":method", string_match: {exact: GET}}]
+                route: {cluster: envoy_admin, timeout: 10s}
 """
+
+
+def side_listeners(config: GatewayConfig, healthy: str) -> str:
+    health = SIDE_LISTENER.format(name="health", host=config.http_host, port=config.health_port, idle_timeout_s=10,
+                                  routes="", served="/healthz", filters=HEALTH_FILTER + healthy)
+    stats = SIDE_LISTENER.format(name="stats", host=config.http_host, port=config.stats_port, idle_timeout_s=60,
+                                 routes=STATS_ROUTE, served="GET /stats/prometheus", filters="")
+    return (health if config.health_port else "") + (stats if config.stats_port else "")
+
 
 ADMIN_CLUSTER = """\
   - name: envoy_admin
