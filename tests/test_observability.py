@@ -143,6 +143,28 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_dashboard_layout_and_variables():
+    """What Grafana needs to import it: unique panel ids, a 24-column grid without overlaps, every
+    query on the chosen data source, and the variables the queries use."""
+    dashboard = json.loads((OBSERVABILITY / "dashboard.json").read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels) and dashboard["uid"]
+    cells = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        taken = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not taken & cells, f"{panel['title']} overlaps another panel"
+        cells |= taken
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"])
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["model"]["definition"] == "label_values(esm_queue_wait_seconds_count, model)"
+    used = set(re.findall(r"\$(\w+)", json.dumps([t["expr"] for p in panels for t in p["targets"]])))
+    assert used <= set(variables) | {"__rate_interval"}
+
+
 def test_selectors_are_found_in_promql():
     expr = ('sum by (model, le) (rate(esm_x_bucket{model=~"a|b"}[1m])) / clamp_min(sum(up), 1e-9) > 0.5 '
             'and on (pod) max by (pod) (kube_y{c="server"} == 3)')
@@ -285,6 +307,9 @@ def test_every_dashboard_query_and_alert_selector_has_data_from_a_live_server_an
         wait_for(lambda: min(prometheus.finite_values("timestamp(up)") or [0]) > sent + 0.5, timeout=30)
         missing = {name: expr for name, expr in missing.items() if not prometheus.finite_values(expr)}
     assert not missing, f"no data for: {json.dumps(missing, indent=1)}"
+    # The dashboard's model variable (label_values of the queue wait count) lists every served model.
+    models = prometheus.api("query", query="count by (model) (esm_queue_wait_seconds_count)")["result"]
+    assert {m["metric"]["model"] for m in models} == {"esm2-tiny", "esm2-8m"}
     # Only the worker-lost alert reads kube-state-metrics, and nothing else is left unchecked.
     external = {name for name, found in alert_selectors.items() for s in found if s.split("{")[0] in KUBE_STATE_METRICS}
     assert external == {"ESM2WorkerLost"}
