@@ -304,9 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     contacts = commands.add_parser(
         "contacts", parents=[common, model],
-        help="draw each sequence's contact map as a PNG (needs the plot extra; for the arrays: embed --include contacts)")
+        help="draw each sequence's contact map as a PNG (needs the plot extra; "
+             "for the arrays: embed --include contacts)")
     contacts.add_argument("fasta", type=Path, help="FASTA file, plain or gzipped")
-    contacts.add_argument("--png", type=Path, required=True, metavar="DIR", help="write <id>.png here, one per sequence")
+    contacts.add_argument("--png", type=Path, required=True, metavar="DIR",
+                          help="write <id>.png here, one per sequence")
     contacts.add_argument("--attention", action="store_true",
                           help="a second panel: the mean attention map over layers and heads")
     contacts.add_argument("--truncate", type=int, nargs="?", const=0, default=None, metavar="N",
