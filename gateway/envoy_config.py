@@ -406,6 +406,13 @@ def cluster(config: GatewayConfig, pool: Pool) -> dict:
                                                              "initial_connection_window_size": 33554432}})},
         # Requests queue on the server, so the replica with the fewest in flight is the least loaded.
         "lb_policy": "LEAST_REQUEST",
+        # Only healthy replicas get traffic, however few are left. With Envoy's default panic
+        # threshold (50%), a pool with fewer than half of its hosts healthy is balanced over all of
+        # them, the dead ones included: with one replica of three left, 44% of requests failed with
+        # "connection refused". At 0 a pool with no healthy host answers at once: 503 with
+        # retry-after and the JSON error body (LOCAL_REPLIES), and retries never pick a host that
+        # failed its health checks or was ejected.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         "load_assignment": {"cluster_name": pool.cluster, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _socket_address(host, port)}} for host, port in pool.endpoints]}]},
         # The server answers health per model name; "" is the whole server.
