@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import yaml
 
-from esm2_wire.proto import MODEL_HEADER
+from esm2_wire.proto import FLEET_MODELS_HEADER, MODEL_HEADER
 from service.api.json_limits import DEFAULT_MAX_JSON_RESPONSE_MB, DEFAULT_MAX_REQUEST_BYTES
 
 GATEWAY_DIR = Path(__file__).resolve().parent
 LUA = GATEWAY_DIR / "edge.lua"
+CATALOGUE_LUA = GATEWAY_DIR / "catalogue.lua"
 DESCRIPTOR = GATEWAY_DIR / "esm2_descriptor.pb"
 # The server refuses JSON responses above --max-json-response-mb with a 400 that
 # points to the streaming RPCs; Envoy's transcoder limit sits a little above it so
@@ -202,6 +204,7 @@ def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Pa
                 "name": "esm2",
                 "domains": ["*"],
                 "retry_policy": retry_policy(config, per_try_timeout=True),
+                **fleet_models_header(pools),
                 "routes": routes(config, pools),
             }]},
             local_reply_config=LOCAL_REPLIES,
@@ -217,6 +220,8 @@ def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Pa
                  "typed_config": _typed("envoy.extensions.filters.http.lua.v3.Lua",
                                         default_source_code={"inline_string": lua_code(config)})},
                 _transcoder_filter(config, descriptor),
+                # After the transcoder, so that it sees gRPC from JSON and gRPC callers alike.
+                *([CATALOGUE_FILTER] if len(pools) > 1 else []),
                 ROUTER_FILTER,
             ],
         )],
@@ -383,11 +388,58 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
         ]
     # Everything else (ListModels, calls without the header, unknown models) goes to the default
     # pool, or to the first model's pool: the server answers an unknown model with its 404.
-    fallback = next((p for p in pools if p.model is None), pools[0])
+    fallback = fallback_pool(pools)
+    if len(pools) > 1:
+        found.insert(0, catalogue_route(config, pools, fallback))
     return found + [
         _route(config, "fallback_stream", _regex(stream_path), fallback.cluster, stream=True),
         _route(config, "fallback", {"prefix": "/"}, fallback.cluster, stream=False),
     ]
+
+
+def fallback_pool(pools: tuple[Pool, ...]) -> Pool:
+    return next((p for p in pools if p.model is None), pools[0])
+
+
+# ---- one catalogue across pools -----------------------------------------------------------
+# Each server knows its own models, Envoy knows its pools, and neither knows the other's half.
+# ListModels (GET /api/v3/models) needs every pool's own ModelInfo (device, readiness, budget):
+# a Lua filter after the transcoder asks every other pool and merges the answers (protobuf
+# concatenation of ListModelsResponse; catalogue.lua). An unknown model's 404 comes from the
+# server that got the call, which alone reads the model out of a gRPC body: Envoy tells it the
+# models of its per-model pools in a request header, and it names them beside its own.
+CATALOGUE_FILTER_NAME = "esm.catalogue"
+CATALOGUE_FILTER = {"name": CATALOGUE_FILTER_NAME,
+                    "typed_config": _typed("envoy.extensions.filters.http.lua.v3.Lua")}  # code per route
+CATALOGUE_TIMEOUT_MS = 5000
+
+
+def catalogue_route(config: GatewayConfig, pools: tuple[Pool, ...], fallback: Pool) -> dict:
+    """ListModels, whatever model header it carries: the fallback pool answers, the catalogue filter
+    adds the other pools' models."""
+    route = _route(config, "catalogue", {"path": SERVICE_PATH + "ListModels"}, fallback.cluster, stream=False)
+    others = [p for p in pools if p is not fallback]
+    table = ", ".join(f"{{cluster = {_lua_string(p.cluster)}, model = {_lua_string(p.model)}}}" for p in others)
+    code = (CATALOGUE_LUA.read_text()
+            .replace("${other_pools}", f"{{{table}}}")
+            .replace("${answering_model}", _lua_string(fallback.model))
+            .replace("${timeout_ms}", str(CATALOGUE_TIMEOUT_MS)))
+    route["typed_per_filter_config"] = {CATALOGUE_FILTER_NAME: _typed(
+        "envoy.extensions.filters.http.lua.v3.LuaPerRoute", source_code={"inline_string": code})}
+    return route
+
+
+def _lua_string(text: str | None) -> str:
+    return "nil" if text is None else json.dumps(text)  # names are ASCII: a JSON string is a Lua string
+
+
+def fleet_models_header(pools: tuple[Pool, ...]) -> dict:
+    """The virtual host's FLEET_MODELS_HEADER: set on every forwarded call (over a caller's), or removed."""
+    models = [p.model for p in pools if p.model is not None]
+    if not models:
+        return {"request_headers_to_remove": [FLEET_MODELS_HEADER]}
+    return {"request_headers_to_add": [{"header": {"key": FLEET_MODELS_HEADER, "value": ",".join(models)},
+                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
 
 
 # ---- clusters -----------------------------------------------------------------------
