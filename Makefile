@@ -44,7 +44,7 @@ fleet: setup
 	$(PY) -m service.models.random_checkpoints --shape 8m --out $(CHECKPOINTS)
 	$(PY) -m gateway.launch --replicas $(REPLICAS) --models esm2-8m --model-dir $(CHECKPOINTS) --offline $(SERVE_ARGS)
 
-# Envoy's ConfigMap of each Kubernetes overlay, rendered from gateway/envoy.yaml (tests check they match).
+# Envoy's ConfigMap of each Kubernetes overlay, rendered by gateway/envoy_config.py (tests check they match).
 K8S_ENVOY = --configmap esm2-envoy --http-port 8080 --descriptor /etc/esm2/esm2_descriptor.pb \
 	--admin-socket /tmp/envoy-admin.sock --stats-port 9901
 deploy-config: protos

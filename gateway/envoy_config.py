@@ -1,4 +1,5 @@
-"""Render gateway/envoy.yaml: listener, model pools, retries and limits of the gateway.
+"""Envoy's config for the gateway, built as data and dumped as YAML: listener, model pools,
+retries and limits.
 
     python -m gateway.envoy_config --http-port 8080 --upstream esm2:50051 > envoy.yaml
     python -m gateway.envoy_config --pool esm2-8m=127.0.0.1:50051,127.0.0.1:50052 \\
@@ -12,9 +13,7 @@ import ipaddress
 import json
 import re
 import shlex
-import string
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -22,12 +21,14 @@ from typing import Annotated
 from pydantic import ConfigDict, field_validator
 from pydantic_settings import NoDecode
 
-from esm2_wire.proto import MODEL_HEADER
+import yaml
+
+from esm2_wire.proto import FLEET_MODELS_HEADER, MODEL_HEADER
 from service.config import Declared, JsonEdgeLimits, add_flags, from_flags, parser_for, setting
 
 GATEWAY_DIR = Path(__file__).resolve().parent
-TEMPLATE = GATEWAY_DIR / "envoy.yaml"
 LUA = GATEWAY_DIR / "edge.lua"
+CATALOGUE_LUA = GATEWAY_DIR / "catalogue.lua"
 DESCRIPTOR = GATEWAY_DIR / "esm2_descriptor.pb"
 # The server refuses JSON responses above --max-json-response-mb with a 400 that
 # points to the streaming RPCs; Envoy's transcoder limit sits a little above it so
@@ -120,37 +121,256 @@ class GatewayConfig(EnvoySettings):
 
 
 def render(config: GatewayConfig, check_descriptor: bool = True) -> str:
+    """Envoy's bootstrap config as YAML text."""
     if check_descriptor and not config.descriptor.is_file():
         raise FileNotFoundError(f"{config.descriptor} is missing: run `make protos`")
     if config.stats_port and config.admin_socket is None:
         raise ValueError("the stats listener (--stats-port) reads Envoy's admin socket: give --admin-socket too")
-    admin = ""
-    if config.admin_socket is not None:
-        admin = f'admin:\n  address:\n    pipe: {{path: "{Path(config.admin_socket).resolve()}", mode: 384}}  # 0600\n'
+    document = bootstrap(config, config.descriptor.resolve() if check_descriptor else config.descriptor)
+    return RENDERED_HEADER + dump_yaml(document)
+
+
+RENDERED_HEADER = """\
+# Envoy v3 config of the ESM-2 gateway, rendered by gateway/envoy_config.py
+# (`python -m gateway.envoy_config --help` lists its flags; the comments there say why).
+"""
+
+
+def bootstrap(config: GatewayConfig, descriptor: Path) -> dict:
+    """Envoy's bootstrap config as data (envoy.config.bootstrap.v3.Bootstrap)."""
     pools = config.all_pools()
-    # /healthz is healthy while every pool has a healthy replica.
-    healthy = "".join(f"                {p.cluster}: {{value: 1}}\n" for p in pools)
-    return string.Template(TEMPLATE.read_text()).substitute(
-        http_host=config.http_host,
-        http_port=config.http_port,
-        descriptor=config.descriptor if not check_descriptor else config.descriptor.resolve(),
-        max_request_body_bytes=config.max_request_bytes,
-        max_response_body_bytes=(config.max_json_response_mb << 20) + RESPONSE_SLACK_BYTES,
-        routes=render_routes(config, pools),
-        retry_policy=render_vhost_retry_policy(config),
-        healthy_percentages=healthy,
-        clusters="".join(render_cluster(config, p) for p in pools)
-        + (ADMIN_CLUSTER.format(socket=Path(config.admin_socket).resolve()) if config.stats_port else ""),
-        request_timeout_s=config.request_timeout_s,
-        request_headers_timeout_s=config.request_headers_timeout_s,
-        request_receive_timeout_s=config.request_receive_timeout_s,
-        stream_idle_timeout_s=config.stream_idle_timeout_s,
-        connection_idle_timeout_s=config.connection_idle_timeout_s,
-        max_connections=config.max_connections,
-        lua_code=json.dumps(lua_code(config)),
-        admin=admin,
-        side_listeners=side_listeners(config, healthy),
-    )
+    listeners = [json_listener(config, pools, descriptor)]
+    if config.health_port:
+        listeners.append(health_listener(config, pools))
+    if config.stats_port:
+        listeners.append(stats_listener(config))
+    document = {
+        "static_resources": {
+            "listeners": listeners,
+            "clusters": [cluster(config, pool) for pool in pools] + ([admin_cluster(config)] if config.stats_port else []),
+        },
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": _typed("envoy.extensions.resource_monitors.downstream_connections.v3."
+                                   "DownstreamConnectionsConfig",
+                                   max_active_downstream_connections=config.max_connections),
+        }]},
+    }
+    if config.admin_socket is not None:
+        # Envoy's admin interface can stop the gateway and turn on logging of every header:
+        # only on a Unix socket that only this user can open (mode 0600).
+        document["admin"] = {"address": {"pipe": {"path": str(Path(config.admin_socket).resolve()), "mode": 0o600}}}
+    return document
+
+
+def _typed(type_name: str, **fields) -> dict:
+    """A typed_config: the message's type URL, then its fields."""
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def _socket_address(host: str, port: int) -> dict:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _seconds(value: float) -> str:
+    return f"{value}s"
+
+
+HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER_FILTER = {"name": "envoy.filters.http.router",
+                 "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
+
+
+def _connection_manager(**fields) -> dict:
+    return {"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                         "typed_config": _typed(HCM, **fields)}]}
+
+
+# ---- the JSON and gRPC listener ------------------------------------------------------
+# HTTP/JSON on the listener is transcoded to gRPC calls on the servers; gRPC callers use the
+# same port (h2c), their requests pass through untouched.
+ACCESS_LOG_FORMAT = ('[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" %RESPONSE_CODE% '
+                     "%RESPONSE_FLAGS% in=%BYTES_RECEIVED% out=%BYTES_SENT% %DURATION%ms\n")
+
+
+def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Path) -> dict:
+    return {
+        "name": "json_api",
+        "address": _socket_address(config.http_host, config.http_port),
+        # The transcoder buffers whole unary responses itself (max_response_body_size);
+        # this is only the flow-control watermark per connection.
+        "per_connection_buffer_limit_bytes": 4194304,
+        # A second gateway on the same port fails with "address in use" instead of
+        # silently taking half of the connections.
+        "enable_reuse_port": False,
+        "filter_chains": [_connection_manager(
+            stat_prefix="json_api",
+            codec_type="AUTO",
+            # Slow or idle clients cannot hold connections: the headers must arrive within
+            # request_headers_timeout, the whole request within request_timeout, a stream may sit
+            # silent for stream_idle_timeout and a connection without requests for idle_timeout
+            # (README, "Security and limits").
+            request_headers_timeout=_seconds(config.request_headers_timeout_s),
+            request_timeout=_seconds(config.request_receive_timeout_s),
+            stream_idle_timeout=_seconds(config.stream_idle_timeout_s),
+            common_http_protocol_options={"idle_timeout": _seconds(config.connection_idle_timeout_s),
+                                          "max_headers_count": 100},
+            # Larger headers get 431 here; the Lua filter answers 431 from max_header_bytes on,
+            # so nothing reaches gRPC's 8 KiB metadata limit (429).
+            max_request_headers_kb=8,
+            access_log=[{
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                                       log_format={"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}),
+            }],
+            route_config={"name": "esm2", "virtual_hosts": [{
+                "name": "esm2",
+                "domains": ["*"],
+                "retry_policy": retry_policy(config, per_try_timeout=True),
+                **fleet_models_header(pools),
+                "routes": routes(config, pools),
+            }]},
+            local_reply_config=LOCAL_REPLIES,
+            http_filters=[
+                # /healthz answers from Envoy: 200 while every pool has a replica passing health checks.
+                _health_check_filter(pools),
+                # Before the transcoder, so that it compresses the transcoded JSON.
+                _COMPRESSOR_FILTER,
+                # Content type and encoding, header and path sizes, error bodies: gateway/edge.lua.
+                # BioLM's client gzips request bodies: they pass through compressed and the server
+                # inflates them, bounded (no decompressor here: its failures truncated bodies and hung).
+                {"name": "envoy.filters.http.lua",
+                 "typed_config": _typed("envoy.extensions.filters.http.lua.v3.Lua",
+                                        default_source_code={"inline_string": lua_code(config)})},
+                _transcoder_filter(config, descriptor),
+                # After the transcoder, so that it sees gRPC from JSON and gRPC callers alike.
+                *([CATALOGUE_FILTER] if len(pools) > 1 else []),
+                ROUTER_FILTER,
+            ],
+        )],
+    }
+
+
+def _json_error(message: str) -> dict:
+    return {"json_format": {"detail": message, "errors": [], "status_code": "%RESPONSE_CODE%",
+                            "code": "%RESPONSE_CODE_DETAILS%", "message": message}}
+
+
+def _cel_filter(expression: str) -> dict:
+    return {"extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": _typed("envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                               expression=expression)}}
+
+
+def _status_filter(status: int) -> dict:
+    return {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": status, "runtime_key": f"esm_local_reply_{status}"}}}}
+
+
+# Every reply Envoy makes itself (unknown path, body too large, upstream down, timeout, Lua
+# checks) is JSON in BioLM's error shape, like the server's errors.
+LOCAL_REPLIES = {
+    "mappers": [
+        # Upstream unavailable: a retry later may succeed.
+        {"filter": _status_filter(503),
+         "headers_to_add": [{"header": {"key": "retry-after", "value": "1"},
+                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]},
+        # Replies Envoy makes with an empty body.
+        {"filter": _status_filter(403), "body": {"inline_string": "upgrade requests (websocket, h2c) are not supported"}},
+        {"filter": _cel_filter("response.code_details == 'missing_host_header'"),
+         "body": {"inline_string": "the request has no Host header"}},
+        {"filter": _cel_filter("response.code_details == 'path_normalization_failed'"),
+         "body": {"inline_string": "the URL path is malformed: it must be an absolute path without '#' "
+                                   "fragments or '..' above the root"}},
+        {"filter": {"response_flag_filter": {"flags": ["DPE"]}},
+         "body_format_override": _json_error("malformed HTTP request: %RESPONSE_CODE_DETAILS%")},
+    ],
+    "body_format": _json_error("%LOCAL_REPLY_BODY%"),
+}
+
+
+def _health_check_filter(pools: tuple[Pool, ...]) -> dict:
+    """/healthz, answered by Envoy: healthy while every pool has a healthy replica."""
+    return {"name": "envoy.filters.http.health_check",
+            "typed_config": _typed("envoy.extensions.filters.http.health_check.v3.HealthCheck",
+                                   pass_through_mode=False,
+                                   headers=[{"name": ":path", "string_match": {"exact": "/healthz"}}],
+                                   cluster_min_healthy_percentages={p.cluster: {"value": 1} for p in pools})}
+
+
+_COMPRESSOR_FILTER = {
+    "name": "envoy.filters.http.compressor",
+    "typed_config": _typed(
+        "envoy.extensions.filters.http.compressor.v3.Compressor",
+        response_direction_config={"common_config": {"min_content_length": 256}},
+        compressor_library={"name": "gzip", "typed_config": _typed(
+            "envoy.extensions.compression.gzip.compressor.v3.Gzip",
+            # Envoy's zlib-ng at level 1 squeezes float text ~1.5x at a few hundred MB/s;
+            # level 2 and up reach ~2.3x but run at ~40 MB/s, slower than a LAN.
+            compression_level="BEST_SPEED", window_bits=15, memory_level=9, chunk_size=65536)}),
+}
+
+
+def _transcoder_filter(config: GatewayConfig, descriptor: Path) -> dict:
+    return {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": _typed(
+        "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+        proto_descriptor=str(descriptor),
+        services=["esm.v1.Esm2Service"],
+        print_options={"add_whitespace": False, "always_print_primitive_fields": True,
+                       "preserve_proto_field_names": True},
+        # gRPC errors become HTTP statuses with a google.rpc.Status JSON body (edge.lua rewrites it).
+        convert_grpc_status=True,
+        request_validation_options={"reject_unknown_method": True, "reject_unknown_query_parameters": True,
+                                    "reject_binding_body_field_collisions": True},
+        max_request_body_size=config.max_request_bytes,
+        # The server refuses larger JSON responses with a 400 that points to the streaming RPCs.
+        max_response_body_size=(config.max_json_response_mb << 20) + RESPONSE_SLACK_BYTES,
+    )}
+
+
+def _side_listener(config: GatewayConfig, name: str, port: int, idle_timeout: str, served: str,
+                   routes: list[dict], filters: list[dict]) -> dict:
+    """A listener beside the API's, outside its connection cap (ignore_global_conn_limit), serving
+    one thing and 404 for the rest."""
+    return {
+        "name": name,
+        "address": _socket_address(config.http_host, port),
+        "enable_reuse_port": False,
+        "ignore_global_conn_limit": True,
+        "filter_chains": [_connection_manager(
+            stat_prefix=name,
+            request_headers_timeout="5s",
+            common_http_protocol_options={"idle_timeout": idle_timeout},
+            route_config={"virtual_hosts": [{
+                "name": name, "domains": ["*"],
+                "routes": [*routes, {"match": {"prefix": "/"},
+                                     "direct_response": {"status": 404,
+                                                         "body": {"inline_string": f"only {served} is served here"}}}],
+            }]},
+            http_filters=[*filters, ROUTER_FILTER],
+        )],
+    }
+
+
+def health_listener(config: GatewayConfig, pools: tuple[Pool, ...]) -> dict:
+    """--health-port: /healthz alone, so that probes are answered while clients hold every connection."""
+    return _side_listener(config, "health", config.health_port, "10s", "/healthz", [], [_health_check_filter(pools)])
+
+
+def stats_listener(config: GatewayConfig) -> dict:
+    """--stats-port: Envoy's stats for Prometheus. The admin interface itself stays on its Unix socket
+    (it can stop Envoy and change logging); this forwards exactly one read-only page of it."""
+    route = {"match": {"path": "/stats/prometheus", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+             "route": {"cluster": "envoy_admin", "timeout": "10s"}}
+    return _side_listener(config, "stats", config.stats_port, "60s", "GET /stats/prometheus", [route], [])
+
+
+def admin_cluster(config: GatewayConfig) -> dict:
+    """The admin socket as a cluster, for the stats listener."""
+    return {"name": "envoy_admin", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "envoy_admin", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"pipe": {"path": str(Path(config.admin_socket).resolve())}}}}]}]}}
 
 
 # ---- routes -------------------------------------------------------------------------
@@ -159,137 +379,167 @@ def render(config: GatewayConfig, check_descriptor: bool = True) -> str:
 RETRY_ON = "unavailable,resource-exhausted,cancelled,reset,connect-failure,refused-stream"
 
 
-def _retry_policy(config: GatewayConfig, per_try_timeout: bool) -> str:
+def retry_policy(config: GatewayConfig, per_try_timeout: bool) -> dict:
     # Envoy retries only while no response header has gone downstream: a stream is
     # retried before its first message, never after.
-    timeout = f"\n    per_try_timeout: {config.per_try_timeout_s}s" if per_try_timeout else ""
-    return f"""\
-  retry_policy:
-    retry_on: "{RETRY_ON}"
-    num_retries: {config.retries}{timeout}
-    retry_back_off: {{base_interval: 0.025s, max_interval: 0.25s}}
-    # The server's queue-full answer carries retry-after (seconds).
-    rate_limited_retry_back_off:
-      reset_headers: [{{name: retry-after, format: SECONDS}}]
-      max_interval: 1s
-    # Every retry goes to a replica this request has not tried yet.
-    retry_host_predicate:
-    - name: envoy.retry_host_predicates.previous_hosts
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
-    host_selection_retry_max_attempts: 5
-"""
+    policy = {"retry_on": RETRY_ON, "num_retries": config.retries}
+    if per_try_timeout:
+        policy["per_try_timeout"] = _seconds(config.per_try_timeout_s)
+    return {
+        **policy,
+        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+        # The server's queue-full answer carries retry-after (seconds).
+        "rate_limited_retry_back_off": {"reset_headers": [{"name": "retry-after", "format": "SECONDS"}],
+                                        "max_interval": "1s"},
+        # Every retry goes to a replica this request has not tried yet.
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": _typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"),
+        }],
+        "host_selection_retry_max_attempts": 5,
+    }
 
 
-def _route(name: str, match: str, cluster: str, config: GatewayConfig, stream: bool) -> str:
-    # Unary calls take the virtual host's retry policy; streams their own, without a per-try
-    # timeout (a stream of thousands of sequences runs long).
-    policy = textwrap.indent(_retry_policy(config, per_try_timeout=False), "  ") if stream else ""
-    return f"""\
-- name: {name}
-  match:
-{textwrap.indent(match, "    ")}  route:
-    cluster: {cluster}
-    timeout: {config.request_timeout_s}s
-{policy}"""
+def _route(config: GatewayConfig, name: str, match: dict, cluster_name: str, stream: bool) -> dict:
+    route = {"cluster": cluster_name, "timeout": _seconds(config.request_timeout_s)}
+    if stream:
+        # Unary calls take the virtual host's retry policy; streams their own, without a per-try
+        # timeout (a stream of thousands of sequences runs long).
+        route["retry_policy"] = retry_policy(config, per_try_timeout=False)
+    return {"name": name, "match": match, "route": route}
 
 
-def render_routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> str:
+def _regex(pattern: str) -> dict:
+    return {"safe_regex": {"regex": pattern}}  # Envoy's regexes match whole values
+
+
+def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
     """Per model: its JSON paths and its gRPC calls (by header); the rest to the fallback pool."""
-    routes = []
-    streams = "|".join(STREAM_METHODS)
+    found = []
+    stream_path = "^" + re.escape(SERVICE_PATH) + f"({'|'.join(STREAM_METHODS)})$"
     for pool in pools:
         if pool.model is None:
             continue
-        model = re.escape(pool.model)
-        header = f"headers:\n- name: {MODEL_HEADER}\n  string_match: {{exact: {_quote(pool.model)}}}\n"
-        # JSON paths name the model. Envoy's regexes match whole values.
-        json_path = _quote(f"/api/v3/(schema/)?{model}/.*")
-        routes.append(_route(
-            f"{pool.model}_json",
-            f"prefix: /\nheaders:\n- name: {JSON_PATH_HEADER}\n  string_match: {{safe_regex: {{regex: {json_path}}}}}\n",
-            pool.cluster, config, stream=False))
-        routes.append(_route(
-            f"{pool.model}_grpc_stream",
-            f"safe_regex: {{regex: {_quote('^' + re.escape(SERVICE_PATH) + f'({streams})$')}}}\n{header}",
-            pool.cluster, config, stream=True))
-        routes.append(_route(f"{pool.model}_grpc", f"prefix: /\n{header}", pool.cluster, config,
-                             stream=False))
+        by_header = [{"name": MODEL_HEADER, "string_match": {"exact": pool.model}}]
+        # JSON paths name the model.
+        json_path = [{"name": JSON_PATH_HEADER,
+                      "string_match": _regex(f"/api/v3/(schema/)?{re.escape(pool.model)}/.*")}]
+        found += [
+            _route(config, f"{pool.model}_json", {"prefix": "/", "headers": json_path}, pool.cluster, stream=False),
+            _route(config, f"{pool.model}_grpc_stream", {**_regex(stream_path), "headers": by_header}, pool.cluster,
+                   stream=True),
+            _route(config, f"{pool.model}_grpc", {"prefix": "/", "headers": by_header}, pool.cluster, stream=False),
+        ]
     # Everything else (ListModels, calls without the header, unknown models) goes to the default
     # pool, or to the first model's pool: the server answers an unknown model with its 404.
-    fallback = next((p for p in pools if p.model is None), pools[0])
-    routes.append(_route(
-        "fallback_stream",
-        f"safe_regex: {{regex: {_quote('^' + re.escape(SERVICE_PATH) + f'({streams})$')}}}\n",
-        fallback.cluster, config, stream=True))
-    routes.append(_route("fallback", "prefix: /\n", fallback.cluster, config, stream=False))
-    return textwrap.indent("".join(routes), " " * 14)
+    fallback = fallback_pool(pools)
+    if len(pools) > 1:
+        found.insert(0, catalogue_route(config, pools, fallback))
+    return found + [
+        _route(config, "fallback_stream", _regex(stream_path), fallback.cluster, stream=True),
+        _route(config, "fallback", {"prefix": "/"}, fallback.cluster, stream=False),
+    ]
 
 
-def render_vhost_retry_policy(config: GatewayConfig) -> str:
-    return textwrap.indent(_retry_policy(config, per_try_timeout=True), " " * 12)
+def fallback_pool(pools: tuple[Pool, ...]) -> Pool:
+    return next((p for p in pools if p.model is None), pools[0])
 
 
-def _quote(text: str) -> str:
-    return json.dumps(text)  # a JSON string is a YAML double-quoted scalar
+# ---- one catalogue across pools -----------------------------------------------------------
+# Each server knows its own models, Envoy knows its pools, and neither knows the other's half.
+# ListModels (GET /api/v3/models) needs every pool's own ModelInfo (device, readiness, budget):
+# a Lua filter after the transcoder asks every other pool and merges the answers (protobuf
+# concatenation of ListModelsResponse; catalogue.lua). An unknown model's 404 comes from the
+# server that got the call, which alone reads the model out of a gRPC body: Envoy tells it the
+# models of its per-model pools in a request header, and it names them beside its own.
+CATALOGUE_FILTER_NAME = "esm.catalogue"
+CATALOGUE_FILTER = {"name": CATALOGUE_FILTER_NAME,
+                    "typed_config": _typed("envoy.extensions.filters.http.lua.v3.Lua")}  # code per route
+CATALOGUE_TIMEOUT_MS = 5000
+
+
+def catalogue_route(config: GatewayConfig, pools: tuple[Pool, ...], fallback: Pool) -> dict:
+    """ListModels, whatever model header it carries: the fallback pool answers, the catalogue filter
+    adds the other pools' models."""
+    route = _route(config, "catalogue", {"path": SERVICE_PATH + "ListModels"}, fallback.cluster, stream=False)
+    others = [p for p in pools if p is not fallback]
+    table = ", ".join(f"{{cluster = {_lua_string(p.cluster)}, model = {_lua_string(p.model)}}}" for p in others)
+    code = (CATALOGUE_LUA.read_text()
+            .replace("${other_pools}", f"{{{table}}}")
+            .replace("${answering_model}", _lua_string(fallback.model))
+            .replace("${timeout_ms}", str(CATALOGUE_TIMEOUT_MS)))
+    route["typed_per_filter_config"] = {CATALOGUE_FILTER_NAME: _typed(
+        "envoy.extensions.filters.http.lua.v3.LuaPerRoute", source_code={"inline_string": code})}
+    return route
+
+
+def _lua_string(text: str | None) -> str:
+    return "nil" if text is None else json.dumps(text)  # names are ASCII: a JSON string is a Lua string
+
+
+def fleet_models_header(pools: tuple[Pool, ...]) -> dict:
+    """The virtual host's FLEET_MODELS_HEADER: set on every forwarded call (over a caller's), or removed."""
+    models = [p.model for p in pools if p.model is not None]
+    if not models:
+        return {"request_headers_to_remove": [FLEET_MODELS_HEADER]}
+    return {"request_headers_to_add": [{"header": {"key": FLEET_MODELS_HEADER, "value": ",".join(models)},
+                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
 
 
 # ---- clusters -----------------------------------------------------------------------
-def render_cluster(config: GatewayConfig, pool: Pool) -> str:
+def cluster(config: GatewayConfig, pool: Pool) -> dict:
+    """One pool: its replicas, how Envoy balances over them, checks their health, ejects them."""
     static = all(_is_ip(host) for host, _ in pool.endpoints)
-    endpoints = "".join(
-        f"""\
-        - endpoint:
-            address:
-              socket_address: {{address: {_quote(host)}, port_value: {port}}}
-""" for host, port in pool.endpoints)
-    return f"""\
-  - name: {pool.cluster}
-    type: {"STATIC" if static else "STRICT_DNS"}
-    connect_timeout: 5s
-    per_connection_buffer_limit_bytes: 4194304
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options:
-            initial_stream_window_size: 16777216
-            initial_connection_window_size: 33554432
-    # Requests queue on the server, so the replica with the fewest in flight is the least loaded.
-    lb_policy: LEAST_REQUEST
-    load_assignment:
-      cluster_name: {pool.cluster}
-      endpoints:
-      - lb_endpoints:
-{endpoints}    # The server answers health per model name; "" is the whole server.
-    health_checks:
-    - timeout: 5s
-      interval: {HEALTH_CHECK_INTERVAL_S}s
-      no_traffic_interval: {HEALTH_CHECK_INTERVAL_S}s
-      interval_jitter: 0.1s
-      unhealthy_threshold: {UNHEALTHY_THRESHOLD}
-      healthy_threshold: 1
-      grpc_health_check: {{service_name: {_quote(pool.model or "")}}}
-    # Connection failures and resets eject a replica at once, before health checks notice;
-    # queue-full (429) and caller errors (4xx) never do.
-    outlier_detection:
-      split_external_local_origin_errors: true
-      consecutive_local_origin_failure: 2
-      consecutive_gateway_failure: 3
-      consecutive_5xx: 5
-      interval: 1s
-      base_ejection_time: 5s
-      max_ejection_percent: 50
-    circuit_breakers:
-      thresholds:
-      - priority: DEFAULT
-        max_connections: {config.max_requests_per_pool}
-        max_pending_requests: {config.max_requests_per_pool}
-        max_requests: {config.max_requests_per_pool}
-        retry_budget:
-          budget_percent: {{value: {config.retry_budget_percent}}}
-          min_retry_concurrency: 8
-"""
+    limit = config.max_requests_per_pool
+    return {
+        "name": pool.cluster,
+        "type": "STATIC" if static else "STRICT_DNS",
+        "connect_timeout": "5s",
+        "per_connection_buffer_limit_bytes": 4194304,
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            explicit_http_config={"http2_protocol_options": {"initial_stream_window_size": 16777216,
+                                                             "initial_connection_window_size": 33554432}})},
+        # Requests queue on the server, so the replica with the fewest in flight is the least loaded.
+        "lb_policy": "LEAST_REQUEST",
+        # Only healthy replicas get traffic, however few are left. With Envoy's default panic
+        # threshold (50%), a pool with fewer than half of its hosts healthy is balanced over all of
+        # them, the dead ones included: with one replica of three left, 44% of requests failed with
+        # "connection refused". At 0 a pool with no healthy host answers at once: 503 with
+        # retry-after and the JSON error body (LOCAL_REPLIES), and retries never pick a host that
+        # failed its health checks or was ejected.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        "load_assignment": {"cluster_name": pool.cluster, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket_address(host, port)}} for host, port in pool.endpoints]}]},
+        # The server answers health per model name; "" is the whole server.
+        "health_checks": [{
+            "timeout": "5s",
+            "interval": _seconds(HEALTH_CHECK_INTERVAL_S),
+            "no_traffic_interval": _seconds(HEALTH_CHECK_INTERVAL_S),
+            "interval_jitter": "0.1s",
+            "unhealthy_threshold": UNHEALTHY_THRESHOLD,
+            "healthy_threshold": 1,
+            "grpc_health_check": {"service_name": pool.model or ""},
+        }],
+        # Connection failures and resets eject a replica at once, before health checks notice;
+        # queue-full (429) and caller errors (4xx) never do.
+        "outlier_detection": {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 2,
+            "consecutive_gateway_failure": 3,
+            "consecutive_5xx": 5,
+            "interval": "1s",
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 50,
+        },
+        "circuit_breakers": {"thresholds": [{
+            "priority": "DEFAULT",
+            "max_connections": limit,
+            "max_pending_requests": limit,
+            "max_requests": limit,
+            "retry_budget": {"budget_percent": {"value": config.retry_budget_percent}, "min_retry_concurrency": 8},
+        }]},
+    }
 
 
 def _is_ip(host: str) -> bool:
@@ -300,83 +550,29 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-# Listeners beside the API's, outside its connection cap (ignore_global_conn_limit), each
-# serving one thing and 404 for the rest: /healthz (--health-port) and Envoy's stats (--stats-port).
-SIDE_LISTENER = """\
-  - name: {name}
-    address:
-      socket_address: {{address: "{host}", port_value: {port}}}
-    enable_reuse_port: false
-    ignore_global_conn_limit: true
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: {name}
-          request_headers_timeout: 5s
-          common_http_protocol_options: {{idle_timeout: {idle_timeout_s}s}}
-          route_config:
-            virtual_hosts:
-            - name: {name}
-              domains: ["*"]
-              routes:
-{routes}              - match: {{prefix: "/"}}
-                direct_response: {{status: 404, body: {{inline_string: "only {served} is served here"}}}}
-          http_filters:
-{filters}          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-"""
-
-HEALTH_FILTER = """\
-          - name: envoy.filters.http.health_check
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
-              pass_through_mode: false
-              headers:
-              - name: ":path"
-                string_match: {exact: "/healthz"}
-              cluster_min_healthy_percentages:
-"""
-
-# The admin interface itself stays on its Unix socket (it can stop Envoy and change logging);
-# the stats listener forwards exactly one read-only page of it, for Prometheus.
-STATS_ROUTE = """\
-              - match:
-                  path: "/stats/prometheus"
-                  headers: [{name: ":method", string_match: {exact: GET}}]
-                route: {cluster: envoy_admin, timeout: 10s}
-"""
-
-
-def side_listeners(config: GatewayConfig, healthy: str) -> str:
-    health = SIDE_LISTENER.format(name="health", host=config.http_host, port=config.health_port, idle_timeout_s=10,
-                                  routes="", served="/healthz", filters=HEALTH_FILTER + healthy)
-    stats = SIDE_LISTENER.format(name="stats", host=config.http_host, port=config.stats_port, idle_timeout_s=60,
-                                 routes=STATS_ROUTE, served="GET /stats/prometheus", filters="")
-    return (health if config.health_port else "") + (stats if config.stats_port else "")
-
-
-ADMIN_CLUSTER = """\
-  - name: envoy_admin
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: envoy_admin
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              pipe: {{path: "{socket}"}}
-"""
-
-
 def lua_code(config: GatewayConfig) -> str:
     code = LUA.read_text()
     for name in ("max_path_bytes", "max_header_bytes", "max_authorization_bytes"):
         code = code.replace("${%s}" % name, str(getattr(config, name)))
     return code
+
+
+# ---- YAML ---------------------------------------------------------------------------
+class _Dumper(yaml.SafeDumper):
+    """Block style; text of several lines (the Lua code, the access log line) as a literal block."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in text.rstrip("\n") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def dump_yaml(document) -> str:
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1 << 16,
+                     allow_unicode=True)
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -463,11 +659,9 @@ class RenderSettings(GatewaySettings):
 
 def configmap(name: str, envoy_yaml: str, command: str) -> str:
     """A Kubernetes ConfigMap holding the config, headed by the command that rendered it."""
-    return (
-        f"# Rendered by `{command}`; do not edit (tests/test_deploy.py re-renders and compares).\n"
-        f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  envoy.yaml: |\n"
-        + textwrap.indent(envoy_yaml, "    ", lambda line: line.strip() != "")
-    )
+    return (f"# Rendered by `{command}`; do not edit (tests/test_deploy.py re-renders and compares).\n"
+            + dump_yaml({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name},
+                         "data": {"envoy.yaml": envoy_yaml}}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,11 @@
 
 Gateway flags are listed below; every other flag goes to `python -m service.server`
 (see its --help). With --no-server only Envoy runs, in front of --upstream.
+
+The launcher outlives its replicas: one that exits is logged, and Envoy's health checks keep
+traffic on the others. It restarts nothing (that is a supervisor's job: deploy/compose.yaml,
+Kubernetes). It exits non-zero when Envoy exits, or when every replica has; on SIGTERM/SIGINT it
+stops the servers (they drain) and then Envoy, and exits 0 if they stopped cleanly.
 """
 
 from __future__ import annotations
@@ -153,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     servers: list[subprocess.Popen] = []
-    envoy, grace, children = None, 0.0, []
+    addresses: list[tuple[str, int]] = []
+    envoy, grace, running = None, 0.0, []
     try:
         pools: tuple[Pool, ...] = ()
         upstream = None
         if not args.no_server:
-            addresses = []
             for host, port, replica_argv, server_args in server_commands(server_argv, args.replicas,
                                                                           args.max_json_response_mb,
                                                                           args.max_request_bytes):
@@ -170,26 +175,45 @@ def main(argv: list[str] | None = None) -> int:
             if args.replicas == 1:
                 upstream = tuple(addresses)
             elif not args.upstream:
-                # One pool per model over every replica, health-checked by model name.
-                models = [m.strip() for m in server_args.models.split(",") if m.strip()]
-                pools = tuple(Pool(model, tuple(addresses)) for model in models)
+                # One pool per model over every replica, health-checked by model name. The parsed specs
+                # name the models, from --models or from --models-file alike.
+                pools = tuple(Pool(spec.name, tuple(addresses)) for spec in server_args.specs)
         envoy = EnvoyProcess(config_from_args(args, upstream, pools), log_level=args.envoy_log_level)
         for pool in envoy.config.all_pools():
             log.info("JSON gateway on %s/api/v3/ -> %s: %s", envoy.url, pool.model or "any model",
                      ", ".join(f"{h}:{p}" for h, p in pool.endpoints))
-
-        children = [*servers, envoy.proc]
-        while not stop.wait(0.2):
-            if any(p.poll() is not None for p in children):
-                log.error("a process exited on its own; stopping the rest")
-                break
+        running = supervise(envoy.proc, dict(zip(servers, addresses)), stop)
     finally:
         # The servers first, together: they finish in-flight requests, whose answers still go out through Envoy.
         stop_processes(servers, timeout=grace + 15)
         if envoy is not None:
             envoy.stop()
-    failed = [p.returncode for p in children if p.returncode not in (0, -signal.SIGTERM)]
+    # On a signal: 0 if what still ran stopped cleanly (replicas that exited earlier were logged then).
+    failed = [p.returncode for p in running if p.returncode not in (0, -signal.SIGTERM)]
     return 0 if stop.is_set() and not failed else 1
+
+
+def supervise(envoy: subprocess.Popen, replicas: dict[subprocess.Popen, tuple[str, int]],
+              stop: threading.Event) -> list[subprocess.Popen]:
+    """Watch the children until a signal, Envoy's exit or the last replica's; return those still running.
+
+    A replica that exits is logged and left alone: Envoy's health checks (and outlier detection) have
+    taken it out of its pools, and the others serve on. Restarting it is a supervisor's job.
+    """
+    running = list(replicas)
+    while not stop.wait(0.2):
+        if envoy.poll() is not None:
+            log.error("envoy exited with %s; stopping the replicas", envoy.returncode)
+            return running
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            host, port = replicas[proc]
+            log.error("replica %s:%d (pid %d) exited with %s; %d of %d replicas left serving, not restarted",
+                      host, port, proc.pid, proc.returncode, len(running), len(replicas))
+        if replicas and not running:
+            log.error("every replica has exited; stopping envoy")
+            return [envoy]
+    return [*running, envoy]
 
 
 if __name__ == "__main__":

@@ -71,6 +71,18 @@ class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class UnknownModel(NotFound):
+    """A model this server does not serve; the message names those that are served."""
+
+    def __init__(self, name: str, served):
+        self.name, self.served = name, sorted(set(served))
+        super().__init__(f"model {echo(name)} is not served here; served models: {', '.join(self.served)}")
+
+    def also_served(self, others) -> "UnknownModel":
+        """The same error, naming models served beside this server's (the gateway's other pools)."""
+        return UnknownModel(self.name, [*self.served, *others])
+
+
 class FailedPrecondition(ServiceError):
     """Valid, but this server cannot do it (e.g. contacts without regression weights)."""
 

@@ -116,6 +116,7 @@ def test_pools_probes_drain_and_scaling_agree(rendered, overlay):
         address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
         assert address == {"address": f"{name}.{namespace}.svc.cluster.local", "port_value": 50051}
         assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == model
+        assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}  # never the dead hosts
         # Disruptions and autoscaling.
         assert budgets[name]["spec"]["selector"]["matchLabels"].items() <= \
             deployment["spec"]["template"]["metadata"]["labels"].items()

@@ -220,7 +220,7 @@ def error_body(http_status: int, code: str, message: str, problems: list[tuple[s
 
 
 # The gateway's Lua filter answers with this status and body instead of the transcoder's
-# google.rpc.Status JSON (gateway/envoy.yaml); gRPC callers see the usual status.
+# google.rpc.Status JSON (gateway/envoy_config.py); gRPC callers see the usual status.
 HTTP_STATUS_METADATA = "x-esm-http-status"
 ERROR_BODY_METADATA = "x-esm-error"
 

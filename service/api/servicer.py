@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -18,12 +19,12 @@ from google.api import httpbody_pb2
 from esm2_wire import chunks
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
-from esm2_wire.proto import pb, pb_grpc
+from esm2_wire.proto import FLEET_MODELS_HEADER, pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service import errors, metrics
 from service.api import json_limits, rendering
 from service.models.checkpoints import FAIR_ESM, HUGGING_FACE, LoadedModel
-from service.errors import FailedPrecondition, InvalidRequest, NotFound, echo, join_problems
+from service.errors import FailedPrecondition, InvalidRequest, NotFound, UnknownModel, echo, join_problems
 from service.api.json_body import CONTENT_ENCODING_METADATA, BodyParser, gateway_error_metadata
 from service.models.forward import amino_acid_columns
 from service.engine.router import ModelRouter
@@ -70,9 +71,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def _model(self, name: str) -> LoadedModel:
         loaded = self.models.get(name)
         if loaded is None:
-            raise NotFound(
-                f"model {echo(name)} is not served here; served models: {', '.join(sorted(self.models))}",
-            )
+            raise UnknownModel(name, self.models)
         return loaded
 
     def _encode_job(self, model: str, include: list[str], repr_layers: list[int], sequences: list[str]) -> Job:
@@ -144,6 +143,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         except Exception as exc:
             if not isinstance(exc, errors.ServiceError):  # a bug, not the caller's fault: log it, say only where
                 log.exception("%s failed", method)
+            if isinstance(exc, UnknownModel):  # behind a gateway: name the models of its other pools too
+                exc = exc.also_served(fleet_models(context))
             code, message, trailers = errors.status(exc, method)
             http_status = errors.http_status(exc, code)
         metrics.REQUESTS.labels(method, code.name).inc()
@@ -283,6 +284,19 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             max_batch_tokens=budget.tokens if budget else 0, batch_tokens_source=budget.source if budget else "",
             precision=self.precisions.get(name, "fp32"),
         )
+
+
+# What the gateway's fleet header may carry (any caller can send it directly: it only ever adds
+# names to that caller's own 404, and only names that look like model names, a bounded number).
+_FLEET_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MAX_FLEET_MODELS = 64
+
+
+def fleet_models(context) -> list[str]:
+    """The models of the gateway's other pools (FLEET_MODELS_HEADER), when a gateway sent them."""
+    value = dict(context.invocation_metadata() or ()).get(FLEET_MODELS_HEADER, "")
+    names = [name.strip() for name in value.split(",")[:_MAX_FLEET_MODELS]]
+    return [name for name in names if _FLEET_MODEL_NAME.fullmatch(name)]
 
 
 _SOURCE_FORMATS = {
