@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import os
 import re
 import shlex
 import string
@@ -18,9 +17,13 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import ConfigDict, field_validator
+from pydantic_settings import NoDecode
 
 from esm2_wire.proto import MODEL_HEADER
-from service.api.json_limits import DEFAULT_MAX_JSON_RESPONSE_MB, DEFAULT_MAX_REQUEST_BYTES
+from service.config import Declared, JsonEdgeLimits, add_flags, from_flags, parser_for, setting
 
 GATEWAY_DIR = Path(__file__).resolve().parent
 TEMPLATE = GATEWAY_DIR / "envoy.yaml"
@@ -61,39 +64,50 @@ class Pool:
         return "esm2_grpc" if self.model is None else f"pool_{self.model}"
 
 
-@dataclass(frozen=True)
-class GatewayConfig:
-    http_host: str = "0.0.0.0"
-    http_port: int = 8080
+class EnvoySettings(JsonEdgeLimits):
+    """The gateway's settings that the rendered Envoy config depends on (declared as service.config
+    declares the server's; the JSON edge's limits are the server's own declaration)."""
+
+    http_host: str = setting("0.0.0.0", help="JSON listener address")
+    http_port: int = setting(8080, ge=1, le=65535, help="JSON listener port")
+    # Envoy's admin interface can stop the gateway and turn on logging of every header:
+    # off unless asked for, and then only on a Unix socket that only this user can open.
+    admin_socket: Path | None = setting(
+        None, help="serve Envoy's admin interface on this Unix socket (mode 0600); off by default")
+    # A listener that serves only /healthz and is exempt from max_connections, so that
+    # probes are answered while clients hold every connection; None: none.
+    health_port: int | None = setting(
+        None, ge=1, le=65535, help="also serve /healthz on this port, answered even when --max-connections are taken")
+    request_timeout_s: int = setting(600, ge=1, help="longest a JSON request may take, queueing and inference included")
+    request_headers_timeout_s: int = setting(10, ge=1, help="a request's headers must arrive within this")
+    request_receive_timeout_s: int = setting(30, ge=1, help="a whole request (headers and body) must arrive within this")
+    stream_idle_timeout_s: int = setting(300, ge=1, help="a request with no bytes in either direction for this long is reset")
+    connection_idle_timeout_s: int = setting(60, ge=1, help="a connection with no request for this long is closed")
+    max_connections: int = setting(10000, ge=1, help="downstream connections Envoy accepts in all")
+    max_path_bytes: int = setting(2048, ge=1, help="longer URL paths get 414")
+    max_header_bytes: int = setting(6144, ge=1, help="request headers above this in total get 431")
+    max_authorization_bytes: int = setting(1024, ge=1, help="longer Authorization headers get 401")
+    # A unary try that takes longer (a hung replica) is retried on another one; set it
+    # above the slowest legitimate request of the largest model on your hardware.
+    per_try_timeout_s: int = setting(
+        120, ge=1, help="a unary call's try on one replica; past it, the call is retried on another")
+    retries: int = setting(3, ge=0, help="retries per call, each on another replica")
+    # Concurrent retries allowed, as a share of the pool's active requests: a replica that dies
+    # takes 1/N of them down at once, and every one of those must be retried (N >= 2).
+    retry_budget_percent: int = setting(
+        50, ge=0, le=100, help="concurrent retries allowed, as a share of a pool's active requests")
+    max_requests_per_pool: int = setting(1024, ge=1, help="circuit breaker: concurrent requests to one pool")
+
+
+class GatewayConfig(EnvoySettings):
+    """What render() needs: the settings, and the pools they resolve to."""
+
+    model_config = ConfigDict(frozen=True)
+
     # The default pool when `pools` is empty: one server, as a single-host gateway.
     upstream_host: str = "127.0.0.1"
     upstream_port: int = 50051
-    # Envoy's admin interface can stop the gateway and turn on logging of every header:
-    # off unless asked for, and then only on a Unix socket that only this user can open.
-    admin_socket: Path | None = None
-    # A listener that serves only /healthz and is exempt from max_connections, so that
-    # probes are answered while clients hold every connection; None: none.
-    health_port: int | None = None
-    max_json_response_mb: int = DEFAULT_MAX_JSON_RESPONSE_MB
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    request_timeout_s: int = 600
-    request_headers_timeout_s: int = 10
-    request_receive_timeout_s: int = 30
-    stream_idle_timeout_s: int = 300
-    connection_idle_timeout_s: int = 60
-    max_connections: int = 10000
-    max_path_bytes: int = 2048
-    max_header_bytes: int = 6144
-    max_authorization_bytes: int = 1024
     pools: tuple[Pool, ...] = ()
-    # A unary try that takes longer (a hung replica) is retried on another one; set it
-    # above the slowest legitimate request of the largest model on your hardware.
-    per_try_timeout_s: int = 120
-    retries: int = 3
-    # Concurrent retries allowed, as a share of the pool's active requests: a replica that dies
-    # takes 1/N of them down at once, and every one of those must be retried (N >= 2).
-    retry_budget_percent: int = 50
-    max_requests_per_pool: int = 1024  # circuit breaker: concurrent requests to one pool
     descriptor: Path = DESCRIPTOR
 
     def all_pools(self) -> tuple[Pool, ...]:
@@ -340,55 +354,47 @@ def model_pool(text: str) -> Pool:
     return Pool(model.strip(), endpoints(rest))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Gateway flags, shared with gateway.launch."""
-    d = GatewayConfig()
-    parser.add_argument("--http-host", default=d.http_host, help="JSON listener address")
-    parser.add_argument("--http-port", type=int, default=d.http_port, help="JSON listener port")
-    parser.add_argument("--upstream", type=endpoints, metavar="HOST:PORT[,HOST:PORT...]",
-                        help="the default pool: servers for every model without a pool of its own "
-                             "(default 127.0.0.1:50051, or the launched server)")
-    parser.add_argument("--pool", type=model_pool, action="append", default=[], metavar="MODEL=HOST:PORT[,...]",
-                        help=f"servers of one model (repeatable); gRPC calls name it in the {MODEL_HEADER} header, "
-                             "JSON calls in the path. A DNS name is resolved to all its addresses (STRICT_DNS)")
-    parser.add_argument("--admin-socket", type=Path, default=d.admin_socket,
-                        help="serve Envoy's admin interface on this Unix socket (mode 0600); off by default")
-    parser.add_argument("--max-json-response-mb", type=int,
-                        default=int(os.environ.get("ESM_MAX_JSON_RESPONSE_MB", d.max_json_response_mb)),
-                        help="largest JSON response; must match the server's flag of the same name")
-    parser.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
-                        help="largest (decompressed) JSON request body")
-    parser.add_argument("--request-timeout-s", type=int, default=d.request_timeout_s,
-                        help="longest a JSON request may take, queueing and inference included")
-    parser.add_argument("--request-headers-timeout-s", type=int, default=d.request_headers_timeout_s,
-                        help="a request's headers must arrive within this")
-    parser.add_argument("--request-receive-timeout-s", type=int, default=d.request_receive_timeout_s,
-                        help="a whole request (headers and body) must arrive within this")
-    parser.add_argument("--stream-idle-timeout-s", type=int, default=d.stream_idle_timeout_s,
-                        help="a request with no bytes in either direction for this long is reset")
-    parser.add_argument("--connection-idle-timeout-s", type=int, default=d.connection_idle_timeout_s,
-                        help="a connection with no request for this long is closed")
-    parser.add_argument("--max-connections", type=int, default=d.max_connections,
-                        help="downstream connections Envoy accepts in all")
-    parser.add_argument("--health-port", type=int, default=d.health_port,
-                        help="also serve /healthz on this port, answered even when --max-connections are taken")
-    parser.add_argument("--max-path-bytes", type=int, default=d.max_path_bytes, help="longer URL paths get 414")
-    parser.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
-                        help="request headers above this in total get 431")
-    parser.add_argument("--max-authorization-bytes", type=int, default=d.max_authorization_bytes,
-                        help="longer Authorization headers get 401")
-    parser.add_argument("--per-try-timeout-s", type=int, default=d.per_try_timeout_s,
-                        help="a unary call's try on one replica; past it, the call is retried on another")
-    parser.add_argument("--retries", type=int, default=d.retries, help="retries per call, each on another replica")
-    parser.add_argument("--retry-budget-percent", type=int, default=d.retry_budget_percent,
-                        help="concurrent retries allowed, as a share of a pool's active requests")
-    parser.add_argument("--max-requests-per-pool", type=int, default=d.max_requests_per_pool,
-                        help="circuit breaker: concurrent requests to one pool")
+class GatewaySettings(Declared, EnvoySettings):
+    """The gateway's flags (gateway.envoy_config and gateway.launch), each with its ESM_* variable."""
+
+    upstream: Annotated[tuple[tuple[str, int], ...] | None, NoDecode] = setting(
+        None, metavar="HOST:PORT[,HOST:PORT...]",
+        help="the default pool: servers for every model without a pool of its own (default 127.0.0.1:50051, "
+             "or the launched server)")
+    pool: Annotated[list[Pool], NoDecode] = setting(
+        [], repeat=True, metavar="MODEL=HOST:PORT[,...]",
+        help=f"servers of one model (repeatable; the variable is space-separated); gRPC calls name it in the "
+             f"{MODEL_HEADER} header, JSON calls in the path. A DNS name is resolved to all its addresses "
+             f"(STRICT_DNS)")
+
+    @field_validator("upstream", mode="before")
+    @classmethod
+    def _endpoints(cls, value):
+        return _parsed(endpoints, value) if isinstance(value, str) else value
+
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _pools(cls, value):
+        if isinstance(value, str):
+            value = value.split()
+        return [_parsed(model_pool, v) if isinstance(v, str) else v for v in value]
 
 
-def config_from_args(args: argparse.Namespace, upstream: tuple[tuple[str, int], ...] | None = None,
+def _parsed(parse, text: str):
+    try:
+        return parse(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, declaration: type[GatewaySettings] = GatewaySettings) -> None:
+    """Gateway flags, shared with gateway.launch: made from the declaration."""
+    add_flags(parser, declaration)
+
+
+def config_from_args(args: GatewaySettings, upstream: tuple[tuple[str, int], ...] | None = None,
                      pools: tuple[Pool, ...] = ()) -> GatewayConfig:
-    """Flags to a config; `upstream` (the launched servers) stands in for a missing --upstream."""
+    """Settings to a config; `upstream` (the launched servers) stands in for a missing --upstream."""
     default = args.upstream or upstream
     all_pools = tuple(args.pool) + tuple(pools)
     if default and all_pools:
@@ -397,18 +403,19 @@ def config_from_args(args: argparse.Namespace, upstream: tuple[tuple[str, int], 
         all_pools = (Pool(None, tuple(default)),)
     host, port = default[0] if default else ("127.0.0.1", 50051)
     return GatewayConfig(
-        http_host=args.http_host, http_port=args.http_port, upstream_host=host, upstream_port=port,
-        pools=all_pools, admin_socket=args.admin_socket,
-        max_json_response_mb=args.max_json_response_mb, max_request_bytes=args.max_request_bytes,
-        request_timeout_s=args.request_timeout_s, request_headers_timeout_s=args.request_headers_timeout_s,
-        request_receive_timeout_s=args.request_receive_timeout_s, stream_idle_timeout_s=args.stream_idle_timeout_s,
-        connection_idle_timeout_s=args.connection_idle_timeout_s, max_connections=args.max_connections,
-        health_port=args.health_port, max_path_bytes=args.max_path_bytes, max_header_bytes=args.max_header_bytes,
-        max_authorization_bytes=args.max_authorization_bytes, per_try_timeout_s=args.per_try_timeout_s,
-        retries=args.retries, retry_budget_percent=args.retry_budget_percent,
-        max_requests_per_pool=args.max_requests_per_pool,
+        **{name: getattr(args, name) for name in EnvoySettings.model_fields},
+        upstream_host=host, upstream_port=port, pools=all_pools,
         descriptor=getattr(args, "descriptor", None) or DESCRIPTOR,
     )
+
+
+class RenderSettings(GatewaySettings):
+    """`python -m gateway.envoy_config`: the gateway's settings and where the output goes."""
+
+    descriptor: Path | None = setting(
+        None, env=False, help="descriptor set path as Envoy will see it (default: this checkout's, which must exist)")
+    configmap: str | None = setting(None, env=False, metavar="NAME",
+                                    help="print a Kubernetes ConfigMap NAME holding the config")
 
 
 def configmap(name: str, envoy_yaml: str, command: str) -> str:
@@ -421,12 +428,8 @@ def configmap(name: str, envoy_yaml: str, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.envoy_config", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    parser.add_argument("--descriptor", type=Path, default=None,
-                        help="descriptor set path as Envoy will see it (default: this checkout's, which must exist)")
-    parser.add_argument("--configmap", metavar="NAME", help="print a Kubernetes ConfigMap NAME holding the config")
-    args = parser.parse_args(argv)
+    parser = parser_for(RenderSettings, prog="python -m gateway.envoy_config", description=__doc__.splitlines()[0])
+    args = from_flags(RenderSettings, parser.parse_args(argv), parser)
     text = render(config_from_args(args), check_descriptor=args.descriptor is None)
     if args.configmap:
         text = configmap(args.configmap, text, "python -m gateway.envoy_config " + shlex.join(

@@ -9,7 +9,6 @@ Gateway flags are listed below; every other flag goes to `python -m service.serv
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -21,17 +20,19 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 from gateway.envoy_config import (
     HEALTH_CHECK_INTERVAL_S,
     UNHEALTHY_THRESHOLD,
     GatewayConfig,
+    GatewaySettings,
     Pool,
-    add_arguments,
     config_from_args,
     render,
 )
 from gateway.processes import free_port, stop_process, stop_processes
+from service.config import from_flags, parser_for, setting
 
 log = logging.getLogger("gateway")
 # Where the `service` package lives (the source checkout, or site-packages): the server child's cwd.
@@ -130,19 +131,22 @@ def server_commands(server_argv: list[str], replicas: int, max_json_response_mb:
         yield host, port, [*server_argv, "--port", str(port), *metrics, *extra], args
 
 
+class LaunchSettings(GatewaySettings):
+    """`python -m gateway.launch`: the gateway's settings and the launcher's own."""
+
+    no_server: bool = setting(False, switch=True, help="run only Envoy, in front of --upstream/--pool")
+    replicas: int = setting(1, ge=1, help="servers to start on distinct ports (--port, --port+1, ... or free ones); "
+                                          "Envoy balances each model over all of them")
+    envoy_log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = setting(
+        "warning", help="Envoy's log level (below info, header-logging components stay at info)")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m gateway.launch", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
-    add_arguments(parser)
-    parser.add_argument("--no-server", action="store_true", help="run only Envoy, in front of --upstream/--pool")
-    parser.add_argument("--replicas", type=int, default=1,
-                        help="servers to start on distinct ports (--port, --port+1, ... or free ones); Envoy "
-                             "balances each model over all of them")
-    parser.add_argument("--envoy-log-level", default="warning")
-    args, server_argv = parser.parse_known_args(argv)
-    if args.replicas < 1:
-        parser.error("--replicas must be at least 1")
+    parser = parser_for(LaunchSettings, prog="python -m gateway.launch", description=__doc__.splitlines()[0],
+                        allow_abbrev=False)
+    namespace, server_argv = parser.parse_known_args(argv)
+    args = from_flags(LaunchSettings, namespace, parser)
 
     stop = threading.Event()  # set by SIGTERM/SIGINT, installed before any child starts
     for sig in (signal.SIGTERM, signal.SIGINT):

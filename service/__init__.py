@@ -13,5 +13,7 @@
 Base modules, imported by every layer and importing none: `service.errors` (every error,
 mapped to its status in one place) and `service.metrics`. At the top, importing everything
 and imported by nothing in the package: `service.server` (start-up) and `service.model_specs`
-(what to serve). `tests/unit/test_layers.py` checks the direction.
+(what to serve). Beside them, `service.config` declares every setting once (flag, ESM_*
+variable, type, default, bounds, help); it reads the defaults of the layers below and stays
+torch-free, since the gateway reads it too. `tests/unit/test_layers.py` checks the direction.
 """

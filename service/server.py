@@ -4,8 +4,8 @@
     python -m service.server --models esm2-ft --checkpoint esm2-ft=hf:my-org/esm2-650m-ft
     python -m service.server --models-file models.toml
 
-Every flag can also be set by an environment variable (ESM_ plus the flag name in
-capitals, e.g. ESM_MODELS, ESM_PORT); flags win. A models file (service.model_specs)
+Every setting is declared once in service.config: its flag, its environment variable (ESM_
+plus the name in capitals, e.g. ESM_MODELS, ESM_PORT; flags win), default and bounds. A models file (service.model_specs)
 gives each model its own source, device, precision and batch budget; the flags are the
 defaults for what it leaves out.
 """
@@ -31,8 +31,7 @@ from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service.models import batch_budget, checkpoints, hf_checkpoints, memory_budget, sources
 from service.engine import faults
-from service.api import json_limits
-from service import model_specs
+from service import config, model_specs
 from service.models import precision
 from service.models.served import ServedModel
 from service.api import request_guard
@@ -41,7 +40,7 @@ from service.api.auth import load_keys
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
 from service.engine.worker import ModelWorker, replicate, resolve_devices
-from service.engine.scheduler import BatchLimits, Scheduler
+from service.engine.scheduler import Scheduler
 from service.api.servicer import Esm2Servicer
 
 log = logging.getLogger("service")
@@ -54,9 +53,6 @@ MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; stre
 # --max-request-bytes (4 MiB), and a JSON caller should hear about its body, not a proto size.
 RECEIVE_CEILING_BYTES = (4 << 20) + (64 << 10)
 JSON_METHODS = (f"/{SERVICE_NAME}/EncodeJson", f"/{SERVICE_NAME}/PredictJson")
-# grpc's own metadata limit (soft and hard alike): above everything a gateway forwards (Envoy's
-# default header limit is 60 KiB), so that RequestGuard, not grpc's RESOURCE_EXHAUSTED, answers.
-GRPC_METADATA_CEILING_BYTES = 256 << 10
 EXIT_WORKER_LOST = 3  # the model worker died or the device is unusable: restart me
 LOST_WORKER_GRACE_S = 5.0  # to send the UNAVAILABLE answers of work already accepted
 
@@ -65,96 +61,22 @@ class AddressInUse(Exception):
     pass
 
 
-def _env(name: str, default):
-    return os.environ.get(f"ESM_{name.upper()}", default)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    limits, batching = Limits(), BatchLimits()  # the flags' defaults are the dataclasses' own
-    p = argparse.ArgumentParser(prog="esm2-server", description=__doc__.splitlines()[0])
-    p.add_argument("--host", default=_env("host", "0.0.0.0"))
-    p.add_argument("--port", type=int, default=int(_env("port", 50051)), help="gRPC port (0 picks a free one)")
-    p.add_argument("--models", default=_env("models", None), help="comma-separated served models (default esm2-8m)")
-    p.add_argument("--models-file", type=Path, default=_env("models_file", None),
-                   help="TOML file of served models, each with its source, device, precision and batch budget")
-    p.add_argument("--model-dir", type=Path, default=_env("model_dir", None), help="directory of fair-esm .pt files")
-    p.add_argument(
-        "--checkpoint", action="append", default=[c for c in _env("checkpoints", "").split(",") if c],
-        metavar="NAME=SOURCE",
-        help="where a model's weights are: a fair-esm .pt file, a Hugging Face save_pretrained directory, or "
-             "hf:org/name[@revision] (repeatable; ESM_CHECKPOINTS is comma-separated)",
-    )
-    p.add_argument("--offline", action="store_true", default=_env("offline", "") in ("1", "true"),
-                   help="never download missing checkpoints")
-    p.add_argument("--device", default=_env("device", "auto"),
-                   help="auto, cpu, cuda or cuda:N; a comma-separated list (cuda:0,cuda:1) runs one worker per device")
-    p.add_argument("--precision", choices=tuple(precision.AUTOCAST_DTYPES), default=_env("precision", "fp32"),
-                   help="fp32 (default, equal to fair-esm) or fp16/bf16 autocast; on CPU only where the "
-                        "processor has native instructions for it (bf16: AVX512_BF16 or AMX), else refused")
-    p.add_argument("--attention", choices=("fast", "exact"), default=_env("attention", "fast"),
-                   help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
-    p.add_argument("--max-items", type=int, default=int(_env("max_items", limits.max_items)))
-    p.add_argument("--max-sequence-length", type=int,
-                   default=int(_env("max_sequence_length", limits.max_sequence_length)))
-    p.add_argument("--max-batch-tokens", type=_setting, default=_env("max_batch_tokens", "device"),
-                   help="padded tokens per batch: a number, 'device' (default: the measured default for the "
-                        "device type, 1024 on CPU, 8192 on CUDA) or 'sweep' (time the candidates at start-up)")
-    p.add_argument("--batch-sweep-seconds", type=float, default=float(_env("batch_sweep_seconds", 20)),
-                   help="time bound of one model's --max-batch-tokens sweep")
-    p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", batching.max_batch_size)))
-    p.add_argument("--max-wait-ms", type=float, default=float(_env("max_wait_ms", batching.max_wait_s * 1000)))
-    p.add_argument("--max-queue-items", type=int, default=int(_env("max_queue_items", batching.max_queue_items)))
-    p.add_argument("--min-padding-efficiency", type=float,
-                   default=float(_env("min_padding_efficiency", batching.min_padding_efficiency)),
-                   help="a batch grows only while this share of its tokens are real residues")
-    p.add_argument("--max-batch-token-pairs", type=int,
-                   default=int(_env("max_batch_token_pairs", batching.max_batch_token_pairs)),
-                   help="batch size x longest item squared (attention's work); a longer item runs alone")
-    p.add_argument("--aging", type=float, default=float(_env("aging", batching.aging)),
-                   help="an item is due at arrival + this x its estimated run time; the item due first runs next")
-    p.add_argument("--cache-mb", type=int, default=int(_env("cache_mb", result_cache.DEFAULT_CACHE_MB)),
-                   help="result cache size in MiB (0 turns it off); identical items in flight are always merged")
-    p.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 9090)), help="0 disables")
-    p.add_argument("--max-request-message-bytes", type=int, default=int(_env("max_request_message_bytes", 0)),
-                   help="largest gRPC request message; 0 (default) derives it from --max-items and "
-                        "--max-sequence-length (114,816 bytes with the defaults)")
-    p.add_argument("--max-metadata-bytes", type=int,
-                   default=int(_env("max_metadata_bytes", request_guard.DEFAULT_MAX_METADATA_BYTES)),
-                   help="largest request metadata (headers) in bytes, HPACK-counted; more is INVALID_ARGUMENT")
-    p.add_argument("--metrics-host", default=_env("metrics_host", "127.0.0.1"),
-                   help="Prometheus listener address (0.0.0.0 where a scraper on another host reads it)")
-    p.add_argument("--api-keys-file", default=_env("api_keys_file", None), help="one key per line")
-    p.add_argument("--max-json-response-mb", type=int,
-                   default=int(_env("max_json_response_mb", json_limits.DEFAULT_MAX_JSON_RESPONSE_MB)),
-                   help="largest JSON gateway response; bigger ones get INVALID_ARGUMENT (HTTP 400) naming EncodeStream")
-    p.add_argument("--max-request-bytes", type=int,
-                   default=int(_env("max_request_bytes", json_limits.DEFAULT_MAX_REQUEST_BYTES)),
-                   help="largest JSON request body after gzip decompression (HTTP 413 above)")
-    p.add_argument("--drain-seconds", type=float, default=float(_env("drain_seconds", 0)),
-                   help="after SIGTERM: report NOT_SERVING at once but keep serving this long, so that load "
-                        "balancers move traffic away first (a fleet behind Envoy: 5; Kubernetes: see the README)")
-    p.add_argument("--grace-seconds", type=float, default=float(_env("grace_seconds", 30)),
-                   help="then: stop accepting and give in-flight requests this long to finish")
-    p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once ready")
-    p.add_argument("--assume-available-memory-gib", type=float,
-                   default=float(_env("assume_available_memory_gib", 0)) or None,
-                   help="check models against this much memory per device instead of what the device reports")
-    p.add_argument("--simulate-oom-above-tokens", type=int, default=0, help=argparse.SUPPRESS)
-    # Testing aid: pretend the CPU has (or lacks) native bf16/fp16, to test both paths on any machine.
-    p.add_argument("--simulate-cpu-native", choices=("present", "absent"), default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.cache_mb < 0 or args.max_batch_token_pairs < 1 or args.aging < 0:
-        p.error("--cache-mb and --aging must not be negative; --max-batch-token-pairs must be at least 1")
-    if args.models_file is not None and (args.models is not None or args.checkpoint):
+    """The declared settings (service.config): flags, else ESM_* variables, else defaults; then the
+    served models' specs (models file or --models/--checkpoint) as `specs`."""
+    p = config.parser_for(config.ServerSettings, prog="esm2-server", description=__doc__.splitlines()[0])
+    settings = config.from_flags(config.ServerSettings, p.parse_args(argv), p)
+    args = argparse.Namespace(**dict(settings))
+    if args.models_file is not None and (args.models is not None or args.checkpoints):
         p.error("--models-file names the models: leave out --models and --checkpoint (and ESM_MODELS, ESM_CHECKPOINTS)")
     if args.models is None:
         args.models = "esm2-8m"
     try:
-        defaults = model_specs.defaults_from_args(args)
+        defaults = settings.model_defaults()
         if args.models_file is not None:
             args.specs = model_specs.from_file(args.models_file, defaults)
         else:
-            args.specs = model_specs.from_flags(args.models, args.checkpoint, defaults)
+            args.specs = model_specs.from_flags(args.models, args.checkpoints, defaults)
     except model_specs.BadModelsConfig as exc:
         p.error(str(exc))
     too_small = [s.name for s in args.specs if s.max_queue_items < args.max_items]
@@ -163,27 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.max_request_message_bytes:
         args.max_request_message_bytes = request_guard.max_request_message_bytes(
             args.max_items, args.max_sequence_length)
-    if not 0 < args.max_metadata_bytes <= GRPC_METADATA_CEILING_BYTES:
-        p.error(f"--max-metadata-bytes must be between 1 and {GRPC_METADATA_CEILING_BYTES}")
     return args
-
-
-def _setting(text: str) -> str:
-    try:
-        return batch_budget.parse_setting(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def request_limits(args) -> Limits:
     return Limits(args.max_items, args.max_sequence_length)
-
-
-def batch_limits(spec: model_specs.ModelSpec, batch_tokens: int) -> BatchLimits:
-    """A model's batching limits: its own settings (models file or flags) and the budget chosen on
-    its device."""
-    return BatchLimits(batch_tokens, spec.max_batch_size, spec.max_wait_ms / 1000, spec.max_queue_items,
-                       spec.min_padding_efficiency, spec.max_batch_token_pairs, spec.aging)
 
 
 def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence_length: int) -> memory_budget.Need:
@@ -253,7 +159,7 @@ def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
         spec = model.spec
         workers = [
             ModelWorker(copy, device, spec.precision, spec.attention == "fast", args.simulate_oom_above_tokens,
-                        faults.FaultHook.from_env())
+                        faults.FaultHook.armed(args.fault_file))
             for copy, device in zip(replicate({name: model.loaded}, model.devices), model.devices)
         ]
         first = workers[0]
@@ -262,7 +168,7 @@ def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
         log.info("%s: batch budget %s; precision %s", name, model.budget.describe(), spec.precision)
         schedulers[name] = Scheduler(
             workers,
-            batch_limits(spec, model.budget.tokens),
+            spec.batch_limits(model.budget.tokens),
             cache=cache, scopes={name: cache_scope(model)},
         )
     return ModelRouter(schedulers)
@@ -278,7 +184,7 @@ async def serve(args) -> int:
     servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
                             args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes())
 
-    keys = load_keys(args.api_keys_file, os.environ.get("ESM_API_KEYS"))
+    keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
                                        dict.fromkeys(JSON_METHODS, receive_ceiling))
@@ -287,8 +193,8 @@ async def serve(args) -> int:
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", receive_ceiling),
-            ("grpc.max_metadata_size", GRPC_METADATA_CEILING_BYTES),
-            ("grpc.absolute_max_metadata_size", GRPC_METADATA_CEILING_BYTES),
+            ("grpc.max_metadata_size", config.GRPC_METADATA_CEILING_BYTES),
+            ("grpc.absolute_max_metadata_size", config.GRPC_METADATA_CEILING_BYTES),
             # A second server on a busy port must fail, not take half of its connections.
             ("grpc.so_reuseport", 0),
         ],

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from support import REPO, ServerProcess
+from service.config import parse_batch_tokens
 from service.models import batch_budget
 from esm2_wire.proto import pb
 
@@ -17,10 +18,10 @@ from esm2_wire.proto import pb
 def test_budget_choice_prefers_the_smallest_within_tolerance():
     assert batch_budget.choose({512: 90.0, 1024: 100.0, 2048: 102.0, 4096: 80.0}) == 1024
     assert batch_budget.choose({512: 50.0, 1024: 100.0}) == 1024
-    assert batch_budget.parse_setting("device") == "device" and batch_budget.parse_setting("2048") == "2048"
+    assert parse_batch_tokens("device") == "device" and parse_batch_tokens("2048") == "2048"
     for bad in ("0", "-5", "lots"):
         with pytest.raises(ValueError):
-            batch_budget.parse_setting(bad)
+            parse_batch_tokens(bad)
 
 
 def test_sweep_measures_within_its_bounds(reference_models):

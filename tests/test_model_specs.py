@@ -26,14 +26,14 @@ max_batch_token_pairs = 1000000
 """)
     specs = _specs("--models-file", str(models), "--max-batch-size", "16", "--precision", "fp16", "--aging", "2")
     assert specs == [
-        ModelSpec("esm2-8m", None, "cpu", "fp16", "fast", "device", 16, aging=2.0),
-        ModelSpec("esm2-ft", "hf:my-org/esm2-650m-ft@v2", "cuda:0", "bf16", "fast", "16384", 16,
-                  max_batch_token_pairs=1000000, aging=0),
+        ModelSpec(name="esm2-8m", device="cpu", precision="fp16", max_batch_size=16, aging=2.0),
+        ModelSpec(name="esm2-ft", source="hf:my-org/esm2-650m-ft@v2", device="cuda:0", precision="bf16",
+                  max_batch_tokens="16384", max_batch_size=16, max_batch_token_pairs=1000000, aging=0),
     ]
 
 
 def test_flags_alone_describe_the_one_or_several_models(monkeypatch):
-    assert _specs() == [ModelSpec("esm2-8m")]
+    assert _specs() == [ModelSpec(name="esm2-8m")]
     monkeypatch.setenv("ESM_MODELS", "a,b")
     monkeypatch.setenv("ESM_CHECKPOINTS", "a=/m/a.pt,b=hf:org/b")
     assert [(s.name, s.source, s.device) for s in _specs("--device", "cpu")] == [
@@ -42,11 +42,14 @@ def test_flags_alone_describe_the_one_or_several_models(monkeypatch):
 
 @pytest.mark.parametrize("text,message", [
     ('[models.a]\nsorce = "x"\n', "[models.a]: unknown keys sorce (known: source, device,"),
-    ('[models.a]\nmax_batch_tokens = "big"\n', "[models.a]: max_batch_tokens: expected a number of tokens, 'device' or 'sweep', not 'big'"),
-    ('[models.a]\nmax_batch_tokens = 1.5\n', "[models.a]: max_batch_tokens = 1.5 has the wrong type"),
-    ('[models.a]\nprecision = "fp8"\n', "[models.a]: precision 'fp8' is not one of fp32, fp16, bf16"),
-    ('[models.a]\naging = -1\n', "[models.a]: aging must not be negative"),
-    ('[models.a]\nmax_batch_token_pairs = 0\n', "[models.a]: max_batch_token_pairs must be at least 1"),
+    ('[models.a]\nmax_batch_tokens = "big"\n', "[models.a]: max_batch_tokens = 'big': expected a number of tokens, 'device' or 'sweep', not 'big'"),
+    ('[models.a]\nmax_batch_tokens = 1.5\n', "[models.a]: max_batch_tokens = 1.5: has the wrong type"),
+    ('[models.a]\nmax_batch_size = "8"\n', "[models.a]: max_batch_size = '8': Input should be a valid integer"),
+    ('[models.a]\nmax_wait_ms = true\n', "[models.a]: max_wait_ms = True: Input should be a valid number"),
+    ('[models.a]\nprecision = "fp8"\n', "[models.a]: precision = 'fp8': Input should be 'fp32', 'fp16' or 'bf16'"),
+    ('[models.a]\naging = -1\n', "[models.a]: aging = -1: Input should be greater than or equal to 0"),
+    ('[models.a]\nmax_batch_token_pairs = 0\n',
+     "[models.a]: max_batch_token_pairs = 0: Input should be greater than or equal to 1"),
     ('[models.a]\nmax_queue_items = 2\n', "max_queue_items must be at least --max-items (8) for a"),
     ('[server]\nport = 1\n', "expected only [models.<name>] tables (unknown: server)"),
     ('[models.a\n', "models file"),

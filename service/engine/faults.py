@@ -1,6 +1,7 @@
 """Fault injection for the tests: armed only by the environment at start-up, never by a request.
 
-With ESM_FAULT_FILE=/some/path set when the server starts, the model worker looks at that
+With ESM_FAULT_FILE=/some/path set when the server starts (a declared setting without a flag,
+service.config), the model worker looks at that
 file before each batch. When it holds a fault name, the fault fires once and the file is
 removed. Without the variable there is no hook at all (the worker holds None). Nothing a
 caller sends can create the file or set the variable.
@@ -17,13 +18,11 @@ Faults:
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ENV_VAR = "ESM_FAULT_FILE"
 FAULTS = ("batch-error", "device-error", "worker-exit", "stall")
 STALL_LIMIT_S = 60.0
 
@@ -34,11 +33,11 @@ class FaultHook:
         self.device_poisoned = False
 
     @classmethod
-    def from_env(cls) -> "FaultHook | None":
-        path = os.environ.get(ENV_VAR)
-        if not path:
+    def armed(cls, path: Path | None) -> "FaultHook | None":
+        """The hook for the server's ESM_FAULT_FILE setting; None when it is unset."""
+        if path is None:
             return None
-        log.warning("fault injection armed (%s=%s): for tests only", ENV_VAR, path)
+        log.warning("fault injection armed (ESM_FAULT_FILE=%s): for tests only", path)
         return cls(Path(path))
 
     def before_batch(self) -> None:

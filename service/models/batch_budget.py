@@ -71,19 +71,6 @@ def most_tokens(setting: str, device: torch.device) -> int:
     return int(setting)
 
 
-def parse_setting(text: str) -> str:
-    """argparse type of --max-batch-tokens."""
-    if text in ("device", "sweep"):
-        return text
-    try:
-        tokens = int(text)
-    except ValueError:
-        raise ValueError(f"expected a number of tokens, 'device' or 'sweep', not {text!r}") from None
-    if tokens < 1:
-        raise ValueError(f"must be at least 1 token, not {tokens}")
-    return str(tokens)
-
-
 def choose(rates: dict[int, float]) -> int:
     """The smallest budget whose rate is within TOLERANCE of the best."""
     best = max(rates.values())

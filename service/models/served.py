@@ -14,7 +14,7 @@ from service.models.forward import amino_acid_columns
 if TYPE_CHECKING:  # the spec is read here, never built: no import of the composition root
     import torch
 
-    from service.model_specs import ModelSpec
+    from service.config import ModelSpec
 
 
 @dataclass(eq=False)

@@ -16,13 +16,16 @@ ALLOWED = {
     "service.api": {"service.api", "service.engine", "service.models", "service.errors", "service.metrics"},
     "service.engine": {"service.engine", "service.models", "service.errors", "service.metrics"},
     "service.models": {"service.models", "service.errors", "service.metrics"},
+    # The settings' declaration: it reads the defaults of the parts below it, never the server.
+    "service.config": {"service.config", "service.api", "service.engine", "service.errors", "service.metrics"},
     "service.errors": set(),
     "service.metrics": set(),
 }
 # Modules of the engine that never touch a tensor: they must not pull torch in.
 TORCH_FREE = ["service.engine.inputs", "service.engine.scheduler", "service.engine.router",
               "service.engine.result_cache", "service.api.validation", "service.api.json_body",
-              "service.api.request_schema", "service.api.json_limits", "service.errors", "service.metrics"]
+              "service.api.request_schema", "service.api.json_limits", "service.errors", "service.metrics",
+              "service.config"]  # the gateway reads the settings' declaration too
 
 
 def _module_name(path: Path) -> str:

@@ -2,14 +2,14 @@
 
 from esm2_wire.vocabulary import Limits
 from service.engine.scheduler import BatchLimits
-from service.server import batch_limits, parse_args, request_limits
+from service.server import parse_args, request_limits
 
 
 def test_no_flags_means_the_dataclass_defaults():
     args = parse_args([])
     assert request_limits(args) == Limits()
     [spec] = args.specs
-    assert batch_limits(spec, BatchLimits().max_batch_tokens) == BatchLimits()
+    assert spec.batch_limits(BatchLimits().max_batch_tokens) == BatchLimits()
 
 
 def test_flags_and_environment_override_them(monkeypatch):
@@ -18,7 +18,7 @@ def test_flags_and_environment_override_them(monkeypatch):
                        "--max-batch-token-pairs", "1000000"])
     assert request_limits(args) == Limits(max_items=4)
     [spec] = args.specs
-    assert batch_limits(spec, 1024) == BatchLimits(max_batch_tokens=1024, max_batch_size=16, max_wait_s=0.02,
+    assert spec.batch_limits(1024) == BatchLimits(max_batch_tokens=1024, max_batch_size=16, max_wait_s=0.02,
                                                          aging=0.0, max_batch_token_pairs=1000000)
 
 
@@ -26,5 +26,5 @@ def test_a_models_file_sets_scheduling_per_model(tmp_path):
     models = tmp_path / "models.toml"
     models.write_text('[models.a]\naging = 0\nmax_batch_token_pairs = 65536\n\n[models.b]\n')
     a, b = parse_args(["--models-file", str(models), "--aging", "8"]).specs
-    assert batch_limits(a, 1024) == BatchLimits(max_batch_tokens=1024, aging=0.0, max_batch_token_pairs=65536)
-    assert batch_limits(b, 1024) == BatchLimits(max_batch_tokens=1024, aging=8.0)
+    assert a.batch_limits(1024) == BatchLimits(max_batch_tokens=1024, aging=0.0, max_batch_token_pairs=65536)
+    assert b.batch_limits(1024) == BatchLimits(max_batch_tokens=1024, aging=8.0)

@@ -1,0 +1,345 @@
+"""Every setting of the server, declared once: flag, ESM_* variable, type, default, bounds, help.
+
+    python -m service.config --markdown                           # the README's server table
+    python -m service.config --markdown gateway.launch:LaunchSettings  # ... and the gateway's
+
+A setting is a pydantic field made by `setting()`. pydantic-settings reads its environment
+variable (ESM_ plus the field name in capitals); `add_flags` builds its argparse flag from the
+same field, and `from_flags` lets the flags given win over the environment, then validates
+the lot, so a bad value stops start-up with one message naming the flag and the variable.
+`--help` and the README's settings table are made from the declaration too.
+
+The per-model settings (`ModelSettings`) are a subset: the flags give every model's
+defaults, and a models file (service.model_specs) sets them per model under the same
+names, validated by the same fields. `JsonEdgeLimits` is shared with the gateway
+(gateway.envoy_config), which must agree with the server on them.
+
+Torch-free on purpose: the gateway reads this declaration, and it never loads a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from esm2_wire.vocabulary import Limits
+from service.api import json_limits, request_guard
+from service.engine import result_cache
+from service.engine.scheduler import BatchLimits
+
+ENV_PREFIX = "ESM_"
+# grpc's own metadata limit (soft and hard alike): above everything a gateway forwards (Envoy's
+# default header limit is 60 KiB), so that RequestGuard, not grpc's RESOURCE_EXHAUSTED, answers.
+GRPC_METADATA_CEILING_BYTES = 256 << 10
+PRECISIONS = ("fp32", "fp16", "bf16")  # service.models.precision.AUTOCAST_DTYPES has one dtype each
+BATCH_TOKEN_MODES = ("device", "sweep")  # service.models.batch_budget says what each means
+
+
+def setting(default: Any, help: str, *, flag: str | None = "", env: bool = True, repeat: bool = False,
+            switch: bool = False, hidden: bool = False, metavar: str | None = None, **bounds) -> Any:
+    """One declared setting. flag: "" derives --field-name, None means environment only (a secret
+    would show in `ps`); env=False: flag only. bounds are pydantic's (ge, le, gt, ...)."""
+    return Field(default, description=help, json_schema_extra={
+        "flag": flag, "env": env, "repeat": repeat, "switch": switch, "hidden": hidden, "metavar": metavar,
+    }, **bounds)
+
+
+def _meta(info: FieldInfo) -> dict:
+    return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+
+
+def flag_of(name: str, info: FieldInfo) -> str | None:
+    flag = _meta(info).get("flag", "")
+    return None if flag is None else flag or "--" + name.replace("_", "-")
+
+
+def env_of(name: str, info: FieldInfo) -> str | None:
+    return ENV_PREFIX + name.upper() if _meta(info).get("env", True) else None
+
+
+def where(cls: type[BaseModel], name: str) -> str:
+    """How a user sets `name`: its flag and its variable, e.g. `--port (ESM_PORT)`."""
+    info = cls.model_fields[name]
+    flag, env = flag_of(name, info), env_of(name, info)
+    return f"{flag} ({env})" if flag and env else flag or env or name
+
+
+class _DeclaredEnv(EnvSettingsSource):
+    """The environment, minus settings declared flag-only."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str):
+        if not _meta(field).get("env", True):
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
+
+
+class Declared(BaseSettings):
+    """Base of a declaration: ESM_* variables, empty ones ignored, flags (init values) first."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _DeclaredEnv(settings_cls, env_prefix=ENV_PREFIX, env_ignore_empty=True)
+
+
+def ordered(cls: type[BaseModel]) -> list[tuple[str, FieldInfo]]:
+    """The settings of `cls`, its own first, then those of its bases (per-model, JSON edge)."""
+    names = [n for base in cls.__mro__ for n in vars(base).get("__annotations__", {}) if n in cls.model_fields]
+    return [(n, cls.model_fields[n]) for n in dict.fromkeys(names)]
+
+
+def _metavar(info: FieldInfo) -> str:
+    choices = get_args(info.annotation)
+    if get_origin(info.annotation) is Literal:
+        return "{" + ",".join(choices) + "}"
+    kinds = {int: "N", float: "X", Path: "PATH"}
+    return next((kinds[t] for t in (info.annotation, *choices) if t in kinds), "TEXT")
+
+
+def env_only_epilog(cls: type[BaseModel]) -> str:
+    """--help's word on the settings that have a variable but no flag."""
+    lines = [f"{env_of(n, i)}: {i.description}" for n, i in ordered(cls) if flag_of(n, i) is None]
+    return "environment only:\n  " + "\n  ".join(lines) if lines else ""
+
+
+def parser_for(cls: type[BaseModel], **kwargs) -> argparse.ArgumentParser:
+    """An argparse parser of `cls`'s flags, its --help listing the environment-only settings too."""
+    parser = argparse.ArgumentParser(epilog=env_only_epilog(cls), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     **kwargs)
+    add_flags(parser, cls)
+    return parser
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type[BaseModel]) -> None:
+    """One argparse flag per declared setting that has one. Defaults are SUPPRESSed: a flag not
+    given leaves its setting to the environment, then to the declared default."""
+    for name, info in ordered(cls):
+        flag = flag_of(name, info)
+        if flag is None:
+            continue
+        meta = _meta(info)
+        env = env_of(name, info)
+        default = info.get_default(call_default_factory=True)
+        shown = "" if default in (None, [], ()) else f"; default {default}"
+        help_text = argparse.SUPPRESS if meta.get("hidden") else (
+            f"{info.description} ({env or 'no variable'}{shown})")
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if meta.get("switch"):
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["metavar"] = meta.get("metavar") or _metavar(info)
+            if meta.get("repeat"):
+                kwargs["action"] = "append"
+        parser.add_argument(flag, **kwargs)
+
+
+def describe(exc: ValidationError, cls: type[BaseModel]) -> str:
+    """A validation failure as `--flag (ESM_VAR) = value: problem`, one per setting."""
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        label = where(cls, name) if name in cls.model_fields else name or cls.__name__
+        shown = "" if error["type"] == "missing" else f" = {error.get('input')!r}"
+        lines.append(f"{label}{shown}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(lines)
+
+
+def from_flags(cls: type[Declared], namespace: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The settings: flags given in `namespace` win over the environment; errors end in parser.error."""
+    given = {k: v for k, v in vars(namespace).items() if k in cls.model_fields}
+    try:
+        return cls(**given)
+    except ValidationError as exc:
+        parser.error(describe(exc, cls))
+
+
+def markdown_table(cls: type[BaseModel]) -> str:
+    """The README's table of `cls`: every setting but the hidden test aids."""
+    rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, info in ordered(cls):
+        if _meta(info).get("hidden"):
+            continue
+        default = info.get_default(call_default_factory=True)
+        default = "" if default in (None, [], ()) else f"`{default}`"
+        flag, env = flag_of(name, info), env_of(name, info)
+        rows.append(f"| {f'`{flag}`' if flag else ''} | {f'`{env}`' if env else ''} | {default} | "
+                    f"{info.description.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+def parse_batch_tokens(value: Any) -> str:
+    """A max_batch_tokens value: a number of tokens, 'device' or 'sweep' (as text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("has the wrong type: expected a number of tokens, 'device' or 'sweep'")
+    text = str(value)
+    if text in BATCH_TOKEN_MODES:
+        return text
+    try:
+        tokens = int(text)
+    except ValueError:
+        raise ValueError(f"expected a number of tokens, 'device' or 'sweep', not {text!r}") from None
+    if tokens < 1:
+        raise ValueError(f"must be at least 1 token, not {tokens}")
+    return str(tokens)
+
+
+class JsonEdgeLimits(BaseModel):
+    """Limits of the JSON path that the server and the gateway (Envoy) both enforce: one
+    declaration, read by both, so that they agree."""
+
+    max_json_response_mb: int = setting(
+        json_limits.DEFAULT_MAX_JSON_RESPONSE_MB, ge=1,
+        help="largest JSON response; bigger ones get INVALID_ARGUMENT (HTTP 400) naming EncodeStream")
+    max_request_bytes: int = setting(
+        json_limits.DEFAULT_MAX_REQUEST_BYTES, ge=1,
+        help="largest JSON request body after gzip decompression (HTTP 413 above)")
+
+
+class ModelSettings(BaseModel):
+    """The per-model settings: flags give every model's defaults, a models file's [models.NAME]
+    tables set them per model under these names."""
+
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N; a comma-separated list (cuda:0,cuda:1) "
+                                       "runs one worker per device")
+    precision: Literal["fp32", "fp16", "bf16"] = setting(
+        "fp32", help="fp32 (equal to fair-esm) or fp16/bf16 autocast; on CPU only where the processor has "
+                     "native instructions for it (bf16: AVX512_BF16 or AMX), else refused")
+    attention: Literal["fast", "exact"] = setting(
+        "fast", help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
+    max_batch_tokens: str = setting(
+        "device", metavar="N|device|sweep", help="padded tokens per batch: a number, 'device' (the measured default for the device "
+                       "type, 1024 on CPU, 8192 on CUDA) or 'sweep' (time the candidates at start-up)")
+    # The scheduler's defaults are its own (service.engine.scheduler.BatchLimits explains each).
+    max_batch_size: int = setting(BatchLimits.max_batch_size, ge=1, help="items per batch")
+    max_wait_ms: float = setting(BatchLimits.max_wait_s * 1000, ge=0,
+                                 help="how long an idle worker waits to fill a batch")
+    max_queue_items: int = setting(BatchLimits.max_queue_items, ge=1,
+                                   help="queued items before RESOURCE_EXHAUSTED; at least --max-items")
+    min_padding_efficiency: float = setting(
+        BatchLimits.min_padding_efficiency, ge=0, le=1,
+        help="a batch grows only while this share of its tokens are real residues")
+    max_batch_token_pairs: int = setting(
+        BatchLimits.max_batch_token_pairs, ge=1,
+        help="batch size x longest item squared (x3 with attention maps), the attention's work; a longer "
+             "item runs alone")
+    aging: float = setting(BatchLimits.aging, ge=0,
+                           help="an item is due at arrival + this x its estimated run time; the item due first "
+                                "runs next (0: first come, first served)")
+
+    @field_validator("max_batch_tokens", mode="before")
+    @classmethod
+    def _batch_tokens(cls, value):
+        return parse_batch_tokens(value)
+
+    def batch_limits(self, batch_tokens: int) -> BatchLimits:
+        """The scheduler's limits: these settings and the budget chosen on the model's device."""
+        return BatchLimits(
+            max_batch_tokens=batch_tokens, max_batch_size=self.max_batch_size, max_wait_s=self.max_wait_ms / 1000,
+            max_queue_items=self.max_queue_items, min_padding_efficiency=self.min_padding_efficiency,
+            max_batch_token_pairs=self.max_batch_token_pairs, aging=self.aging)
+
+
+MODEL_KEYS = ("source", *ModelSettings.model_fields)  # a models file's keys
+
+
+class ModelSpec(ModelSettings):
+    """One served model: its name, where its weights are, and its settings."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    source: str | None = None  # None: the standard fair-esm name
+
+
+class ServerSettings(Declared, ModelSettings, JsonEdgeLimits):
+    """`python -m service.server`'s settings."""
+
+    host: str = setting("0.0.0.0", help="gRPC listener address")
+    port: int = setting(50051, ge=0, le=65535, help="gRPC port (0 picks a free one)")
+    models: str | None = setting(None, help="comma-separated served models (default esm2-8m)")
+    models_file: Path | None = setting(
+        None, metavar="PATH",
+        help="TOML file of served models, each with its source, device, precision and batch budget "
+             "(instead of --models/--checkpoint)")
+    model_dir: Path | None = setting(None, metavar="DIR", help="directory of fair-esm .pt files")
+    checkpoints: Annotated[list[str], NoDecode] = setting(
+        [], flag="--checkpoint", repeat=True, metavar="NAME=SOURCE",
+        help="where a model's weights are: a fair-esm .pt file, a Hugging Face save_pretrained directory or "
+             "hf:org/name[@revision] (repeatable; the variable is comma-separated)")
+    offline: bool = setting(False, switch=True, help="never download missing checkpoints (variable: 1 or true)")
+    assume_available_memory_gib: float | None = setting(
+        None, ge=0, help="check models against this much memory per device instead of what the device reports "
+                         "(0: what the device reports)")
+    max_items: int = setting(Limits.max_items, ge=1, help="items per request")
+    max_sequence_length: int = setting(Limits.max_sequence_length, ge=1, help="residues per sequence")
+    batch_sweep_seconds: float = setting(20.0, gt=0, help="time bound of one model's --max-batch-tokens sweep")
+    cache_mb: int = setting(result_cache.DEFAULT_CACHE_MB, ge=0,
+                            help="result cache size in MiB (0 turns it off); identical items in flight are "
+                                 "always merged")
+    metrics_port: int = setting(9090, ge=0, le=65535, help="Prometheus metrics port (0 disables)")
+    metrics_host: str = setting("127.0.0.1", help="Prometheus listener address (0.0.0.0 where a scraper on "
+                                                  "another host reads it)")
+    max_request_message_bytes: int = setting(
+        0, ge=0, help="largest gRPC request message; 0 derives it from --max-items and --max-sequence-length "
+                      "(114,816 bytes with the defaults)")
+    max_metadata_bytes: int = setting(
+        request_guard.DEFAULT_MAX_METADATA_BYTES, ge=1, le=GRPC_METADATA_CEILING_BYTES,
+        help="largest request metadata (headers) in bytes, HPACK-counted; more is INVALID_ARGUMENT")
+    api_keys_file: Path | None = setting(None, metavar="PATH",
+                                         help="require `authorization: Token <key>`: one key per line")
+    api_keys: SecretStr | None = setting(
+        None, flag=None, help="require `authorization: Token <key>`: comma-separated keys (variable only: a "
+                              "flag would show the keys in `ps`)")
+    drain_seconds: float = setting(
+        0.0, ge=0, help="after SIGTERM: report NOT_SERVING at once but keep serving this long, so that load "
+                        "balancers move traffic away first (a fleet behind Envoy: 5; Kubernetes: see Deploy)")
+    grace_seconds: float = setting(30.0, ge=0,
+                                   help="then: stop accepting and give in-flight requests this long to finish")
+    port_file: Path | None = setting(None, env=False, metavar="PATH", help="write the bound port here once ready")
+    fault_file: Path | None = setting(
+        None, flag=None, help="tests only: arm fault injection from this file (service.engine.faults)")
+    # Testing aids, hidden from --help and the README.
+    simulate_oom_above_tokens: int = setting(0, env=False, hidden=True, ge=0, help="testing: fake OOM")
+    simulate_cpu_native: Literal["present", "absent"] | None = setting(
+        None, env=False, hidden=True, help="testing: pretend the CPU has (or lacks) native bf16/fp16")
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [c for c in value.split(",") if c] if isinstance(value, str) else value
+
+    @field_validator("assume_available_memory_gib", mode="after")
+    @classmethod
+    def _zero_is_unset(cls, value):
+        return value or None
+
+    def model_defaults(self) -> ModelSettings:
+        """The per-model settings the flags give (every model's defaults)."""
+        return ModelSettings(**{k: getattr(self, k) for k in ModelSettings.model_fields})
+
+
+def _load(spec: str) -> type[BaseModel]:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.config", description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", required=True, help="print the settings table")
+    parser.add_argument("declaration", nargs="?", default="service.config:ServerSettings", help="MODULE:CLASS")
+    args = parser.parse_args(argv)
+    sys.stdout.write(markdown_table(_load(args.declaration)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
