@@ -8,7 +8,7 @@ GEN := esm2_wire/gen
 DESCRIPTOR := gateway/esm2_descriptor.pb
 CHECKPOINTS ?= checkpoints
 
-.PHONY: setup protos serve demo fleet deploy-config test test-unit bench clean lint-protos
+.PHONY: settings-doc setup protos serve demo fleet deploy-config test test-unit bench clean lint-protos
 
 setup: $(VENV)/.installed protos
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The pinned CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[server,dev,bench]'
+	$(PY) -m pip install --quiet -e '.[server,dev,bench,plot]'
 	touch $@
 
 # Python stubs and Envoy's descriptor set, generated from protos/ (never hand-edited). The package
@@ -45,7 +45,8 @@ fleet: setup
 	$(PY) -m gateway.launch --replicas $(REPLICAS) --models esm2-8m --model-dir $(CHECKPOINTS) --offline $(SERVE_ARGS)
 
 # Envoy's ConfigMap of each Kubernetes overlay, rendered from gateway/envoy.yaml (tests check they match).
-K8S_ENVOY = --configmap esm2-envoy --http-port 8080 --descriptor /etc/esm2/esm2_descriptor.pb
+K8S_ENVOY = --configmap esm2-envoy --http-port 8080 --descriptor /etc/esm2/esm2_descriptor.pb \
+	--admin-socket /tmp/envoy-admin.sock --stats-port 9901
 deploy-config: protos
 	$(PY) -m gateway.envoy_config $(K8S_ENVOY) --pool esm2-8m=esm2-8m.esm2.svc.cluster.local:50051 \
 		> deploy/k8s/overlays/cpu/envoy-config.yaml
@@ -72,3 +73,7 @@ lint-protos: $(VENV)/.installed
 
 clean:
 	rm -rf $(GEN) $(DESCRIPTOR) $(CHECKPOINTS)
+
+# README's settings tables, rewritten from the declarations (service/config.py, gateway/launch.py).
+settings-doc: setup
+	$(PY) -m service.config --write-readme README.md

@@ -4,6 +4,7 @@
     esm2 predict 'MKT<mask>AYIAK' --top-k 5
     esm2 score --sequence MKTAYIAK --mutations K2A T3G:A4C
     esm2 score --pll library.fasta -o pll.csv
+    esm2 contacts proteins.fasta --png maps/ --attention
     esm2 health | esm2 models
 
 Every failure is one line on stderr and a non-zero exit status.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from esm2_client import scoring
 from esm2_client.client import DEFAULT_TARGET, Esm2Client, Esm2Error
+from esm2_client.contact_plot import PlotUnavailable
 from esm2_client.fasta import InputError, Record, read_fasta
 from esm2_client.embedding_store import (
     EmbeddingStore,
@@ -118,6 +121,42 @@ def cmd_embed(args) -> int:
     skipped = len(records) - len(todo)
     print(f"esm2: wrote {written} sequences to {args.output}"
           + (f" ({skipped} already there)" if skipped else ""), file=sys.stderr)
+    return 0
+
+
+# ---- contacts -------------------------------------------------------------------------
+def _png_names(records: list[Record]) -> list[str]:
+    """A file name per record from its id: safe characters only, unique."""
+    names, seen = [], set()
+    for record in records:
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", record.id).strip("._") or "sequence"
+        name, n = stem, 1
+        while name.lower() in seen:
+            n += 1
+            name = f"{stem}-{n}"
+        seen.add(name.lower())
+        names.append(f"{name}.png")
+    return names
+
+
+def cmd_contacts(args) -> int:
+    from esm2_client import contact_plot
+
+    contact_plot.figure_class()  # without matplotlib, fail before any work
+    records = read_fasta(args.fasta)
+    include = ["contacts", "attentions"] if args.attention else ["contacts"]
+    with _client(args) as client:
+        info = client.model_info(args.model)
+        records = _fit_lengths(records, info.max_sequence_length, args.truncate, args.model)
+        names = _png_names(records)
+        _interrupt_on_sigterm()
+        with tqdm(total=len(records), unit="seq", desc="contacts", disable=args.quiet, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            for index, outputs in client.encode_iter([r.sequence for r in records], args.model, include):
+                contact_plot.draw(args.png / names[index], records[index].id, outputs.get(OutputKind.CONTACTS),
+                                  outputs.get(OutputKind.ATTENTIONS) if args.attention else None)
+                bar.update()
+    print(f"esm2: drew {len(records)} contact maps in {args.png}", file=sys.stderr)
     return 0
 
 
@@ -263,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cut longer sequences to N residues (default: the server's limit) instead of failing")
     embed.set_defaults(run=cmd_embed)
 
+    contacts = commands.add_parser(
+        "contacts", parents=[common, model],
+        help="draw each sequence's contact map as a PNG (needs the plot extra; "
+             "for the arrays: embed --include contacts)")
+    contacts.add_argument("fasta", type=Path, help="FASTA file, plain or gzipped")
+    contacts.add_argument("--png", type=Path, required=True, metavar="DIR",
+                          help="write <id>.png here, one per sequence")
+    contacts.add_argument("--attention", action="store_true",
+                          help="a second panel: the mean attention map over layers and heads")
+    contacts.add_argument("--truncate", type=int, nargs="?", const=0, default=None, metavar="N",
+                          help="cut sequences to N residues (default: the model's limit) instead of failing")
+    contacts.set_defaults(run=cmd_contacts)
+
     predict = commands.add_parser("predict", parents=[common, model], help="top-k tokens at each <mask>")
     predict.add_argument("sequences", nargs="*", help="sequences containing <mask>")
     predict.add_argument("--fasta", type=Path, help="FASTA file of masked sequences")
@@ -294,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (Esm2Error, InputError, OutputError, UsageError) as exc:
+    except (Esm2Error, InputError, OutputError, UsageError, PlotUnavailable) as exc:
         message = str(exc)
     except OSError as exc:
         message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)

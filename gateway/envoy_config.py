@@ -78,6 +78,11 @@ class EnvoySettings(JsonEdgeLimits):
     # probes are answered while clients hold every connection; None: none.
     health_port: int | None = setting(
         None, ge=1, le=65535, help="also serve /healthz on this port, answered even when --max-connections are taken")
+    # A listener that serves only GET /stats/prometheus (Envoy's stats, read through the admin
+    # socket) for Prometheus; None: none. Needs admin_socket.
+    stats_port: int | None = setting(
+        None, ge=1, le=65535,
+        help="serve Envoy's stats for Prometheus (GET /stats/prometheus, nothing else) on this port; needs --admin-socket")
     request_timeout_s: int = setting(600, ge=1, help="longest a JSON request may take, queueing and inference included")
     request_headers_timeout_s: int = setting(10, ge=1, help="a request's headers must arrive within this")
     request_receive_timeout_s: int = setting(30, ge=1, help="a whole request (headers and body) must arrive within this")
@@ -117,6 +122,8 @@ class GatewayConfig(EnvoySettings):
 def render(config: GatewayConfig, check_descriptor: bool = True) -> str:
     if check_descriptor and not config.descriptor.is_file():
         raise FileNotFoundError(f"{config.descriptor} is missing: run `make protos`")
+    if config.stats_port and config.admin_socket is None:
+        raise ValueError("the stats listener (--stats-port) reads Envoy's admin socket: give --admin-socket too")
     admin = ""
     if config.admin_socket is not None:
         admin = f'admin:\n  address:\n    pipe: {{path: "{Path(config.admin_socket).resolve()}", mode: 384}}  # 0600\n'
@@ -132,7 +139,8 @@ def render(config: GatewayConfig, check_descriptor: bool = True) -> str:
         routes=render_routes(config, pools),
         retry_policy=render_vhost_retry_policy(config),
         healthy_percentages=healthy,
-        clusters="".join(render_cluster(config, p) for p in pools),
+        clusters="".join(render_cluster(config, p) for p in pools)
+        + (ADMIN_CLUSTER.format(socket=Path(config.admin_socket).resolve()) if config.stats_port else ""),
         request_timeout_s=config.request_timeout_s,
         request_headers_timeout_s=config.request_headers_timeout_s,
         request_receive_timeout_s=config.request_receive_timeout_s,
@@ -141,8 +149,7 @@ def render(config: GatewayConfig, check_descriptor: bool = True) -> str:
         max_connections=config.max_connections,
         lua_code=json.dumps(lua_code(config)),
         admin=admin,
-        health_listener=HEALTH_LISTENER.format(host=config.http_host, port=config.health_port, healthy=healthy)
-        if config.health_port else "",
+        side_listeners=side_listeners(config, healthy),
     )
 
 
@@ -293,8 +300,10 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-HEALTH_LISTENER = """\
-  - name: health
+# Listeners beside the API's, outside its connection cap (ignore_global_conn_limit), each
+# serving one thing and 404 for the rest: /healthz (--health-port) and Envoy's stats (--stats-port).
+SIDE_LISTENER = """\
+  - name: {name}
     address:
       socket_address: {{address: "{host}", port_value: {port}}}
     enable_reuse_port: false
@@ -304,28 +313,62 @@ HEALTH_LISTENER = """\
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: health
+          stat_prefix: {name}
           request_headers_timeout: 5s
-          common_http_protocol_options: {{idle_timeout: 10s}}
+          common_http_protocol_options: {{idle_timeout: {idle_timeout_s}s}}
           route_config:
             virtual_hosts:
-            - name: health
+            - name: {name}
               domains: ["*"]
               routes:
-              - match: {{prefix: "/"}}
-                direct_response: {{status: 404, body: {{inline_string: "only /healthz is served here"}}}}
+{routes}              - match: {{prefix: "/"}}
+                direct_response: {{status: 404, body: {{inline_string: "only {served} is served here"}}}}
           http_filters:
+{filters}          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
+
+HEALTH_FILTER = """\
           - name: envoy.filters.http.health_check
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
               pass_through_mode: false
               headers:
               - name: ":path"
-                string_match: {{exact: "/healthz"}}
+                string_match: {exact: "/healthz"}
               cluster_min_healthy_percentages:
-{healthy}          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
+
+# The admin interface itself stays on its Unix socket (it can stop Envoy and change logging);
+# the stats listener forwards exactly one read-only page of it, for Prometheus.
+STATS_ROUTE = """\
+              - match:
+                  path: "/stats/prometheus"
+                  headers: [{name: ":method", string_match: {exact: GET}}]
+                route: {cluster: envoy_admin, timeout: 10s}
+"""
+
+
+def side_listeners(config: GatewayConfig, healthy: str) -> str:
+    health = SIDE_LISTENER.format(name="health", host=config.http_host, port=config.health_port, idle_timeout_s=10,
+                                  routes="", served="/healthz", filters=HEALTH_FILTER + healthy)
+    stats = SIDE_LISTENER.format(name="stats", host=config.http_host, port=config.stats_port, idle_timeout_s=60,
+                                 routes=STATS_ROUTE, served="GET /stats/prometheus", filters="")
+    return (health if config.health_port else "") + (stats if config.stats_port else "")
+
+
+ADMIN_CLUSTER = """\
+  - name: envoy_admin
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: envoy_admin
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              pipe: {{path: "{socket}"}}
 """
 
 

@@ -332,12 +332,33 @@ def _load(spec: str) -> type[BaseModel]:
     return getattr(importlib.import_module(module), name)
 
 
+README_TABLES = {"server": "service.config:ServerSettings", "gateway": "gateway.launch:LaunchSettings"}
+
+
+def write_readme_tables(readme: Path) -> None:
+    """Replace each `<!-- settings:NAME -->` table in `readme` with the one its declaration makes."""
+    text = readme.read_text()
+    for section, declaration in README_TABLES.items():
+        start, end = f"<!-- settings:{section} -->\n", f"<!-- /settings:{section} -->"
+        head, found, rest = text.partition(start)
+        if not found:
+            raise SystemExit(f"{readme} has no {start.strip()} table")
+        text = head + start + markdown_table(_load(declaration)) + end + rest.partition(end)[2]
+    readme.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.config", description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", required=True, help="print the settings table")
+    parser.add_argument("--markdown", action="store_true", help="print the settings table")
+    parser.add_argument("--write-readme", type=Path, metavar="README", help="rewrite README's settings tables")
     parser.add_argument("declaration", nargs="?", default="service.config:ServerSettings", help="MODULE:CLASS")
     args = parser.parse_args(argv)
-    sys.stdout.write(markdown_table(_load(args.declaration)))
+    if args.write_readme:
+        write_readme_tables(args.write_readme)
+    elif args.markdown:
+        sys.stdout.write(markdown_table(_load(args.declaration)))
+    else:
+        parser.error("give --markdown or --write-readme")
     return 0
 
 

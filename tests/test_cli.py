@@ -357,3 +357,105 @@ def test_wrong_api_key_is_one_line(tmp_path, tiny_checkpoint):
             assert list(f) == ["a"]
     finally:
         keyed.stop()
+
+
+# ---- contacts --png -------------------------------------------------------------------------
+CONTACT_SEQS = {"p1 first": "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "weird/id": "GSHMSLFDFFKNKGSEQNAVLKAW"}
+
+
+@pytest.fixture(scope="module")
+def sharp_contacts_server(tmp_path_factory):
+    """A tiny random checkpoint whose contact head is scaled and centred on the test sequences, so
+    that its probabilities spread over 0..1 (a random head's all sit near 0.58) and a picture
+    drawn on a fixed 0..1 colour scale has something to show."""
+    from reference import reference as reference_outputs
+
+    from service.models.checkpoints import load
+    from service.models.random_checkpoints import write_random_checkpoint
+
+    directory = tmp_path_factory.mktemp("sharp-contacts")
+    checkpoint = write_random_checkpoint("tiny", directory, seed=5)
+    regression_path = checkpoint.with_name(f"{checkpoint.stem}-contact-regression.pt")
+    regression = torch.load(regression_path)
+    weight, bias = regression["model"]["contact_head.regression.weight"], regression["model"]["contact_head.regression.bias"]
+    loaded = load("esm2-tiny", checkpoint)
+    probabilities = np.concatenate([reference_outputs(loaded, s)["contacts"].ravel() for s in CONTACT_SEQS.values()])
+    z = np.log(probabilities / (1 - probabilities)) - float(bias)  # the head's input to its bias and sigmoid
+    scale = 2.5 / float(z.std())
+    weight.mul_(scale)
+    bias.fill_(-scale * float(np.median(z)))
+    torch.save(regression, regression_path)
+    proc = ServerProcess(directory, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={checkpoint}").wait_ready()
+    yield proc
+    proc.stop()
+
+
+def _map_cells(png: np.ndarray, panel: int, length: int) -> np.ndarray:
+    """RGB at each residue cell's centre of one panel's map, [length, length, 3]."""
+    from esm2_client.contact_plot import MAP_ORIGIN_PX, MAP_PX, PANEL_PX
+
+    cell = MAP_PX / length
+    centres = (np.arange(length) + 0.5) * cell
+    columns = np.floor(panel * PANEL_PX[0] + MAP_ORIGIN_PX[0] + centres).astype(int)
+    rows = np.floor(PANEL_PX[1] - MAP_ORIGIN_PX[1] - MAP_PX + centres).astype(int)  # image rows run downwards
+    return png[rows[:, None], columns[None, :], :3]
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb @ np.array([0.2126, 0.7152, 0.0722])
+
+
+def test_contacts_png_draws_the_servers_contact_and_attention_maps(sharp_contacts_server, tmp_path):
+    import matplotlib.image
+
+    from esm2_client import Esm2Client
+    from esm2_client.contact_plot import MAP_ORIGIN_PX, MAP_PX, PANEL_PX, top_contacts
+    from esm2_wire.output_kinds import OutputKind
+
+    target = sharp_contacts_server.target
+    fasta = write_fasta(tmp_path / "in.fasta", CONTACT_SEQS)
+    done = esm2("contacts", fasta, "--png", tmp_path / "maps", "-m", "esm2-tiny", "--server", target, "-q")
+    assert "drew 2 contact maps" in done.stderr
+    esm2("contacts", fasta, "--png", tmp_path / "both", "-m", "esm2-tiny", "--server", target, "-q", "--attention")
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["p1.png", "weird_id.png"]
+    with Esm2Client(target) as client:
+        served = client.encode(list(CONTACT_SEQS.values()), "esm2-tiny", ["contacts", "attentions"])
+    for name, outputs in zip(["p1.png", "weird_id.png"], served):
+        contacts, attention = outputs.get(OutputKind.CONTACTS), outputs.get(OutputKind.ATTENTIONS)
+        length = contacts.shape[0]
+        assert contacts.max() - contacts.min() > 0.5  # the sharpened head spreads them
+        one = matplotlib.image.imread(tmp_path / "maps" / name)
+        two = matplotlib.image.imread(tmp_path / "both" / name)
+        assert one.shape[:2] == (PANEL_PX[1], PANEL_PX[0]) and two.shape[:2] == (PANEL_PX[1], 2 * PANEL_PX[0])
+        # Bright cells are likely contacts: below the diagonal (no marks there) each cell's lightness
+        # follows the server's probability, and the attention panel follows the server's attention.
+        below = np.tril_indices(length)
+        for png in (one, two):
+            lightness = _luminance(_map_cells(png, 0, length))
+            assert np.corrcoef(lightness[below], contacts[below])[0, 1] > 0.97
+        lightness = _luminance(_map_cells(two, 1, length))
+        assert np.corrcoef(lightness.ravel(), attention.ravel())[0, 1] > 0.97
+        # Each of the top-L contacts has a red ring around its cell above the diagonal, and nothing
+        # red lies below it.
+        red = (one[..., 0] > 0.7) & (one[..., 1] < 0.4) & (one[..., 2] < 0.4)
+        cell = MAP_PX / length
+        top, left = PANEL_PX[1] - MAP_ORIGIN_PX[1] - MAP_PX, MAP_ORIGIN_PX[0]
+        pairs = top_contacts(contacts)
+        assert len(pairs) == length and all(j - i >= 6 for i, j in pairs)
+        for i, j in pairs:
+            y, x = int(top + (i + 0.5) * cell), int(left + (j + 0.5) * cell)
+            assert red[y - 6:y + 7, x - 6:x + 7].any(), (i, j)
+        rows, columns = np.nonzero(red)
+        inside = (columns > left) & (columns < left + MAP_PX) & (rows > top) & (rows < top + MAP_PX)
+        row_cell, column_cell = (rows[inside] - top) / cell, (columns[inside] - left) / cell
+        assert inside.any() and (column_cell - row_cell > 6 - 1.5).all()  # rings sit at j - i >= 6
+
+
+def test_contacts_without_matplotlib_is_one_line_before_any_work(tmp_path):
+    fasta = write_fasta(tmp_path / "in.fasta", {"a": "MKTAY"})
+    code = ("import sys; sys.modules['matplotlib'] = None; from esm2_client.cli import main; "
+            f"sys.exit(main(['contacts', {str(fasta)!r}, '--png', {str(tmp_path / 'maps')!r}, "
+            f"'--server', '127.0.0.1:{free_port()}', '--timeout', '1']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert_one_error_line(result, "needs matplotlib", "esm2-service[plot]")
+    assert not (tmp_path / "maps").exists()

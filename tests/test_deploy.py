@@ -70,8 +70,8 @@ def test_committed_envoy_configmap_is_what_the_renderer_prints(overlay):
 @pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
 def test_every_object_is_valid_kubernetes(rendered, overlay):
     for doc in rendered[overlay]:
-        if doc["apiVersion"].startswith("keda.sh/"):
-            continue  # a CRD without a published schema offline; its references are checked below
+        if doc["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/")):
+            continue  # CRDs without a published schema offline; checked below and in test_observability.py
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
@@ -146,3 +146,29 @@ def test_checkov_finds_nothing(rendered, tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
+def test_the_observability_component_is_in_every_overlay(rendered, overlay):
+    """The alerts and dashboard as committed, and PodMonitors that find the pods' named ports."""
+    docs = rendered[overlay]
+    observability = DEPLOY / "observability"
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert rule["spec"] == yaml.safe_load((observability / "prometheusrule.yaml").read_text())["spec"]
+    dashboard = by_kind(docs, "ConfigMap")["esm2-grafana-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"]["esm2.json"] == (observability / "dashboard.json").read_text()
+    pods = [d["spec"]["template"] for d in by_kind(docs, "Deployment").values()]
+    scraped = set()
+    for monitor in (d for d in docs if d["kind"] == "PodMonitor"):
+        for pod in pods:
+            if monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items():
+                scraped.add(pod["metadata"]["labels"]["app.kubernetes.io/name"])
+                ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+                assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
+    assert scraped == {"esm2-server", "esm2-envoy"}
+    envoy = by_kind(docs, "Deployment")["esm2-envoy"]["spec"]["template"]["spec"]["containers"][0]
+    stats_port = {p["name"]: p["containerPort"] for p in envoy["ports"]}["stats"]
+    envoy_yaml = yaml.safe_load(by_kind(docs, "ConfigMap")["esm2-envoy"]["data"]["envoy.yaml"])
+    listeners = {l["name"]: l for l in envoy_yaml["static_resources"]["listeners"]}
+    assert listeners["stats"]["address"]["socket_address"]["port_value"] == stats_port

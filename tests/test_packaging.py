@@ -92,6 +92,9 @@ def test_the_wheel_carries_the_generated_stubs_and_descriptor(wheel):
     for name in SERVER_ONLY:
         (line,) = [r for r in requires if _normal(r).startswith(name)]
         assert 'extra == "server"' in line, line
+    # matplotlib (esm2 contacts --png) only with the `plot` extra.
+    (line,) = [r for r in requires if _normal(r).startswith("matplotlib")]
+    assert 'extra == "plot"' in line, line
 
 
 def test_a_client_only_install_needs_no_torch_fair_esm_or_envoy(wheel, tmp_path):
@@ -100,6 +103,7 @@ def test_a_client_only_install_needs_no_torch_fair_esm_or_envoy(wheel, tmp_path)
     resolved = {_normal(i["metadata"]["name"]) for i in json.loads(report.read_text())["install"]}
     assert {"grpcio", "protobuf", "numpy", "h5py", "safetensors", "tqdm", "biopython"} <= resolved
     assert not resolved & SERVER_ONLY, resolved & SERVER_ONLY
+    assert "matplotlib" not in resolved
 
     # An environment that sees exactly that set (taken from this one), plus the wheel.
     visible = tmp_path / "client-dependencies"

@@ -24,7 +24,7 @@ from service.models.checkpoints import LoadedModel
 from service.errors import Internal, OutOfMemory, ServiceError
 from service.engine.faults import FaultHook
 from service.engine.inputs import ModelInput
-from service.models.forward import BatchPlan, forward
+from service.models.forward import BatchPlan, LayerHook, forward
 from service.models.precision import AUTOCAST_DTYPES
 
 log = logging.getLogger(__name__)
@@ -92,20 +92,25 @@ class ModelWorker:
         # Testing aid: behave as if the device ran out of memory on larger batches.
         self.simulate_oom_above_tokens = simulate_oom_above_tokens
         self.faults = faults  # None unless armed at start-up (service.engine.faults)
+        # Called between the layers of each batch run (its worker slot's interleaver; see
+        # service.engine.dispatch); not within the halves of a batch split after running out of memory.
+        self.layer_hook: LayerHook | None = None
         for loaded in models.values():
             loaded.model.to(device)
 
-    def run(self, batch: list[ModelInput], between_layers=None) -> list[ItemResult | ServiceError]:
-        """Compute a batch (all items of one model).
+    def run(self, batch: list[ModelInput]) -> list[ItemResult | ServiceError]:
+        """Compute a batch (all items of one model), calling `layer_hook` between its layers.
 
         A failing batch fails only its own items, unless the device fails too: then
-        DeviceUnusable, since every later call would fail as well. `between_layers` is called
-        between the model's layers (see esm_forward.forward).
+        DeviceUnusable, since every later call would fail as well.
         """
+        return self._attempt(batch, self.layer_hook)
+
+    def _attempt(self, batch: list[ModelInput], hook: LayerHook | None) -> list[ItemResult | ServiceError]:
         try:
             if self.faults is not None:
                 self.faults.before_batch()
-            return self._run(batch, between_layers)
+            return self._run(batch, hook)
         except Exception as exc:
             if not _out_of_memory(exc):
                 log.exception("batch of %d items failed", len(batch))
@@ -118,7 +123,7 @@ class ModelWorker:
             return [OutOfMemory(f"a {batch[0].length - 2}-residue sequence does not fit in {self.device} memory")]
         half = len(batch) // 2
         log.warning("out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
-        return self.run(batch[:half]) + self.run(batch[half:])
+        return self._attempt(batch[:half], None) + self._attempt(batch[half:], None)
 
     def device_usable(self) -> bool:
         """A tiny computation that must succeed; CUDA errors such as device-side asserts are sticky."""
@@ -130,7 +135,7 @@ class ModelWorker:
             log.exception("device check failed on %s", self.device)
             return False
 
-    def _run(self, batch: list[ModelInput], between_layers=None) -> list[ItemResult]:
+    def _run(self, batch: list[ModelInput], hook: LayerHook | None) -> list[ItemResult]:
         loaded = self.models[batch[0].model]
         width = max(item.length for item in batch)
         if self.simulate_oom_above_tokens and width * len(batch) > self.simulate_oom_above_tokens:
@@ -149,7 +154,7 @@ class ModelWorker:
             else contextlib.nullcontext()
         )
         with autocast:
-            out = forward(loaded.model, tokens.to(self.device), plan, between_layers)
+            out = forward(loaded.model, tokens.to(self.device), plan, hook)
         return [self._extract(out, row, item) for row, item in enumerate(batch)]
 
     @staticmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,14 @@ class BatchPlan:
     @property
     def contacts(self) -> bool:
         return OutputKind.CONTACTS in self.outputs
+
+
+class LayerHook(Protocol):
+    """Called by the forward pass between every two layers, on the thread that runs it. Whoever
+    owns the device may use it there (e.g. for short work that should not wait for this pass to
+    end), so long as the model is left as it was."""
+
+    def between_layers(self) -> None: ...
 
 
 @dataclass
@@ -103,11 +112,9 @@ def _fast_layer(layer, x: torch.Tensor, attend: torch.Tensor | None, rotary) -> 
 
 
 @torch.inference_mode()
-def forward(model, tokens: torch.Tensor, plan: BatchPlan, between_layers=None) -> BatchOutput:
-    """Run ESM-2 on `tokens` [B, T] (BOS + residues + EOS + padding).
-
-    `between_layers`, if given, is called between layers: the model worker runs short work
-    that is due first there, so one long batch does not hold the device for its whole run."""
+def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None = None) -> BatchOutput:
+    """Run ESM-2 on `tokens` [B, T] (BOS + residues + EOS + padding); `hook`, if given, is
+    called between every two layers."""
     padding_mask = tokens.eq(model.padding_idx)
     x = model.embed_scale * model.embed_tokens(tokens)
     if model.token_dropout:
@@ -139,8 +146,8 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan, between_layers=None) -
     else:  # fair-esm's own layers, [T, B, E]
         x = x.transpose(0, 1)
     for index, layer in enumerate(model.layers):
-        if between_layers is not None and index:
-            between_layers()
+        if hook is not None and index:
+            hook.between_layers()
         if fast:
             x, maps = _fast_layer(layer, x, attend, rotary), None
         else:

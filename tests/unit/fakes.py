@@ -10,11 +10,15 @@ import threading
 
 import numpy as np
 
+from prometheus_client import REGISTRY
+
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from service.errors import ServiceError
 from service.engine.inputs import ModelInput
-from service.engine.scheduler import BatchLimits, QueueEntry, Scheduler
+from service.engine.intake import QueueEntry
+from service.engine.policy import BatchLimits, CostModel, work
+from service.engine.scheduler import Scheduler
 
 
 def model_input(length: int, model: str = "m", maps: bool = False, token: int = 0) -> ModelInput:
@@ -40,22 +44,23 @@ class FakeWorker:
 
     def __init__(self, gate: threading.Event | None = None, fail: dict[int, ServiceError] | None = None,
                  on_run=None, layers: int = 1):
-        self.layers = layers  # between_layers is called layers - 1 times per batch, as the model does
+        self.layers = layers  # layer_hook is called layers - 1 times per batch, as the forward pass does
+        self.layer_hook = None  # set by the scheduler's worker slot, as on ModelWorker
         self.batches: list[list[ModelInput]] = []
         self.on_run = on_run  # called with each batch before it is answered (e.g. to advance a fake clock)
         self.gate = gate
         self.fail = fail or {}
         self.started = threading.Event()
 
-    def run(self, batch: list[ModelInput], between_layers=None) -> list[ItemResult | ServiceError]:
+    def run(self, batch: list[ModelInput]) -> list[ItemResult | ServiceError]:
         self.batches.append(batch)
         if self.on_run is not None:
             self.on_run(batch)
         self.started.set()
         if self.gate is not None:
             self.gate.wait(30)  # bounded: a test that forgets to release fails, not hangs
-        for _ in range(self.layers - 1 if between_layers is not None else 0):
-            between_layers()
+        for _ in range(self.layers - 1 if self.layer_hook is not None else 0):
+            self.layer_hook.between_layers()
         return [self.fail.get(item.length) or ItemResult(mean={1: np.full(1, item.length, np.float32)})
                 for item in batch]
 
@@ -83,3 +88,33 @@ def run_scheduler(test, workers, scheduler_args: dict | None = None, **limits):
 async def busy(worker: FakeWorker) -> None:
     """Until the worker holds a batch (it stays there while its gate is closed)."""
     assert await asyncio.to_thread(worker.started.wait, 30)
+
+
+# ---- a fake clock, for expectations that follow from the policy alone --------------------------
+RATE = 1e-3  # fake seconds per work unit: a 2,050-token item "runs" 6.2 s, a 50-token one 0.05 s
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, batch) -> None:
+        """What the fake worker does: time passes as the batch's estimated run time."""
+        self.now += RATE * work(max(i.length for i in batch), batch[0].needs_maps, len(batch))
+
+
+def run_on_fake_clock(test, workers, clock=None, cache=None, **limits):
+    """run_scheduler with a fixed cost model (RATE) and a fake clock."""
+    cost = CostModel(learn=False, seconds_per_work=RATE)
+    return run_scheduler(test, workers, {"cache": cache, "cost": cost, "clock": clock or FakeClock()}, **limits)
+
+
+def batch_lengths(worker: FakeWorker) -> list[list[int]]:
+    return [[i.length for i in batch] for batch in worker.batches]
+
+
+def metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0

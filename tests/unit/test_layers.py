@@ -22,7 +22,8 @@ ALLOWED = {
     "service.metrics": set(),
 }
 # Modules of the engine that never touch a tensor: they must not pull torch in.
-TORCH_FREE = ["service.engine.inputs", "service.engine.scheduler", "service.engine.router",
+TORCH_FREE = ["service.engine.inputs", "service.engine.policy", "service.engine.intake",
+              "service.engine.dispatch", "service.engine.scheduler", "service.engine.router",
               "service.engine.result_cache", "service.api.validation", "service.api.json_body",
               "service.api.request_schema", "service.api.json_limits", "service.errors", "service.metrics",
               "service.config"]  # the gateway reads the settings' declaration too

@@ -14,7 +14,8 @@ from fakes import FakeWorker, model_input
 from service.errors import Internal, WorkerLost
 from service.engine.faults import FaultHook
 from service.engine.worker import DeviceUnusable, ModelWorker
-from service.engine.scheduler import WORKER_LOST, BatchLimits, Scheduler
+from service.engine.policy import BatchLimits
+from service.engine.scheduler import WORKER_LOST, Scheduler
 
 
 class DyingWorker(FakeWorker):
@@ -24,7 +25,7 @@ class DyingWorker(FakeWorker):
         super().__init__(gate=threading.Event())
         self.death = death
 
-    def run(self, batch, between_layers=None):
+    def run(self, batch):
         super().run(batch)
         raise self.death
 

@@ -9,7 +9,8 @@ from fakes import FakeWorker, busy, model_input
 
 from service import metrics
 from service.engine.router import ModelRouter
-from service.engine.scheduler import BatchLimits, Scheduler
+from service.engine.policy import BatchLimits
+from service.engine.scheduler import Scheduler
 
 
 def test_each_model_runs_on_its_own_worker_and_the_queue_gauge_sums_every_model():

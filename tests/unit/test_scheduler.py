@@ -15,7 +15,6 @@ import pytest
 from fakes import FakeWorker, busy, model_input, run_scheduler
 
 from service.errors import DeadlineExceeded, OutOfMemory, QueueFull
-from service.engine.scheduler import BatchLimits, Scheduler
 
 
 def test_one_request_runs_as_one_batch_and_each_item_gets_its_own_result():

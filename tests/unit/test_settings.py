@@ -180,4 +180,4 @@ def test_readme_settings_tables_are_the_generated_ones(section, cls):
     assert found, f"README has no settings:{section} table"
     assert found.group(1) == markdown_table(cls), (
         f"README's {section} settings differ from the declaration: regenerate with "
-        f"`python -m service.config --markdown{'' if cls is ServerSettings else ' gateway.launch:LaunchSettings'}`")
+        "`python -m service.config --write-readme README.md` (make settings-doc)")
