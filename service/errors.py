@@ -8,6 +8,9 @@ and the `retry-after` trailer into the Retry-After header.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import grpc
 
 # Messages travel in the grpc-message trailer (and Envoy's JSON body); clients and Envoy
@@ -37,9 +40,24 @@ def bounded_message(message: str) -> str:
     return message[: MAX_MESSAGE_CHARS - len(tail)] + tail
 
 
-def join_problems(problems: list[str]) -> str:
-    """Several problems in one message, within MAX_MESSAGE_CHARS."""
-    return bounded_message("; ".join(problems))
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a request: the field it is in (`items[2].sequence`, `params.include[0]`),
+    the item it concerns (None for the request's params or the item list as a whole), and what is
+    wrong. It travels as it is to the JSON gateway's `errors` list; only the gRPC message joins
+    problems into text."""
+
+    field: str
+    index: int | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def join_problems(problems: Iterable[Problem]) -> str:
+    """Several problems in one message, `field: problem; field: problem`, within MAX_MESSAGE_CHARS."""
+    return bounded_message("; ".join(map(str, problems)))
 
 
 class ServiceError(Exception):
@@ -48,6 +66,14 @@ class ServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     retry_after_s: int | None = None  # set: the caller may retry after this many seconds
     http_status: int | None = None  # set: the JSON gateway answers this instead of the code's status
+    problems: tuple[Problem, ...] = ()  # set: the message is these problems, joined
+
+    @classmethod
+    def of(cls, *problems: Problem) -> ServiceError:
+        """This error, reporting `problems` (at least one) each with its field and item."""
+        error = cls(join_problems(problems))
+        error.problems = problems
+        return error
 
 
 class InvalidRequest(ServiceError, ValueError):

@@ -33,6 +33,7 @@ from service.models import batch_budget, checkpoints, hf_checkpoints, memory_bud
 from service.engine import faults
 from service import config, model_specs
 from service.models import precision
+from service.models.served import ServedModel
 from service.api import request_guard
 from service.engine import result_cache
 from service.api.auth import load_keys
@@ -98,7 +99,7 @@ def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence
     return memory_budget.Need(spec.name, device, layers, dim, heads, needed)
 
 
-def load_models(args) -> dict[str, tuple[model_specs.ModelSpec, list[torch.device], checkpoints.LoadedModel]]:
+def load_models(args) -> dict[str, ServedModel]:
     """Locate every model, check they fit their devices (from shapes alone), then load them."""
     allow_download = not args.offline
     located, needs = {}, []
@@ -125,50 +126,52 @@ def load_models(args) -> dict[str, tuple[model_specs.ModelSpec, list[torch.devic
         log.info("loaded %s (%s) from %s: %d layers, dim %d; on %s, %s, batch budget %s",
                  spec.name, loaded.source_format, where.path, loaded.num_layers, loaded.embed_dim,
                  ",".join(map(str, devices)), spec.precision, spec.max_batch_tokens)
-        models[spec.name] = (spec, devices, loaded)
+        models[spec.name] = ServedModel(spec, devices, loaded)
     return models
 
 
-async def warm_up(router: ModelRouter, servicer: Esm2Servicer) -> None:
+async def warm_up(router: ModelRouter, served: dict[str, ServedModel]) -> None:
     """One pass per model, attention mode and worker, so the first request pays no start-up cost."""
-    for name, loaded in servicer.models.items():
-        token_ids = loaded.tokenize(tuple("MKTAYIAKQR"))
+    for name, model in served.items():
+        token_ids = model.loaded.tokenize(tuple("MKTAYIAKQR"))
         for worker in range(len(router.schedulers[name].workers)):
             for outputs in ({OutputKind.MEAN, OutputKind.LOGITS}, {OutputKind.ATTENTIONS}):
-                await router.run_now([ModelInput(name, token_ids, frozenset(outputs), (loaded.num_layers,))], worker)
-        servicer.ready.add(name)
+                await router.run_now(
+                    [ModelInput(name, token_ids, frozenset(outputs), (model.loaded.num_layers,))], worker)
+        model.ready = True
 
 
-def cache_scope(loaded: checkpoints.LoadedModel, spec: model_specs.ModelSpec) -> str:
+def cache_scope(model: ServedModel) -> str:
     """What a model's results depend on besides the input: its weights files and its numerics."""
-    path = loaded.checkpoint
+    path = model.loaded.checkpoint
     files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
     weights = ";".join(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}" for f in files for stat in [f.stat()])
-    return f"{loaded.name}|{weights}|{spec.precision}|{spec.attention}"
+    return f"{model.name}|{weights}|{model.precision}|{model.spec.attention}"
 
 
-def build_schedulers(served, args) -> tuple[ModelRouter, dict]:
+def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
     """Per model, one worker per device it lists and one scheduler with the model's own settings
-    and batch budget (chosen once the model is on its device); one result cache (one byte bound)
-    for all of them. Also the budgets, for ListModels."""
+    and batch budget (chosen once the model is on its device, and kept in its record for
+    ListModels); one result cache (one byte bound) for all of them."""
     cache = result_cache.ResultCache(args.cache_mb << 20)
-    schedulers, budgets = {}, {}
-    for name, (spec, devices, loaded) in served.items():
+    schedulers = {}
+    for name, model in served.items():
+        spec = model.spec
         workers = [
             ModelWorker(copy, device, spec.precision, spec.attention == "fast", args.simulate_oom_above_tokens,
                         faults.FaultHook.armed(args.fault_file))
-            for copy, device in zip(replicate({name: loaded}, devices), devices)
+            for copy, device in zip(replicate({name: model.loaded}, model.devices), model.devices)
         ]
         first = workers[0]
-        budgets[name] = batch_budget.for_model(spec.max_batch_tokens, first.models[name], first.device,
-                                               first.autocast_dtype, args.batch_sweep_seconds)
-        log.info("%s: batch budget %s; precision %s", name, budgets[name].describe(), spec.precision)
+        model.budget = batch_budget.for_model(spec.max_batch_tokens, first.models[name], first.device,
+                                              first.autocast_dtype, args.batch_sweep_seconds)
+        log.info("%s: batch budget %s; precision %s", name, model.budget.describe(), spec.precision)
         schedulers[name] = Scheduler(
             workers,
-            spec.batch_limits(budgets[name].tokens),
-            cache=cache, scopes={name: cache_scope(loaded, spec)},
+            spec.batch_limits(model.budget.tokens),
+            cache=cache, scopes={name: cache_scope(model)},
         )
-    return ModelRouter(schedulers), budgets
+    return ModelRouter(schedulers)
 
 
 async def serve(args) -> int:
@@ -176,13 +179,10 @@ async def serve(args) -> int:
     for spec in args.specs:  # before the slow part: refuse fast
         for device in resolve_devices(spec.device):
             precision.check(spec.precision, device, simulated)
-    served = load_models(args)
-    models = {name: loaded for name, (_, _, loaded) in served.items()}
-    router, budgets = build_schedulers(served, args)
-    devices = {name: ",".join(map(str, model_devices)) for name, (_, model_devices, _) in served.items()}
-    servicer = Esm2Servicer(models, router, request_limits(args), devices, args.max_json_response_mb << 20,
-                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(), batch_budgets=budgets,
-                            precisions={name: spec.precision for name, (spec, _, _) in served.items()})
+    models = load_models(args)
+    router = build_schedulers(models, args)
+    servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
+                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes())
 
     keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
@@ -219,7 +219,7 @@ async def serve(args) -> int:
     await server.start()
     log.info("gRPC listening on %s:%d; warming up; result cache %d MiB", args.host, port, args.cache_mb)
 
-    await warm_up(router, servicer)
+    await warm_up(router, models)
     router.start()
     for name in ["", SERVICE_NAME, *models]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

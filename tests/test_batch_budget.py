@@ -68,4 +68,4 @@ def test_bad_budget_flag_is_a_clear_usage_error(tiny_checkpoint):
     proc = subprocess.run([sys.executable, "-m", "service.server", "--max-batch-tokens", "lots"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "--max-batch-tokens: expected a number of tokens, 'device' or 'sweep', not 'lots'" in proc.stderr
+    assert "--max-batch-tokens (ESM_MAX_BATCH_TOKENS) = 'lots': expected a number of tokens, 'device' or 'sweep'" in proc.stderr

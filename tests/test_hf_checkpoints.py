@@ -224,7 +224,7 @@ def test_bin_weights_load_only_through_weights_only(tmp_path, hf_dirs):
     torch.save(weights, directory / "pytorch_model.bin")
     served = _load(tmp_path, "--models", "m", "--checkpoint", f"m={directory}")
     from_safetensors = sources.load("m", sources.locate("m", str(hf_dirs["tiny"]), None, False))
-    for (name, a), b in zip(served["m"][2].model.state_dict().items(), from_safetensors.model.state_dict().values()):
+    for (name, a), b in zip(served["m"].loaded.model.state_dict().items(), from_safetensors.model.state_dict().values()):
         assert torch.equal(a, b), name
     torch.save({"weights": weights, "evil": Exception("not a tensor")}, directory / "pytorch_model.bin")
     with pytest.raises(hf_checkpoints.UnservableModel, match="could not load .*pytorch_model.bin with weights_only=True"):

@@ -14,14 +14,15 @@ gzip bodies are inflated here, never past the request cap: a bomb costs at most
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from dataclasses import dataclass, field
 
+import grpc
 import jsonschema
 
 from esm2_wire.vocabulary import Limits
-from service.errors import ELLIPSIS, BadBody, InvalidRequest, echo
+from service import errors
+from service.errors import ELLIPSIS, BadBody, InvalidRequest, Problem, echo
 from service.api.request_schema import MAX_LIST_PARAM, request_schema
 
 CONTENT_ENCODING_METADATA = "x-esm-content-encoding"  # set by the gateway's Lua filter
@@ -77,11 +78,14 @@ def _reject_constant(name):
     raise BadBody(400, f"invalid JSON: {name} is not a JSON number")
 
 
-def _path(error: jsonschema.ValidationError) -> str:
+def _problem(error: jsonschema.ValidationError, limits: Limits) -> Problem:
+    """The schema error as a problem of the field it is in (`body`: of the document as a whole)."""
+    path = list(error.absolute_path)
     text = ""
-    for part in error.absolute_path:
+    for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text or "body"
+    index = path[1] if path[:1] == ["items"] and len(path) > 1 and isinstance(path[1], int) else None
+    return Problem(text or "body", index, _describe(error, limits))
 
 
 _TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
@@ -120,12 +124,12 @@ def _check_list_lengths(document, limits: Limits) -> None:
         return
     items = document.get("items")
     if isinstance(items, list) and len(items) > limits.max_items:
-        raise InvalidRequest(f"items: expected 1 to {limits.max_items} items, got {len(items)}")
+        raise InvalidRequest.of(Problem("items", None, f"expected 1 to {limits.max_items} items, got {len(items)}"))
     params = document.get("params")
     for name in ("include", "repr_layers"):
         values = params.get(name) if isinstance(params, dict) else None
         if isinstance(values, list) and len(values) > MAX_LIST_PARAM:
-            raise InvalidRequest(f"params.{name}: at most {MAX_LIST_PARAM} values, got {len(values)}")
+            raise InvalidRequest.of(Problem(f"params.{name}", None, f"at most {MAX_LIST_PARAM} values, got {len(values)}"))
 
 
 # Sequence contents (letters, length, masks) are checked by service.api.validation, whose
@@ -164,10 +168,9 @@ class BodyParser:
                 continue
             key = tuple(map(str, error.absolute_path))
             if key not in problems or error.validator == "type":
-                problems[key] = (_path(error), _describe(error, self.limits))
-        problems = [problems[key] for key in sorted(problems, key=lambda k: [(len(p), p) for p in k])]
+                problems[key] = _problem(error, self.limits)
         if problems:
-            raise InvalidRequest("; ".join(f"{f}: {m}" for f, m in problems))
+            raise InvalidRequest.of(*(problems[key] for key in sorted(problems, key=lambda k: [(len(p), p) for p in k])))
         params = document.get("params") or {}
         return EncodeBody(
             sequences=[item["sequence"] for item in document["items"]],
@@ -177,44 +180,33 @@ class BodyParser:
 
 
 # ---- error bodies ---------------------------------------------------------------------
-_FIELD_START = re.compile(r"; (?=(?:items|params)[\[.:])")
-_ITEM_FIELD = re.compile(r"^(items\[(\d+)\][\w.]*|params[\w.\[\]]*|items)\s*:")
-
-
-def split_problems(message: str) -> list[tuple[str, str]]:
-    """(field, message) for each problem of a validation message 'field: problem; field: problem'."""
-    problems = []
-    for piece in _FIELD_START.split(message):
-        match = _ITEM_FIELD.match(piece)
-        if match:
-            problems.append((match.group(1), piece[match.end():].strip()))
-    return problems
-
-
 MAX_DETAIL_CHARS = 2048
 MAX_ERRORS = 16
+# `errors` lists the problems of the body's own fields; those of the body as a whole (`body`) or
+# of the model named in the URL path (`model`) are told in `detail` only.
+_LISTED_FIELDS = ("items", "params")
+
+
+def _listed(problem: Problem) -> bool:
+    return problem.field.partition(".")[0].partition("[")[0] in _LISTED_FIELDS
 
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - len(ELLIPSIS)] + ELLIPSIS
 
 
-def error_body(http_status: int, code: str, message: str, problems: list[tuple[str, str]] | None = None) -> bytes:
+def error_body(http_status: int, code: str, message: str, problems: tuple[Problem, ...] = ()) -> bytes:
     """BioLM's error shape: `detail`, `errors` (per item and field), `status_code`, `code`;
     `message` repeats `detail` for callers of the earlier google.rpc.Status shape.
 
     ASCII only, so that it can travel in gRPC metadata to the gateway.
     """
-    if problems is None:
-        problems = split_problems(message)
     message = _clip(message, MAX_DETAIL_CHARS)  # the body travels in gRPC trailers: keep it small
-    errors = []
-    for name, text in problems[:MAX_ERRORS]:
-        item = re.match(r"items\[(\d+)\]", name)
-        errors.append({"index": int(item.group(1)) if item else None, "field": _clip(name, 64),
-                       "detail": _clip(text, MAX_DETAIL_CHARS // 4)})
+    listed = [p for p in problems if _listed(p)][:MAX_ERRORS]
+    entries = [{"index": p.index, "field": _clip(p.field, 64), "detail": _clip(p.message, MAX_DETAIL_CHARS // 4)}
+               for p in listed]
     return json.dumps(
-        {"detail": message, "errors": errors, "status_code": http_status, "code": code, "message": message},
+        {"detail": message, "errors": entries, "status_code": http_status, "code": code, "message": message},
         ensure_ascii=True,
     ).encode()
 
@@ -225,8 +217,19 @@ HTTP_STATUS_METADATA = "x-esm-http-status"
 ERROR_BODY_METADATA = "x-esm-error"
 
 
-def gateway_error_metadata(http_status: int, code: str, message: str, problems=None) -> tuple:
-    return (
-        (HTTP_STATUS_METADATA, str(http_status)),
-        (ERROR_BODY_METADATA, error_body(http_status, code, message, problems).decode()),
-    )
+Trailers = tuple[tuple[str, str], ...]
+
+
+def failure(exc: Exception, method: str, gateway: bool) -> tuple[grpc.StatusCode, str, Trailers]:
+    """(code, message, trailing metadata) that an RPC aborts with when `exc` ends it: the status
+    service.errors maps it to, and for the JSON gateway's methods also the HTTP status and BioLM's
+    error body, whose `errors` list is the error's problems as they were found."""
+    code, message, trailers = errors.status(exc, method)
+    if gateway:
+        http_status = errors.http_status(exc, code)
+        problems = exc.problems if isinstance(exc, errors.ServiceError) else ()
+        trailers += (
+            (HTTP_STATUS_METADATA, str(http_status)),
+            (ERROR_BODY_METADATA, error_body(http_status, code.name, message, problems).decode()),
+        )
+    return code, message, trailers

@@ -18,10 +18,10 @@ import time
 
 import grpc
 
-from service import errors, metrics
+from service import metrics
 from service.api.auth import OPEN_METHODS, key_matches
 from service.errors import InvalidRequest, ServiceError, Unauthenticated
-from service.api.json_body import gateway_error_metadata
+from service.api.json_body import failure
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,7 @@ GATEWAY_METHODS = frozenset(
 
 
 async def _abort(context, error: ServiceError, gateway: bool) -> None:
-    code, message, trailers = errors.status(error, "")
-    if gateway:
-        trailers += gateway_error_metadata(errors.http_status(error, code), code.name, message)
-    await context.abort(code, message, trailers)
+    await context.abort(*failure(error, "", gateway))
 
 
 def _abort_with(error: ServiceError, handler, gateway: bool):

@@ -23,10 +23,10 @@ from esm2_wire.proto import FLEET_MODELS_HEADER, pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service import errors, metrics
 from service.api import json_limits, rendering
-from service.models.checkpoints import FAIR_ESM, HUGGING_FACE, LoadedModel
-from service.errors import FailedPrecondition, InvalidRequest, NotFound, UnknownModel, echo, join_problems
-from service.api.json_body import CONTENT_ENCODING_METADATA, BodyParser, gateway_error_metadata
-from service.models.forward import amino_acid_columns
+from service.models.checkpoints import FAIR_ESM, HUGGING_FACE
+from service.models.served import ServedModel
+from service.errors import FailedPrecondition, InvalidRequest, NotFound, Problem, UnknownModel, echo
+from service.api.json_body import CONTENT_ENCODING_METADATA, BodyParser, failure
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
 from service.api.request_schema import request_schema
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class Job:
     """A validated request: which model, which items, what to compute."""
 
-    model: LoadedModel
+    model: ServedModel
     items: list[ParsedItem]
     outputs: frozenset[OutputKind]
     layers: tuple[int, ...]
@@ -47,74 +47,69 @@ class Job:
 
 class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def __init__(
-        self, models: dict[str, LoadedModel], router: ModelRouter, limits: Limits, devices: dict[str, str],
+        self, models: dict[str, ServedModel], router: ModelRouter, limits: Limits,
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
         max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
         openapi_document: bytes = b"{}",
-        batch_budgets: dict | None = None, precisions: dict[str, str] | None = None,
     ):
-        self.batch_budgets = batch_budgets or {}  # model -> batch_budget.BudgetChoice
-        self.precisions = precisions or {}  # model -> "fp32", "bf16" or "fp16"
         self.max_json_response_bytes = max_json_response_bytes
         self.bodies = BodyParser(limits, max_request_bytes)
         self.openapi_document = openapi_document
         self.models = models
         self.router = router  # one scheduler per model
         self.limits = limits
-        self.devices = devices  # model -> device it runs on
-        self.ready: set[str] = set()
-        self._vocab = {
-            name: [m.alphabet.all_toks[i] for i in amino_acid_columns(m.alphabet)] for name, m in models.items()
-        }
 
     # ---- request preparation -------------------------------------------------
-    def _model(self, name: str) -> LoadedModel:
-        loaded = self.models.get(name)
-        if loaded is None:
+    def _model(self, name: str) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
             raise UnknownModel(name, self.models)
-        return loaded
+        return served
 
     def _encode_job(self, model: str, include: list[str], repr_layers: list[int], sequences: list[str]) -> Job:
-        loaded = self._model(model)
-        errors = []  # report every problem at once: items first, then params
+        served = self._model(model)
+        loaded = served.loaded
+        problems: list[Problem] = []  # report every problem at once: items first, then params
         try:
             parsed = parse_items(sequences, predict=False, limits=self.limits)
         except InvalidRequest as exc:
-            errors.append(str(exc))
+            problems += exc.problems
         try:
             options = parse_options(include, repr_layers, loaded.num_layers, model)
         except InvalidRequest as exc:
-            errors.append(str(exc))
-        if errors:
-            raise InvalidRequest(join_problems(errors))
+            problems += exc.problems
+        if problems:
+            raise InvalidRequest.of(*problems)
         if OutputKind.CONTACTS in options.outputs and not loaded.has_contact_regression:
-            raise FailedPrecondition(
-                f"params.include: model {model} has no contact regression weights "
-                f"({loaded.contacts_unavailable}), so contacts are unavailable",
-            )
+            raise FailedPrecondition.of(Problem(
+                "params.include", None,
+                f"model {model} has no contact regression weights ({loaded.contacts_unavailable}), "
+                "so contacts are unavailable",
+            ))
         if OutputKind.LOGITS in options.outputs:
-            self._require_lm_head(loaded, "params.include")
-        return Job(loaded, parsed, options.outputs, options.layers)
+            self._require_lm_head(served, "params.include")
+        return Job(served, parsed, options.outputs, options.layers)
 
     @staticmethod
-    def _require_lm_head(loaded: LoadedModel, field: str) -> None:
+    def _require_lm_head(served: ServedModel, field: str) -> None:
+        loaded = served.loaded
         if not loaded.has_lm_head:
-            raise FailedPrecondition(
-                f"{field}: model {loaded.name} has no masked-LM head ({loaded.source} is not an EsmForMaskedLM "
+            raise FailedPrecondition.of(Problem(
+                field, None,
+                f"model {loaded.name} has no masked-LM head ({loaded.source} is not an EsmForMaskedLM "
                 "checkpoint), so logits and predictions are unavailable",
-            )
+            ))
 
     def _predict_job(self, model: str, sequences: list[str]) -> Job:
-        loaded = self._model(model)
-        self._require_lm_head(loaded, "model")
+        served = self._model(model)
+        self._require_lm_head(served, "model")
         parsed = parse_items(sequences, predict=True, limits=self.limits)
-        return Job(loaded, parsed, frozenset({OutputKind.LOGITS}), ())
+        return Job(served, parsed, frozenset({OutputKind.LOGITS}), ())
 
     def _submit(self, job: Job, context) -> list[asyncio.Future]:
         remaining = context.time_remaining()
-        inputs = [
-            ModelInput(job.model.name, job.model.tokenize(item.tokens), job.outputs, job.layers) for item in job.items
-        ]
+        tokenize = job.model.loaded.tokenize
+        inputs = [ModelInput(job.model.name, tokenize(item.tokens), job.outputs, job.layers) for item in job.items]
         return self.router.submit(inputs, None if remaining is None else time.monotonic() + remaining)
 
     async def _results(self, job: Job, context) -> list[ItemResult]:
@@ -129,9 +124,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         """Map failures to gRPC statuses, count every RPC, time those of served models.
 
         gateway: the RPC serves the JSON API, so failures also carry the HTTP status and
-        BioLM's error body for the gateway (json_body.gateway_error_metadata).
+        BioLM's error body for the gateway (json_body.failure).
         """
-        code, message, trailers, http_status = grpc.StatusCode.OK, "", (), 200
+        code, message, trailers = grpc.StatusCode.OK, "", ()
         started = time.monotonic()
         try:
             yield
@@ -145,14 +140,11 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                 log.exception("%s failed", method)
             if isinstance(exc, UnknownModel):  # behind a gateway: name the models of its other pools too
                 exc = exc.also_served(fleet_models(context))
-            code, message, trailers = errors.status(exc, method)
-            http_status = errors.http_status(exc, code)
+            code, message, trailers = failure(exc, method, gateway)
         metrics.REQUESTS.labels(method, code.name).inc()
         if model in self.models:  # a label per served model only: callers cannot grow the label set
             metrics.REQUEST_SECONDS.labels(model, method).observe(time.monotonic() - started)
         if code is not grpc.StatusCode.OK:
-            if gateway:
-                trailers += gateway_error_metadata(http_status, code.name, message)
             await context.abort(code, message, trailers)
 
     # ---- unary ---------------------------------------------------------------
@@ -161,7 +153,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
                                    [item.sequence for item in request.items])
             results = await self._results(job, context)
-            vocab = self._vocab[job.model.name]
+            vocab = job.model.vocabulary
             return await asyncio.to_thread(
                 lambda: pb.EncodeResponse(
                     results=[rendering.encode_result(i, r, vocab) for i, r in enumerate(results)]
@@ -172,7 +164,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("Predict", context, request.model):
             job = self._predict_job(request.model, [item.sequence for item in request.items])
             results = await self._results(job, context)
-            vocab = self._vocab[job.model.name]
+            vocab = job.model.vocabulary
             return await asyncio.to_thread(
                 lambda: pb.PredictResponse(
                     results=[
@@ -200,32 +192,33 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     async def EncodeJson(self, request, context):
         async with self._rpc("EncodeJson", context, request.model, gateway=True):
-            loaded = self._model(request.model)
+            served = self._model(request.model)
             body = await self._body(request, context, "encode")
-            job = self._encode_job(loaded.name, body.include, [int(v) for v in body.repr_layers], body.sequences)
-            vocab = self._vocab[job.model.name]
+            job = self._encode_job(served.name, body.include, [int(v) for v in body.repr_layers], body.sequences)
+            vocab = job.model.vocabulary
             estimate = json_limits.estimate_encode_bytes(
-                [len(item.tokens) for item in job.items], job.outputs, len(job.layers), job.model.embed_dim, len(vocab)
+                [len(item.tokens) for item in job.items], job.outputs, len(job.layers), job.model.loaded.embed_dim,
+                len(vocab),
             )
             render = lambda i, r: rendering.encode_json_result(i, r, vocab)  # noqa: E731
             return await self._json(job, context, estimate, render, "EncodeStream")
 
     async def PredictJson(self, request, context):
         async with self._rpc("PredictJson", context, request.model, gateway=True):
-            loaded = self._model(request.model)
+            served = self._model(request.model)
             body = await self._body(request, context, "predict")
-            job = self._predict_job(loaded.name, body.sequences)
-            vocab = self._vocab[job.model.name]
+            job = self._predict_job(served.name, body.sequences)
+            vocab = job.model.vocabulary
             estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab))
             render = lambda i, r: rendering.predict_json_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
             return await self._json(job, context, estimate, render, "PredictStream")
 
     async def GetRequestSchema(self, request, context):
         async with self._rpc("GetRequestSchema", context, request.model, gateway=True):
-            loaded = self._model(request.model)
+            served = self._model(request.model)
             if request.action not in ("encode", "predict"):
                 raise NotFound(f"action {echo(request.action)} does not exist; use encode or predict")
-            schema = request_schema(loaded.name, request.action, self.limits)
+            schema = request_schema(served.name, request.action, self.limits)
             return httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(schema))
 
     async def GetOpenApiDocument(self, request, context):
@@ -234,12 +227,12 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     # ---- streaming ------------------------------------------------------------
     async def _stream(self, job: Job, context, options: pb.StreamOptions, response_type, predict: bool):
         if options.data_type not in pb.DataType.values():
-            raise InvalidRequest(
-                f"stream_options.data_type: unknown value {options.data_type}; allowed: "
-                + ", ".join(pb.DataType.keys())
-            )
+            raise InvalidRequest.of(Problem(
+                "stream_options.data_type", None,
+                f"unknown value {options.data_type}; allowed: " + ", ".join(pb.DataType.keys()),
+            ))
         futures = self._submit(job, context)
-        vocab = self._vocab[job.model.name]
+        vocab = job.model.vocabulary
         chunk_bytes = chunks.chunk_size(options.max_chunk_bytes)
         try:
             for index, future in enumerate(futures):
@@ -274,15 +267,16 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         return pb.ListModelsResponse(models=[self.model_info(name) for name in sorted(self.models)])
 
     def model_info(self, name: str) -> pb.ModelInfo:
-        m, budget = self.models[name], self.batch_budgets.get(name)
+        served = self.models[name]
+        m, budget = served.loaded, served.budget
         return pb.ModelInfo(
             name=name, checkpoint=m.source, num_layers=m.num_layers, embed_dim=m.embed_dim,
             attention_heads=m.attention_heads, parameters=m.parameters, random_weights=m.random_weights,
-            ready=name in self.ready, max_items=self.limits.max_items,
-            max_sequence_length=self.limits.max_sequence_length, device=self.devices[name],
+            ready=served.ready, max_items=self.limits.max_items,
+            max_sequence_length=self.limits.max_sequence_length, device=served.device_names,
             source_format=_SOURCE_FORMATS[m.source_format], finetuned_from=m.finetuned_from,
             max_batch_tokens=budget.tokens if budget else 0, batch_tokens_source=budget.source if budget else "",
-            precision=self.precisions.get(name, "fp32"),
+            precision=served.precision,
         )
 
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from esm2_wire import output_kinds
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.vocabulary import ENCODE_LETTERS, MASK, PREDICT_LETTERS, Limits
-from service.errors import InvalidRequest, echo, join_problems
+from service.errors import InvalidRequest, Problem, echo
 
 DEFAULT_INCLUDE = ("mean",)
 DEFAULT_REPR_LAYERS = (-1,)
 _MASK_SPLIT = re.compile(re.escape(MASK))
 
-__all__ = ["EncodeOptions", "InvalidRequest", "Limits", "ParsedItem", "parse_items", "parse_options"]
+__all__ = ["EncodeOptions", "InvalidRequest", "Limits", "ParsedItem", "Problem", "parse_items", "parse_options"]
 
 
 @dataclass(frozen=True)
@@ -41,35 +41,37 @@ def _describe(char: str) -> str:
     return ascii(char)
 
 
-def _check_letters(field: str, text: str, allowed: frozenset[str], offset: int, what: str) -> str | None:
+def _check_letters(text: str, allowed: frozenset[str], offset: int, what: str) -> str | None:
     if allowed.issuperset(text):  # one pass in C; the Python loop below runs only to name a bad one
         return None
     for position, char in enumerate(text, start=offset):
         if char not in allowed:
-            return f"{field}: invalid character {_describe(char)} at position {position}; {what}"
+            return f"invalid character {_describe(char)} at position {position}; {what}"
     return None
 
 
-def _too_long(field: str, residues: int, limits: Limits) -> str:
-    return f"{field}: {residues} residues; at most {limits.max_sequence_length} are allowed"
+def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) -> ParsedItem | Problem:
+    """Tokens of one sequence, or the problem with it (naming the item)."""
+    problem = _tokens_or_problem(sequence, predict, limits)
+    if isinstance(problem, str):
+        return Problem(f"items[{index}].sequence", index, problem)
+    return problem
 
 
-def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) -> ParsedItem | str:
-    """Tokens of one sequence, or an error message naming the item and the problem."""
-    field = f"items[{index}].sequence"
+def _tokens_or_problem(sequence: str, predict: bool, limits: Limits) -> ParsedItem | str:
     if not sequence:
-        return f"{field}: must not be empty"
+        return "must not be empty"
     # Length first (str.count runs in C), so an oversized sequence costs no per-character scan.
     residues = len(sequence) - (len(MASK) - 1) * sequence.count(MASK) if predict else len(sequence)
     if residues > limits.max_sequence_length:
-        return _too_long(field, residues, limits)
+        return f"{residues} residues; at most {limits.max_sequence_length} are allowed"
     if predict:
         pieces = _MASK_SPLIT.split(sequence)
         allowed_text = "allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and <mask> ('-' is not allowed in predict)"
         offset = 0
         tokens: list[str] = []
         for number, piece in enumerate(pieces):
-            error = _check_letters(field, piece, PREDICT_LETTERS, offset, allowed_text)
+            error = _check_letters(piece, PREDICT_LETTERS, offset, allowed_text)
             if error:
                 return error
             tokens.extend(piece)
@@ -78,13 +80,11 @@ def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) 
                 tokens.append(MASK)
                 offset += len(MASK)
         if len(pieces) == 1:
-            return f"{field}: must contain at least one {MASK} token"
+            return f"must contain at least one {MASK} token"
     else:
         if MASK in sequence:
-            return f"{field}: {MASK} is only accepted by predict"
-        error = _check_letters(
-            field, sequence, ENCODE_LETTERS, 0, "allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and '-'"
-        )
+            return f"{MASK} is only accepted by predict"
+        error = _check_letters(sequence, ENCODE_LETTERS, 0, "allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and '-'")
         if error:
             return error
         tokens = list(sequence)
@@ -94,30 +94,30 @@ def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) 
 def parse_items(sequences: list[str], *, predict: bool, limits: Limits) -> list[ParsedItem]:
     count = len(sequences)
     if not 1 <= count <= limits.max_items:
-        raise InvalidRequest(f"items: expected 1 to {limits.max_items} items, got {count}")
-    parsed, errors = [], []
+        raise InvalidRequest.of(Problem("items", None, f"expected 1 to {limits.max_items} items, got {count}"))
+    parsed, problems = [], []
     for index, sequence in enumerate(sequences):
         result = parse_sequence(index, sequence, predict=predict, limits=limits)
-        (errors.append if isinstance(result, str) else parsed.append)(result)
-    if errors:
-        raise InvalidRequest(join_problems(errors))
+        (problems.append if isinstance(result, Problem) else parsed.append)(result)
+    if problems:
+        raise InvalidRequest.of(*problems)
     return parsed
 
 
 def parse_options(include: list[str], repr_layers: list[int], num_layers: int, model: str) -> EncodeOptions:
     """`model` is a served model's name (checked before), so it is safe to repeat."""
-    errors = []
+    problems = []
     chosen = set()
     for index, value in enumerate(include or DEFAULT_INCLUDE):
         kind = OutputKind.parse(value)
         if kind is not None:
             chosen.add(kind)
         else:
-            errors.append(
-                f"params.include[{index}]: unknown value {echo(value)}; allowed: "
-                + ", ".join(output_kinds.NAMES)
-                + " (per_residue is an alias of per_token)"
-            )
+            problems.append(Problem(
+                f"params.include[{index}]", None,
+                f"unknown value {echo(value)}; allowed: " + ", ".join(output_kinds.NAMES)
+                + " (per_residue is an alias of per_token)",
+            ))
     layers: list[int] = []
     for index, layer in enumerate(repr_layers or DEFAULT_REPR_LAYERS):
         if -(num_layers + 1) <= layer <= num_layers:
@@ -125,10 +125,11 @@ def parse_options(include: list[str], repr_layers: list[int], num_layers: int, m
             if absolute not in layers:
                 layers.append(absolute)
         else:
-            errors.append(
-                f"params.repr_layers[{index}]: layer {layer} is out of range for {model} "
-                f"({num_layers} layers); allowed: {-(num_layers + 1)} to {num_layers}"
-            )
-    if errors:
-        raise InvalidRequest(join_problems(errors))
+            problems.append(Problem(
+                f"params.repr_layers[{index}]", None,
+                f"layer {layer} is out of range for {model} ({num_layers} layers); "
+                f"allowed: {-(num_layers + 1)} to {num_layers}",
+            ))
+    if problems:
+        raise InvalidRequest.of(*problems)
     return EncodeOptions(outputs=frozenset(chosen), layers=tuple(layers))

@@ -252,8 +252,18 @@ def convert_names(hf_state: dict[str, torch.Tensor]) -> Converted:
     return Converted(state, inv_freq, ignored, unknown)
 
 
-def build_model(shape: HfShape, converted: Converted, source: str):
-    """fair-esm's ESM2 holding the checkpoint's weights; returns (model, has_lm_head, has_contact_head)."""
+@dataclass
+class HfModel:
+    """A checkpoint read into fair-esm's ESM2, and which of the optional heads it brought."""
+
+    model: torch.nn.Module  # esm.model.esm2.ESM2, eval mode, on CPU
+    shape: HfShape
+    has_lm_head: bool  # False: logits and predictions are refused per request
+    has_contact_head: bool  # False: contacts are refused per request
+
+
+def build_model(shape: HfShape, converted: Converted, source: str) -> HfModel:
+    """fair-esm's ESM2 holding the checkpoint's weights."""
     if converted.unknown:
         raise UnservableModel(
             f"{source} holds tensors an ESM-2 encoder does not have: {', '.join(sorted(converted.unknown)[:8])}"
@@ -320,15 +330,13 @@ def build_model(shape: HfShape, converted: Converted, source: str):
     if not has_contact_head:
         log.warning("%s has no contact-head weights: contacts will be refused", source)
     model.eval().requires_grad_(False)
-    return model, has_lm_head, has_contact_head
+    return HfModel(model, shape, has_lm_head, has_contact_head)
 
 
-def load_directory(directory: Path, source: str):
-    """Read, check and convert a save_pretrained directory; returns (model, shape, has_lm_head, has_contact_head)."""
+def load_directory(directory: Path, source: str) -> HfModel:
+    """Read, check and convert a save_pretrained directory."""
     shape = read_config(directory)
     check_vocabulary(directory)
     files = weight_files(directory)
     log.info("reading %s (%s)", source, ", ".join(str(f) for f in files))
-    converted = convert_names(read_weights(files))
-    model, has_lm_head, has_contact_head = build_model(shape, converted, source)
-    return model, shape, has_lm_head, has_contact_head
+    return build_model(shape, convert_names(read_weights(files)), source)

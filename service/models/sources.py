@@ -128,17 +128,17 @@ def load(name: str, located: Located) -> LoadedModel:
         return loaded
     if located.hub_download is not None and not hf_checkpoints.has_weights(located.path):
         _download_weights(located)
-    model, hf, has_lm_head, has_contact_head = hf_checkpoints.load_directory(located.path, located.display)
+    hf = hf_checkpoints.load_directory(located.path, located.display)
     return LoadedModel(
         name=name,
-        model=model,
-        alphabet=model.alphabet,
+        model=hf.model,
+        alphabet=hf.model.alphabet,
         checkpoint=located.path,
-        random_weights=hf.random_weights,
-        has_contact_regression=has_contact_head,
+        random_weights=hf.shape.random_weights,
+        has_contact_regression=hf.has_contact_head,
         source=located.display,
         source_format=HUGGING_FACE,
-        finetuned_from=hf.name_or_path,
-        has_lm_head=has_lm_head,
-        contacts_unavailable="" if has_contact_head else f"{located.display} has no contact-head weights",
+        finetuned_from=hf.shape.name_or_path,
+        has_lm_head=hf.has_lm_head,
+        contacts_unavailable="" if hf.has_contact_head else f"{located.display} has no contact-head weights",
     )

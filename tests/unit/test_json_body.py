@@ -8,7 +8,7 @@ import json
 import pytest
 
 from esm2_wire.vocabulary import Limits
-from service.errors import BadBody, InvalidRequest
+from service.errors import BadBody, InvalidRequest, Problem
 from service.api.json_body import BodyParser, error_body, inflate
 
 PARSER = BodyParser(Limits(8, 2048), max_bytes=1 << 20)
@@ -42,7 +42,9 @@ def test_refuses_what_the_schema_or_json_forbids(data, fragment):
 
 
 def test_error_body_names_items_and_fields_and_stays_small():
-    body = json.loads(error_body(400, "INVALID_ARGUMENT", "items[3].sequence: bad; allowed: A; params.include[0]: no"))
+    problems = (Problem("items[3].sequence", 3, "bad; allowed: A"), Problem("params.include[0]", None, "no"))
+    body = json.loads(error_body(400, "INVALID_ARGUMENT", "items[3].sequence: bad; allowed: A; params.include[0]: no",
+                                 problems))
     assert body["errors"] == [{"index": 3, "field": "items[3].sequence", "detail": "bad; allowed: A"},
                               {"index": None, "field": "params.include[0]", "detail": "no"}]
     assert body["detail"] == body["message"] and body["status_code"] == 400

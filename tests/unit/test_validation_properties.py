@@ -16,7 +16,7 @@ from sequence_text import TEXT, oracle_tokens
 
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.vocabulary import MASK, Limits
-from service.errors import MAX_MESSAGE_CHARS, InvalidRequest
+from service.errors import MAX_MESSAGE_CHARS, InvalidRequest, Problem
 from service.api.validation import ParsedItem, parse_items, parse_options, parse_sequence
 
 LIMITS = Limits(max_items=4, max_sequence_length=12)  # small, so that lengths cross the limit often
@@ -31,7 +31,8 @@ def check_one(text: str, predict: bool, index: int = 0) -> None:
         assert list(result.tokens) == tokens
         assert not predict or MASK in tokens
         return
-    assert isinstance(result, str)
+    assert isinstance(result, Problem) and (result.field, result.index) == (f"items[{index}].sequence", index)
+    result = str(result)  # as the gRPC message carries it
     assert result.startswith(f"items[{index}].sequence: ")
     assert result.isascii() and len(result) <= MAX_MESSAGE_CHARS
     if not text:
