@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The pinned CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[server,dev,bench,plot]'
+	$(PY) -m pip install --quiet -e '.[server,dev,bench,plot,otel]'
 	touch $@
 
 # Python stubs and Envoy's descriptor set, generated from protos/ (never hand-edited). The package

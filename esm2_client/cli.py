@@ -346,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (Esm2Error, InputError, OutputError, UsageError, PlotUnavailable) as exc:
+    except Esm2Error as exc:
+        message = str(exc) + (f" (request id {exc.request_id})" if exc.request_id else "")
+    except (InputError, OutputError, UsageError, PlotUnavailable) as exc:
         message = str(exc)
     except OSError as exc:
         message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)

@@ -42,12 +42,27 @@ CHANNEL_OPTIONS = (
 _ITEM_FIELD = re.compile(r"items\[(\d+)\]")
 
 
-class Esm2Error(Exception):
-    """A call that failed for good; `code` is the gRPC status (None for client-side errors)."""
+REQUEST_ID_HEADER = "x-request-id"
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+
+class Esm2Error(Exception):
+    """A call that failed for good; `code` is the gRPC status (None for client-side errors);
+    `request_id` is the server's (or gateway's) id of the failed call, when it answered: quote it
+    to whoever runs the service, it names the call in their logs and traces."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, request_id: str | None = None):
         super().__init__(message)
         self.code = code
+        self.request_id = request_id
+
+
+def _request_id(exc: grpc.RpcError) -> str | None:
+    """The x-request-id the server (trailers) or Envoy (headers of a trailers-only answer) sent."""
+    for metadata in (exc.trailing_metadata(), exc.initial_metadata()):
+        for key, value in metadata or ():
+            if key == REQUEST_ID_HEADER and isinstance(value, str):
+                return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -101,11 +116,12 @@ def _failure(exc: grpc.RpcError, target: str, start: int) -> Esm2Error:
     """One readable line; item numbers in the server's message become input positions."""
     code, details = exc.code(), exc.details() or ""
     details = _ITEM_FIELD.sub(lambda m: f"sequences[{start + int(m.group(1))}]", details)
+    request_id = _request_id(exc)
     if code is grpc.StatusCode.UNAVAILABLE:
-        return Esm2Error(f"server {target} is unavailable ({details})", code)
+        return Esm2Error(f"server {target} is unavailable ({details})", code, request_id)
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return Esm2Error(f"deadline exceeded waiting for {target}", code)
-    return Esm2Error(f"{code.name}: {details}", code)
+        return Esm2Error(f"deadline exceeded waiting for {target}", code, request_id)
+    return Esm2Error(f"{code.name}: {details}", code, request_id)
 
 
 def _encode_request(model, sequences, include, repr_layers, data_type) -> pb.EncodeStreamRequest:

@@ -7,6 +7,19 @@ local MAX_PATH_BYTES = ${max_path_bytes}
 local MAX_HEADER_BYTES = ${max_header_bytes}
 local MAX_AUTHORIZATION_BYTES = ${max_authorization_bytes}
 
+-- The caller's x-request-id, moved aside by Envoy's early header mutation (which then made a
+-- fresh id): kept when valid, dropped otherwise (gateway/envoy_config.py, request_id_settings).
+local CALLER_REQUEST_ID = "x-esm-caller-request-id"
+local MAX_REQUEST_ID_BYTES = 128
+
+local function restore_request_id(headers)
+  local caller = headers:get(CALLER_REQUEST_ID)
+  headers:remove(CALLER_REQUEST_ID)
+  if caller and #caller <= MAX_REQUEST_ID_BYTES and caller:match("^[A-Za-z0-9][A-Za-z0-9._:-]*$") then
+    headers:replace("x-request-id", caller)
+  end
+end
+
 local function reject(handle, status, message)
   -- Envoy's local_reply_config turns this into the JSON error shape.
   handle:respond({[":status"] = tostring(status)}, message)
@@ -14,6 +27,7 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
+  restore_request_id(headers)
   local content_type = (headers:get("content-type") or ""):lower()
   if content_type:sub(1, 16) == "application/grpc" then
     return

@@ -103,6 +103,17 @@ class EnvoySettings(JsonEdgeLimits):
     retry_budget_percent: int = setting(
         50, ge=0, le=100, help="concurrent retries allowed, as a share of a pool's active requests")
     max_requests_per_pool: int = setting(1024, ge=1, help="circuit breaker: concurrent requests to one pool")
+    otlp_endpoint: str | None = setting(
+        None, metavar="HOST:PORT",
+        help="turn on OpenTelemetry tracing: Envoy starts a trace per request and sends its spans to this "
+             "OTLP/gRPC collector; servers started by gateway.launch send theirs there too")
+
+    @field_validator("otlp_endpoint", mode="after")
+    @classmethod
+    def _collector(cls, value):
+        if value is not None:
+            _parsed(host_port, collector_address(value))
+        return value
 
 
 class GatewayConfig(EnvoySettings):
@@ -147,7 +158,8 @@ def bootstrap(config: GatewayConfig, descriptor: Path) -> dict:
     document = {
         "static_resources": {
             "listeners": listeners,
-            "clusters": [cluster(config, pool) for pool in pools] + ([admin_cluster(config)] if config.stats_port else []),
+            "clusters": [cluster(config, pool) for pool in pools] + ([admin_cluster(config)] if config.stats_port else [])
+                        + ([collector_cluster(config.otlp_endpoint)] if config.otlp_endpoint else []),
         },
         "overload_manager": {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
@@ -190,7 +202,7 @@ def _connection_manager(**fields) -> dict:
 # HTTP/JSON on the listener is transcoded to gRPC calls on the servers; gRPC callers use the
 # same port (h2c), their requests pass through untouched.
 ACCESS_LOG_FORMAT = ('[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" %RESPONSE_CODE% '
-                     "%RESPONSE_FLAGS% in=%BYTES_RECEIVED% out=%BYTES_SENT% %DURATION%ms\n")
+                     "%RESPONSE_FLAGS% in=%BYTES_RECEIVED% out=%BYTES_SENT% %DURATION%ms id=%REQ(X-REQUEST-ID)%\n")
 
 
 def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Path) -> dict:
@@ -231,6 +243,8 @@ def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Pa
                 "routes": routes(config, pools),
             }]},
             local_reply_config=LOCAL_REPLIES,
+            **request_id_settings(),
+            **tracing_settings(config),
             http_filters=[
                 # /healthz answers from Envoy: 200 while every pool has a replica passing health checks.
                 _health_check_filter(pools),
@@ -253,7 +267,72 @@ def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Pa
 
 def _json_error(message: str) -> dict:
     return {"json_format": {"detail": message, "errors": [], "status_code": "%RESPONSE_CODE%",
-                            "code": "%RESPONSE_CODE_DETAILS%", "message": message}}
+                            "code": "%RESPONSE_CODE_DETAILS%", "message": message,
+                            "request_id": "%REQ(X-REQUEST-ID)%"}}
+
+
+# ---- request ids and traces ------------------------------------------------------------
+# Every request gets an x-request-id: the caller's when it is valid (at most 128 letters, digits
+# and . _ : -, starting with a letter or digit; service/request_context.py has the same rule),
+# else one Envoy makes. Envoy itself either keeps any caller value (preserve_external_request_id:
+# echoed raw, however long or odd) or none. So before anything else reads the headers, an early
+# header mutation moves the caller's value aside (CALLER_REQUEST_ID_HEADER) and Envoy makes a
+# fresh UUID; edge.lua, the first filter, puts the caller's value back if it is valid, and drops
+# it otherwise. The id goes to the servers, into Envoy's access log, every response's headers
+# (always_set_request_id_in_response) and the JSON error bodies Envoy makes (LOCAL_REPLIES).
+CALLER_REQUEST_ID_HEADER = "x-esm-caller-request-id"
+
+
+def request_id_settings() -> dict:
+    return {
+        "early_header_mutation_extensions": [{
+            "name": "envoy.http.early_header_mutation.header_mutation",
+            "typed_config": _typed(
+                "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                mutations=[
+                    {"remove": CALLER_REQUEST_ID_HEADER},
+                    {"append": {"header": {"key": CALLER_REQUEST_ID_HEADER, "value": "%REQ(x-request-id)%"},
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
+                    {"remove": "x-request-id"},
+                ]),
+        }],
+        "always_set_request_id_in_response": True,
+        # Plain UUIDs: Envoy would otherwise rewrite a digit of its ids to carry the trace decision.
+        "request_id_extension": {"typed_config": _typed("envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                                                        pack_trace_reason=False,
+                                                        use_request_id_for_trace_sampling=False)},
+    }
+
+
+COLLECTOR_CLUSTER = "otlp_collector"
+
+
+def collector_address(endpoint: str) -> str:
+    """host:port of an OTLP endpoint given as host:port or http://host:port."""
+    return re.sub(r"^[a-z]+://", "", endpoint).rstrip("/")
+
+
+def tracing_settings(config: GatewayConfig) -> dict:
+    """Envoy's OpenTelemetry tracer (off without --otlp-endpoint): a span per request, its W3C
+    traceparent sent upstream, where the servers continue the trace (service/tracing.py)."""
+    if not config.otlp_endpoint:
+        return {}
+    return {"tracing": {"provider": {
+        "name": "envoy.tracers.opentelemetry",
+        "typed_config": _typed("envoy.config.trace.v3.OpenTelemetryConfig",
+                               grpc_service={"envoy_grpc": {"cluster_name": COLLECTOR_CLUSTER}, "timeout": "1s"},
+                               service_name="esm2-gateway"),
+    }}}
+
+
+def collector_cluster(endpoint: str) -> dict:
+    host, port = host_port(collector_address(endpoint))
+    return {"name": COLLECTOR_CLUSTER, "type": "STATIC" if _is_ip(host) else "STRICT_DNS", "connect_timeout": "1s",
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {}})},
+            "load_assignment": {"cluster_name": COLLECTOR_CLUSTER, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": _socket_address(host, port)}}]}]}}
 
 
 def _cel_filter(expression: str) -> dict:

@@ -10,8 +10,11 @@
   Hugging Face weights, where weights come from, memory and precision checks, batch budgets.
   May import only the base modules.
 
-Base modules, imported by every layer and importing none: `service.errors` (every error,
-mapped to its status in one place) and `service.metrics`. At the top, importing everything
+Base modules, imported by every layer and importing none of the layers: `service.errors`
+(every error, mapped to its status in one place), `service.metrics`, `service.request_context`
+(the request being handled: its id, what the engine reported about it), `service.tracing`
+(OpenTelemetry, off by default) and `service.logs` (text or JSON lines carrying the request id).
+At the top, importing everything
 and imported by nothing in the package: `service.server` (start-up) and `service.model_specs`
 (what to serve). Beside them, `service.config` declares every setting once (flag, ESM_*
 variable, type, default, bounds, help); it reads the defaults of the layers below and stays

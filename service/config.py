@@ -304,6 +304,14 @@ class ServerSettings(Declared, ModelSettings, JsonEdgeLimits):
                         "balancers move traffic away first (a fleet behind Envoy: 5; Kubernetes: see Deploy)")
     grace_seconds: float = setting(30.0, ge=0,
                                    help="then: stop accepting and give in-flight requests this long to finish")
+    log_format: Literal["text", "json"] = setting(
+        "text", help="text, or json: one object per line (time, level, message, request_id, trace_id and, on "
+                     "access lines, model, items, residues, status, queue wait, latency)")
+    access_log: bool = setting(False, switch=True, help="log one line per finished RPC (variable: 1 or true)")
+    otlp_endpoint: str | None = setting(
+        None, metavar="HOST:PORT",
+        help="turn on OpenTelemetry tracing: send spans to this OTLP/gRPC collector (http://host:4317; needs the "
+             "otel extra)")
     port_file: Path | None = setting(None, env=False, metavar="PATH", help="write the bound port here once ready")
     fault_file: Path | None = setting(
         None, flag=None, help="tests only: arm fault injection from this file (service.engine.faults)")

@@ -31,7 +31,7 @@ from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service.models import batch_budget, checkpoints, hf_checkpoints, memory_budget, sources
 from service.engine import faults
-from service import config, model_specs
+from service import config, logs, model_specs, tracing
 from service.models import precision
 from service.models.served import ServedModel
 from service.api import request_guard
@@ -175,6 +175,8 @@ def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
 
 
 async def serve(args) -> int:
+    # Before the slow part: a missing otel extra stops start-up at once.
+    tracing_interceptors = [tracing.setup(args.otlp_endpoint)] if args.otlp_endpoint else []
     simulated = {"present": True, "absent": False}.get(args.simulate_cpu_native)
     for spec in args.specs:  # before the slow part: refuse fast
         for device in resolve_devices(spec.device):
@@ -182,14 +184,15 @@ async def serve(args) -> int:
     models = load_models(args)
     router = build_schedulers(models, args)
     servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
-                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes())
+                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(), args.access_log)
 
     keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
                                        dict.fromkeys(JSON_METHODS, receive_ceiling))
     server = grpc.aio.server(
-        interceptors=[guard],
+        # The tracing interceptor first: a refused call (bad key, too large) is traced too.
+        interceptors=[*tracing_interceptors, guard],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", receive_ceiling),
@@ -263,14 +266,16 @@ async def serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    logs.setup(args.log_format)
     try:
         code = asyncio.run(serve(args))
     except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit, AddressInUse,
-            precision.PrecisionUnsupported) as exc:
+            precision.PrecisionUnsupported, tracing.TracingUnavailable) as exc:
         log.error("%s", exc)
         return 2
+    finally:
+        tracing.shutdown()  # send the spans still buffered
     if code == EXIT_WORKER_LOST:
         logging.shutdown()
         os._exit(code)  # without joining the worker thread, which may never return

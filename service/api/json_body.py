@@ -24,6 +24,7 @@ from esm2_wire.vocabulary import Limits
 from service import errors
 from service.errors import ELLIPSIS, BadBody, InvalidRequest, Problem, echo
 from service.api.request_schema import MAX_LIST_PARAM, request_schema
+from service.request_context import REQUEST_ID_HEADER
 
 CONTENT_ENCODING_METADATA = "x-esm-content-encoding"  # set by the gateway's Lua filter
 
@@ -195,9 +196,11 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - len(ELLIPSIS)] + ELLIPSIS
 
 
-def error_body(http_status: int, code: str, message: str, problems: tuple[Problem, ...] = ()) -> bytes:
+def error_body(http_status: int, code: str, message: str, problems: tuple[Problem, ...] = (),
+               request_id: str | None = None) -> bytes:
     """BioLM's error shape: `detail`, `errors` (per item and field), `status_code`, `code`;
-    `message` repeats `detail` for callers of the earlier google.rpc.Status shape.
+    `message` repeats `detail` for callers of the earlier google.rpc.Status shape; `request_id`
+    (ours, beside BioLM's keys) names the request in the server's logs and traces.
 
     ASCII only, so that it can travel in gRPC metadata to the gateway.
     """
@@ -205,10 +208,10 @@ def error_body(http_status: int, code: str, message: str, problems: tuple[Proble
     listed = [p for p in problems if _listed(p)][:MAX_ERRORS]
     entries = [{"index": p.index, "field": _clip(p.field, 64), "detail": _clip(p.message, MAX_DETAIL_CHARS // 4)}
                for p in listed]
-    return json.dumps(
-        {"detail": message, "errors": entries, "status_code": http_status, "code": code, "message": message},
-        ensure_ascii=True,
-    ).encode()
+    body = {"detail": message, "errors": entries, "status_code": http_status, "code": code, "message": message}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return json.dumps(body, ensure_ascii=True).encode()
 
 
 # The gateway's Lua filter answers with this status and body instead of the transcoder's
@@ -220,16 +223,20 @@ ERROR_BODY_METADATA = "x-esm-error"
 Trailers = tuple[tuple[str, str], ...]
 
 
-def failure(exc: Exception, method: str, gateway: bool) -> tuple[grpc.StatusCode, str, Trailers]:
+def failure(exc: Exception, method: str, gateway: bool,
+            request_id: str | None = None) -> tuple[grpc.StatusCode, str, Trailers]:
     """(code, message, trailing metadata) that an RPC aborts with when `exc` ends it: the status
-    service.errors maps it to, and for the JSON gateway's methods also the HTTP status and BioLM's
-    error body, whose `errors` list is the error's problems as they were found."""
+    service.errors maps it to, the request id (x-request-id), and for the JSON gateway's methods
+    also the HTTP status and BioLM's error body, whose `errors` list is the error's problems as
+    they were found."""
     code, message, trailers = errors.status(exc, method)
+    if request_id is not None:
+        trailers += ((REQUEST_ID_HEADER, request_id),)
     if gateway:
         http_status = errors.http_status(exc, code)
         problems = exc.problems if isinstance(exc, errors.ServiceError) else ()
         trailers += (
             (HTTP_STATUS_METADATA, str(http_status)),
-            (ERROR_BODY_METADATA, error_body(http_status, code.name, message, problems).decode()),
+            (ERROR_BODY_METADATA, error_body(http_status, code.name, message, problems, request_id).decode()),
         )
     return code, message, trailers

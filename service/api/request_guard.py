@@ -22,6 +22,7 @@ from service import metrics
 from service.api.auth import OPEN_METHODS, key_matches
 from service.errors import InvalidRequest, ServiceError, Unauthenticated
 from service.api.json_body import failure
+from service.request_context import request_id_from
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ GATEWAY_METHODS = frozenset(
 
 
 async def _abort(context, error: ServiceError, gateway: bool) -> None:
-    await context.abort(*failure(error, "", gateway))
+    await context.abort(*failure(error, "", gateway, request_id_from(context.invocation_metadata())))
 
 
 def _abort_with(error: ServiceError, handler, gateway: bool):

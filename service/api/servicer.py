@@ -21,7 +21,8 @@ from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import FLEET_MODELS_HEADER, pb, pb_grpc
 from esm2_wire.vocabulary import Limits
-from service import errors, metrics
+from service import errors, logs, metrics, request_context, tracing
+from service.request_context import REQUEST_ID_HEADER, RequestContext, request_id_from
 from service.api import json_limits, rendering
 from service.models.checkpoints import FAIR_ESM, HUGGING_FACE
 from service.models.served import ServedModel
@@ -50,8 +51,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         self, models: dict[str, ServedModel], router: ModelRouter, limits: Limits,
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
         max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
-        openapi_document: bytes = b"{}",
+        openapi_document: bytes = b"{}", access_log: bool = False,
     ):
+        self.access_log = access_log  # one line per finished RPC (service.logs.access_line)
         self.max_json_response_bytes = max_json_response_bytes
         self.bodies = BodyParser(limits, max_request_bytes)
         self.openapi_document = openapi_document
@@ -110,7 +112,11 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         remaining = context.time_remaining()
         tokenize = job.model.loaded.tokenize
         inputs = [ModelInput(job.model.name, tokenize(item.tokens), job.outputs, job.layers) for item in job.items]
-        return self.router.submit(inputs, None if remaining is None else time.monotonic() + remaining)
+        request = request_context.current()
+        if request is not None:
+            request.items, request.residues = len(job.items), sum(len(item.tokens) for item in job.items)
+            request.submitted()
+        return self.router.submit(inputs, None if remaining is None else time.monotonic() + remaining, request)
 
     async def _results(self, job: Job, context) -> list[ItemResult]:
         futures = self._submit(job, context)
@@ -118,6 +124,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             return await asyncio.gather(*futures)
         finally:
             _release(futures)
+            _trace_queue_wait(request_context.current())
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context, model: str, gateway: bool = False):
@@ -126,6 +133,10 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         gateway: the RPC serves the JSON API, so failures also carry the HTTP status and
         BioLM's error body for the gateway (json_body.failure).
         """
+        request = RequestContext(request_id_from(context.invocation_metadata()), method,
+                                 model if model in self.models else "")
+        request.span, request.trace_id = tracing.current_span()
+        request_context.CURRENT.set(request)  # this RPC's task only: every log line about it carries the id
         code, message, trailers = grpc.StatusCode.OK, "", ()
         started = time.monotonic()
         try:
@@ -140,38 +151,45 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                 log.exception("%s failed", method)
             if isinstance(exc, UnknownModel):  # behind a gateway: name the models of its other pools too
                 exc = exc.also_served(fleet_models(context))
-            code, message, trailers = failure(exc, method, gateway)
+            code, message, trailers = failure(exc, method, gateway, request.request_id)
         metrics.REQUESTS.labels(method, code.name).inc()
         if model in self.models:  # a label per served model only: callers cannot grow the label set
             metrics.REQUEST_SECONDS.labels(model, method).observe(time.monotonic() - started)
+        if self.access_log:
+            logs.access_line(request, code.name)
         if code is not grpc.StatusCode.OK:
             await context.abort(code, message, trailers)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request.request_id),))
 
     # ---- unary ---------------------------------------------------------------
     async def Encode(self, request, context):
         async with self._rpc("Encode", context, request.model):
-            job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
-                                   [item.sequence for item in request.items])
+            with tracing.span("validate"):
+                job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
+                                       [item.sequence for item in request.items])
             results = await self._results(job, context)
             vocab = job.model.vocabulary
-            return await asyncio.to_thread(
-                lambda: pb.EncodeResponse(
-                    results=[rendering.encode_result(i, r, vocab) for i, r in enumerate(results)]
+            with tracing.span("render"):
+                return await asyncio.to_thread(
+                    lambda: pb.EncodeResponse(
+                        results=[rendering.encode_result(i, r, vocab) for i, r in enumerate(results)]
+                    )
                 )
-            )
 
     async def Predict(self, request, context):
         async with self._rpc("Predict", context, request.model):
-            job = self._predict_job(request.model, [item.sequence for item in request.items])
+            with tracing.span("validate"):
+                job = self._predict_job(request.model, [item.sequence for item in request.items])
             results = await self._results(job, context)
             vocab = job.model.vocabulary
-            return await asyncio.to_thread(
-                lambda: pb.PredictResponse(
-                    results=[
-                        rendering.predict_result(i, r, job.items[i].tokens, vocab) for i, r in enumerate(results)
-                    ]
+            with tracing.span("render"):
+                return await asyncio.to_thread(
+                    lambda: pb.PredictResponse(
+                        results=[
+                            rendering.predict_result(i, r, job.items[i].tokens, vocab) for i, r in enumerate(results)
+                        ]
+                    )
                 )
-            )
 
     # ---- JSON (through the Envoy gateway) --------------------------------------
     async def _json(self, job: Job, context, estimate: int, render, stream_rpc: str) -> httpbody_pb2.HttpBody:
@@ -180,7 +198,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if estimate > limit:
             raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc))
         results = await self._results(job, context)
-        body = await asyncio.to_thread(lambda: rendering.json_body([render(i, r) for i, r in enumerate(results)]))
+        with tracing.span("render"):
+            body = await asyncio.to_thread(lambda: rendering.json_body([render(i, r) for i, r in enumerate(results)]))
         if len(body) > limit:  # the estimate was low; still never hand Envoy more than it accepts
             raise InvalidRequest(json_limits.too_large(len(body), limit, estimated=False, stream_rpc=stream_rpc))
         return httpbody_pb2.HttpBody(content_type="application/json", data=body)
@@ -192,9 +211,10 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     async def EncodeJson(self, request, context):
         async with self._rpc("EncodeJson", context, request.model, gateway=True):
-            served = self._model(request.model)
-            body = await self._body(request, context, "encode")
-            job = self._encode_job(served.name, body.include, [int(v) for v in body.repr_layers], body.sequences)
+            with tracing.span("validate"):
+                served = self._model(request.model)
+                body = await self._body(request, context, "encode")
+                job = self._encode_job(served.name, body.include, [int(v) for v in body.repr_layers], body.sequences)
             vocab = job.model.vocabulary
             estimate = json_limits.estimate_encode_bytes(
                 [len(item.tokens) for item in job.items], job.outputs, len(job.layers), job.model.loaded.embed_dim,
@@ -205,9 +225,10 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     async def PredictJson(self, request, context):
         async with self._rpc("PredictJson", context, request.model, gateway=True):
-            served = self._model(request.model)
-            body = await self._body(request, context, "predict")
-            job = self._predict_job(served.name, body.sequences)
+            with tracing.span("validate"):
+                served = self._model(request.model)
+                body = await self._body(request, context, "predict")
+                job = self._predict_job(served.name, body.sequences)
             vocab = job.model.vocabulary
             estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab))
             render = lambda i, r: rendering.predict_json_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
@@ -248,17 +269,20 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                     yield response_type(chunk=chunk)
         finally:
             _release(futures)
+            _trace_queue_wait(request_context.current())
 
     async def EncodeStream(self, request, context):
         async with self._rpc("EncodeStream", context, request.model):
-            job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
-                                   [item.sequence for item in request.items])
+            with tracing.span("validate"):
+                job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
+                                       [item.sequence for item in request.items])
             async for message in self._stream(job, context, request.stream_options, pb.EncodeStreamResponse, False):
                 yield message
 
     async def PredictStream(self, request, context):
         async with self._rpc("PredictStream", context, request.model):
-            job = self._predict_job(request.model, [item.sequence for item in request.items])
+            with tracing.span("validate"):
+                job = self._predict_job(request.model, [item.sequence for item in request.items])
             async for message in self._stream(job, context, request.stream_options, pb.PredictStreamResponse, True):
                 yield message
 
@@ -297,6 +321,13 @@ _SOURCE_FORMATS = {
     FAIR_ESM: pb.ModelInfo.SOURCE_FORMAT_FAIR_ESM,
     HUGGING_FACE: pb.ModelInfo.SOURCE_FORMAT_HUGGING_FACE,
 }
+
+
+def _trace_queue_wait(request: RequestContext | None) -> None:
+    """The request's `queue wait` span: from its items' arrival to the first batch that ran one."""
+    if request is not None and request.first_batch_ns:
+        tracing.record("queue wait", request.span, request.submitted_ns, request.first_batch_ns,
+                       **{"esm.queue_wait_max_s": request.queue_wait_s or 0.0})
 
 
 def _release(futures: list[asyncio.Future]) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from esm2_wire.item_result import ItemResult
-from service import metrics
+from service import metrics, tracing
 from service.engine.inputs import ModelInput
 from service.engine.intake import QueueEntry, Waiter
 from service.errors import ServiceError, WorkerLost
@@ -56,6 +56,9 @@ class BatchDone:
     batch: Batch
     results: list[ItemResult | ServiceError]
     seconds: float
+    started_ns: int = 0  # wall clock (time.time_ns), for trace spans
+    ended_ns: int = 0
+    forward_ns: tuple[int, int] | None = None  # the forward pass's start and end, when the worker says
 
 
 class Outcomes(Protocol):
@@ -119,7 +122,7 @@ class Interleaver:
                 batch = self._handed.get_nowait()
             except queue.Empty:
                 return
-            started = time.perf_counter()
+            started, started_ns = time.perf_counter(), time.time_ns()
             try:
                 results = self.worker.run(batch.inputs)
             except BaseException:  # fail its items, then let the running batch see the error
@@ -128,7 +131,8 @@ class Interleaver:
             seconds = time.perf_counter() - started
             self.seconds += seconds  # read by the loop once the running batch is done
             metrics.INTERLEAVED_BATCHES.inc()
-            self._report(self._done, BatchDone(batch, results, seconds))
+            self._report(self._done, BatchDone(batch, results, seconds, started_ns, time.time_ns(),
+                                               getattr(self.worker, "last_forward_ns", None)))
 
 
 @dataclass(eq=False)
@@ -191,10 +195,11 @@ class Dispatcher:
         hook = slot.interleaver
         hook.attach(loop.call_soon_threadsafe, lambda done: self._batch_done(done, slot), self.outcomes.batch_failed)
         hook.seconds = 0.0
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         metrics.WORKER_BUSY.inc()
         try:
             results = await loop.run_in_executor(slot.executor, slot.worker.run, batch.inputs)
+            ended_ns, forward_ns = time.time_ns(), getattr(slot.worker, "last_forward_ns", None)
             while hook.has_work():  # handed over after the batch's last layer
                 await loop.run_in_executor(slot.executor, hook.run_handed_over)
         except asyncio.CancelledError:
@@ -204,12 +209,14 @@ class Dispatcher:
             raise WorkerLost(WORKER_LOST) from exc
         finally:
             metrics.WORKER_BUSY.dec()
-        self._batch_done(BatchDone(batch, results, time.perf_counter() - started - hook.seconds), slot)
+        self._batch_done(BatchDone(batch, results, time.perf_counter() - started - hook.seconds, started_ns, ended_ns,
+                                   forward_ns), slot)
 
     def _batch_done(self, done: BatchDone, slot: WorkerSlot) -> None:
         metrics.observe_batch(done.batch.inputs, done.seconds)
         metrics.WORKER_BATCHES.labels(slot.name, slot.device).inc()
         metrics.WORKER_SECONDS.labels(slot.name, slot.device).inc(done.seconds)
+        trace_batch(done)
         self.outcomes.batch_done(done)
 
     async def run_now(self, inputs: list[ModelInput], worker: int = 0) -> list[ItemResult]:
@@ -226,3 +233,24 @@ class Dispatcher:
             await asyncio.gather(*list(self._running))
         for slot in self.slots:
             slot.executor.shutdown(wait=True)
+
+
+def trace_batch(done: BatchDone) -> None:
+    """The batch's `batch` and `forward` spans in the trace of every request it served
+    (service.tracing says why per request rather than one span with links)."""
+    if not tracing.enabled():
+        return
+    requests = {id(w.request): w.request for entry in done.batch.entries for w in entry.waiters
+                if w.request is not None and w.request.span is not None}
+    if not requests:
+        return
+    inputs = done.batch.inputs
+    tokens = sum(item.length for item in inputs)
+    padded = len(inputs) * max(item.length for item in inputs)
+    attributes = {"esm.model": inputs[0].model, "esm.batch.id": tracing.next_batch_id(),
+                  "esm.batch.size": len(inputs), "esm.batch.tokens": tokens, "esm.batch.padded_tokens": padded,
+                  "esm.batch.padding_efficiency": tokens / padded, "esm.batch.requests": len(requests)}
+    for request in requests.values():
+        batch_span = tracing.record("batch", request.span, done.started_ns, done.ended_ns, **attributes)
+        if done.forward_ns is not None:
+            tracing.record("forward", batch_span, *done.forward_ns, **{"esm.model": inputs[0].model})

@@ -19,6 +19,7 @@ from service.engine.inputs import ModelInput
 from service.engine.policy import BatchLimits, work
 from service.engine.result_cache import ResultCache, cache_key, freeze
 from service.errors import DeadlineExceeded, QueueFull, ServiceError
+from service.request_context import RequestContext
 
 
 @dataclass(eq=False)
@@ -27,6 +28,7 @@ class Waiter:
 
     future: asyncio.Future  # resolved with an ItemResult or a ServiceError
     deadline: float | None = None  # scheduler clock seconds
+    request: RequestContext | None = None  # the caller's request, told when its item starts (queue wait, spans)
 
 
 @dataclass(eq=False)
@@ -78,7 +80,8 @@ class Intake:
     def _key(self, item: ModelInput) -> bytes:
         return cache_key(self.scopes.get(item.model, item.model), item)
 
-    def submit(self, inputs: list[ModelInput], deadline: float | None = None) -> list[asyncio.Future]:
+    def submit(self, inputs: list[ModelInput], deadline: float | None = None,
+               request: RequestContext | None = None) -> list[asyncio.Future]:
         """Queue all inputs of one request, or none of them; their futures, in order.
 
         Inputs already cached are answered at once; inputs equal to one queued or running
@@ -110,7 +113,7 @@ class Intake:
                 request_work += entry.work
                 entry.request_work = request_work
                 self.pending.append(entry)
-            entry.waiters.append(Waiter(future, deadline))
+            entry.waiters.append(Waiter(future, deadline, request))
         return futures
 
     def finish(self, entry: QueueEntry, result: ItemResult | ServiceError) -> None:

@@ -14,6 +14,7 @@ from esm2_wire.item_result import ItemResult
 from service import metrics
 from service.engine.inputs import ModelInput
 from service.engine.scheduler import Scheduler
+from service.request_context import RequestContext
 
 
 class ModelRouter:
@@ -22,9 +23,10 @@ class ModelRouter:
         # One server-wide gauge over every model's queue, read when scraped.
         metrics.QUEUE_DEPTH.set_function(lambda: sum(s.queued_items for s in schedulers.values()))
 
-    def submit(self, inputs: list[ModelInput], deadline: float | None = None) -> list[asyncio.Future]:
+    def submit(self, inputs: list[ModelInput], deadline: float | None = None,
+               request: RequestContext | None = None) -> list[asyncio.Future]:
         """All inputs of one request belong to one model (the servicer builds them so)."""
-        return self.schedulers[inputs[0].model].submit(inputs, deadline)
+        return self.schedulers[inputs[0].model].submit(inputs, deadline, request)
 
     async def run_now(self, inputs: list[ModelInput], worker: int = 0) -> list[ItemResult]:
         return await self.schedulers[inputs[0].model].run_now(inputs, worker)

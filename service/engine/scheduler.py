@@ -29,6 +29,7 @@ from service.engine.policy import BatchLimits, CostModel, batch_is_full, due, ne
     take_batch
 from service.engine.result_cache import ResultCache
 from service.errors import Internal, WorkerLost
+from service.request_context import RequestContext
 
 if TYPE_CHECKING:  # the worker imports torch; the scheduler only hands it batches
     from service.engine.worker import ModelWorker
@@ -74,12 +75,13 @@ class Scheduler:
         return [slot.worker for slot in self.slots]
 
     # ---- the public surface ---------------------------------------------------------
-    def submit(self, inputs: list[ModelInput], deadline: float | None = None) -> list[asyncio.Future]:
+    def submit(self, inputs: list[ModelInput], deadline: float | None = None,
+               request: RequestContext | None = None) -> list[asyncio.Future]:
         """Queue all inputs of one request, or none of them; their futures, in order
         (service.engine.intake.Intake.submit says which inputs are new work)."""
         if self.lost is not None:
             raise WorkerLost(WORKER_LOST)
-        futures = self.intake.submit(inputs, deadline)
+        futures = self.intake.submit(inputs, deadline, request)
         self._wake.set()
         return futures
 
@@ -133,7 +135,13 @@ class Scheduler:
         """Take the batch the policy picks next from the queue."""
         pending = self.intake.pending
         entries = take_batch(pending, self.limits, next_anchor(pending, self.limits, self.cost))
-        metrics.observe_queue_wait(entries, self.clock())
+        now = self.clock()
+        metrics.observe_queue_wait(entries, now)
+        now_ns = time.time_ns()
+        for entry in entries:  # each request hears how long its items waited (access log, trace)
+            for waiter in entry.waiters:
+                if waiter.request is not None:
+                    waiter.request.batch_started(max(0.0, now - entry.enqueued_at), now_ns)
         return Batch(entries, min(due(entry, self.limits, self.cost) for entry in entries),
                      self.cost.batch_seconds(entries))
 

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import time
 
 
 import numpy as np
@@ -95,6 +96,7 @@ class ModelWorker:
         # Called between the layers of each batch run (its worker slot's interleaver; see
         # service.engine.dispatch); not within the halves of a batch split after running out of memory.
         self.layer_hook: LayerHook | None = None
+        self.last_forward_ns: tuple[int, int] | None = None
         for loaded in models.values():
             loaded.model.to(device)
 
@@ -153,8 +155,10 @@ class ModelWorker:
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
+        started_ns = time.time_ns()
         with autocast:
             out = forward(loaded.model, tokens.to(self.device), plan, hook)
+        self.last_forward_ns = (started_ns, time.time_ns())  # the batch's trace spans (service.engine.dispatch)
         return [self._extract(out, row, item) for row, item in enumerate(batch)]
 
     @staticmethod

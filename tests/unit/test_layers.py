@@ -12,21 +12,25 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICE = REPO / "service"
 
 # What each part of the package may import from the rest of it.
+BASE = ("service.errors", "service.metrics", "service.request_context", "service.tracing", "service.logs")
 ALLOWED = {
-    "service.api": {"service.api", "service.engine", "service.models", "service.errors", "service.metrics"},
-    "service.engine": {"service.engine", "service.models", "service.errors", "service.metrics"},
-    "service.models": {"service.models", "service.errors", "service.metrics"},
+    "service.api": {"service.api", "service.engine", "service.models", *BASE},
+    "service.engine": {"service.engine", "service.models", *BASE},
+    "service.models": {"service.models", *BASE},
     # The settings' declaration: it reads the defaults of the parts below it, never the server.
     "service.config": {"service.config", "service.api", "service.engine", "service.errors", "service.metrics"},
     "service.errors": set(),
     "service.metrics": set(),
+    "service.request_context": set(),
+    "service.tracing": set(),
+    "service.logs": {"service.request_context"},
 }
 # Modules of the engine that never touch a tensor: they must not pull torch in.
 TORCH_FREE = ["service.engine.inputs", "service.engine.policy", "service.engine.intake",
               "service.engine.dispatch", "service.engine.scheduler", "service.engine.router",
               "service.engine.result_cache", "service.api.validation", "service.api.json_body",
               "service.api.request_schema", "service.api.json_limits", "service.errors", "service.metrics",
-              "service.config"]  # the gateway reads the settings' declaration too
+              "service.config", "service.request_context", "service.tracing", "service.logs"]  # the gateway reads the settings' declaration too
 
 
 def _module_name(path: Path) -> str:
