@@ -117,8 +117,10 @@ class EnvoyProcess:
         return code
 
 
-def server_commands(server_argv: list[str], replicas: int, max_json_response_mb: int, max_request_bytes: int):
-    """(host, port, argv) of each replica: distinct gRPC and metrics ports, the fleet's drain window."""
+def server_commands(server_argv: list[str], replicas: int, max_json_response_mb: int, max_request_bytes: int,
+                    otlp_endpoint: str | None = None):
+    """(host, port, argv) of each replica: distinct gRPC and metrics ports, the fleet's drain window,
+    the gateway's trace collector."""
     from service.server import parse_args as parse_server_args  # validates the server flags up front
 
     if "--host" not in server_argv and "ESM_HOST" not in os.environ:
@@ -127,6 +129,8 @@ def server_commands(server_argv: list[str], replicas: int, max_json_response_mb:
     args = parse_server_args(server_argv)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     extra = ["--max-json-response-mb", str(max_json_response_mb), "--max-request-bytes", str(max_request_bytes)]
+    if otlp_endpoint:  # one setting traces the whole path: Envoy's spans and the servers'
+        extra += ["--otlp-endpoint", otlp_endpoint]
     if replicas > 1 and args.drain_seconds == 0:
         # Long enough for Envoy's health checks to move traffic off a replica that stops.
         extra += ["--drain-seconds", str(FLEET_DRAIN_SECONDS)]
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_server:
             for host, port, replica_argv, server_args in server_commands(server_argv, args.replicas,
                                                                           args.max_json_response_mb,
-                                                                          args.max_request_bytes):
+                                                                          args.max_request_bytes,
+                                                                          args.otlp_endpoint):
                 # Own session: a terminal's Ctrl-C reaches only this launcher, which stops the children in order.
                 servers.append(subprocess.Popen([sys.executable, "-m", "service.server", *replica_argv], cwd=PACKAGES_ROOT,
                                                 start_new_session=True))

@@ -53,6 +53,8 @@ def setup(endpoint: str, service_name: str = "esm2-server"):
         raise TracingUnavailable(
             f"--otlp-endpoint needs OpenTelemetry: pip install 'esm2-service[otel]' ({exc})") from None
     _provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if "://" not in endpoint:  # host:port, as Envoy's setting takes it
+        endpoint = "http://" + endpoint
     insecure = not endpoint.startswith("https://")
     _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
     _tracer = _provider.get_tracer("esm2-service")
