@@ -8,9 +8,9 @@ GEN := esm2_wire/gen
 DESCRIPTOR := gateway/esm2_descriptor.pb
 CHECKPOINTS ?= checkpoints
 
-.PHONY: settings-doc setup protos serve demo fleet deploy-config test test-unit bench clean lint-protos
+.PHONY: settings-doc setup protos docs-assets serve demo fleet deploy-config test test-unit bench clean lint-protos
 
-setup: $(VENV)/.installed protos
+setup: $(VENV)/.installed protos docs-assets
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ protos: $(GEN)/esm/v1/esm2_pb2.py $(DESCRIPTOR)
 
 $(GEN)/esm/v1/esm2_pb2.py $(DESCRIPTOR) &: $(PROTO_SRC) protos/generate.py $(VENV)/.installed
 	$(PY) protos/generate.py > /dev/null
+
+# Swagger UI for the docs page (GET /api/v3/docs): npm's swagger-ui-dist, pinned and hash-checked
+# (service/api/docs_page.py); the package build does the same for wheels.
+docs-assets: $(VENV)/.installed
+	$(PY) -m service.api.docs_page --vendor
 
 # Serve the real esm2-8m checkpoint (torch hub cache, --model-dir or download):
 # gRPC on 50051 and, through Envoy, the JSON API on http://localhost:8080/api/v3/.

@@ -512,12 +512,31 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
     # Everything else (ListModels, calls without the header, unknown models) goes to the default
     # pool, or to the first model's pool: the server answers an unknown model with its 404.
     fallback = fallback_pool(pools)
+    found.insert(0, docs_route(config, fallback))
     if len(pools) > 1:
         found.insert(0, catalogue_route(config, pools, fallback))
     return found + [
         _route(config, "fallback_stream", _regex(stream_path), fallback.cluster, stream=True),
         _route(config, "fallback", {"prefix": "/"}, fallback.cluster, stream=False),
     ]
+
+
+# The docs page (GET /api/v3/docs: Swagger UI, service/api/docs_page.py) runs scripts in the
+# browser: it may load scripts, styles and images from this origin only, call this origin only
+# ("try it out"), and nothing may frame it. Its files have no inline script or style.
+DOCS_CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'none'; "
+                                "frame-ancestors 'none'")
+DOCS_HEADERS = {"content-security-policy": DOCS_CONTENT_SECURITY_POLICY, "x-content-type-options": "nosniff",
+                "referrer-policy": "no-referrer", "x-frame-options": "DENY"}
+
+
+def docs_route(config: GatewayConfig, fallback: Pool) -> dict:
+    route = _route(config, "docs", {"path": SERVICE_PATH + "GetDocsPage"}, fallback.cluster, stream=False)
+    route["response_headers_to_add"] = [{"header": {"key": key, "value": value},
+                                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                                        for key, value in DOCS_HEADERS.items()]
+    return route
 
 
 def fallback_pool(pools: tuple[Pool, ...]) -> Pool:

@@ -15,6 +15,7 @@ OPEN_METHODS = (
     "/esm.v1.Esm2Service/GetRequestSchema",
     "/esm.v1.Esm2Service/ListModels",
     "/esm.v1.Esm2Service/GetOpenApiDocument",
+    "/esm.v1.Esm2Service/GetDocsPage",
 )
 
 

@@ -31,6 +31,7 @@ from service.api.json_body import CONTENT_ENCODING_METADATA, BodyParser, failure
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
 from service.api.request_schema import request_schema
+from service.api.docs_page import DOCS_PATH, DocsPage, DocsUnavailable
 from service.api.validation import ParsedItem, parse_items, parse_options
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         self.max_json_response_bytes = max_json_response_bytes
         self.bodies = BodyParser(limits, max_request_bytes)
         self.openapi_document = openapi_document
+        self.docs_page = DocsPage()
         self.models = models
         self.router = router  # one scheduler per model
         self.limits = limits
@@ -244,6 +246,17 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     async def GetOpenApiDocument(self, request, context):
         return httpbody_pb2.HttpBody(content_type="application/json", data=self.openapi_document)
+
+    async def GetDocsPage(self, request, context):
+        async with self._rpc("GetDocsPage", context, "", gateway=True):
+            try:
+                found = self.docs_page.get(request.file)
+            except DocsUnavailable as exc:
+                raise NotFound(str(exc)) from None
+            if found is None:
+                raise NotFound(f"{DOCS_PATH}/{echo(request.file)} does not exist; the docs page is {DOCS_PATH}")
+            content_type, data = found
+            return httpbody_pb2.HttpBody(content_type=content_type, data=data)
 
     # ---- streaming ------------------------------------------------------------
     async def _stream(self, job: Job, context, options: pb.StreamOptions, response_type, predict: bool):

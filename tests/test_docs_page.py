@@ -1,0 +1,124 @@
+"""The interactive API docs (GET /api/v3/docs, Swagger UI) through Envoy, in a real headless Chromium.
+
+Chromium and its driver come from Debian (`apt-get install chromium chromium-driver`; .ci/run
+installs them in CI); selenium (dev extra) drives them. Skipped only where they are missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import requests
+from support import ServerProcess, free_port
+
+from gateway.envoy_config import DOCS_CONTENT_SECURITY_POLICY, GatewayConfig
+from gateway.launch import EnvoyProcess
+from service.api.docs_page import SWAGGER_UI_VERSION, vendored
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+needs_browser = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="headless Chromium is not installed: apt-get install chromium chromium-driver (.ci/run does in CI)")
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, tiny_checkpoint):
+    assert vendored(), "Swagger UI is not vendored: run `make setup` (python -m service.api.docs_page --vendor)"
+    tmp = tmp_path_factory.mktemp("docs")
+    server = ServerProcess(tmp, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}").wait_ready()
+    envoy = EnvoyProcess(GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=server.port),
+                         log_path=tmp / "envoy.log").wait_listening()
+    yield envoy
+    envoy.stop()
+    server.stop()
+
+
+def test_the_page_and_its_files_come_through_envoy_with_a_content_security_policy(gateway):
+    page = requests.get(gateway.url + "/api/v3/docs", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["content-security-policy"] == DOCS_CONTENT_SECURITY_POLICY
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert "<script>" not in page.text and "style=" not in page.text  # nothing inline: the policy allows none
+    bundle = requests.get(gateway.url + "/api/v3/docs/swagger-ui-bundle.js", timeout=30)
+    assert bundle.status_code == 200 and bundle.headers["content-type"].startswith("application/javascript")
+    assert f'"{SWAGGER_UI_VERSION}"' in bundle.text or SWAGGER_UI_VERSION in bundle.text
+    missing = requests.get(gateway.url + "/api/v3/docs/..%2fopenapi.json", timeout=30)
+    assert missing.status_code in (400, 404)
+    unknown = requests.get(gateway.url + "/api/v3/docs/secrets.txt", timeout=30)
+    assert unknown.status_code == 404 and "does not exist" in unknown.json()["detail"]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,2000",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, condition, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+
+
+def _execute(driver, operation, body: str):
+    """Type `body` into the operation's request body, press Execute; the (status, body) shown."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    editor = operation.find_element(By.CSS_SELECTOR, "textarea.body-param__text")
+    editor.send_keys(Keys.CONTROL, "a")
+    editor.send_keys(Keys.DELETE)
+    editor.send_keys(body)
+    shown_before = len(operation.find_elements(By.CSS_SELECTOR, ".live-responses-table tr.response .response-col_status"))
+    if shown_before:
+        operation.find_element(By.CSS_SELECTOR, "button.btn-clear").click()
+        _wait(driver, lambda d: not operation.find_elements(By.CSS_SELECTOR, ".live-responses-table tr.response .response-col_status"))
+    operation.find_element(By.CSS_SELECTOR, "button.execute").click()
+    status = _wait(driver, lambda d: operation.find_elements(By.CSS_SELECTOR,
+                                                             ".live-responses-table tr.response .response-col_status"))[0]
+    shown = operation.find_element(By.CSS_SELECTOR, ".live-responses-table .response-col_description pre")
+    return status.text.strip(), shown.text
+
+
+@needs_browser
+def test_try_it_out_in_a_real_browser(gateway, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(gateway.url + "/api/v3/docs")
+    _wait(browser, lambda d: d.find_elements(By.ID, "operations-default-encode"))
+    listed = browser.find_element(By.CSS_SELECTOR, ".swagger-ui").text
+    assert "/api/v3/{model}/encode/" in listed and "/api/v3/{model}/predict/" in listed
+
+    encode = browser.find_element(By.ID, "operations-default-encode")
+    encode.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    _wait(browser, lambda d: encode.find_elements(By.CSS_SELECTOR, "button.try-out__btn"))[0].click()
+    model = _wait(browser, lambda d: encode.find_elements(By.CSS_SELECTOR, "tr[data-param-name='model'] input"))[0]
+    model.send_keys("esm2-tiny")
+
+    status, shown = _execute(browser, encode, '{"items": [{"sequence": "MKTAYIAKQR"}]}')
+    assert status == "200", shown
+    assert '"embeddings"' in shown and '"sequence_index"' in shown
+    browser.save_screenshot(str(tmp_path / "docs-page-encode-200.png"))
+
+    status, shown = _execute(browser, encode, '{"items": [{"sequence": "MKT1"}]}')
+    assert status == "400", shown
+    assert '"items[0].sequence"' in shown and '"request_id"' in shown and '"status_code": 400' in shown
+    screenshot = tmp_path / "docs-page-encode-400.png"
+    browser.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+
+    # The page ran under the policy without breaking it (Chromium logs every violation).
+    violations = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not violations, violations
