@@ -245,7 +245,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             return httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(schema))
 
     async def GetOpenApiDocument(self, request, context):
-        return httpbody_pb2.HttpBody(content_type="application/json", data=self.openapi_document)
+        async with self._rpc("GetOpenApiDocument", context, "", gateway=True):
+            return httpbody_pb2.HttpBody(content_type="application/json", data=self.openapi_document)
 
     async def GetDocsPage(self, request, context):
         async with self._rpc("GetDocsPage", context, "", gateway=True):
@@ -301,7 +302,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     # ---- models ---------------------------------------------------------------
     async def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[self.model_info(name) for name in sorted(self.models)])
+        async with self._rpc("ListModels", context, ""):
+            return pb.ListModelsResponse(models=[self.model_info(name) for name in sorted(self.models)])
 
     def model_info(self, name: str) -> pb.ModelInfo:
         served = self.models[name]
