@@ -16,11 +16,13 @@ from service import request_context
 
 # Fields an access line carries (`extra=` of the logging call), in this order in JSON.
 ACCESS_FIELDS = ("method", "model", "items", "residues", "status", "queue_wait_s", "latency_s")
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+# Text lines end with the request id when they are about a request (`... [request_id=ID]`).
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(request_suffix)s"
 
 
 class RequestFields(logging.Filter):
-    """Adds `request_id` and `trace_id` of the request being handled ("-" and "" outside one)."""
+    """Adds `request_id` and `trace_id` of the request being handled ("-" and "" outside one), and
+    the text format's `request_suffix`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         context = request_context.current()
@@ -28,6 +30,7 @@ class RequestFields(logging.Filter):
             record.request_id = context.request_id if context else "-"
         if not hasattr(record, "trace_id"):
             record.trace_id = context.trace_id if context else ""
+        record.request_suffix = f" [request_id={record.request_id}]" if record.request_id != "-" else ""
         return True
 
 
