@@ -12,7 +12,7 @@ import uuid
 import grpc
 import pytest
 import requests
-from support import REPO, ServerProcess, encode_request, free_port
+from support import REPO, ServerProcess, encode_request, free_port, wait_for
 
 from esm2_client.client import Esm2Client, Esm2Error
 from gateway.envoy_config import GatewayConfig
@@ -47,8 +47,6 @@ def access_lines(server, request_id: str) -> list[str]:
 
 
 def wait_for_access_line(server, request_id: str) -> str:
-    from support import wait_for
-
     wait_for(lambda: access_lines(server, request_id), timeout=30)
     return access_lines(server, request_id)[0]
 
@@ -78,6 +76,7 @@ def test_a_callers_valid_id_is_kept_everywhere(stack):
     assert {"detail", "errors", "status_code", "code", "message"} <= set(body)
     assert "INVALID_ARGUMENT" in wait_for_access_line(server, mine + "-2")
     wait_for_access_line(server, mine)
+    wait_for(lambda: f"id={mine}-2" in envoy.log(), timeout=30)  # Envoy's access log line
 
 
 @pytest.mark.parametrize("odd", REFUSED_IDS)
