@@ -45,7 +45,7 @@ def setup(endpoint: str, service_name: str = "esm2-server"):
     try:
         from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -59,7 +59,8 @@ def setup(endpoint: str, service_name: str = "esm2-server"):
     _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
     _tracer = _provider.get_tracer("esm2-service")
     log.info("tracing: OTLP spans to %s", endpoint)
-    return aio_server_interceptor(tracer_provider=_provider)
+    # Envoy health-checks every replica every second: those calls would bury the traces of requests.
+    return aio_server_interceptor(tracer_provider=_provider, filter_=filters.negate(filters.health_check()))
 
 
 def shutdown() -> None:
