@@ -72,6 +72,9 @@ ERROR = {
         "status_code": {"type": "integer"},
         "code": {"type": "string", "description": "gRPC status name (server) or Envoy's response code details"},
         "message": {"type": "string"},
+        "request_id": {"type": ["string", "null"],
+                       "description": "This request's x-request-id (also a response header): it names the request "
+                                      "in the server's logs and traces"},
     },
 }
 MODEL_INFO = {
