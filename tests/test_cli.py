@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from support import REPO, ServerProcess, free_port
+from support import REPO, free_port, wait_for
 from reference import STANDARD_ORDER, assert_close, reference
 
 from bench import esm_extract
@@ -106,19 +105,23 @@ def _interrupt_mid_run(work: Path, proc: subprocess.Popen, server, how: signal.S
     Progress is checked with the server frozen (SIGSTOP), so no further answer can arrive
     between the check and the signal, however slow or busy the machine is.
     """
-    end = time.monotonic() + 120
+    def frozen_after_progress() -> bool:
+        """Freeze the server; true, and left frozen, once the run has written over min_bytes."""
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        if work.exists() and work.stat().st_size > min_bytes:
+            return True
+        os.kill(server.proc.pid, signal.SIGCONT)
+        return False
+
     try:
-        while time.monotonic() < end and proc.poll() is None:
-            os.kill(server.proc.pid, signal.SIGSTOP)
-            if work.exists() and work.stat().st_size > min_bytes:
-                proc.send_signal(how)
-                proc.wait(60)  # it needs nothing from the frozen server to stop
-                return
-            os.kill(server.proc.pid, signal.SIGCONT)
-            time.sleep(0.05)
+        wait_for(lambda: proc.poll() is not None or frozen_after_progress(), "the run to write some sequences",
+                 timeout=120)
+        if proc.poll() is not None:
+            pytest.fail(f"no progress before the run ended (exit {proc.poll()}): {proc.stderr.read() if proc.stderr else ''}")
+        proc.send_signal(how)
+        proc.wait(60)  # it needs nothing from the frozen server to stop
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
-    pytest.fail(f"no progress before the run ended (exit {proc.poll()}): {proc.stderr.read() if proc.stderr else ''}")
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
@@ -344,16 +347,12 @@ def test_user_errors_are_one_line(server, tmp_path):
                                "--timeout", "1", check=False), "is unavailable")
 
 
-def test_wrong_api_key_is_one_line(tmp_path, tiny_checkpoint):
-    keyed = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
-                          env={"ESM_API_KEYS": "sesame"}).wait_ready()
-    try:
-        fasta = write_fasta(tmp_path / "p.fasta", {"a": "MKTAY"})
-        common = ["-m", "esm2-tiny", "--server", keyed.target]
-        assert_one_error_line(esm2("embed", fasta, "-o", tmp_path / "o.h5", *common, "--api-key", "nope", check=False),
-                              "UNAUTHENTICATED", "API key")
-        esm2("embed", fasta, "-o", tmp_path / "o.h5", *common, env={**os.environ, "ESM2_API_KEY": "sesame"})
-        with h5py.File(tmp_path / "o.h5", "r") as f:
-            assert list(f) == ["a"]
-    finally:
-        keyed.stop()
+def test_wrong_api_key_is_one_line(tmp_path, tiny, server_factory):
+    keyed = server_factory(models=tiny, env={"ESM_API_KEYS": "sesame"})
+    fasta = write_fasta(tmp_path / "p.fasta", {"a": "MKTAY"})
+    common = ["-m", "esm2-tiny", "--server", keyed.target]
+    assert_one_error_line(esm2("embed", fasta, "-o", tmp_path / "o.h5", *common, "--api-key", "nope", check=False),
+                          "UNAUTHENTICATED", "API key")
+    esm2("embed", fasta, "-o", tmp_path / "o.h5", *common, env={**os.environ, "ESM2_API_KEY": "sesame"})
+    with h5py.File(tmp_path / "o.h5", "r") as f:
+        assert list(f) == ["a"]
