@@ -1,5 +1,5 @@
-"""Shared fixtures: random-weight checkpoints, real servers and gateways on 127.0.0.1, and the
-markers (unit: tests/unit; e2e: the rest; packaging: test_packaging.py; slow: marked in place)."""
+"""Shared fixtures: random-weight checkpoints, real servers and gateways on 127.0.0.1; and the
+markers `unit` (tests/unit) and `e2e` (the rest). `slow` and `packaging` are marked in place."""
 
 from __future__ import annotations
 
@@ -13,16 +13,12 @@ from service.models.checkpoints import load
 from service.models.random_checkpoints import write_random_checkpoint
 
 _UNIT = Path(__file__).parent / "unit"
-_PACKAGING = Path(__file__).parent / "test_packaging.py"
 
 
 def pytest_collection_modifyitems(items) -> None:
     """tests/unit is `unit` (no server, no model file); everything else starts real processes: `e2e`."""
     for item in items:
-        path = Path(item.fspath)
-        item.add_marker(pytest.mark.unit if _UNIT in path.parents else pytest.mark.e2e)
-        if path == _PACKAGING:
-            item.add_marker(pytest.mark.packaging)
+        item.add_marker(pytest.mark.unit if _UNIT in Path(item.fspath).parents else pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -62,9 +58,9 @@ def server(tmp_path_factory, checkpoint_dir, tiny):
         yield proc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gateway(server, tmp_path_factory):
-    """One Envoy in front of the session's server, for every module that needs the JSON API."""
+    """An Envoy in front of `server`: the shared one, or the module's own where it defines one."""
     envoy = start_gateway(tmp_path_factory.mktemp("gateway"), server.port)
     yield envoy
     envoy.stop()

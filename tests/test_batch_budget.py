@@ -42,6 +42,7 @@ def test_list_models_reports_budget_and_precision(stub):
         assert info[name].precision == "fp32"
 
 
+@pytest.mark.slow
 def test_flag_overrides_and_sweep_is_logged(server_factory, tiny):
     server = server_factory("--max-batch-tokens", "sweep", "--batch-sweep-seconds", "10", models=tiny)
     (info,) = server.stub.ListModels(pb.ListModelsRequest()).models

@@ -23,6 +23,7 @@ def _run(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_accuracy_report_compares_bf16_with_fp32(tmp_path):
     out = _run("bench.accuracy", "--models", "tiny", "--sequences", "2", "--max-length", "300",
                "--cache-dir", str(tmp_path))
@@ -45,6 +46,7 @@ def test_accuracy_report_of_identical_passes_is_exact(tiny_checkpoint):
     assert report["embeddings_max_abs_diff"] == 0 and report["contacts_max_abs_diff"] == 0
 
 
+@pytest.mark.slow
 def test_kernel_profile_splits_both_programs_time(tmp_path):
     out = _run("bench.kernel_profile", "--models", "tiny", "--sequences", "2", "--cache-dir", str(tmp_path))
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| esm2-tiny |")]

@@ -458,6 +458,7 @@ def test_openapi_served_is_the_committed_document(edge):
     assert response.json()["openapi"] == "3.1.0"
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_5xx_no_nonconforming_response_no_hang(tmp_path, tiny, server_factory, gateway_factory):
     """Fuzz every operation through the real Envoy, from the served document (bounded: examples and time).
 

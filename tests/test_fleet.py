@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 import requests
-from support import REPO, ServerProcess, envoy_admin_get, free_port
+from support import REPO, ServerProcess, envoy_admin_get, free_port, wait_for
 from reference import assert_close, reference
 
 from esm2_client import Esm2Client
@@ -67,6 +67,12 @@ class Fleet:
             if f"::127.0.0.1:{server.port}::health_flags::" in line:
                 return line.rsplit("::", 1)[1]
         return "absent"
+
+    def health_check_failures(self, model: str) -> int:
+        """Envoy's count of failed active health checks in `model`'s pool."""
+        name = f"cluster.pool_{model}.health_check.failure"
+        text = envoy_admin_get(self.envoy.config.admin_socket, f"/stats?filter={name}")
+        return sum(int(line.split(": ")[1]) for line in text.splitlines() if line.startswith(name + ": "))
 
     def wait_host(self, server, flags: str, timeout: float = 60) -> None:
         end = time.monotonic() + timeout
@@ -230,8 +236,9 @@ def test_sigkill_of_a_replica_under_load_loses_nothing(fleet, solo):
         load.wait_for(load.done + MIN_REQUESTS // 2)
     assert not load.failures, f"{len(load.failures)} of {load.done} failed: {load.failures[:5]}"
     assert load.done >= MIN_REQUESTS
-    fleet.wait_host(victim, "/failed_active_hc")  # ejected, and stays out while down
-    time.sleep(2)
+    fleet.wait_host(victim, "/failed_active_hc")  # ejected, and stays out while down:
+    failed = fleet.health_check_failures(TINY)  # only the victim fails its checks
+    wait_for(lambda: fleet.health_check_failures(TINY) >= failed + 2, "two more failed health checks of the victim")
     assert fleet.host_flags(victim) != "healthy"
     victim.stop()
     fleet.restart(1)  # back in the pool once it answers health checks

@@ -95,6 +95,7 @@ def test_predict_stream_equals_unary(stub):
         np.testing.assert_array_equal(streamed[index][("logits", None)], matrix(result.logits))
 
 
+@pytest.mark.slow
 def test_650m_width_per_token_of_2048_residues_streams(tmp_path, server_factory):
     """2048 x 1280 float32 (10 MiB) per item: far over gRPC's 4 MiB default, in ~1 MiB chunks."""
     path = write_random_checkpoint("wide", tmp_path / "ckpt", seed=3)
