@@ -199,8 +199,16 @@ def test_health_answers_while_connections_are_exhausted(server, tmp_path):
     try:
         for _ in range(40):  # twice the limit: the rest are refused or closed at once
             held.append(socket.create_connection(("127.0.0.1", envoy.config.http_port)))
-        wait_for(lambda: not _answers(envoy.url + "/healthz"),  # the held connections are accepted
-                 lambda: f"the main port to refuse more connections; {_open(held)} held open", timeout=10)
+
+        def main_port_refuses() -> bool:
+            """True once Envoy refuses more; a free place (a probe took a held one's turn while
+            Envoy was still accepting them) is taken by one more held connection."""
+            if _answers(envoy.url + "/healthz"):
+                held.append(socket.create_connection(("127.0.0.1", envoy.config.http_port)))
+                return False
+            return True
+
+        wait_for(main_port_refuses, lambda: f"the main port to refuse more; {_open(held)} held open", timeout=10)
         health = requests.get(f"http://127.0.0.1:{envoy.config.health_port}/healthz", timeout=5)
         assert health.status_code == 200
     finally:
