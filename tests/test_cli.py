@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from support import REPO, free_port, wait_for
+from support import REPO, free_port
 from reference import STANDARD_ORDER, assert_close, reference
 
 from bench import esm_extract
@@ -105,23 +106,19 @@ def _interrupt_mid_run(work: Path, proc: subprocess.Popen, server, how: signal.S
     Progress is checked with the server frozen (SIGSTOP), so no further answer can arrive
     between the check and the signal, however slow or busy the machine is.
     """
-    def frozen_after_progress() -> bool:
-        """Freeze the server; true, and left frozen, once the run has written over min_bytes."""
-        os.kill(server.proc.pid, signal.SIGSTOP)
-        if work.exists() and work.stat().st_size > min_bytes:
-            return True
-        os.kill(server.proc.pid, signal.SIGCONT)
-        return False
-
+    end = time.monotonic() + 120
     try:
-        wait_for(lambda: proc.poll() is not None or frozen_after_progress(), "the run to write some sequences",
-                 timeout=120)
-        if proc.poll() is not None:
-            pytest.fail(f"no progress before the run ended (exit {proc.poll()}): {proc.stderr.read() if proc.stderr else ''}")
-        proc.send_signal(how)
-        proc.wait(60)  # it needs nothing from the frozen server to stop
+        while time.monotonic() < end and proc.poll() is None:
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            if work.exists() and work.stat().st_size > min_bytes:
+                proc.send_signal(how)
+                proc.wait(60)  # it needs nothing from the frozen server to stop
+                return
+            os.kill(server.proc.pid, signal.SIGCONT)
+            time.sleep(0.05)
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
+    pytest.fail(f"no progress before the run ended (exit {proc.poll()}): {proc.stderr.read() if proc.stderr else ''}")
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
