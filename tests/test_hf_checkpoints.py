@@ -16,12 +16,11 @@ import torch
 from hf_models import (
     HF_SHAPES, convert_fair_esm, esm2_config, hf_reference, load_reference, make_hf_cache, save, write_random_hf,
 )
-from reference import assert_close, matrix
+from reference import INCLUDE_ALL, SEQUENCES, assert_close, check_result, matrix
 from safetensors.torch import load_file, save_file
-from test_encode_parity import INCLUDE_ALL, SEQUENCES, check_result
 from transformers import EsmForSequenceClassification, EsmModel
 
-from support import REPO, ServerProcess, encode_request, free_port
+from support import REPO, encode_request, free_port, start_server
 from service.models import hf_checkpoints, sources
 from service import server
 from service.models.checkpoints import CheckpointNotFound
@@ -84,10 +83,9 @@ source = "{hf_dirs['no-contacts']}"
 [models.classifier]
 source = "{hf_dirs['classifier']}"
 """)
-    proc = ServerProcess(tmp_path_factory.mktemp("hf-server"), "--models-file", str(models_file), "--offline",
-                         env={"HF_HOME": str(hf_dirs["hf_home"]), "HF_HUB_CACHE": str(hf_dirs["hf_home"] / "hub")})
-    yield proc.wait_ready()
-    proc.stop()
+    with start_server(tmp_path_factory.mktemp("hf-server"), "--models-file", str(models_file),
+                      env={"HF_HOME": str(hf_dirs["hf_home"]), "HF_HUB_CACHE": str(hf_dirs["hf_home"] / "hub")}) as proc:
+        yield proc
 
 
 @pytest.mark.parametrize("model,directory", [("hub-tiny", "tiny"), ("hf-8m", "8m")])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from reference import assert_close, matrix, reference
 
-from support import ServerProcess, encode_request
+from support import encode_request
 from service.models.checkpoints import load
 from esm2_wire.proto import pb, pb_grpc
 from service.models.random_checkpoints import write_random_checkpoint
@@ -95,21 +95,19 @@ def test_predict_stream_equals_unary(stub):
         np.testing.assert_array_equal(streamed[index][("logits", None)], matrix(result.logits))
 
 
-def test_650m_width_per_token_of_2048_residues_streams(tmp_path):
+@pytest.mark.slow
+def test_650m_width_per_token_of_2048_residues_streams(tmp_path, server_factory):
     """2048 x 1280 float32 (10 MiB) per item: far over gRPC's 4 MiB default, in ~1 MiB chunks."""
     path = write_random_checkpoint("wide", tmp_path / "ckpt", seed=3)
-    server = ServerProcess(tmp_path, "--models", "esm2-wide", "--checkpoint", f"esm2-wide={path}").wait_ready()
+    server = server_factory(models={"esm2-wide": path})
     rng = np.random.default_rng(1)
     sequences = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 2048)) for _ in range(2)]
-    try:
-        # A default-limits channel: every message must fit gRPC's 4 MiB default.
-        with grpc.insecure_channel(server.target) as channel:
-            messages = list(pb_grpc.Esm2ServiceStub(channel).EncodeStream(pb.EncodeStreamRequest(
-                model="esm2-wide", params=pb.EncodeParams(include=["per_token"]),
-                items=[pb.SequenceItem(sequence=s) for s in sequences],
-            )))
-    finally:
-        server.stop()
+    # A default-limits channel: every message must fit gRPC's 4 MiB default.
+    with grpc.insecure_channel(server.target) as channel:
+        messages = list(pb_grpc.Esm2ServiceStub(channel).EncodeStream(pb.EncodeStreamRequest(
+            model="esm2-wide", params=pb.EncodeParams(include=["per_token"]),
+            items=[pb.SequenceItem(sequence=s) for s in sequences],
+        )))
     assert max(m.ByteSize() for m in messages) < 2 << 20
     items = reassemble(messages)
     loaded = load("esm2-wide", path)
