@@ -111,6 +111,20 @@ def _fast_layer(layer, x: torch.Tensor, attend: torch.Tensor | None, rotary) -> 
     return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))  # fair-esm's gelu is erf-exact
 
 
+def _full_precision(device: torch.device):
+    """Autocast off: what runs inside stays fp32 (the contact head rounds once, as stock)."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _contact_logits(maps: torch.Tensor, eos_pair_mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """fair-esm's ContactPredictionHead on one layer's fp32 maps [B, H, T, T] and that layer's
+    H regression weights: [B, T-2, T-2] logits, in fp32 under any autocast (its einsum would
+    otherwise run in bf16/fp16, and the sum over layers round at every layer)."""
+    with _full_precision(maps.device):
+        features = apc(symmetrize((maps * eos_pair_mask)[..., 1:-1, 1:-1]))
+        return torch.einsum("bhij,h->bij", features, weights.float())
+
+
 @torch.inference_mode()
 def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None = None) -> BatchOutput:
     """Run ESM-2 on `tokens` [B, T] (BOS + residues + EOS + padding); `hook`, if given, is
@@ -162,10 +176,7 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None
             layer_sum = maps.sum(1)
             attention_sum = layer_sum if attention_sum is None else attention_sum + layer_sum
         if plan.contacts:
-            # fair-esm's ContactPredictionHead, one layer's channels at a time.
-            features = apc(symmetrize((maps * eos_pair_mask)[..., 1:-1, 1:-1]))
-            weights = regression.weight[0, index * H : (index + 1) * H].to(features.dtype)
-            layer_logits = torch.einsum("bhij,h->bij", features, weights)
+            layer_logits = _contact_logits(maps, eos_pair_mask, regression.weight[0, index * H : (index + 1) * H])
             contact_logits = layer_logits if contact_logits is None else contact_logits + layer_logits
         del maps
 
@@ -177,7 +188,8 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None
     if plan.attentions:
         out.attentions = attention_sum / (model.num_layers * H)
     if plan.contacts:
-        out.contacts = torch.sigmoid(contact_logits + regression.bias.to(contact_logits.dtype))
+        with _full_precision(contact_logits.device):
+            out.contacts = torch.sigmoid(contact_logits + regression.bias)
     return out
 
 
