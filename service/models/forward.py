@@ -75,20 +75,24 @@ def amino_acid_columns(alphabet) -> list[int]:
 
 def _rotary_tables(rot_emb, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """fair-esm's rotary cos/sin tables [T, head_dim], computed once per batch for all layers
-    (without touching the module's shared cache). `sin` carries rotate_half's sign, so that
+    (without touching the module's shared cache), in the compute dtype under autocast. `sin` carries rotate_half's sign, so that
     rotate_half(x) * sin == roll(x, head_dim / 2) * signed_sin exactly."""
     t = torch.arange(length, device=device).type_as(rot_emb.inv_freq)
     freqs = torch.outer(t, rot_emb.inv_freq)
     angles = torch.cat((freqs, freqs), dim=-1)
     sign = torch.ones_like(angles)
     sign[:, : freqs.shape[-1]] = -1
-    return angles.cos(), angles.sin() * sign
+    cos, signed_sin = angles.cos(), angles.sin() * sign
+    if torch.is_autocast_enabled(device.type):  # q and k come out of the Linear layers in this dtype:
+        dtype = torch.get_autocast_dtype(device.type)  # cast once here, not 4 times per layer in _rotate
+        cos, signed_sin = cos.to(dtype), signed_sin.to(dtype)
+    return cos, signed_sin
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     # fair-esm's x * cos + rotate_half(x) * sin, in 3 kernels instead of 6.
     rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
-    return torch.addcmul(x * cos.to(x.dtype), rolled, signed_sin.to(x.dtype))
+    return torch.addcmul(x * cos.to(x.dtype), rolled, signed_sin.to(x.dtype))  # .to: no-ops, tables already cast
 
 
 def _fast_layer(layer, x: torch.Tensor, attend: torch.Tensor | None, rotary) -> torch.Tensor:

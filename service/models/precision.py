@@ -70,7 +70,7 @@ def check(precision: str, device: torch.device, cpu_native_override: bool | None
     elif device.type == "cuda" and precision == "bf16" and not cuda_native_bf16(device):
         major, minor = cuda_capability(device)
         raise PrecisionUnsupported(
-            f"--precision bf16: {device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor}) "
+            f"--precision bf16: {device} (compute capability {major}.{minor}) "
             f"has no native bf16 (it needs {CUDA_NATIVE_BF16[0]}.{CUDA_NATIVE_BF16[1]} or later) and would "
             "emulate it; use --precision fp16 or fp32")
 
