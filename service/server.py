@@ -100,7 +100,7 @@ def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence
     layers, dim, heads = shape
     batch_tokens = batch_budget.most_tokens(spec.max_batch_tokens, device)
     needed = memory_budget.required_bytes(layers, dim, heads, batch_tokens, max_sequence_length,
-                                          spec.precision, device.type)
+                                          precision.resolve(spec.precision, resolve_devices(spec.device)), device.type)
     return memory_budget.Need(spec.name, device, layers, dim, heads, needed)
 
 
@@ -124,7 +124,7 @@ def load_models(args) -> dict[str, ServedModel]:
     for spec, devices in zip(args.specs, spec_devices):
         where = located.get(spec.name) or sources.locate(spec.name, spec.source, args.model_dir, allow_download)
         loaded = sources.load(spec.name, where)
-        precision.cast_weights(loaded.model, spec.precision)  # once, before any copy or move
+        precision.cast_weights(loaded.model, precision.resolve(spec.precision, devices))  # once, before any copy
         if loaded.random_weights:
             log.warning("!" * 72)
             log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", spec.name, where.path)
