@@ -36,7 +36,7 @@ from service.models import precision
 from service.models.served import ServedModel
 from service.api import request_guard
 from service.engine import result_cache
-from service.api.auth import load_keys
+from service.api.auth import Tenancy, load_keys
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
 from service.engine.worker import ModelWorker, replicate, resolve_devices
@@ -181,10 +181,10 @@ async def serve(args) -> int:
             precision.check(spec.precision, device, simulated)
     models = load_models(args)
     router = build_schedulers(models, args)
-    servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
-                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes())
-
     keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
+    servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
+                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(),
+                            Tenancy(keys, shared=args.share_cache_across_keys))
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
                                        dict.fromkeys(JSON_METHODS, receive_ceiling))
@@ -224,7 +224,8 @@ async def serve(args) -> int:
     for name in ["", SERVICE_NAME, *models]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if keys:
-        log.info("API keys required (%d configured)", len(keys))
+        log.info("API keys required (%d configured); results cached and merged %s", len(keys),
+                 "across keys (--share-cache-across-keys)" if args.share_cache_across_keys else "per key")
     log.info("ready: serving %s on port %d", ", ".join(models), port)
     if args.port_file:
         args.port_file.write_text(str(port))
