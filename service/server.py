@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
-from service.models import batch_budget, checkpoints, hf_checkpoints, memory_budget, sources
+from service.models import batch_budget, checkpoints, memory_budget, sources
 from service.engine import faults
 from service import config, model_specs
 from service.models import precision
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         code = asyncio.run(serve(args))
-    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit, AddressInUse,
+    except (checkpoints.CheckpointNotFound, checkpoints.BadCheckpoint, memory_budget.DoesNotFit, AddressInUse,
             precision.PrecisionUnsupported) as exc:
         log.error("%s", exc)
         return 2
