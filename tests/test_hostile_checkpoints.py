@@ -20,9 +20,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from hf_models import write_random_hf
+from safetensors.torch import load_file, save_file
 from support import REPO, ServerProcess, encode_request
 
+from service.models import sources
 from service.models.checkpoints import regression_path, safe_load
 from service.models.hf_checkpoints import ALPHABET
 
@@ -233,3 +235,26 @@ def test_symlinked_checkpoint_without_any_regression_file_names_both_places(tmp_
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert ("esm2_t2_linked-contact-regression.pt or blob-contact-regression.pt was not found"
                 in info.value.details())
+
+
+def test_index_shards_inside_the_directory_load_as_one_file_does(tmp_path):
+    """The shard check refuses only what leaves the directory: a sharded save, one shard in a
+    subdirectory, loads the same tensors as the single file it was cut from."""
+    whole = write_random_hf("tiny", tmp_path / "whole")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name in ("config.json", "vocab.txt"):
+        (sharded / name).write_bytes((whole / name).read_bytes())
+    tensors = load_file(whole / "model.safetensors")
+    names = sorted(tensors)
+    halves = {"weights/part-1.safetensors": names[: len(names) // 2], "part-2.safetensors": names[len(names) // 2:]}
+    (sharded / "weights").mkdir()
+    for shard, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, sharded / shard)
+    weight_map = {k: shard for shard, keys in halves.items() for k in keys}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    got = sources.load("m", sources.locate("m", str(sharded), None, False)).model.state_dict()
+    want = sources.load("m", sources.locate("m", str(whole), None, False)).model.state_dict()
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
