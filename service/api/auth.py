@@ -2,7 +2,8 @@
 
 Keys are compared in constant time against every configured key and never logged.
 Health checks, reflection, schemas and the model list stay open. The check itself runs in
-service.api.request_guard, on metadata, before a request message is decoded.
+service.api.request_guard, on metadata, before a request message is decoded; the handlers
+then name the call's tenant (Tenancy) in every ModelInput they submit.
 """
 
 from __future__ import annotations
