@@ -313,6 +313,11 @@ class ServerSettings(Declared, ModelSettings, JsonEdgeLimits):
     api_keys: SecretStr | None = setting(
         None, flag=None, help="require `authorization: Token <key>`: comma-separated keys (variable only: a "
                               "flag would show the keys in `ps`)")
+    share_cache_across_keys: bool = setting(
+        False, switch=True,
+        help="with API keys: callers of different keys share cached results and identical items in flight "
+             "(by default each key has its own). Sharing lets one key's caller tell from an answer's time "
+             "whether another key's caller asked the same (variable: 1 or true)")
     drain_seconds: float = setting(
         0.0, ge=0, help="after SIGTERM: report NOT_SERVING at once but keep serving this long, so that load "
                         "balancers move traffic away first (a fleet behind Envoy: 5; Kubernetes: see Deploy)")

@@ -29,14 +29,14 @@ from grpc_reflection.v1alpha import reflection
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
-from service.models import batch_budget, checkpoints, hf_checkpoints, memory_budget, sources
+from service.models import batch_budget, checkpoints, memory_budget, sources
 from service.engine import faults
 from service import config, model_specs
 from service.models import precision
 from service.models.served import ServedModel
 from service.api import request_guard
 from service.engine import result_cache
-from service.api.auth import load_keys
+from service.api.auth import Tenancy, load_keys
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
 from service.engine.worker import ModelWorker, replicate, resolve_devices
@@ -224,10 +224,10 @@ async def serve(args) -> int:
     choose_precisions(args)
     models = load_models(args)
     router = build_schedulers(models, args)
-    servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
-                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes())
-
     keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
+    servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
+                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(),
+                            Tenancy(keys, shared=args.share_cache_across_keys))
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
                                        dict.fromkeys(JSON_METHODS, receive_ceiling))
@@ -270,7 +270,8 @@ async def serve(args) -> int:
     for name in ["", SERVICE_NAME, *models]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if keys:
-        log.info("API keys required (%d configured)", len(keys))
+        log.info("API keys required (%d configured); results cached and merged %s", len(keys),
+                 "across keys (--share-cache-across-keys)" if args.share_cache_across_keys else "per key")
     log.info("ready: serving %s on port %d", ", ".join(models), port)
     if args.port_file:
         args.port_file.write_text(str(port))
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         code = asyncio.run(serve(args))
-    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit, AddressInUse,
+    except (checkpoints.CheckpointNotFound, checkpoints.BadCheckpoint, memory_budget.DoesNotFit, AddressInUse,
             precision.PrecisionUnsupported) as exc:
         log.error("%s", exc)
         return 2

@@ -46,19 +46,21 @@ def reassemble(messages):
 
 
 def test_encode_stream_equals_unary(stub):
-    unary = stub.Encode(encode_request("esm2-tiny", SEQUENCES, ALL, [-1, 0]))
+    sequences = [SEQUENCES[0] * 4, *SEQUENCES[1:]]  # 440 residues: its maps span several 64 KiB chunks
+    unary = stub.Encode(encode_request("esm2-tiny", sequences, ALL, [-1, 0]))
     stream_request = pb.EncodeStreamRequest(
         model="esm2-tiny", params=pb.EncodeParams(include=ALL, repr_layers=[-1, 0]),
-        items=[pb.SequenceItem(sequence=s) for s in SEQUENCES],
-        stream_options=pb.StreamOptions(max_chunk_bytes=4096),
+        items=[pb.SequenceItem(sequence=s) for s in sequences],
+        stream_options=pb.StreamOptions(max_chunk_bytes=64 << 10),  # the smallest accepted
     )
     messages = list(stub.EncodeStream(stream_request))
-    assert max(len(m.chunk.data) for m in messages) <= 4096
+    assert max(len(m.chunk.data) for m in messages) <= 64 << 10
+    assert sum(m.chunk.row_start > 0 for m in messages) > 10  # tensors were cut into chunks
     items = reassemble(messages)
     assert sorted(items) == [0, 1, 2]
     for index, result in enumerate(unary.results):
         item = items[index]
-        assert item["header"].sequence_length == len(SEQUENCES[index])
+        assert item["header"].sequence_length == len(sequences[index])
         assert list(item["header"].vocab_tokens) == list(result.vocab_tokens)
         for e in result.embeddings:
             np.testing.assert_array_equal(item[("mean", e.layer)], np.asarray(e.embedding, np.float32))
