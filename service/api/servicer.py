@@ -24,6 +24,7 @@ from esm2_wire.vocabulary import Limits
 from service import errors, logs, metrics, request_context, tracing
 from service.request_context import REQUEST_ID_HEADER, RequestContext, request_id_from
 from service.api import json_limits, rendering
+from service.api.auth import Tenancy
 from service.models.checkpoints import FAIR_ESM, HUGGING_FACE
 from service.models.served import ServedModel
 from service.errors import FailedPrecondition, InvalidRequest, NotFound, Problem, UnknownModel, echo
@@ -52,8 +53,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         self, models: dict[str, ServedModel], router: ModelRouter, limits: Limits,
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
         max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
-        openapi_document: bytes = b"{}", access_log: bool = False,
+        openapi_document: bytes = b"{}", tenancy: Tenancy | None = None, access_log: bool = False,
     ):
+        self.tenancy = tenancy or Tenancy([])
         self.access_log = access_log  # one line per finished RPC (service.logs.access_line)
         self.max_json_response_bytes = max_json_response_bytes
         self.bodies = BodyParser(limits, max_request_bytes)
@@ -113,7 +115,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def _submit(self, job: Job, context) -> list[asyncio.Future]:
         remaining = context.time_remaining()
         tokenize = job.model.loaded.tokenize
-        inputs = [ModelInput(job.model.name, tokenize(item.tokens), job.outputs, job.layers) for item in job.items]
+        tenant = self.tenancy.of(context.invocation_metadata())
+        inputs = [ModelInput(job.model.name, tokenize(item.tokens), job.outputs, job.layers, tenant)
+                  for item in job.items]
         request = request_context.current()
         if request is not None:
             request.items, request.residues = len(job.items), sum(len(item.tokens) for item in job.items)
@@ -265,6 +269,12 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             raise InvalidRequest.of(Problem(
                 "stream_options.data_type", None,
                 f"unknown value {options.data_type}; allowed: " + ", ".join(pb.DataType.keys()),
+            ))
+        if 0 != options.max_chunk_bytes < chunks.MIN_CHUNK_BYTES:
+            raise InvalidRequest.of(Problem(
+                "stream_options.max_chunk_bytes", None,
+                f"{options.max_chunk_bytes} is too small; at least {chunks.MIN_CHUNK_BYTES} "
+                f"(0 means the default, {chunks.DEFAULT_CHUNK_BYTES})",
             ))
         futures = self._submit(job, context)
         vocab = job.model.vocabulary
