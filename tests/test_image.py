@@ -30,6 +30,7 @@ from esm2_wire.proto import pb_grpc
 PODMAN = shutil.which("podman")
 pytestmark = [
     pytest.mark.packaging,
+    pytest.mark.timeout(1800),  # debootstrap, a torch image built and run on vfs: minutes
     pytest.mark.skipif(PODMAN is None, reason="podman is not installed (apt-get install podman runc debootstrap)"),
 ]
 
@@ -109,15 +110,16 @@ def image(tmp_path_factory):
     pip_conf, paths = pip_configuration(tmp)
     volumes = [f"--volume={pip_conf}:/etc/pip.conf:ro", *(f"--volume={p}:{p}:ro" for p in paths)]
     tag = "localhost/esm2-service:test-cpu"
-    # Docker format: OCI images drop HEALTHCHECK. An empty TORCH_INDEX_URL lets pip's configuration
-    # (mounted above) find the CPU wheel.
-    podman("build", "--isolation", "chroot", "--format", "docker", "--file", str(REPO / "deploy" / "Dockerfile"),
+    # Docker format: OCI images drop HEALTHCHECK. No intermediate images: vfs stores every layer as
+    # a full copy of the tree, so each one costs the whole venv in disk and time. An empty
+    # TORCH_INDEX_URL lets pip's configuration (mounted above) find the CPU wheel.
+    podman("build", "--isolation", "chroot", "--format", "docker", "--layers=false",
+           "--file", str(REPO / "deploy" / "Dockerfile"),
            "--build-arg", f"BASE_IMAGE={base}", "--build-arg", "TORCH_INDEX_URL=", *volumes, "--tag", tag,
            str(REPO), timeout=1500)
     yield podman, tag
-    podman("rm", "--all", "--force", check=False)
-    podman("rmi", "--all", "--force", check=False, timeout=600)
-    shutil.rmtree(tmp / "storage", ignore_errors=True)
+    podman("rm", "--all", "--force", check=False, timeout=600)
+    shutil.rmtree(tmp / "storage", ignore_errors=True)  # gigabytes of layer copies
 
 
 @pytest.fixture(scope="module")
