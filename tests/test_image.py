@@ -148,7 +148,7 @@ def test_cpu_image_serves_non_root_read_only_and_drains(image, models_dir, refer
             state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
             assert state == "running", f"container {state}:\n{podman('logs', name, check=False).stderr[-3000:]}"
             return podman("healthcheck", "run", name, check=False, timeout=60).returncode == 0
-        wait_for(healthy, 300)
+        wait_for(healthy, timeout=300)
 
         # Non-root, and the root filesystem cannot be written.
         assert podman("exec", name, "id", "-u").stdout.strip() == USER
@@ -171,7 +171,7 @@ def test_cpu_image_serves_non_root_read_only_and_drains(image, models_dir, refer
                 stub.Encode(encode_request(MODEL, long), timeout=300)))
             caller.start()
             wait_for(lambda: not caller.is_alive() or _metric(metrics_port, "esm_worker_busy") > 0
-                     or _metric(metrics_port, "esm_queue_items") > 0, 60)
+                     or _metric(metrics_port, "esm_queue_items") > 0, timeout=60)
             assert caller.is_alive(), "the request finished before the stop: nothing to drain"
             podman("stop", "--time", "120", name, timeout=180)
             caller.join(60)
