@@ -165,7 +165,7 @@ def test_cpu_image_serves_non_root_read_only_and_drains(image, models_dir, refer
                 assert_close(result.embeddings[0].embedding, want, sequence)
 
             # Stop with a request in flight: the server finishes it before it exits (exit status 0).
-            long = [("MKTAYIAKQR" * 60)[:-1] + letter for letter in "ACDEFGHIKLMNPQRS"]
+            long = [("MKTAYIAKQR" * 100)[:-1] + letter for letter in "ACDEFGHI"]  # --max-items (8) of 1000 residues
             answered: list = []
             caller = threading.Thread(target=lambda: answered.append(
                 stub.Encode(encode_request(MODEL, long), timeout=300)))
