@@ -299,7 +299,7 @@ def launched(tmp: Path, replicas: int, *server_args: str):
 
 def _clusters(admin: Path) -> str:
     with contextlib.suppress(OSError):
-        return envoy_admin_get(admin, timeout=5)
+        return envoy_admin_get(admin, "/clusters", timeout=5)
     return ""
 
 
