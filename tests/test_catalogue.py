@@ -32,7 +32,7 @@ def two_pools(tmp_path_factory, tiny_checkpoint, checkpoint_dir):
     channel = grpc.insecure_channel(envoy.url.split("//")[1])
     stub = pb_grpc.Esm2ServiceStub(channel)
     wait_for(lambda: requests.get(f"{envoy.url}/healthz", timeout=10).status_code == 200)  # both pools healthy
-    yield envoy, stub, other
+    yield envoy, stub, other, tiny
     channel.close()
     envoy.stop()
     other.stop()
@@ -40,7 +40,7 @@ def two_pools(tmp_path_factory, tiny_checkpoint, checkpoint_dir):
 
 
 def test_json_model_list_names_every_pools_models(two_pools):
-    envoy, _, _ = two_pools
+    envoy, _, _, _ = two_pools
     response = requests.get(f"{envoy.url}/api/v3/models", timeout=30)
     assert response.status_code == 200, response.text
     models = response.json()["models"]
@@ -52,7 +52,7 @@ def test_json_model_list_names_every_pools_models(two_pools):
 
 @pytest.mark.parametrize("header", [None, TINY, OTHER])
 def test_grpc_list_models_names_every_pools_models(two_pools, header):
-    _, stub, _ = two_pools
+    _, stub, _, _ = two_pools
     metadata = () if header is None else ((MODEL_HEADER, header),)
     reply = stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=metadata)
     assert [m.name for m in reply.models] == sorted(LAYERS)
@@ -60,7 +60,7 @@ def test_grpc_list_models_names_every_pools_models(two_pools, header):
 
 
 def test_unknown_model_404_names_every_served_model(two_pools):
-    envoy, stub, _ = two_pools
+    envoy, stub, _, _ = two_pools
     response = requests.post(f"{envoy.url}/api/v3/esm2-nope/encode", json={"items": [{"sequence": "MKT"}]},
                              timeout=30)
     assert response.status_code == 404, response.text
@@ -74,8 +74,23 @@ def test_unknown_model_404_names_every_served_model(two_pools):
     assert error.value.details() == "model 'esm2-nope' is not served here; served models: esm2-8m, esm2-tiny"
 
 
+def test_a_direct_callers_fleet_header_is_bounded(two_pools):
+    """Straight to a server (no Envoy to replace it): only well-formed names, at most 64, are named."""
+    *_, tiny = two_pools
+    names = ["esm2-extra", "not a name!", "x" * 65, "", *(f"m{i}" for i in range(100))]
+    with pytest.raises(grpc.RpcError) as error:
+        tiny.stub.Encode(pb.EncodeRequest(model="esm2-nope", items=[pb.SequenceItem(sequence="MKT")]), timeout=30,
+                         metadata=((FLEET_MODELS_HEADER, ",".join(names)),))
+    assert error.value.code() is grpc.StatusCode.NOT_FOUND
+    named = error.value.details().split("served models: ")[1].split(", ")
+    assert "esm2-extra" in named and TINY in named
+    assert "not a name!" not in error.value.details() and "x" * 65 not in error.value.details()
+    # The first 64 entries, of which 3 are malformed, plus the server's own model.
+    assert len(named) == 64 - 3 + 1
+
+
 def test_a_pool_that_is_down_is_left_out_of_the_list(two_pools):
-    envoy, stub, other = two_pools
+    envoy, stub, other, _ = two_pools
     other.stop()
     wait_for(lambda: requests.get(f"{envoy.url}/healthz", timeout=10).status_code == 503)
     reply = stub.ListModels(pb.ListModelsRequest(), timeout=30)

@@ -95,7 +95,7 @@ class SteadyLoad:
         return self
 
     def wait_for(self, count: int, timeout: float = 120) -> None:
-        wait_for(lambda: self.done >= count, timeout)
+        wait_for(lambda: self.done >= count, timeout=timeout)
 
     def more(self, count: int) -> None:
         """Wait until `count` more requests have been sent."""
@@ -142,7 +142,7 @@ class Pool3:
         return "absent"
 
     def wait_host(self, replica, flags: str, timeout: float = 60) -> None:
-        wait_for(lambda: self.host_flags(replica) == flags, timeout)
+        wait_for(lambda: self.host_flags(replica) == flags, timeout=timeout)
 
     def alive(self) -> list:
         return [r for r in self.replicas if r.proc.poll() is None]
@@ -153,7 +153,7 @@ class Pool3:
             replica.proc.kill()
             replica.proc.wait()
         for replica in self.replicas[:-1]:
-            wait_for(lambda: self.host_flags(replica) != "healthy", 30)
+            wait_for(lambda: self.host_flags(replica) != "healthy", timeout=30)
         return self.replicas[-1]
 
     def stop(self) -> None:
@@ -308,7 +308,7 @@ def _wait_pool_healthy(launcher, admin: Path, model: str, ports, log: Path) -> N
         assert launcher.poll() is None, log.read_text()[-3000:]
         clusters = _clusters(admin)
         return all(f"pool_{model}::127.0.0.1:{port}::health_flags::healthy" in clusters for port in ports)
-    wait_for(healthy, 120)
+    wait_for(healthy, timeout=120)
 
 
 def test_launcher_outlives_a_killed_replica(tmp_path, tiny_checkpoint, expected):
@@ -322,7 +322,8 @@ def test_launcher_outlives_a_killed_replica(tmp_path, tiny_checkpoint, expected)
             victim = _replica_pid(launcher, ports[1])
             killed = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            wait_for(lambda: f"pool_{TINY}::127.0.0.1:{ports[1]}::health_flags::healthy" not in _clusters(admin), 30)
+            out = f"pool_{TINY}::127.0.0.1:{ports[1]}::health_flags::healthy"
+            wait_for(lambda: out not in _clusters(admin), timeout=30)
             ejected = time.monotonic()
             load.more(80)
             assert launcher.poll() is None, "the launcher stopped when one replica died"
