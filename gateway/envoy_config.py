@@ -487,6 +487,29 @@ def fleet_models_header(pools: tuple[Pool, ...]) -> dict:
 
 
 # ---- clusters -----------------------------------------------------------------------
+# Upstream HTTP/2 flow control: one caller's unread response must never stall another's.
+# Envoy multiplexes many callers' streams on one connection per replica. A stream whose caller
+# does not read keeps the bytes it has received unacknowledged, and those count against the
+# connection's window as well as the stream's: with 16 MiB stream windows on a 32 MiB connection
+# window, two or three unread EncodeStream calls (146 MB each) used up the whole connection window
+# and every other call on that connection (JSON or gRPC) waited for the 300 s stream idle timeout
+# (issue 16, attack 1). So the connection window is sized to hold every stream's full window at
+# once: UPSTREAM_STREAMS_PER_CONNECTION streams of UPSTREAM_STREAM_WINDOW_BYTES each, and Envoy
+# opens another connection to the replica when a connection has that many streams. However many
+# streams stop reading, each can take only its own window, never the others'.
+# The stream window is also what Envoy holds per unread stream on the upstream side (plus the
+# downstream connection's buffer). 1 MiB keeps up with the server on loopback and a LAN
+# (BENCHMARKS.md, "Streaming through the gateway": within noise of 16 MiB); it is a
+# bandwidth-delay product of 8 Gbit/s x 1 ms.
+UPSTREAM_STREAM_WINDOW_BYTES = 1 << 20
+UPSTREAM_STREAMS_PER_CONNECTION = 100
+UPSTREAM_HTTP2 = {
+    "max_concurrent_streams": UPSTREAM_STREAMS_PER_CONNECTION,
+    "initial_stream_window_size": UPSTREAM_STREAM_WINDOW_BYTES,
+    "initial_connection_window_size": UPSTREAM_STREAM_WINDOW_BYTES * (UPSTREAM_STREAMS_PER_CONNECTION + 1),
+}
+
+
 def cluster(config: GatewayConfig, pool: Pool) -> dict:
     """One pool: its replicas, how Envoy balances over them, checks their health, ejects them."""
     static = all(_is_ip(host) for host, _ in pool.endpoints)
@@ -498,8 +521,7 @@ def cluster(config: GatewayConfig, pool: Pool) -> dict:
         "per_connection_buffer_limit_bytes": 4194304,
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            explicit_http_config={"http2_protocol_options": {"initial_stream_window_size": 16777216,
-                                                             "initial_connection_window_size": 33554432}})},
+            explicit_http_config={"http2_protocol_options": UPSTREAM_HTTP2})},
         # Requests queue on the server, so the replica with the fewest in flight is the least loaded.
         "lb_policy": "LEAST_REQUEST",
         # Only healthy replicas get traffic, however few are left. With Envoy's default panic
