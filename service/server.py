@@ -41,6 +41,7 @@ from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
 from service.engine.worker import ModelWorker, replicate, resolve_devices
 from service.engine.scheduler import Scheduler
+from service.api.response_memory import ResponseMemory
 from service.api.servicer import Esm2Servicer
 
 log = logging.getLogger("service")
@@ -182,7 +183,8 @@ async def serve(args) -> int:
     models = load_models(args)
     router = build_schedulers(models, args)
     servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
-                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes())
+                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(),
+                            ResponseMemory(args.max_stream_held_mb << 20, args.max_held_response_mb << 20))
 
     keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))

@@ -23,10 +23,14 @@ from esm2_wire.proto import FLEET_MODELS_HEADER, pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service import errors, metrics
 from service.api import json_limits, rendering
+from service.api.response_memory import (
+    DEFAULT_MAX_HELD_RESPONSE_MB, DEFAULT_MAX_STREAM_HELD_MB, HeldResponse, ResponseMemory,
+)
 from service.models.checkpoints import FAIR_ESM, HUGGING_FACE
 from service.models.served import ServedModel
 from service.errors import FailedPrecondition, InvalidRequest, NotFound, Problem, UnknownModel, echo
 from service.api.json_body import CONTENT_ENCODING_METADATA, BodyParser, failure
+from service.engine.result_cache import result_bytes
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
 from service.api.request_schema import request_schema
@@ -51,7 +55,10 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
         max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
         openapi_document: bytes = b"{}",
+        memory: ResponseMemory | None = None,
     ):
+        # Unsent response bytes, bounded per stream and in total (service.api.response_memory).
+        self.memory = memory or ResponseMemory(DEFAULT_MAX_STREAM_HELD_MB << 20, DEFAULT_MAX_HELD_RESPONSE_MB << 20)
         self.max_json_response_bytes = max_json_response_bytes
         self.bodies = BodyParser(limits, max_request_bytes)
         self.openapi_document = openapi_document
@@ -131,7 +138,11 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         try:
             yield
         except asyncio.CancelledError:
-            metrics.REQUESTS.labels(method, "CANCELLED").inc()
+            # The caller cancelled or reset the call (or its deadline passed), wherever the handler
+            # was waiting: for the model, or for the caller to read a stream.
+            remaining = context.time_remaining()
+            code_name = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            metrics.REQUESTS.labels(method, code_name).inc()
             raise
         except grpc.aio.AbortError:
             raise
@@ -234,33 +245,38 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         futures = self._submit(job, context)
         vocab = job.model.vocabulary
         chunk_bytes = chunks.chunk_size(options.max_chunk_bytes)
-        try:
+        with HeldResponse(self.memory) as held:
+            # A finished result is held from the moment it finishes until its last chunk is written.
+            owed = [0] * len(futures)
             for index, future in enumerate(futures):
-                result = await future
-                item = job.items[index]
-                header = pb.ItemHeader(sequence_index=index, sequence_length=len(item.tokens))
-                if result.logits is not None:
-                    header.vocab_tokens.extend(vocab)
-                if predict:
-                    header.sequence_tokens.extend(item.tokens)
-                yield response_type(item_header=header)
-                for chunk in rendering.encode_stream_chunks(index, result, options.data_type, chunk_bytes):
-                    yield response_type(chunk=chunk)
-        finally:
-            _release(futures)
+                future.add_done_callback(lambda f, i=index: _hold(held, owed, i, f))
+            try:
+                for index, future in enumerate(futures):
+                    result = await future
+                    item = job.items[index]
+                    header = pb.ItemHeader(sequence_index=index, sequence_length=len(item.tokens))
+                    if result.logits is not None:
+                        header.vocab_tokens.extend(vocab)
+                    if predict:
+                        header.sequence_tokens.extend(item.tokens)
+                    await held.send(context, response_type(item_header=header))
+                    for chunk in rendering.encode_stream_chunks(index, result, options.data_type, chunk_bytes):
+                        await held.send(context, response_type(chunk=chunk))
+                    held.give_back(owed[index])
+                    owed[index] = 0
+            finally:
+                _release(futures)
 
     async def EncodeStream(self, request, context):
         async with self._rpc("EncodeStream", context, request.model):
             job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
                                    [item.sequence for item in request.items])
-            async for message in self._stream(job, context, request.stream_options, pb.EncodeStreamResponse, False):
-                yield message
+            await self._stream(job, context, request.stream_options, pb.EncodeStreamResponse, False)
 
     async def PredictStream(self, request, context):
         async with self._rpc("PredictStream", context, request.model):
             job = self._predict_job(request.model, [item.sequence for item in request.items])
-            async for message in self._stream(job, context, request.stream_options, pb.PredictStreamResponse, True):
-                yield message
+            await self._stream(job, context, request.stream_options, pb.PredictStreamResponse, True)
 
     # ---- models ---------------------------------------------------------------
     async def ListModels(self, request, context):
@@ -297,6 +313,13 @@ _SOURCE_FORMATS = {
     FAIR_ESM: pb.ModelInfo.SOURCE_FORMAT_FAIR_ESM,
     HUGGING_FACE: pb.ModelInfo.SOURCE_FORMAT_HUGGING_FACE,
 }
+
+
+def _hold(held: HeldResponse, owed: list[int], index: int, future: asyncio.Future) -> None:
+    """A stream's item finished: its result is held until sent."""
+    if not future.cancelled() and future.exception() is None:
+        owed[index] = result_bytes(future.result())
+        held.take(owed[index])
 
 
 def _release(futures: list[asyncio.Future]) -> None:
