@@ -285,6 +285,13 @@ class ServerSettings(Declared, ModelSettings, JsonEdgeLimits):
     cache_mb: int = setting(result_cache.DEFAULT_CACHE_MB, ge=0,
                             help="result cache size in MiB (0 turns it off); identical items in flight are "
                                  "always merged")
+    max_unary_response_mb: int = setting(
+        json_limits.DEFAULT_MAX_UNARY_RESPONSE_MB, ge=1,
+        help="largest Encode/Predict response (MiB); bigger ones get INVALID_ARGUMENT naming EncodeStream/PredictStream")
+    json_response_budget_mb: int = setting(
+        json_limits.DEFAULT_JSON_BUDGET_MB, ge=1,
+        help="JSON responses in flight on this server, by their estimated size (MiB); a request past it gets "
+             "RESOURCE_EXHAUSTED (HTTP 429) with Retry-After: 1 (one request is always admitted)")
     max_stream_held_mb: int = setting(
         response_memory.DEFAULT_MAX_STREAM_HELD_MB, ge=1,
         help="a stream whose caller reads nothing for 5 s while the server holds more than this (MiB) of "

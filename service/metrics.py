@@ -31,6 +31,9 @@ REQUESTS = Counter("esm_requests_total",
                    "RPCs finished, by status: CANCELLED counts calls the caller cancelled or reset (a stream too, "
                    "while blocked on its reader), RESOURCE_EXHAUSTED streams ended for a slow reader too",
                    ["method", "code"])
+JSON_BYTES_IN_FLIGHT = Gauge("esm_json_response_bytes_in_flight",
+                             "Estimated bytes of the JSON responses admitted and not yet handed to the gateway "
+                             "(bounded by --json-response-budget-mb)")
 RESPONSE_BYTES_HELD = Gauge("esm_response_bytes_held",
                             "Bytes of results and rendered responses held for callers that have not received them yet")
 REFUSED_UNDECODED = Counter(

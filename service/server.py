@@ -184,7 +184,8 @@ async def serve(args) -> int:
     router = build_schedulers(models, args)
     servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
                             args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(),
-                            ResponseMemory(args.max_stream_held_mb << 20, args.max_held_response_mb << 20))
+                            ResponseMemory(args.max_stream_held_mb << 20, args.max_held_response_mb << 20),
+                            args.max_unary_response_mb << 20, args.json_response_budget_mb << 20)
 
     keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))

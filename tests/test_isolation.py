@@ -3,8 +3,12 @@ streams, huge unary responses and unread JSON responses, against a real Envoy an
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -41,8 +45,10 @@ def edge(tmp_path_factory, checkpoint_dir):
     """One server with the 8M shape and the gateway users reach it through."""
     tmp = tmp_path_factory.mktemp("isolation")
     server = ServerProcess(tmp, "--models", "esm2-8m", "--model-dir", str(checkpoint_dir),
-                           "--max-stream-held-mb", str(STREAM_HELD_MB), "--max-held-response-mb", "256").wait_ready()
-    envoy = start_gateway(tmp, server.port, admin_socket=tmp / "admin.sock")
+                           "--max-stream-held-mb", str(STREAM_HELD_MB), "--max-held-response-mb", "256",
+                           "--json-response-budget-mb", "600").wait_ready()
+    # No retries: with one replica, a caller refused by the JSON budget sees the 429 itself.
+    envoy = start_gateway(tmp, server.port, retries=0)
     yield server, envoy
     envoy.stop()
     server.stop()
@@ -161,3 +167,103 @@ def test_a_stream_cancelled_while_blocked_on_its_reader_is_counted(edge):
         call.cancel()
         wait_for(lambda: _statuses(server, "EncodeStream")["CANCELLED"] == before + 1, timeout=30)
     wait_for(lambda: server.metric("esm_response_bytes_held") == 0, timeout=30)
+
+
+def test_huge_unary_responses_are_refused_before_any_work(edge):
+    """Attack 2. Before: a unary Encode of 8 x 2,048 residues with every output (over 400 MB) was
+    computed and rendered as one piece, holding the GIL for 6-8 s after its caller had gone; four at
+    once delayed everyone by 23 s. Now it is refused at once, naming the streaming RPC."""
+    server, _ = edge
+    huge = encode_request("esm2-8m", [LONG] * 8, ["mean", "per_token", "bos", "logits", "attentions"], ALL_LAYERS)
+
+    def attack(_) -> grpc.RpcError:
+        with own_channel(server.target) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.Esm2ServiceStub(channel).Encode(huge, timeout=3)
+            return info.value
+
+    with ThreadPoolExecutor(4) as pool:
+        refusals = list(pool.map(attack, range(4)))
+    for error in refusals:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
+        assert "response too large for a unary call" in error.details()
+        assert "(--max-unary-response-mb)" in error.details() and "esm.v1.Esm2Service/EncodeStream" in error.details()
+    # Under the bound, the same outputs arrive whole from the new renderer (its pieces are exact copies).
+    with own_channel(server.target) as channel:
+        stub = pb_grpc.Esm2ServiceStub(channel)
+        unary = stub.Encode(encode_request("esm2-8m", [LONG[:300]], ["per_token", "attentions"], [0, 6]), timeout=60)
+        streamed = list(stub.EncodeStream(pb.EncodeStreamRequest(
+            model="esm2-8m", params=pb.EncodeParams(include=["per_token", "attentions"], repr_layers=[0, 6]),
+            items=[pb.SequenceItem(sequence=LONG[:300])]), timeout=60))
+    chunks = {(c.output, c.layer): np.frombuffer(c.data, "<f4") for c in (m.chunk for m in streamed if m.HasField("chunk"))}
+    result = unary.results[0]
+    for entry in result.per_token_embeddings:
+        np.testing.assert_array_equal(np.asarray(entry.embeddings.values, np.float32),
+                                      chunks[(pb.OUTPUT_KIND_PER_TOKEN, entry.layer)])
+    np.testing.assert_array_equal(np.asarray(result.attentions.values, np.float32),
+                                  chunks[(pb.OUTPUT_KIND_ATTENTIONS, 0)])
+
+
+def _unread_json(port: int, body: bytes) -> socket.socket:
+    """A JSON request whose caller never reads the answer (a small receive buffer, never drained)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"POST /api/v3/esm2-8m/encode/ HTTP/1.1\r\nHost: esm2\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> tuple[int, dict, bytes, bool]:
+    """(status, headers, body, whether the body arrived whole) of the answer on `sock`."""
+    sock.settimeout(30)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    try:
+        return response.status, dict(response.getheaders()), response.read(), True
+    except http.client.IncompleteRead as cut:
+        return response.status, dict(response.getheaders()), cut.partial, False
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_unread_json_responses_are_bounded_in_envoy_and_the_server(edge):
+    """Attack 3. Before: each unread 8 x 2,048-residue per_token JSON response (440 MB) sat whole in
+    Envoy (3.9 GB of Envoy RSS for 8) and peaked the server at 2.7 GB. Now JSON responses stream through
+    Envoy a result at a time, the server admits them within its in-flight budget (429 with Retry-After
+    past it), and one whose caller reads nothing is given up."""
+    server, envoy = edge
+    body = json.dumps({"items": [{"sequence": LONG}] * 8,
+                       "params": {"include": ["per_token"], "repr_layers": ALL_LAYERS}}).encode()
+    envoy_before = _memory_kib(envoy.proc.pid, "VmRSS")
+    ended = _statuses(server, "EncodeJson")["RESOURCE_EXHAUSTED"]
+    sockets = [_unread_json(envoy.config.http_port, body) for _ in range(4)]
+    try:
+        # Three are refused by the budget; the one admitted is given up once its caller has read nothing.
+        wait_for(lambda: _statuses(server, "EncodeJson")["RESOURCE_EXHAUSTED"] >= ended + 4, timeout=90)
+        assert _json_caller(envoy.url, 0) < 30  # others are served meanwhile
+        wait_for(lambda: server.metric("esm_response_bytes_held") == 0, timeout=30)
+        assert server.metric("esm_json_response_bytes_in_flight") == 0
+        assert _memory_kib(envoy.proc.pid, "VmHWM") - envoy_before < 256 << 10  # KiB: under 256 MiB for all four
+        answers = [_read_all(sock) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    refused = [a for a in answers if a[0] == 429]
+    assert len(refused) == 3, [a[:2] for a in answers]
+    for _, headers, text, _ in refused:
+        assert headers["retry-after"] == "1"
+        assert b"(--json-response-budget-mb)" in text and b"esm.v1.Esm2Service/EncodeStream" in text
+    # The admitted one had begun (200) when its caller stopped reading: what Envoy held of it, then the end.
+    # HTTP/1.1 cannot carry the late RESOURCE_EXHAUSTED, but the body is cut inside the results array,
+    # so no client can take it for a whole answer.
+    status, _, body, _ = next(a for a in answers if a[0] != 429)
+    assert status == 200 and body.startswith(b'{"results":[{"sequence_index":0,')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(body)

@@ -51,8 +51,9 @@ class ResponseMemory:
 class HeldResponse:
     """What one response holds; all of it is given back when the RPC ends (a context manager)."""
 
-    def __init__(self, memory: ResponseMemory):
+    def __init__(self, memory: ResponseMemory, per_stream_bytes: int | None = None):
         self.memory = memory
+        self.per_stream_bytes = memory.per_stream_bytes if per_stream_bytes is None else per_stream_bytes
         self.held = 0
         self.closed = False
 
@@ -76,9 +77,10 @@ class HeldResponse:
     def over_bound(self) -> str | None:
         """Why this stream may not wait for its reader any longer, or None."""
         memory = self.memory
-        if self.held > memory.per_stream_bytes:
-            return slow_reader_message(self.held, memory.per_stream_bytes,
-                                       f"the {memory.per_stream_bytes >> 20} MiB per stream (--max-stream-held-mb)")
+        if self.held > self.per_stream_bytes:
+            bound = (f"the {self.per_stream_bytes >> 20} MiB per stream (--max-stream-held-mb)" if self.per_stream_bytes
+                     else "nothing: a JSON response is not held for a caller that stops reading")
+            return slow_reader_message(self.held, self.per_stream_bytes, bound)
         if self.held and memory.held > memory.total_bytes:
             return slow_reader_message(self.held, memory.total_bytes,
                                        f"the {memory.total_bytes >> 20} MiB for all unsent responses "

@@ -28,7 +28,9 @@ from service.api.response_memory import (
 )
 from service.models.checkpoints import FAIR_ESM, HUGGING_FACE
 from service.models.served import ServedModel
-from service.errors import FailedPrecondition, InvalidRequest, NotFound, Problem, UnknownModel, echo
+from service.errors import (
+    FailedPrecondition, InvalidRequest, NotFound, Problem, ResponseBudgetFull, UnknownModel, echo,
+)
 from service.api.json_body import CONTENT_ENCODING_METADATA, BodyParser, failure
 from service.engine.result_cache import result_bytes
 from service.engine.router import ModelRouter
@@ -56,7 +58,13 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
         openapi_document: bytes = b"{}",
         memory: ResponseMemory | None = None,
+        max_unary_response_bytes: int = json_limits.DEFAULT_MAX_UNARY_RESPONSE_MB << 20,
+        json_budget_bytes: int = json_limits.DEFAULT_JSON_BUDGET_MB << 20,
     ):
+        self.max_unary_response_bytes = max_unary_response_bytes
+        # JSON responses admitted and not yet handed to the gateway, by their estimates.
+        self.json_budget_bytes = json_budget_bytes
+        self.json_in_flight = 0
         # Unsent response bytes, bounded per stream and in total (service.api.response_memory).
         self.memory = memory or ResponseMemory(DEFAULT_MAX_STREAM_HELD_MB << 20, DEFAULT_MAX_HELD_RESPONSE_MB << 20)
         self.max_json_response_bytes = max_json_response_bytes
@@ -163,38 +171,77 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("Encode", context, request.model):
             job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
                                    [item.sequence for item in request.items])
-            results = await self._results(job, context)
             vocab = job.model.vocabulary
-            return await asyncio.to_thread(
-                lambda: pb.EncodeResponse(
-                    results=[rendering.encode_result(i, r, vocab) for i, r in enumerate(results)]
-                )
+            estimate = json_limits.estimate_encode_bytes(
+                [len(item.tokens) for item in job.items], job.outputs, len(job.layers), job.model.loaded.embed_dim,
+                len(vocab), proto=True,
             )
+            render = lambda i, r: rendering.encode_result(i, r, vocab)  # noqa: E731
+            return await self._unary(job, context, estimate, render, pb.EncodeResponse, "EncodeStream")
 
     async def Predict(self, request, context):
         async with self._rpc("Predict", context, request.model):
             job = self._predict_job(request.model, [item.sequence for item in request.items])
-            results = await self._results(job, context)
             vocab = job.model.vocabulary
-            return await asyncio.to_thread(
-                lambda: pb.PredictResponse(
-                    results=[
-                        rendering.predict_result(i, r, job.items[i].tokens, vocab) for i, r in enumerate(results)
-                    ]
-                )
-            )
+            estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab),
+                                                          proto=True)
+            render = lambda i, r: rendering.predict_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
+            return await self._unary(job, context, estimate, render, pb.PredictResponse, "PredictStream")
+
+    async def _unary(self, job: Job, context, estimate: int, render, response_type, stream_rpc: str):
+        """Refuse before queueing what is too large for one message; render in pieces off the loop."""
+        limit = self.max_unary_response_bytes
+        if estimate > limit:
+            raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc,
+                                                       unary=True))
+        results = await self._results(job, context)
+        with HeldResponse(self.memory) as held:
+            pieces = await _render_pieces(context, render, results, held, lambda piece: piece.ByteSize())
+            return await asyncio.to_thread(response_type, results=pieces)
+
+    @contextlib.contextmanager
+    def _json_budget(self, estimate: int, stream_rpc: str):
+        """Admit a JSON response while those in flight fit the budget (one always fits), else 429."""
+        budget = self.json_budget_bytes
+        if self.json_in_flight and self.json_in_flight + estimate > budget:
+            raise ResponseBudgetFull(
+                f"server busy: JSON responses in flight here would take {(self.json_in_flight + estimate) >> 20} MiB, "
+                f"over its {budget >> 20} MiB budget (--json-response-budget-mb); retry after the Retry-After seconds, "
+                f"ask for less per request, or use the streaming gRPC RPC esm.v1.Esm2Service/{stream_rpc}")
+        self.json_in_flight += estimate
+        metrics.JSON_BYTES_IN_FLIGHT.set(self.json_in_flight)
+        try:
+            yield
+        finally:
+            self.json_in_flight -= estimate
+            metrics.JSON_BYTES_IN_FLIGHT.set(self.json_in_flight)
 
     # ---- JSON (through the Envoy gateway) --------------------------------------
-    async def _json(self, job: Job, context, estimate: int, render, stream_rpc: str) -> httpbody_pb2.HttpBody:
-        """Refuse before queueing what Envoy could not buffer whole; render off the loop."""
+    async def _json(self, job: Job, context, estimate: int, render, stream_rpc: str) -> None:
+        """Refuse before queueing what is over the JSON limit or the in-flight budget; then send the
+        body one result at a time. EncodeJson/PredictJson stream google.api.HttpBody messages, which
+        Envoy's transcoder passes on as they come: neither Envoy nor this server holds a whole body,
+        and a caller that stops reading holds only flow-control windows, then is cancelled."""
         limit = self.max_json_response_bytes
         if estimate > limit:
             raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc))
-        results = await self._results(job, context)
-        body = await asyncio.to_thread(lambda: rendering.json_body([render(i, r) for i, r in enumerate(results)]))
-        if len(body) > limit:  # the estimate was low; still never hand Envoy more than it accepts
-            raise InvalidRequest(json_limits.too_large(len(body), limit, estimated=False, stream_rpc=stream_rpc))
-        return httpbody_pb2.HttpBody(content_type="application/json", data=body)
+        with self._json_budget(estimate, stream_rpc):
+            results = await self._results(job, context)
+            # A JSON caller that reads nothing for STALL_SECONDS is not waited for: its budget share is
+            # another caller's (per-stream bound 0).
+            with HeldResponse(self.memory, per_stream_bytes=0) as held:
+                last = len(results) - 1
+                for index, result in enumerate(results):
+                    if context.cancelled():
+                        raise asyncio.CancelledError()
+                    piece = await asyncio.to_thread(
+                        lambda: rendering.json_piece(render(index, result), first=index == 0, last=index == last))
+                    held.take(len(piece))
+                    await held.send(context, httpbody_pb2.HttpBody(content_type="application/json", data=piece))
+                    held.give_back(len(piece))
+                if not results:
+                    await held.send(context, httpbody_pb2.HttpBody(content_type="application/json",
+                                                                   data=rendering.json_piece(None, True, True)))
 
     async def _body(self, request, context, action: str):
         """The parsed body, read off the event loop (up to 4 MiB of JSON)."""
@@ -212,7 +259,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                 len(vocab),
             )
             render = lambda i, r: rendering.encode_json_result(i, r, vocab)  # noqa: E731
-            return await self._json(job, context, estimate, render, "EncodeStream")
+            await self._json(job, context, estimate, render, "EncodeStream")
 
     async def PredictJson(self, request, context):
         async with self._rpc("PredictJson", context, request.model, gateway=True):
@@ -222,7 +269,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             vocab = job.model.vocabulary
             estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab))
             render = lambda i, r: rendering.predict_json_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
-            return await self._json(job, context, estimate, render, "PredictStream")
+            await self._json(job, context, estimate, render, "PredictStream")
 
     async def GetRequestSchema(self, request, context):
         async with self._rpc("GetRequestSchema", context, request.model, gateway=True):
@@ -313,6 +360,19 @@ _SOURCE_FORMATS = {
     FAIR_ESM: pb.ModelInfo.SOURCE_FORMAT_FAIR_ESM,
     HUGGING_FACE: pb.ModelInfo.SOURCE_FORMAT_HUGGING_FACE,
 }
+
+
+async def _render_pieces(context, render, results, held: HeldResponse, size) -> list:
+    """render(index, result) of each result off the event loop, one at a time: no piece holds the
+    interpreter's lock for long, and rendering stops as soon as the caller is gone."""
+    pieces = []
+    for index, result in enumerate(results):
+        if context.cancelled():
+            raise asyncio.CancelledError()
+        piece = await asyncio.to_thread(render, index, result)
+        held.take(size(piece))
+        pieces.append(piece)
+    return pieces
 
 
 def _hold(held: HeldResponse, owed: list[int], index: int, future: asyncio.Future) -> None:
