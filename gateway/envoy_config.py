@@ -31,8 +31,9 @@ LUA = GATEWAY_DIR / "edge.lua"
 CATALOGUE_LUA = GATEWAY_DIR / "catalogue.lua"
 DESCRIPTOR = GATEWAY_DIR / "esm2_descriptor.pb"
 # The server refuses JSON responses above --max-json-response-mb with a 400 that
-# points to the streaming RPCs; Envoy's transcoder limit sits a little above it so
-# that every response the server sends gets through whole.
+# points to the streaming RPCs. It streams JSON bodies a result at a time (EncodeJson and
+# PredictJson return a stream of HttpBody, which the transcoder passes on as it comes), so
+# Envoy holds none whole; its transcoder limit, a little above the server's, is a backstop.
 RESPONSE_SLACK_BYTES = 1 << 20
 
 
@@ -197,8 +198,8 @@ def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Pa
     return {
         "name": "json_api",
         "address": _socket_address(config.http_host, config.http_port),
-        # The transcoder buffers whole unary responses itself (max_response_body_size);
-        # this is only the flow-control watermark per connection.
+        # The flow-control watermark per downstream connection: past it, Envoy stops reading
+        # from the replica for that caller (JSON bodies stream through, a result at a time).
         "per_connection_buffer_limit_bytes": 4194304,
         # A second gateway on the same port fails with "address in use" instead of
         # silently taking half of the connections.
@@ -324,7 +325,8 @@ def _transcoder_filter(config: GatewayConfig, descriptor: Path) -> dict:
         request_validation_options={"reject_unknown_method": True, "reject_unknown_query_parameters": True,
                                     "reject_binding_body_field_collisions": True},
         max_request_body_size=config.max_request_bytes,
-        # The server refuses larger JSON responses with a 400 that points to the streaming RPCs.
+        # The server refuses larger JSON responses with a 400 that points to the streaming RPCs
+        # (a backstop: JSON bodies stream through, see RESPONSE_SLACK_BYTES).
         max_response_body_size=(config.max_json_response_mb << 20) + RESPONSE_SLACK_BYTES,
     )}
 
