@@ -7,7 +7,8 @@ Both checkouts serve the same random-weight 8M checkpoint, each with its own ser
 one EncodeStream of 8 x 2,048 residues with per_token for all 7 layers (147 MB of float32; the
 first read warms the result cache, so the model is not what is timed), straight from the server
 and through Envoy. Runs alternate between the checkouts (ABBA order), so that a machine loaded by
-others slows both alike; the report gives the median MB/s of each and their ratio.
+others slows both alike; the report gives the median MB/s of each and the ratio of the two
+reads of each repeat (median and quartiles).
 """
 
 from __future__ import annotations
@@ -107,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for checkout in checkouts:
                 checkout.stop()
-    print(f"| path | base MB/s (median) | this MB/s (median) | this / base | runs each |")
+    print("| path | base MB/s (median) | this MB/s (median) | this / base, paired per repeat: median (quartiles) | runs each |")
     print("| --- | --- | --- | --- | --- |")
     for path in ("direct", "Envoy"):
-        base, this = statistics.median(seen[("base", path)]), statistics.median(seen[("this", path)])
-        print(f"| {path} | {base:.0f} | {this:.0f} | {this / base:.2f} | {args.repeats} |")
+        base, this = seen[("base", path)], seen[("this", path)]
+        ratios = statistics.quantiles([t / b for t, b in zip(this, base)], n=4)
+        print(f"| {path} | {statistics.median(base):.0f} | {statistics.median(this):.0f} | "
+              f"{ratios[1]:.2f} ({ratios[0]:.2f}-{ratios[2]:.2f}) | {args.repeats} |")
     for key, values in seen.items():
         print(key, " ".join(f"{v:.0f}" for v in values), file=sys.stderr)
     return 0
