@@ -39,6 +39,13 @@ def describe() -> dict:
     return info
 
 
+def synchronize_all() -> None:
+    """Wait for every CUDA device, not only the current one: work timed on cuda:1 (or spread over
+    several) is otherwise still running when the clock stops."""
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
+
+
 def matmul_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
     """Best-case dense matmul FLOP/s (median of `repeats` timings), the ceiling for model FLOPs utilisation."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -47,7 +54,7 @@ def matmul_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int 
 
     def sync():
         if device != "cpu":
-            torch.cuda.synchronize()
+            synchronize_all()
 
     a @ b
     sync()

@@ -32,13 +32,14 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Pydanti
 from esm2_wire.vocabulary import Limits
 from service.api import json_limits, request_guard, response_memory
 from service.engine import result_cache
+from service.engine.policy import DEVICE_DEFAULTS, device_defaults
 from service.engine.scheduler import BatchLimits
 
 ENV_PREFIX = "ESM_"
 # grpc's own metadata limit (soft and hard alike): above everything a gateway forwards (Envoy's
 # default header limit is 60 KiB), so that RequestGuard, not grpc's RESOURCE_EXHAUSTED, answers.
 GRPC_METADATA_CEILING_BYTES = 256 << 10
-PRECISIONS = ("fp32", "fp16", "bf16")  # service.models.precision.AUTOCAST_DTYPES has one dtype each
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # service.models.precision resolves auto; AUTOCAST_DTYPES the rest
 BATCH_TOKEN_MODES = ("device", "sweep")  # service.models.batch_budget says what each means
 
 
@@ -176,6 +177,11 @@ def markdown_table(cls: type[BaseModel]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _device_default(name: str) -> str:
+    """A per-device default as --help and the README say it: `0.92 on cpu, 0.75 on cuda`."""
+    return ", ".join(f"{getattr(d, name):,} on {device}" for device, d in DEVICE_DEFAULTS.items())
+
+
 def parse_batch_tokens(value: Any) -> str:
     """A max_batch_tokens value: a number of tokens, 'device' or 'sweep' (as text)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -210,9 +216,10 @@ class ModelSettings(BaseModel):
 
     device: str = setting("auto", help="auto, cpu, cuda or cuda:N; a comma-separated list (cuda:0,cuda:1) "
                                        "runs one worker per device")
-    precision: Literal["fp32", "fp16", "bf16"] = setting(
-        "fp32", help="fp32 (equal to fair-esm) or fp16/bf16 autocast; on CPU only where the processor has "
-                     "native instructions for it (bf16: AVX512_BF16 or AMX), else refused")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = setting(
+        "auto", help="auto: bf16 on a CUDA device with native bf16 (compute capability 8.0+), else fp32; fp32 "
+                     "(equal to fair-esm) or fp16/bf16 autocast; bf16/fp16 only where the device has native "
+                     "instructions for it (CPU bf16: AVX512_BF16 or AMX; CUDA bf16: capability 8.0+), else refused")
     attention: Literal["fast", "exact"] = setting(
         "fast", help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
     max_batch_tokens: str = setting(
@@ -224,13 +231,14 @@ class ModelSettings(BaseModel):
                                  help="how long an idle worker waits to fill a batch")
     max_queue_items: int = setting(BatchLimits.max_queue_items, ge=1,
                                    help="queued items before RESOURCE_EXHAUSTED; at least --max-items")
-    min_padding_efficiency: float = setting(
-        BatchLimits.min_padding_efficiency, ge=0, le=1,
-        help="a batch grows only while this share of its tokens are real residues")
-    max_batch_token_pairs: int = setting(
-        BatchLimits.max_batch_token_pairs, ge=1,
+    min_padding_efficiency: float | None = setting(
+        None, ge=0, le=1,
+        help="a batch grows only while this share of its tokens are real residues (default per device: "
+             f"{_device_default('min_padding_efficiency')})")
+    max_batch_token_pairs: int | None = setting(
+        None, ge=1,
         help="batch size x longest item squared (x3 with attention maps), the attention's work; a longer "
-             "item runs alone")
+             f"item runs alone (default per device: {_device_default('max_batch_token_pairs')})")
     aging: float = setting(BatchLimits.aging, ge=0,
                            help="an item is due at arrival + this x its estimated run time; the item due first "
                                 "runs next (0: first come, first served)")
@@ -240,12 +248,18 @@ class ModelSettings(BaseModel):
     def _batch_tokens(cls, value):
         return parse_batch_tokens(value)
 
-    def batch_limits(self, batch_tokens: int) -> BatchLimits:
-        """The scheduler's limits: these settings and the budget chosen on the model's device."""
+    def batch_limits(self, batch_tokens: int, device_type: str = "cpu") -> BatchLimits:
+        """The scheduler's limits: these settings, the budget chosen on the model's device and
+        the device type's defaults for what was not set."""
+        defaults = device_defaults(device_type)
         return BatchLimits(
             max_batch_tokens=batch_tokens, max_batch_size=self.max_batch_size, max_wait_s=self.max_wait_ms / 1000,
-            max_queue_items=self.max_queue_items, min_padding_efficiency=self.min_padding_efficiency,
-            max_batch_token_pairs=self.max_batch_token_pairs, aging=self.aging)
+            max_queue_items=self.max_queue_items,
+            min_padding_efficiency=(defaults.min_padding_efficiency if self.min_padding_efficiency is None
+                                    else self.min_padding_efficiency),
+            max_batch_token_pairs=(defaults.max_batch_token_pairs if self.max_batch_token_pairs is None
+                                   else self.max_batch_token_pairs),
+            aging=self.aging)
 
 
 MODEL_KEYS = ("source", *ModelSettings.model_fields)  # a models file's keys
@@ -314,11 +328,20 @@ class ServerSettings(Declared, ModelSettings, JsonEdgeLimits):
     api_keys: SecretStr | None = setting(
         None, flag=None, help="require `authorization: Token <key>`: comma-separated keys (variable only: a "
                               "flag would show the keys in `ps`)")
+    share_cache_across_keys: bool = setting(
+        False, switch=True,
+        help="with API keys: callers of different keys share cached results and identical items in flight "
+             "(by default each key has its own). Sharing lets one key's caller tell from an answer's time "
+             "whether another key's caller asked the same (variable: 1 or true)")
     drain_seconds: float = setting(
         0.0, ge=0, help="after SIGTERM: report NOT_SERVING at once but keep serving this long, so that load "
                         "balancers move traffic away first (a fleet behind Envoy: 5; Kubernetes: see Deploy)")
     grace_seconds: float = setting(30.0, ge=0,
                                    help="then: stop accepting and give in-flight requests this long to finish")
+    liveness_stall_seconds: float = setting(
+        300.0, gt=0, help="the health service's `liveness` name turns NOT_SERVING while a model worker has been "
+                          "inside a batch this long without progress (no layer or batch finished): a hung "
+                          "device; the Kubernetes liveness probe asks that name")
     port_file: Path | None = setting(None, env=False, metavar="PATH", help="write the bound port here once ready")
     fault_file: Path | None = setting(
         None, flag=None, help="tests only: arm fault injection from this file (service.engine.faults)")

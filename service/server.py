@@ -29,17 +29,18 @@ from grpc_reflection.v1alpha import reflection
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
-from service.models import batch_budget, checkpoints, hf_checkpoints, memory_budget, sources
+from service.models import batch_budget, checkpoints, memory_budget, sources
 from service.engine import faults
 from service import config, model_specs
 from service.models import precision
 from service.models.served import ServedModel
 from service.api import request_guard
 from service.engine import result_cache
-from service.api.auth import load_keys
+from service.api.auth import Tenancy, load_keys
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
 from service.engine.worker import ModelWorker, replicate, resolve_devices
+from service.engine.policy import CostModel, device_defaults
 from service.engine.scheduler import Scheduler
 from service.api.response_memory import ResponseMemory
 from service.api.servicer import Esm2Servicer
@@ -54,6 +55,9 @@ MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; stre
 # --max-request-bytes (4 MiB), and a JSON caller should hear about its body, not a proto size.
 RECEIVE_CEILING_BYTES = (4 << 20) + (64 << 10)
 JSON_METHODS = (f"/{SERVICE_NAME}/EncodeJson", f"/{SERVICE_NAME}/PredictJson")
+# The health name Kubernetes' liveness probe asks: SERVING unless a model worker is stuck in a batch
+# (a hung device), so that the kubelet restarts the pod (watch_liveness).
+LIVENESS = "liveness"
 EXIT_WORKER_LOST = 3  # the model worker died or the device is unusable: restart me
 LOST_WORKER_GRACE_S = 5.0  # to send the UNAVAILABLE answers of work already accepted
 
@@ -96,7 +100,8 @@ def request_limits(args) -> Limits:
 def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence_length: int) -> memory_budget.Need:
     layers, dim, heads = shape
     batch_tokens = batch_budget.most_tokens(spec.max_batch_tokens, device)
-    needed = memory_budget.required_bytes(layers, dim, heads, batch_tokens, max_sequence_length)
+    needed = memory_budget.required_bytes(layers, dim, heads, batch_tokens, max_sequence_length,
+                                          precision.resolve(spec.precision, resolve_devices(spec.device)), device.type)
     return memory_budget.Need(spec.name, device, layers, dim, heads, needed)
 
 
@@ -120,6 +125,7 @@ def load_models(args) -> dict[str, ServedModel]:
     for spec, devices in zip(args.specs, spec_devices):
         where = located.get(spec.name) or sources.locate(spec.name, spec.source, args.model_dir, allow_download)
         loaded = sources.load(spec.name, where)
+        precision.cast_weights(loaded.model, precision.resolve(spec.precision, devices))  # once, before any copy
         if loaded.random_weights:
             log.warning("!" * 72)
             log.warning("MODEL %s HAS RANDOM WEIGHTS (%s): outputs are meaningless", spec.name, where.path)
@@ -169,25 +175,62 @@ def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
         log.info("%s: batch budget %s; precision %s", name, model.budget.describe(), spec.precision)
         schedulers[name] = Scheduler(
             workers,
-            spec.batch_limits(model.budget.tokens),
+            spec.batch_limits(model.budget.tokens, first.device.type),
             cache=cache, scopes={name: cache_scope(model)},
+            cost=CostModel(seconds_per_work=device_defaults(first.device.type).seconds_per_work),
         )
     return ModelRouter(schedulers)
 
 
-async def serve(args) -> int:
+def choose_precisions(args) -> None:
+    """Before the slow part, so that a refusal comes fast: each model's precision on its devices
+    (`auto` resolved: service.models.precision), checked to be native there; TF32 for what stays
+    fp32 on CUDA unless a model there asked for fp32. The specs then carry the resolved choice."""
     simulated = {"present": True, "absent": False}.get(args.simulate_cpu_native)
-    for spec in args.specs:  # before the slow part: refuse fast
-        for device in resolve_devices(spec.device):
-            precision.check(spec.precision, device, simulated)
+    chosen, requested = [], []
+    for spec in args.specs:
+        devices = resolve_devices(spec.device)
+        resolved = precision.resolve(spec.precision, devices)
+        for device in devices:
+            precision.check(resolved, device, simulated)
+            requested.append((spec.precision, device))
+        chosen.append(spec.model_copy(update={"precision": resolved}))
+    args.specs = chosen
+    if precision.use_tf32(requested):
+        log.info("CUDA: fp32 matmuls use TF32")
+
+
+async def watch_liveness(router: ModelRouter, health_servicer, bound_s: float) -> None:
+    """Keep the `liveness` health name SERVING while every model worker is idle or progressing,
+    NOT_SERVING while one has been inside a batch for `bound_s` without finishing a layer or a
+    batch. A hung device hangs its worker thread; nothing else notices, since health was
+    otherwise set once at start-up. It recovers if the worker does."""
+    workers = [worker for scheduler in router.schedulers.values() for worker in scheduler.workers]
+    alive = True
+    while True:
+        stalled = max(worker.progress.stalled_for() for worker in workers)
+        if (stalled < bound_s) != alive:
+            alive = not alive
+            if alive:
+                log.warning("liveness: the model workers progress again")
+            else:
+                log.error("liveness: a model worker has made no progress for %.0fs (bound %.0fs): NOT_SERVING",
+                          stalled, bound_s)
+            await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING if alive
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await asyncio.sleep(min(bound_s / 4, 5.0))  # a poll of the workers' clocks, not a wait for an event
+
+
+async def serve(args) -> int:
+    choose_precisions(args)
     models = load_models(args)
     router = build_schedulers(models, args)
+    keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
     servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
                             args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(),
+                            Tenancy(keys, shared=args.share_cache_across_keys),
                             ResponseMemory(args.max_stream_held_mb << 20, args.max_held_response_mb << 20),
                             args.max_unary_response_mb << 20, args.json_response_budget_mb << 20)
-
-    keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
                                        dict.fromkeys(JSON_METHODS, receive_ceiling))
@@ -210,6 +253,9 @@ async def serve(args) -> int:
     )
     for name in ["", SERVICE_NAME, *models]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    liveness = asyncio.get_running_loop().create_task(
+        watch_liveness(router, health_servicer, args.liveness_stall_seconds), name="esm-liveness")
     try:
         port = server.add_insecure_port(f"{args.host}:{args.port}")
     except RuntimeError as exc:  # grpc says only "Failed to bind"; a busy port is the usual cause
@@ -227,7 +273,8 @@ async def serve(args) -> int:
     for name in ["", SERVICE_NAME, *models]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if keys:
-        log.info("API keys required (%d configured)", len(keys))
+        log.info("API keys required (%d configured); results cached and merged %s", len(keys),
+                 "across keys (--share-cache-across-keys)" if args.share_cache_across_keys else "per key")
     log.info("ready: serving %s on port %d", ", ".join(models), port)
     if args.port_file:
         args.port_file.write_text(str(port))
@@ -261,6 +308,7 @@ async def serve(args) -> int:
     log.info("shutting down: finishing in-flight requests (up to %.0fs)", args.grace_seconds)
     await server.stop(args.grace_seconds)
     await router.close()
+    liveness.cancel()
     log.info("stopped")
     return 0
 
@@ -270,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         code = asyncio.run(serve(args))
-    except (checkpoints.CheckpointNotFound, hf_checkpoints.UnservableModel, memory_budget.DoesNotFit, AddressInUse,
+    except (checkpoints.CheckpointNotFound, checkpoints.BadCheckpoint, memory_budget.DoesNotFit, AddressInUse,
             precision.PrecisionUnsupported) as exc:
         log.error("%s", exc)
         return 2

@@ -51,3 +51,28 @@ def assert_close(actual, expected, what: str = "") -> None:
 def matrix(message) -> np.ndarray:
     """esm.v1.Matrix -> numpy."""
     return np.asarray(message.values, dtype=np.float32).reshape(message.rows, message.cols)
+
+
+SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWYBXZUO-", "G" * 3, "MSLLTEVETPIRNEWGCRCNDSSDPLVVAASIIGILHLILWILDRLFFKCIYRFFEHGLKRG"]
+INCLUDE_ALL = ["mean", "per_token", "bos", "contacts", "logits", "attentions"]
+
+
+def check_result(result, ref, layers, include):
+    """An EncodeResult carries exactly the `include`d outputs at `layers`, each equal to `ref`."""
+    assert [e.layer for e in result.embeddings] == (layers if "mean" in include else [])
+    assert [e.layer for e in result.bos_embeddings] == (layers if "bos" in include else [])
+    assert [e.layer for e in result.per_token_embeddings] == (layers if "per_token" in include else [])
+    for e in result.embeddings:
+        assert_close(e.embedding, ref["mean"][e.layer], f"mean layer {e.layer}")
+    for e in result.bos_embeddings:
+        assert_close(e.embedding, ref["bos"][e.layer], f"bos layer {e.layer}")
+    for e in result.per_token_embeddings:
+        assert_close(matrix(e.embeddings), ref["per_token"][e.layer], f"per_token layer {e.layer}")
+    for key in ("contacts", "attentions", "logits"):
+        assert result.HasField(key) == (key in include), key
+        if key in include:
+            assert_close(matrix(getattr(result, key)), ref[key], key)
+    if "logits" in include:
+        assert list(result.vocab_tokens) == list("LAGVSERTIDPKQNFYMHWC")
+    else:
+        assert not result.vocab_tokens

@@ -1,16 +1,22 @@
-"""Helpers the tests import: a server subprocess with a gRPC channel, request builders."""
+"""Helpers the tests import: the one way to start a server or a gateway, one `wait_for`,
+request builders. Test modules import this (and reference.py), never one another."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import grpc
+import requests
 
 from esm2_wire.proto import pb, pb_grpc
+from gateway.envoy_config import GatewayConfig
+from gateway.launch import EnvoyProcess
 from harness import server_process
 from harness.server_process import REPO, free_port
 
-__all__ = ["REPO", "ServerProcess", "encode_request", "envoy_admin_get", "free_port", "wait_for"]
+__all__ = ["REPO", "ServerProcess", "body", "encode_request", "envoy_admin_get", "free_port", "post",
+           "start_gateway", "start_server", "wait_for"]
 
 
 class ServerProcess(server_process.ServerProcess):
@@ -41,14 +47,67 @@ def encode_request(model: str, sequences, include=(), repr_layers=()) -> pb.Enco
     )
 
 
-def wait_for(condition, timeout: float = 60) -> None:
-    """Poll `condition` until true; fail after `timeout` seconds."""
+def start_server(log_dir: Path, *args: str, models: dict[str, Path | None] | None = None, model_dir: Path | None = None,
+                 env: dict | None = None, port: int | None = None, metrics_port: int | None = None,
+                 ready: bool = True) -> ServerProcess:
+    """A server serving `models` (name -> checkpoint file, or None: found in `model_dir`), plus
+    `args` (e.g. a --models-file instead); ready unless `ready=False`. Use it as a context manager,
+    or let `server_factory` stop it."""
+    command = ["--models", ",".join(models)] if models else []
+    command += [f for name, path in (models or {}).items() if path is not None for f in ("--checkpoint", f"{name}={path}")]
+    if model_dir is not None:
+        command += ["--model-dir", str(model_dir)]
+    proc = ServerProcess(log_dir, *command, *args, env=env, port=port, metrics_port=metrics_port)
+    return proc.wait_ready() if ready else proc
+
+
+def start_gateway(log_dir: Path, upstream_port: int, healthy: bool = True, **config) -> EnvoyProcess:
+    """Envoy on a free 127.0.0.1 port in front of `upstream_port`; with `healthy`, once its
+    health check has passed the upstream (/healthz answers 200)."""
+    envoy = EnvoyProcess(
+        GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=upstream_port, **config),
+        log_path=Path(log_dir) / f"envoy-{upstream_port}.log",
+    ).wait_listening()
+    if healthy:
+        try:
+            wait_for(lambda: requests.get(envoy.url + "/healthz", timeout=5).status_code == 200,
+                     lambda: f"the gateway's upstream passing its health check:\n{envoy.log()[-4000:]}", timeout=30)
+        except BaseException:
+            envoy.stop()
+            raise
+    return envoy
+
+
+def post(envoy, path, body, **kwargs) -> requests.Response:
+    return requests.post(envoy.url + path, json=body, timeout=120, **kwargs)
+
+
+def body(sequences, include=None, repr_layers=None) -> dict:
+    """A JSON request body (BioLM's shape)."""
+    out: dict = {"items": [{"sequence": s} for s in sequences]}
+    params = {k: v for k, v in (("include", include), ("repr_layers", repr_layers)) if v is not None}
+    if params:
+        out["params"] = params
+    return out
+
+
+def wait_for(condition, what="condition", timeout: float = 60) -> None:
+    """Poll `condition` (something observable: a metric, a log line, a health state) until it
+    is true; fail after `timeout` seconds, naming `what` (a string, or a callable giving one).
+    A condition that raises (e.g. a connection refused) counts as not yet true."""
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
+    last_error = None
+    while True:
+        try:
+            if condition():
+                return
+        except (OSError, requests.RequestException, grpc.RpcError) as exc:
+            last_error = exc
+        if time.monotonic() > end:
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {said}"
+                                 + (f" (last error: {last_error!r})" if last_error else ""))
         time.sleep(0.02)
-    raise AssertionError("condition not reached")
 
 
 def envoy_admin_get(socket_path, path: str, timeout: float = 10) -> str:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from support import REPO, ServerProcess
+from support import REPO
 from service.config import parse_batch_tokens
 from service.models import batch_budget
 from esm2_wire.proto import pb
@@ -43,24 +43,17 @@ def test_list_models_reports_budget_and_precision(stub):
         assert info[name].precision == "fp32"
 
 
-def test_flag_overrides_and_sweep_is_logged(tmp_path, tiny_checkpoint):
-    server = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
-                           "--max-batch-tokens", "sweep", "--batch-sweep-seconds", "10").wait_ready()
-    try:
-        (info,) = server.stub.ListModels(pb.ListModelsRequest()).models
-        log = server.log()
-    finally:
-        server.stop()
+@pytest.mark.slow
+def test_flag_overrides_and_sweep_is_logged(server_factory, tiny):
+    server = server_factory("--max-batch-tokens", "sweep", "--batch-sweep-seconds", "10", models=tiny)
+    (info,) = server.stub.ListModels(pb.ListModelsRequest()).models
+    log = server.log()
     assert info.batch_tokens_source == "measured at start-up"
     assert info.max_batch_tokens in batch_budget.CANDIDATES["cpu"]
     assert f"esm2-tiny: batch budget {info.max_batch_tokens} tokens (measured at start-up; one-layer tokens/s" in log
 
-    server = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint",
-                           f"esm2-tiny={tiny_checkpoint}", "--max-batch-tokens", "3000").wait_ready()
-    try:
-        (info,) = server.stub.ListModels(pb.ListModelsRequest()).models
-    finally:
-        server.stop()
+    server = server_factory("--max-batch-tokens", "3000", models=tiny)
+    (info,) = server.stub.ListModels(pb.ListModelsRequest()).models
     assert (info.max_batch_tokens, info.batch_tokens_source) == (3000, "--max-batch-tokens")
 
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+
+import pytest
 from support import REPO
 
 from bench import cases, scheduling
 from bench.run import CASE_GROUPS
+
+pytestmark = pytest.mark.slow
 
 SCHEDULER_GROUPS = ("hol", "cache")  # smoke-tested apart, each test within its own time limit
 

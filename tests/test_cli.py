@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from support import REPO, ServerProcess, free_port
+from support import REPO, free_port, start_server
 from reference import STANDARD_ORDER, assert_close, reference
 
 from bench import esm_extract
@@ -344,19 +344,15 @@ def test_user_errors_are_one_line(server, tmp_path):
                                "--timeout", "1", check=False), "is unavailable")
 
 
-def test_wrong_api_key_is_one_line(tmp_path, tiny_checkpoint):
-    keyed = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
-                          env={"ESM_API_KEYS": "sesame"}).wait_ready()
-    try:
-        fasta = write_fasta(tmp_path / "p.fasta", {"a": "MKTAY"})
-        common = ["-m", "esm2-tiny", "--server", keyed.target]
-        assert_one_error_line(esm2("embed", fasta, "-o", tmp_path / "o.h5", *common, "--api-key", "nope", check=False),
-                              "UNAUTHENTICATED", "API key")
-        esm2("embed", fasta, "-o", tmp_path / "o.h5", *common, env={**os.environ, "ESM2_API_KEY": "sesame"})
-        with h5py.File(tmp_path / "o.h5", "r") as f:
-            assert list(f) == ["a"]
-    finally:
-        keyed.stop()
+def test_wrong_api_key_is_one_line(tmp_path, tiny, server_factory):
+    keyed = server_factory(models=tiny, env={"ESM_API_KEYS": "sesame"})
+    fasta = write_fasta(tmp_path / "p.fasta", {"a": "MKTAY"})
+    common = ["-m", "esm2-tiny", "--server", keyed.target]
+    assert_one_error_line(esm2("embed", fasta, "-o", tmp_path / "o.h5", *common, "--api-key", "nope", check=False),
+                          "UNAUTHENTICATED", "API key")
+    esm2("embed", fasta, "-o", tmp_path / "o.h5", *common, env={**os.environ, "ESM2_API_KEY": "sesame"})
+    with h5py.File(tmp_path / "o.h5", "r") as f:
+        assert list(f) == ["a"]
 
 
 # ---- contacts --png -------------------------------------------------------------------------
@@ -385,9 +381,8 @@ def sharp_contacts_server(tmp_path_factory):
     weight.mul_(scale)
     bias.fill_(-scale * float(np.median(z)))
     torch.save(regression, regression_path)
-    proc = ServerProcess(directory, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={checkpoint}").wait_ready()
-    yield proc
-    proc.stop()
+    with start_server(directory, models={"esm2-tiny": checkpoint}) as proc:
+        yield proc
 
 
 def _map_cells(png: np.ndarray, panel: int, length: int) -> np.ndarray:

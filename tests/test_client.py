@@ -9,7 +9,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from support import ServerProcess, free_port
+from support import free_port, start_server
 from reference import assert_close, reference
 
 from esm2_client import AsyncEsm2Client, Esm2Client, Esm2Error, RetryPolicy
@@ -112,18 +112,16 @@ def test_deadline_stops_retrying():
     assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def test_retries_until_a_late_server_is_up_and_sends_the_api_key(tmp_path, tiny_checkpoint, reference_models):
+def test_retries_until_a_late_server_is_up_and_sends_the_api_key(tmp_path, tiny, reference_models):
     """The call starts while nothing listens; the server (API keys required) comes up later."""
     port = free_port()
     retry = RetryPolicy(max_attempts=60, initial_backoff=0.1, max_backoff=0.5)
     late: dict = {}
 
-    def start_server():
-        # A later --port overrides the one ServerProcess picked: listen where the client already dials.
-        late["server"] = ServerProcess(tmp_path, "--port", str(port), "--models", "esm2-tiny",
-                                       "--checkpoint", f"esm2-tiny={tiny_checkpoint}", env={"ESM_API_KEYS": "sesame"})
+    def start_late():  # listen where the client already dials
+        late["server"] = start_server(tmp_path, models=tiny, env={"ESM_API_KEYS": "sesame"}, port=port, ready=False)
 
-    timer = threading.Timer(1.0, start_server)
+    timer = threading.Timer(1.0, start_late)
     timer.start()
     try:
         with Esm2Client(f"127.0.0.1:{port}", api_key="sesame", retry=retry) as c:
@@ -139,18 +137,14 @@ def test_retries_until_a_late_server_is_up_and_sends_the_api_key(tmp_path, tiny_
         late["server"].stop()
 
 
-def test_out_of_memory_is_not_retried(tmp_path, tiny_checkpoint):
+def test_out_of_memory_is_not_retried(server_factory, tiny):
     """RESOURCE_EXHAUSTED without `retry-after` (one sequence too large for the device) fails at once."""
-    small = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
-                          "--simulate-oom-above-tokens", "60").wait_ready()
+    small = server_factory("--simulate-oom-above-tokens", "60", models=tiny)
     labels = 'code="RESOURCE_EXHAUSTED",method="EncodeStream"'
-    try:
-        with Esm2Client(small.target, retry=RetryPolicy(max_attempts=3, initial_backoff=0.01)) as c, \
-                pytest.raises(Esm2Error) as info:
-            c.encode(["A" * 100], "esm2-tiny")
-        attempts = small.metric("esm_requests_total", labels)
-    finally:
-        small.stop()
+    with Esm2Client(small.target, retry=RetryPolicy(max_attempts=3, initial_backoff=0.01)) as c, \
+            pytest.raises(Esm2Error) as info:
+        c.encode(["A" * 100], "esm2-tiny")
+    attempts = small.metric("esm_requests_total", labels)
     assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "100-residue sequence does not fit in cpu memory" in str(info.value)
     assert attempts == 1

@@ -53,6 +53,14 @@ def test_there_is_a_cpu_and_a_gpu_overlay(rendered):
     gpu_servers = [d for d in by_kind(rendered["gpu"], "Deployment").values()
                    if "nvidia.com/gpu" in d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]]
     assert gpu_servers, "the gpu overlay asks for no nvidia.com/gpu"
+    for deployment in gpu_servers:  # the GPU settings (README, "Running on GPUs")
+        variables = env(deployment["spec"]["template"]["spec"]["containers"][0])
+        assert variables["ESM_PRECISION"] == "bf16" and variables["ESM_DEVICE"] == "cuda"
+        assert int(variables["OMP_NUM_THREADS"]) >= 1
+
+
+def test_the_image_asks_the_container_toolkit_for_compute_and_utility():
+    assert "ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility\n" in (DEPLOY / "Dockerfile").read_text()
 
 
 @pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
@@ -95,7 +103,7 @@ def test_pools_probes_drain_and_scaling_agree(rendered, overlay):
         assert server["startupProbe"]["grpc"]["service"] == ""
         startup = server["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "too short for a 3B load"
-        assert "grpc" in server["livenessProbe"]
+        assert server["livenessProbe"]["grpc"]["service"] == "liveness"  # a hung device, not a drain
         # Drain: preStop + drain window + grace fit in terminationGracePeriodSeconds.
         pre_stop = int(server["lifecycle"]["preStop"]["exec"]["command"][-1])
         drain, grace = float(env(server)["ESM_DRAIN_SECONDS"]), float(env(server)["ESM_GRACE_SECONDS"])

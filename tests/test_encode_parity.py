@@ -2,34 +2,10 @@
 
 import numpy as np
 import pytest
-from reference import assert_close, matrix, reference
+from reference import INCLUDE_ALL, SEQUENCES, assert_close, check_result, matrix, reference
 
 from support import encode_request
 from esm2_wire.proto import pb
-
-SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWYBXZUO-", "G" * 3, "MSLLTEVETPIRNEWGCRCNDSSDPLVVAASIIGILHLILWILDRLFFKCIYRFFEHGLKRG"]
-INCLUDE_ALL = ["mean", "per_token", "bos", "contacts", "logits", "attentions"]
-
-
-def check_result(result, ref, layers, include):
-    assert [e.layer for e in result.embeddings] == (layers if "mean" in include else [])
-    assert [e.layer for e in result.bos_embeddings] == (layers if "bos" in include else [])
-    assert [e.layer for e in result.per_token_embeddings] == (layers if "per_token" in include else [])
-    for e in result.embeddings:
-        assert_close(e.embedding, ref["mean"][e.layer], f"mean layer {e.layer}")
-    for e in result.bos_embeddings:
-        assert_close(e.embedding, ref["bos"][e.layer], f"bos layer {e.layer}")
-    for e in result.per_token_embeddings:
-        assert_close(matrix(e.embeddings), ref["per_token"][e.layer], f"per_token layer {e.layer}")
-    for key in ("contacts", "attentions", "logits"):
-        assert result.HasField(key) == (key in include), key
-        if key in include:
-            assert_close(matrix(getattr(result, key)), ref[key], key)
-    if "logits" in include:
-        assert list(result.vocab_tokens) == list("LAGVSERTIDPKQNFYMHWC")
-    else:
-        assert not result.vocab_tokens
-
 
 @pytest.mark.parametrize("model", ["esm2-tiny", "esm2-8m"])
 def test_every_output_matches_fair_esm(stub, reference_models, model):
@@ -82,15 +58,9 @@ def test_predict_matches_fair_esm(stub, reference_models):
         assert list(result.vocab_tokens) == list("LAGVSERTIDPKQNFYMHWC")
 
 
-def test_exact_attention_server_matches_fair_esm(tmp_path, tiny_checkpoint, reference_models):
-    from support import ServerProcess
-
-    server = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
-                           "--attention", "exact").wait_ready()
-    try:
-        response = server.stub.Encode(encode_request("esm2-tiny", SEQUENCES, ["mean", "per_token", "logits"], [0, 1, 2]))
-    finally:
-        server.stop()
+def test_exact_attention_server_matches_fair_esm(server_factory, tiny, reference_models):
+    server = server_factory("--attention", "exact", models=tiny)
+    response = server.stub.Encode(encode_request("esm2-tiny", SEQUENCES, ["mean", "per_token", "logits"], [0, 1, 2]))
     for sequence, result in zip(SEQUENCES, response.results):
         check_result(result, reference(reference_models["esm2-tiny"], sequence), [0, 1, 2], {"mean", "per_token", "logits"})
 

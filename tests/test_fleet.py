@@ -6,7 +6,6 @@ a prompt JSON 503.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 import requests
-from support import REPO, ServerProcess, envoy_admin_get, free_port
+from support import REPO, ServerProcess, envoy_admin_get, free_port, wait_for
 from reference import assert_close, reference
 
 from esm2_client import Esm2Client
@@ -68,11 +67,15 @@ class Fleet:
                 return line.rsplit("::", 1)[1]
         return "absent"
 
+    def health_check_failures(self, model: str) -> int:
+        """Envoy's count of failed active health checks in `model`'s pool."""
+        name = f"cluster.pool_{model}.health_check.failure"
+        text = envoy_admin_get(self.envoy.config.admin_socket, f"/stats?filter={name}")
+        return sum(int(line.split(": ")[1]) for line in text.splitlines() if line.startswith(name + ": "))
+
     def wait_host(self, server, flags: str, timeout: float = 60) -> None:
-        end = time.monotonic() + timeout
-        while (seen := self.host_flags(server)) != flags:
-            assert time.monotonic() < end, f"host {server.port} is {seen!r}, not {flags!r}"
-            time.sleep(0.1)
+        wait_for(lambda: self.host_flags(server) == flags,
+                 lambda: f"host {server.port} to be {flags!r}, not {self.host_flags(server)!r}", timeout)
 
     def restart(self, index: int) -> None:
         """Start replica `index` again on its ports; wait until Envoy sends it traffic."""
@@ -155,10 +158,7 @@ class Load:
         return self
 
     def wait_for(self, count: int, timeout: float = 120) -> None:
-        end = time.monotonic() + timeout
-        while self.done < count:
-            assert time.monotonic() < end, f"only {self.done} requests in {timeout}s"
-            time.sleep(0.05)
+        wait_for(lambda: self.done >= count, lambda: f"{count} requests; {self.done} done", timeout)
 
     def __exit__(self, *exc) -> None:
         self.wait_for(self.minimum)
@@ -230,8 +230,9 @@ def test_sigkill_of_a_replica_under_load_loses_nothing(fleet, solo):
         load.wait_for(load.done + MIN_REQUESTS // 2)
     assert not load.failures, f"{len(load.failures)} of {load.done} failed: {load.failures[:5]}"
     assert load.done >= MIN_REQUESTS
-    fleet.wait_host(victim, "/failed_active_hc")  # ejected, and stays out while down
-    time.sleep(2)
+    fleet.wait_host(victim, "/failed_active_hc")  # ejected, and stays out while down:
+    failed = fleet.health_check_failures(TINY)  # only the victim fails its checks
+    wait_for(lambda: fleet.health_check_failures(TINY) >= failed + 2, "two more failed health checks of the victim")
     assert fleet.host_flags(victim) != "healthy"
     victim.stop()
     fleet.restart(1)  # back in the pool once it answers health checks
@@ -241,11 +242,8 @@ def test_sigterm_reports_not_serving_at_once_and_serves_through_the_drain_window
     replica = fleet.replicas[0]
     health = health_pb2_grpc.HealthStub(replica.channel)
     replica.proc.send_signal(signal.SIGTERM)
-    end = time.monotonic() + 10
-    while health.Check(health_pb2.HealthCheckRequest(service=TINY), timeout=10).status != \
-            health_pb2.HealthCheckResponse.NOT_SERVING:
-        assert time.monotonic() < end, "still SERVING after SIGTERM"
-        time.sleep(0.05)
+    wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service=TINY), timeout=10).status
+             == health_pb2.HealthCheckResponse.NOT_SERVING, "NOT_SERVING after SIGTERM", timeout=10)
     # NOT_SERVING, yet still answering (directly, not through Envoy) inside the window.
     response = replica.stub.Encode(pb.EncodeRequest(model=TINY, items=[pb.SequenceItem(sequence=SEQUENCES[0])]),
                                    timeout=30)
@@ -301,15 +299,14 @@ def test_launcher_runs_replicas_behind_one_envoy_and_stops_them_all(tmp_path, ti
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        end = time.monotonic() + 120
-        while True:  # both replicas healthy in the model's pool
-            assert launcher.poll() is None and time.monotonic() < end, (tmp_path / "launch.log").read_text()[-3000:]
-            with contextlib.suppress(OSError):
-                clusters = envoy_admin_get(admin_socket, "/clusters", timeout=5)
-                if all(f"pool_{TINY}::127.0.0.1:{port}::health_flags::healthy" in clusters
-                       for port in (grpc_port, grpc_port + 1)):
-                    break
-            time.sleep(0.2)
+        def both_healthy() -> bool:  # both replicas healthy in the model's pool
+            clusters = envoy_admin_get(admin_socket, "/clusters", timeout=5)
+            return all(f"pool_{TINY}::127.0.0.1:{port}::health_flags::healthy" in clusters
+                       for port in (grpc_port, grpc_port + 1))
+
+        wait_for(lambda: launcher.poll() is not None or both_healthy(),
+                 lambda: (tmp_path / "launch.log").read_text()[-3000:], timeout=120)
+        assert launcher.poll() is None, (tmp_path / "launch.log").read_text()[-3000:]
         response = requests.post(f"http://127.0.0.1:{http_port}/api/v3/{TINY}/encode",
                                  json={"items": [{"sequence": "MKT"}]}, timeout=60)
         assert response.status_code == 200, response.text

@@ -9,16 +9,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 import requests
-from support import REPO, ServerProcess, encode_request, free_port
+from support import REPO, body, encode_request, free_port, post, start_gateway, start_server, wait_for
 
-from gateway.envoy_config import GatewayConfig
-from gateway.launch import EnvoyProcess
 from esm2_wire.proto import pb, pb_grpc
 
 KEY = "test-key-0123456789"
@@ -26,62 +23,27 @@ ALL_INCLUDE = ["mean", "per_token", "bos", "contacts", "logits", "attentions"]
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "GSHMSLFDFFKNKG-SEQNAVLKAW"]
 
 
-def start_gateway(tmp, upstream_port: int, **config) -> EnvoyProcess:
-    envoy = EnvoyProcess(
-        GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=upstream_port,
-                      **config),
-        log_path=tmp / "envoy.log",
-    ).wait_listening()
-    end = time.monotonic() + 30
-    while requests.get(envoy.url + "/healthz", timeout=5).status_code != 200:  # upstream passed a health check
-        assert time.monotonic() < end, envoy.log()
-        time.sleep(0.2)
-    return envoy
-
-
 @pytest.fixture(scope="module")
-def gateway(server, tmp_path_factory):
-    envoy = start_gateway(tmp_path_factory.mktemp("gateway"), server.port)
-    yield envoy
-    envoy.stop()
-
-
-@pytest.fixture(scope="module")
-def keyed(tmp_path_factory, checkpoint_dir, tiny_checkpoint):
+def keyed(tmp_path_factory, tiny):
     """A server that wants API keys (ESM_API_KEYS), with its own gateway."""
     tmp = tmp_path_factory.mktemp("keyed")
-    proc = ServerProcess(tmp, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
-                         env={"ESM_API_KEYS": f"other-key,{KEY}"}).wait_ready()
-    envoy = start_gateway(tmp, proc.port)
-    yield envoy
-    envoy.stop()
-    proc.stop()
+    with start_server(tmp, models=tiny, env={"ESM_API_KEYS": f"other-key,{KEY}"}) as proc:
+        envoy = start_gateway(tmp, proc.port)
+        yield envoy
+        envoy.stop()
 
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory, checkpoint_dir):
     """A server with a 1 MiB JSON limit and a queue of 8 items, run one at a time."""
     tmp = tmp_path_factory.mktemp("limited")
-    proc = ServerProcess(tmp, "--models", "esm2-8m", "--model-dir", str(checkpoint_dir), "--max-json-response-mb", "1",
-                         "--max-queue-items", "8", "--max-batch-size", "1").wait_ready()
-    # No retries: a fleet's Envoy retries queue-full on another replica after Retry-After; with one
-    # replica the caller should see the 429 itself.
-    envoy = start_gateway(tmp, proc.port, max_json_response_mb=1, retries=0)
-    yield envoy, proc
-    envoy.stop()
-    proc.stop()
-
-
-def post(envoy, path, body, **kwargs) -> requests.Response:
-    return requests.post(envoy.url + path, json=body, timeout=120, **kwargs)
-
-
-def body(sequences, include=None, repr_layers=None) -> dict:
-    out: dict = {"items": [{"sequence": s} for s in sequences]}
-    params = {k: v for k, v in (("include", include), ("repr_layers", repr_layers)) if v is not None}
-    if params:
-        out["params"] = params
-    return out
+    with start_server(tmp, "--max-json-response-mb", "1", "--max-queue-items", "8", "--max-batch-size", "1",
+                      models={"esm2-8m": None}, model_dir=checkpoint_dir) as proc:
+        # No retries: a fleet's Envoy retries queue-full on another replica after Retry-After; with one
+        # replica the caller should see the 429 itself.
+        envoy = start_gateway(tmp, proc.port, max_json_response_mb=1, retries=0)
+        yield envoy, proc
+        envoy.stop()
 
 
 def close(got, want) -> None:
@@ -317,10 +279,9 @@ def test_full_queue_is_429_with_retry_after(limited):
     first: list[requests.Response] = []
     worker = threading.Thread(target=lambda: first.append(post(envoy, "/api/v3/esm2-8m/encode", slow)))
     worker.start()
-    end = time.monotonic() + 30
-    while proc.metric("esm_queue_items") == 0:  # the first request's items wait behind one running item
-        assert time.monotonic() < end and worker.is_alive()
-        time.sleep(0.01)
+    # the first request's items wait behind one running item
+    wait_for(lambda: proc.metric("esm_queue_items") > 0 or not worker.is_alive(), "queued items", timeout=30)
+    assert worker.is_alive(), first
     busy = post(envoy, "/api/v3/esm2-8m/encode", body([("MKTAYIAKQR" * 100)[:-1] + c for c in "KLMNPQRS"]))
     worker.join()
     assert first[0].status_code == 200
@@ -329,16 +290,13 @@ def test_full_queue_is_429_with_retry_after(limited):
     assert "busy" in busy.json()["message"]
 
 
-def test_upstream_down_is_503_json(tmp_path):
-    envoy = EnvoyProcess(GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=free_port()), log_path=tmp_path / "envoy.log").wait_listening()
-    try:
-        response = post(envoy, "/api/v3/esm2-8m/encode/", body(["MKT"]))
-        assert response.status_code == 503
-        assert response.json()["status_code"] == 503 and response.json()["detail"]
-        assert response.headers["retry-after"] == "1"  # unavailable now, maybe not in a second
-        assert requests.get(envoy.url + "/healthz", timeout=10).status_code == 503
-    finally:
-        envoy.stop()
+def test_upstream_down_is_503_json(gateway_factory):
+    envoy = gateway_factory(free_port(), healthy=False)  # nothing listens there
+    response = post(envoy, "/api/v3/esm2-8m/encode/", body(["MKT"]))
+    assert response.status_code == 503
+    assert response.json()["status_code"] == 503 and response.json()["detail"]
+    assert response.headers["retry-after"] == "1"  # unavailable now, maybe not in a second
+    assert requests.get(envoy.url + "/healthz", timeout=10).status_code == 503
 
 
 # ---- API keys --------------------------------------------------------------------
@@ -393,15 +351,10 @@ def test_launcher_starts_and_stops_server_and_envoy(tmp_path, tiny_checkpoint):
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        end = time.monotonic() + 60
-        while True:
-            assert launcher.poll() is None and time.monotonic() < end, (tmp_path / "launch.log").read_text()
-            try:
-                if requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
+        wait_for(lambda: launcher.poll() is not None
+                 or requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=2).status_code == 200,
+                 lambda: (tmp_path / "launch.log").read_text(), timeout=60)
+        assert launcher.poll() is None, (tmp_path / "launch.log").read_text()
         response = requests.post(f"http://127.0.0.1:{http_port}/api/v3/esm2-tiny/encode", json=body(["MKT"]), timeout=30)
         assert response.status_code == 200
         launcher.send_signal(signal.SIGTERM)

@@ -16,12 +16,11 @@ import torch
 from hf_models import (
     HF_SHAPES, convert_fair_esm, esm2_config, hf_reference, load_reference, make_hf_cache, save, write_random_hf,
 )
-from reference import assert_close, matrix
+from reference import INCLUDE_ALL, SEQUENCES, assert_close, check_result, matrix
 from safetensors.torch import load_file, save_file
-from test_encode_parity import INCLUDE_ALL, SEQUENCES, check_result
 from transformers import EsmForSequenceClassification, EsmModel
 
-from support import REPO, ServerProcess, encode_request, free_port
+from support import REPO, encode_request, free_port, start_server
 from service.models import hf_checkpoints, sources
 from service import server
 from service.models.checkpoints import CheckpointNotFound
@@ -84,10 +83,9 @@ source = "{hf_dirs['no-contacts']}"
 [models.classifier]
 source = "{hf_dirs['classifier']}"
 """)
-    proc = ServerProcess(tmp_path_factory.mktemp("hf-server"), "--models-file", str(models_file), "--offline",
-                         env={"HF_HOME": str(hf_dirs["hf_home"]), "HF_HUB_CACHE": str(hf_dirs["hf_home"] / "hub")})
-    yield proc.wait_ready()
-    proc.stop()
+    with start_server(tmp_path_factory.mktemp("hf-server"), "--models-file", str(models_file),
+                      env={"HF_HOME": str(hf_dirs["hf_home"]), "HF_HUB_CACHE": str(hf_dirs["hf_home"] / "hub")}) as proc:
+        yield proc
 
 
 @pytest.mark.parametrize("model,directory", [("hub-tiny", "tiny"), ("hf-8m", "8m")])
@@ -249,14 +247,14 @@ def test_too_big_for_the_device_is_refused_before_download(tmp_path):
         cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr
-    assert "cpu has 24.00 GiB available but needs 59.46 GiB" in result.stderr
-    assert "esm2-15b (15,129.1M parameters: 58.47 GiB)" in result.stderr
+    assert "cpu has 24.00 GiB available but needs 64.18 GiB" in result.stderr
+    assert "esm2-15b (15,129.1M parameters: 61.94 GiB)" in result.stderr
     assert "Traceback" not in result.stderr and "downloading" not in result.stderr
 
 
 def test_models_on_one_device_are_summed(tmp_path, tiny_checkpoint):
-    # Each fits alone; together they do not.
-    expected = r"cpu has 0.15 GiB available but needs 0.19 GiB for a \(0.1M parameters: 0.09 GiB\), b \("
+    # Each fits alone (0.12 GiB with the per-layer representations and 7 map buffers counted); together they do not.
+    expected = r"cpu has 0.15 GiB available but needs 0.24 GiB for a \(0.1M parameters: 0.12 GiB\), b \("
     with pytest.raises(DoesNotFit, match=expected):
         _load(tmp_path, "--models", "a,b", "--checkpoint", f"a={tiny_checkpoint}", "--checkpoint", f"b={tiny_checkpoint}",
               "--assume-available-memory-gib", "0.15", "--max-sequence-length", "100", "--max-batch-tokens", "32768")

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from test_gateway import body, gateway, post  # noqa: F401 (gateway: a module-scoped fixture)
+from support import body, post
 
 from service.errors import MAX_MESSAGE_CHARS
 

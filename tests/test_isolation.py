@@ -14,8 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from support import ServerProcess, encode_request, free_port, wait_for
-from test_gateway import start_gateway
+from support import encode_request, start_gateway, start_server, wait_for
 
 from esm2_wire.proto import pb, pb_grpc
 
@@ -44,9 +43,8 @@ def own_channel(target: str) -> grpc.Channel:
 def edge(tmp_path_factory, checkpoint_dir):
     """One server with the 8M shape and the gateway users reach it through."""
     tmp = tmp_path_factory.mktemp("isolation")
-    server = ServerProcess(tmp, "--models", "esm2-8m", "--model-dir", str(checkpoint_dir),
-                           "--max-stream-held-mb", str(STREAM_HELD_MB), "--max-held-response-mb", "256",
-                           "--json-response-budget-mb", "600").wait_ready()
+    server = start_server(tmp, "--max-stream-held-mb", str(STREAM_HELD_MB), "--max-held-response-mb", "256",
+                          "--json-response-budget-mb", "600", models={"esm2-8m": None}, model_dir=checkpoint_dir)
     # No retries: with one replica, a caller refused by the JSON budget sees the 429 itself.
     envoy = start_gateway(tmp, server.port, retries=0)
     yield server, envoy
@@ -103,7 +101,8 @@ def test_unread_streams_through_envoy_do_not_stall_other_callers(edge):
             assert next(call).WhichOneof("payload") == "item_header"  # computed and flowing; then never read
         # Steady state: the server has given up on the unread streams (each held more than its per-stream
         # bound and read nothing); Envoy still holds what it took of them, and their callers keep them open.
-        wait_for(lambda: _statuses(server, "EncodeStream")["RESOURCE_EXHAUSTED"] >= ended + 6, timeout=60)
+        wait_for(lambda: _statuses(server, "EncodeStream")["RESOURCE_EXHAUSTED"] >= ended + 6,
+                 "the server to give up the 6 unread streams", timeout=60)
         under_attack = other_callers(envoy, 4)
     finally:
         for channel in channels:
@@ -128,8 +127,8 @@ def test_unread_streams_straight_to_the_server_are_bounded(edge):
         for call in calls:
             assert next(call).WhichOneof("payload") == "item_header"
         wait_for(lambda: _statuses(server, "EncodeStream")["RESOURCE_EXHAUSTED"] >= before["RESOURCE_EXHAUSTED"] + 4,
-                 timeout=60)
-        wait_for(lambda: server.metric("esm_response_bytes_held") == 0, timeout=30)
+                 "RESOURCE_EXHAUSTED for the 4 unread streams", timeout=60)
+        wait_for(lambda: server.metric("esm_response_bytes_held") == 0, "no bytes held", timeout=30)
         for call in calls:  # reading now: what was already sent, then the status
             with pytest.raises(grpc.RpcError) as info:
                 for _ in call:
@@ -163,10 +162,11 @@ def test_a_stream_cancelled_while_blocked_on_its_reader_is_counted(edge):
     with own_channel(server.target) as channel:
         call = pb_grpc.Esm2ServiceStub(channel).EncodeStream(request, timeout=120)
         assert next(call).WhichOneof("payload") == "item_header"
-        wait_for(lambda: server.metric("esm_response_bytes_held") > 0, timeout=30)  # the server waits for us
+        wait_for(lambda: server.metric("esm_response_bytes_held") > 0, "the server to wait for us", timeout=30)
         call.cancel()
-        wait_for(lambda: _statuses(server, "EncodeStream")["CANCELLED"] == before + 1, timeout=30)
-    wait_for(lambda: server.metric("esm_response_bytes_held") == 0, timeout=30)
+        wait_for(lambda: _statuses(server, "EncodeStream")["CANCELLED"] == before + 1,
+                 "the cancelled stream counted", timeout=30)
+    wait_for(lambda: server.metric("esm_response_bytes_held") == 0, "no bytes held", timeout=30)
 
 
 def test_huge_unary_responses_are_refused_before_any_work(edge):
@@ -246,9 +246,10 @@ def test_unread_json_responses_are_bounded_in_envoy_and_the_server(edge):
     sockets = [_unread_json(envoy.config.http_port, body) for _ in range(4)]
     try:
         # Three are refused by the budget; the one admitted is given up once its caller has read nothing.
-        wait_for(lambda: _statuses(server, "EncodeJson")["RESOURCE_EXHAUSTED"] >= ended + 4, timeout=90)
+        wait_for(lambda: _statuses(server, "EncodeJson")["RESOURCE_EXHAUSTED"] >= ended + 4,
+                 "3 refusals and 1 given-up JSON response", timeout=90)
         assert _json_caller(envoy.url, 0) < 30  # others are served meanwhile
-        wait_for(lambda: server.metric("esm_response_bytes_held") == 0, timeout=30)
+        wait_for(lambda: server.metric("esm_response_bytes_held") == 0, "no bytes held", timeout=30)
         assert server.metric("esm_json_response_bytes_in_flight") == 0
         assert _memory_kib(envoy.proc.pid, "VmHWM") - envoy_before < 256 << 10  # KiB: under 256 MiB for all four
         answers = [_read_all(sock) for sock in sockets]

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from reference import assert_close, matrix, reference
 
-from support import ServerProcess, encode_request, wait_for
+from support import encode_request, start_server, wait_for
 from esm2_wire.proto import pb
 
 rng = np.random.default_rng(11)
@@ -49,12 +49,11 @@ def test_list_models_reports_shapes_and_random_weights(server, stub):
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory, checkpoint_dir):
     """8M shape with a queue of 8 items: one long request keeps the worker busy for seconds."""
-    proc = ServerProcess(tmp_path_factory.mktemp("busy"), "--models", "esm2-8m", "--model-dir", str(checkpoint_dir),
-                         "--max-queue-items", "8", "--max-batch-tokens", "16384",
-                         "--max-batch-token-pairs", str(16384 * 2048),
-                         "--aging", "0").wait_ready()  # first come, first served: nothing runs between its layers
-    yield proc
-    proc.stop()
+    with start_server(tmp_path_factory.mktemp("busy"), "--max-queue-items", "8", "--max-batch-tokens", "16384",
+                      "--max-batch-token-pairs", str(16384 * 2048),
+                      "--aging", "0",  # first come, first served: nothing runs between its layers
+                      models={"esm2-8m": None}, model_dir=checkpoint_dir) as proc:
+        yield proc
 
 
 def test_queue_full_and_deadlines_drop_work_before_the_model(busy_server):
@@ -86,19 +85,15 @@ def test_queue_full_and_deadlines_drop_work_before_the_model(busy_server):
     assert busy_server.metric("esm_rejected_requests_total") == 1
 
 
-def test_out_of_memory_splits_the_batch_and_fails_only_what_cannot_fit(tmp_path, tiny_checkpoint, reference_models):
-    server = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
-                           "--simulate-oom-above-tokens", "300", "--max-wait-ms", "200").wait_ready()
-    try:
-        fits = ["M" + "KTAYIAKQRQ" * 10, "A" * 90, "G" * 95, "W" * 99]  # 4 x 103 > 300; 2 x 103 fits
-        too_long = ["MKTAYIAKQR" * 40]  # 402 tokens alone
-        ok_call = server.stub.Encode.future(encode_request("esm2-tiny", fits))
-        failing_call = server.stub.Encode.future(encode_request("esm2-tiny", too_long))
-        response = ok_call.result(timeout=60)
-        with pytest.raises(grpc.RpcError) as info:
-            failing_call.result(timeout=60)
-    finally:
-        server.stop()
+def test_out_of_memory_splits_the_batch_and_fails_only_what_cannot_fit(server_factory, tiny, reference_models):
+    server = server_factory("--simulate-oom-above-tokens", "300", "--max-wait-ms", "200", models=tiny)
+    fits = ["M" + "KTAYIAKQRQ" * 10, "A" * 90, "G" * 95, "W" * 99]  # 4 x 103 > 300; 2 x 103 fits
+    too_long = ["MKTAYIAKQR" * 40]  # 402 tokens alone
+    ok_call = server.stub.Encode.future(encode_request("esm2-tiny", fits))
+    failing_call = server.stub.Encode.future(encode_request("esm2-tiny", too_long))
+    response = ok_call.result(timeout=60)
+    with pytest.raises(grpc.RpcError) as info:
+        failing_call.result(timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "400-residue sequence does not fit in cpu memory" in info.value.details()
     for sequence, result in zip(fits, response.results):
@@ -106,8 +101,8 @@ def test_out_of_memory_splits_the_batch_and_fails_only_what_cannot_fit(tmp_path,
     assert "retrying as" in server.log()
 
 
-def test_sigterm_finishes_in_flight_work_then_exits(tmp_path, checkpoint_dir):
-    server = ServerProcess(tmp_path, "--models", "esm2-8m", "--model-dir", str(checkpoint_dir)).wait_ready()
+def test_sigterm_finishes_in_flight_work_then_exits(server_factory, checkpoint_dir):
+    server = server_factory(models={"esm2-8m": None}, model_dir=checkpoint_dir)
     call = server.stub.Encode.future(encode_request("esm2-8m", LONG[:4]))
     wait_for(lambda: server.metric("esm_worker_busy") == 1)
     server.proc.send_signal(signal.SIGTERM)
@@ -115,34 +110,26 @@ def test_sigterm_finishes_in_flight_work_then_exits(tmp_path, checkpoint_dir):
     assert len(response.results) == 4
     assert server.proc.wait(60) == 0
     assert "shutting down" in server.log() and "stopped" in server.log()
-    server.stop()
 
 
-def test_contacts_need_the_regression_file(tmp_path, tiny_checkpoint):
+def test_contacts_need_the_regression_file(tmp_path, tiny_checkpoint, server_factory):
     copy = tmp_path / "esm2_t2_copy.pt"
     copy.write_bytes(tiny_checkpoint.read_bytes())  # no -contact-regression.pt beside it
-    server = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={copy}").wait_ready()
-    try:
-        assert server.stub.Encode(encode_request("esm2-tiny", ["MKT"], ["mean"])).results[0].embeddings
-        with pytest.raises(grpc.RpcError) as info:
-            server.stub.Encode(encode_request("esm2-tiny", ["MKT"], ["contacts"]))
-    finally:
-        server.stop()
+    server = server_factory(models={"esm2-tiny": copy})
+    assert server.stub.Encode(encode_request("esm2-tiny", ["MKT"], ["mean"])).results[0].embeddings
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.Encode(encode_request("esm2-tiny", ["MKT"], ["contacts"]))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "esm2_t2_copy-contact-regression.pt was not found" in info.value.details()
 
 
-def test_mixed_precision_autocast_path(tmp_path, tiny_checkpoint, reference_models):
+def test_mixed_precision_autocast_path(server_factory, tiny, reference_models):
     """--precision bf16 runs the model under autocast (on CPU here, as on CUDA) and returns
     float32 outputs close to fp32 fair-esm, within bfloat16's ~3 significant digits. (The CPU
     is told it has native bf16, so that the path runs on any machine; tests/test_precision.py.)"""
-    server = ServerProcess(tmp_path, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
-                           "--precision", "bf16", "--simulate-cpu-native", "present").wait_ready()
+    server = server_factory("--precision", "bf16", "--simulate-cpu-native", "present", models=tiny)
     sequence = "MKTAYIAKQRQISFVKSHFSRQ"
-    try:
-        response = server.stub.Encode(encode_request("esm2-tiny", [sequence], ["mean", "contacts", "logits"]))
-    finally:
-        server.stop()
+    response = server.stub.Encode(encode_request("esm2-tiny", [sequence], ["mean", "contacts", "logits"]))
     ref = reference(reference_models["esm2-tiny"], sequence)
     result = response.results[0]
     mean = np.asarray(result.embeddings[0].embedding)

@@ -24,6 +24,8 @@ import pytest
 from google.protobuf import descriptor_pb2
 from support import REPO
 
+pytestmark = [pytest.mark.packaging, pytest.mark.slow]
+
 GENERATED = [
     "esm2_wire/gen/esm/v1/esm2_pb2.py",
     "esm2_wire/gen/esm/v1/esm2_pb2.pyi",

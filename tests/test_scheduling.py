@@ -9,7 +9,7 @@ import pytest
 from reference import assert_close, matrix, reference
 
 from esm2_wire.proto import pb
-from support import ServerProcess, encode_request, wait_for
+from support import encode_request, start_server, wait_for
 
 ALPHABET = list("ACDEFGHIKLMNPQRSTVWY")
 rng = np.random.default_rng(23)
@@ -20,15 +20,11 @@ def _random(length: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_workers(tmp_path_factory, checkpoint_dir, tiny_checkpoint):
+def two_workers(tmp_path_factory, checkpoint_dir, tiny):
     """Both models on two CPU workers, result cache on (the default)."""
-    proc = ServerProcess(
-        tmp_path_factory.mktemp("two-workers"),
-        "--models", "esm2-tiny,esm2-8m", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
-        "--model-dir", str(checkpoint_dir), "--device", "cpu,cpu",
-    ).wait_ready()
-    yield proc
-    proc.stop()
+    with start_server(tmp_path_factory.mktemp("two-workers"), "--device", "cpu,cpu",
+                      models={**tiny, "esm2-8m": None}, model_dir=checkpoint_dir) as proc:
+        yield proc
 
 
 def _check_encode(result, ref, include, layers):
@@ -132,22 +128,19 @@ def test_identical_items_in_flight_are_computed_once_even_when_a_caller_cancels(
     assert server.metric("esm_items_total", 'model="esm2-8m"') - items == 2 + 1  # the blockers and one repeat
 
 
-def test_a_small_request_finishes_while_a_huge_one_is_still_running(tmp_path, checkpoint_dir, reference_models):
+def test_a_small_request_finishes_while_a_huge_one_is_still_running(server_factory, checkpoint_dir, reference_models):
     # The huge request's items each run alone (the token-pair budget is set below two of
     # them), so the small one can go between them rather than wait for all three.
-    server = ServerProcess(tmp_path, "--models", "esm2-8m", "--model-dir", str(checkpoint_dir),
-                           "--max-batch-token-pairs", str(700 * 700)).wait_ready()
-    try:
-        huge = [_random(600) for _ in range(3)]
-        huge_call = server.stub.Encode.future(
-            encode_request("esm2-8m", huge, ["mean", "per_token", "bos", "logits", "contacts", "attentions"], [-1]))
-        wait_for(lambda: server.metric("esm_worker_busy") == 1)
-        small = _random(30)
-        response = server.stub.Encode(encode_request("esm2-8m", [small]), timeout=300)
-        assert not huge_call.done(), "the small request waited for the whole huge one"
-        assert_close(response.results[0].embeddings[0].embedding, reference(reference_models["esm2-8m"], small)["mean"][6])
-        for sequence, result in zip(huge, huge_call.result(timeout=300).results, strict=True):
-            assert_close(matrix(result.contacts), reference(reference_models["esm2-8m"], sequence)["contacts"])
-        assert server.metric("esm_batches_total", 'model="esm2-8m"') >= 2 + 4  # warm-up 2, then 3 huge + 1 small
-    finally:
-        server.stop()
+    server = server_factory("--max-batch-token-pairs", str(700 * 700), models={"esm2-8m": None},
+                            model_dir=checkpoint_dir)
+    huge = [_random(600) for _ in range(3)]
+    huge_call = server.stub.Encode.future(
+        encode_request("esm2-8m", huge, ["mean", "per_token", "bos", "logits", "contacts", "attentions"], [-1]))
+    wait_for(lambda: server.metric("esm_worker_busy") == 1)
+    small = _random(30)
+    response = server.stub.Encode(encode_request("esm2-8m", [small]), timeout=300)
+    assert not huge_call.done(), "the small request waited for the whole huge one"
+    assert_close(response.results[0].embeddings[0].embedding, reference(reference_models["esm2-8m"], small)["mean"][6])
+    for sequence, result in zip(huge, huge_call.result(timeout=300).results, strict=True):
+        assert_close(matrix(result.contacts), reference(reference_models["esm2-8m"], sequence)["contacts"])
+    assert server.metric("esm_batches_total", 'model="esm2-8m"') >= 2 + 4  # warm-up 2, then 3 huge + 1 small

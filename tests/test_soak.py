@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from support import ServerProcess, encode_request
-from reference import assert_close, matrix, reference
-from test_encode_parity import check_result
-from test_gateway import start_gateway
+from reference import assert_close, check_result, matrix, reference
+from support import encode_request, start_server
 
 from esm2_wire.proto import pb
+
+pytestmark = pytest.mark.slow
 
 CLIENTS = 6  # half gRPC, half JSON through Envoy
 WARMUP_REQUESTS = 8  # per client
@@ -52,20 +52,12 @@ def open_fds(pid: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, checkpoint_dir, tiny_checkpoint):
-    """This module's own server, fresh (no other test's history in its heap), its cache small."""
-    proc = ServerProcess(tmp_path_factory.mktemp("soak-server"), "--models", "esm2-tiny,esm2-8m",
-                         "--checkpoint", f"esm2-tiny={tiny_checkpoint}", "--model-dir", str(checkpoint_dir),
-                         "--cache-mb", str(CACHE_MB)).wait_ready()
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(server, tmp_path_factory):
-    envoy = start_gateway(tmp_path_factory.mktemp("soak-gateway"), server.port)
-    yield envoy
-    envoy.stop()
+def server(tmp_path_factory, checkpoint_dir, tiny):
+    """This module's own server, fresh (no other test's history in its heap), its cache small; the
+    `gateway` fixture (conftest.py) puts an Envoy in front of it."""
+    with start_server(tmp_path_factory.mktemp("soak-server"), "--cache-mb", str(CACHE_MB),
+                      models={**tiny, "esm2-8m": None}, model_dir=checkpoint_dir) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

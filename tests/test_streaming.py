@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from reference import assert_close, matrix, reference
 
-from support import ServerProcess, encode_request
+from support import encode_request
 from service.models.checkpoints import load
 from esm2_wire.proto import pb, pb_grpc
 from service.models.random_checkpoints import write_random_checkpoint
@@ -46,19 +46,21 @@ def reassemble(messages):
 
 
 def test_encode_stream_equals_unary(stub):
-    unary = stub.Encode(encode_request("esm2-tiny", SEQUENCES, ALL, [-1, 0]))
+    sequences = [SEQUENCES[0] * 4, *SEQUENCES[1:]]  # 440 residues: its maps span several 64 KiB chunks
+    unary = stub.Encode(encode_request("esm2-tiny", sequences, ALL, [-1, 0]))
     stream_request = pb.EncodeStreamRequest(
         model="esm2-tiny", params=pb.EncodeParams(include=ALL, repr_layers=[-1, 0]),
-        items=[pb.SequenceItem(sequence=s) for s in SEQUENCES],
-        stream_options=pb.StreamOptions(max_chunk_bytes=4096),
+        items=[pb.SequenceItem(sequence=s) for s in sequences],
+        stream_options=pb.StreamOptions(max_chunk_bytes=64 << 10),  # the smallest accepted
     )
     messages = list(stub.EncodeStream(stream_request))
-    assert max(len(m.chunk.data) for m in messages) <= 4096
+    assert max(len(m.chunk.data) for m in messages) <= 64 << 10
+    assert sum(m.chunk.row_start > 0 for m in messages) > 10  # tensors were cut into chunks
     items = reassemble(messages)
     assert sorted(items) == [0, 1, 2]
     for index, result in enumerate(unary.results):
         item = items[index]
-        assert item["header"].sequence_length == len(SEQUENCES[index])
+        assert item["header"].sequence_length == len(sequences[index])
         assert list(item["header"].vocab_tokens) == list(result.vocab_tokens)
         for e in result.embeddings:
             np.testing.assert_array_equal(item[("mean", e.layer)], np.asarray(e.embedding, np.float32))
@@ -95,21 +97,19 @@ def test_predict_stream_equals_unary(stub):
         np.testing.assert_array_equal(streamed[index][("logits", None)], matrix(result.logits))
 
 
-def test_650m_width_per_token_of_2048_residues_streams(tmp_path):
+@pytest.mark.slow
+def test_650m_width_per_token_of_2048_residues_streams(tmp_path, server_factory):
     """2048 x 1280 float32 (10 MiB) per item: far over gRPC's 4 MiB default, in ~1 MiB chunks."""
     path = write_random_checkpoint("wide", tmp_path / "ckpt", seed=3)
-    server = ServerProcess(tmp_path, "--models", "esm2-wide", "--checkpoint", f"esm2-wide={path}").wait_ready()
+    server = server_factory(models={"esm2-wide": path})
     rng = np.random.default_rng(1)
     sequences = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 2048)) for _ in range(2)]
-    try:
-        # A default-limits channel: every message must fit gRPC's 4 MiB default.
-        with grpc.insecure_channel(server.target) as channel:
-            messages = list(pb_grpc.Esm2ServiceStub(channel).EncodeStream(pb.EncodeStreamRequest(
-                model="esm2-wide", params=pb.EncodeParams(include=["per_token"]),
-                items=[pb.SequenceItem(sequence=s) for s in sequences],
-            )))
-    finally:
-        server.stop()
+    # A default-limits channel: every message must fit gRPC's 4 MiB default.
+    with grpc.insecure_channel(server.target) as channel:
+        messages = list(pb_grpc.Esm2ServiceStub(channel).EncodeStream(pb.EncodeStreamRequest(
+            model="esm2-wide", params=pb.EncodeParams(include=["per_token"]),
+            items=[pb.SequenceItem(sequence=s) for s in sequences],
+        )))
     assert max(m.ByteSize() for m in messages) < 2 << 20
     items = reassemble(messages)
     loaded = load("esm2-wide", path)

@@ -11,14 +11,12 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from support import ServerProcess, encode_request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_gateway import body, post, start_gateway
+from support import body, encode_request, post, start_gateway, start_server, wait_for
 
 from service.engine.scheduler import WORKER_LOST
 from service.server import EXIT_WORKER_LOST
@@ -39,28 +37,21 @@ def arm(fault_file: Path, fault: str) -> None:
     os.replace(staging, fault_file)
 
 
-def wait_for(condition, what: str, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
+ONE_ITEM_PER_BATCH = ("--max-batch-size", "1")
 
 
-def start_server(tmp: Path, tiny_checkpoint: Path) -> tuple[ServerProcess, Path]:
-    fault_file = tmp / "fault"
-    proc = ServerProcess(tmp, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
-                         "--max-batch-size", "1", env={"ESM_FAULT_FILE": str(fault_file)}).wait_ready()
-    return proc, fault_file
+def fault_hook(fault_file: Path) -> dict:
+    """The environment that arms the fault hook, read from `fault_file`."""
+    return {"ESM_FAULT_FILE": str(fault_file)}
 
 
 @pytest.fixture(scope="module")
-def faulty(tmp_path_factory, tiny_checkpoint):
+def faulty(tmp_path_factory, tiny):
     tmp = tmp_path_factory.mktemp("faulty")
-    proc, fault_file = start_server(tmp, tiny_checkpoint)
-    envoy = start_gateway(tmp, proc.port)
-    yield proc, envoy, fault_file
-    envoy.stop()
-    proc.stop()
+    with start_server(tmp, *ONE_ITEM_PER_BATCH, models=tiny, env=fault_hook(tmp / "fault")) as proc:
+        envoy = start_gateway(tmp, proc.port)
+        yield proc, envoy, tmp / "fault"
+        envoy.stop()
 
 
 def test_failing_batch_is_500_through_the_gateway_and_serving_goes_on(faulty):
@@ -83,63 +74,61 @@ def test_failing_batch_is_500_through_the_gateway_and_serving_goes_on(faulty):
 
 
 @pytest.mark.parametrize("fault", ["device-error", "worker-exit"])
-def test_lost_worker_fails_accepted_work_reports_not_serving_and_exits(tmp_path, tiny_checkpoint, fault):
-    proc, fault_file = start_server(tmp_path, tiny_checkpoint)
-    envoy = start_gateway(tmp_path, proc.port)
-    try:
-        statuses: list[int] = []
-        watch = health_pb2_grpc.HealthStub(proc.channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
-        watcher = threading.Thread(target=lambda: statuses.extend(r.status for r in _until_error(watch)))
-        watcher.start()
+def test_lost_worker_fails_accepted_work_reports_not_serving_and_exits(tmp_path, tiny, server_factory,
+                                                                      gateway_factory, fault):
+    fault_file = tmp_path / "fault"
+    proc = server_factory(*ONE_ITEM_PER_BATCH, models=tiny, env=fault_hook(fault_file))
+    envoy = gateway_factory(proc.port)
+    statuses: list[int] = []
+    watch = health_pb2_grpc.HealthStub(proc.channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
+    watcher = threading.Thread(target=lambda: statuses.extend(r.status for r in _until_error(watch)))
+    watcher.start()
 
-        grpc_results: list = []
-        json_results: list = []
+    grpc_results: list = []
+    json_results: list = []
 
-        def grpc_call():
-            try:
-                proc.stub.Encode(encode_request("esm2-tiny", [fresh()]), timeout=120)
-                grpc_results.append(("OK", "", ()))
-            except grpc.RpcError as exc:
-                grpc_results.append((exc.code(), exc.details(), exc.trailing_metadata()))
+    def grpc_call():
+        try:
+            proc.stub.Encode(encode_request("esm2-tiny", [fresh()]), timeout=120)
+            grpc_results.append(("OK", "", ()))
+        except grpc.RpcError as exc:
+            grpc_results.append((exc.code(), exc.details(), exc.trailing_metadata()))
 
-        def json_call():
-            json_results.append(post(envoy, "/api/v3/esm2-tiny/encode/", body([fresh()])))
+    def json_call():
+        json_results.append(post(envoy, "/api/v3/esm2-tiny/encode/", body([fresh()])))
 
-        arm(fault_file, "stall")  # the next batch waits in the worker until the fault is written
-        threads = [threading.Thread(target=grpc_call)]
-        threads[0].start()
-        wait_for(lambda: proc.metric("esm_worker_busy") == 1, "the stalled batch")
-        more = [threading.Thread(target=call) for call in [grpc_call, json_call] * 3]
-        for thread in more:
-            thread.start()
-        wait_for(lambda: proc.metric("esm_queue_items") == 6, "six queued requests")
-        arm(fault_file, fault)
-        for thread in threads + more:
-            thread.join(120)
-            assert not thread.is_alive(), "a request hung"
+    arm(fault_file, "stall")  # the next batch waits in the worker until the fault is written
+    threads = [threading.Thread(target=grpc_call)]
+    threads[0].start()
+    wait_for(lambda: proc.metric("esm_worker_busy") == 1, "the stalled batch")
+    more = [threading.Thread(target=call) for call in [grpc_call, json_call] * 3]
+    for thread in more:
+        thread.start()
+    wait_for(lambda: proc.metric("esm_queue_items") == 6, "six queued requests")
+    arm(fault_file, fault)
+    for thread in threads + more:
+        thread.join(120)
+        assert not thread.is_alive(), "a request hung"
 
-        assert proc.proc.wait(60) == EXIT_WORKER_LOST
-        watcher.join(30)
-        log = proc.log()
-        assert "model worker lost" in log and f"exiting with status {EXIT_WORKER_LOST}" in log
+    assert proc.proc.wait(60) == EXIT_WORKER_LOST
+    watcher.join(30)
+    log = proc.log()
+    assert "model worker lost" in log and f"exiting with status {EXIT_WORKER_LOST}" in log
 
-        assert len(grpc_results) == 4 and len(json_results) == 3
-        for code, details, trailers in grpc_results:
-            assert code == grpc.StatusCode.UNAVAILABLE
-            assert details == WORKER_LOST
-            assert ("retry-after", "1") in tuple(trailers)
-        for response in json_results:
-            assert response.status_code == 503, response.text
-            assert response.headers.get("retry-after") == "1"
-            # Envoy retries UNAVAILABLE on another replica (the fleet's failover). This gateway has
-            # one, so a retry can only find it gone, and Envoy then answers its own 503.
-            message = response.json()["detail"]
-            assert message == WORKER_LOST or message.startswith("upstream connect error"), message
-        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
-        assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        envoy.stop()
-        proc.stop()
+    assert len(grpc_results) == 4 and len(json_results) == 3
+    for code, details, trailers in grpc_results:
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert details == WORKER_LOST
+        assert ("retry-after", "1") in tuple(trailers)
+    for response in json_results:
+        assert response.status_code == 503, response.text
+        assert response.headers.get("retry-after") == "1"
+        # Envoy retries UNAVAILABLE on another replica (the fleet's failover). This gateway has
+        # one, so a retry can only find it gone, and Envoy then answers its own 503.
+        message = response.json()["detail"]
+        assert message == WORKER_LOST or message.startswith("upstream connect error"), message
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
+    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
 
 
 def _until_error(stream):

@@ -23,7 +23,8 @@ import jsonschema
 from esm2_wire.vocabulary import Limits
 from service import errors
 from service.errors import ELLIPSIS, BadBody, InvalidRequest, Problem, echo
-from service.api.request_schema import MAX_LIST_PARAM, request_schema
+from service.api.request_schema import request_schema
+from service.api.validation import check_list_lengths
 
 CONTENT_ENCODING_METADATA = "x-esm-content-encoding"  # set by the gateway's Lua filter
 
@@ -126,10 +127,9 @@ def _check_list_lengths(document, limits: Limits) -> None:
     if isinstance(items, list) and len(items) > limits.max_items:
         raise InvalidRequest.of(Problem("items", None, f"expected 1 to {limits.max_items} items, got {len(items)}"))
     params = document.get("params")
-    for name in ("include", "repr_layers"):
-        values = params.get(name) if isinstance(params, dict) else None
-        if isinstance(values, list) and len(values) > MAX_LIST_PARAM:
-            raise InvalidRequest.of(Problem(f"params.{name}", None, f"at most {MAX_LIST_PARAM} values, got {len(values)}"))
+    if isinstance(params, dict):
+        check_list_lengths({name: params[name] for name in ("include", "repr_layers")
+                            if isinstance(params.get(name), list)})
 
 
 # Sequence contents (letters, length, masks) are checked by service.api.validation, whose

@@ -19,7 +19,7 @@ import time
 import grpc
 
 from service import metrics
-from service.api.auth import OPEN_METHODS, key_matches
+from service.api.auth import OPEN_METHODS, authorization, key_matches
 from service.errors import InvalidRequest, ServiceError, Unauthenticated
 from service.api.json_body import failure
 
@@ -131,8 +131,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 method in GATEWAY_METHODS,
             )
         if self._keys and not method.startswith(OPEN_METHODS):
-            supplied = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
-            if not key_matches(supplied, self._keys):
+            if not key_matches(authorization(details.invocation_metadata), self._keys):
                 metrics.REFUSED_UNDECODED.labels("api_key").inc()
                 return self._denied[method]
         return guarded

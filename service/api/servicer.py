@@ -23,6 +23,7 @@ from esm2_wire.proto import FLEET_MODELS_HEADER, pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service import errors, metrics
 from service.api import json_limits, rendering
+from service.api.auth import Tenancy
 from service.api.response_memory import (
     DEFAULT_MAX_HELD_RESPONSE_MB, DEFAULT_MAX_STREAM_HELD_MB, HeldResponse, ResponseMemory,
 )
@@ -56,7 +57,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         self, models: dict[str, ServedModel], router: ModelRouter, limits: Limits,
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
         max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
-        openapi_document: bytes = b"{}",
+        openapi_document: bytes = b"{}", tenancy: Tenancy | None = None,
         memory: ResponseMemory | None = None,
         max_unary_response_bytes: int = json_limits.DEFAULT_MAX_UNARY_RESPONSE_MB << 20,
         json_budget_bytes: int = json_limits.DEFAULT_JSON_BUDGET_MB << 20,
@@ -67,6 +68,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         self.json_in_flight = 0
         # Unsent response bytes, bounded per stream and in total (service.api.response_memory).
         self.memory = memory or ResponseMemory(DEFAULT_MAX_STREAM_HELD_MB << 20, DEFAULT_MAX_HELD_RESPONSE_MB << 20)
+        self.tenancy = tenancy or Tenancy([])
         self.max_json_response_bytes = max_json_response_bytes
         self.bodies = BodyParser(limits, max_request_bytes)
         self.openapi_document = openapi_document
@@ -124,7 +126,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def _submit(self, job: Job, context) -> list[asyncio.Future]:
         remaining = context.time_remaining()
         tokenize = job.model.loaded.tokenize
-        inputs = [ModelInput(job.model.name, tokenize(item.tokens), job.outputs, job.layers) for item in job.items]
+        tenant = self.tenancy.of(context.invocation_metadata())
+        inputs = [ModelInput(job.model.name, tokenize(item.tokens), job.outputs, job.layers, tenant)
+                  for item in job.items]
         return self.router.submit(inputs, None if remaining is None else time.monotonic() + remaining)
 
     async def _results(self, job: Job, context) -> list[ItemResult]:
@@ -288,6 +292,12 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             raise InvalidRequest.of(Problem(
                 "stream_options.data_type", None,
                 f"unknown value {options.data_type}; allowed: " + ", ".join(pb.DataType.keys()),
+            ))
+        if 0 != options.max_chunk_bytes < chunks.MIN_CHUNK_BYTES:
+            raise InvalidRequest.of(Problem(
+                "stream_options.max_chunk_bytes", None,
+                f"{options.max_chunk_bytes} is too small; at least {chunks.MIN_CHUNK_BYTES} "
+                f"(0 means the default, {chunks.DEFAULT_CHUNK_BYTES})",
             ))
         futures = self._submit(job, context)
         vocab = job.model.vocabulary

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from esm2_wire import output_kinds
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.vocabulary import ENCODE_LETTERS, MASK, PREDICT_LETTERS, Limits
+from service.api.request_schema import MAX_LIST_PARAM
 from service.errors import InvalidRequest, Problem, echo
 
 DEFAULT_INCLUDE = ("mean",)
@@ -104,8 +105,20 @@ def parse_items(sequences: list[str], *, predict: bool, limits: Limits) -> list[
     return parsed
 
 
+def check_list_lengths(lists: dict[str, list]) -> None:
+    """The params lists' bound (the JSON schema's maxItems), checked before any entry is looked at,
+    so that a request's cost does not grow with a list only the message size bounds."""
+    problems = [
+        Problem(f"params.{name}", None, f"at most {MAX_LIST_PARAM} values, got {len(values)}")
+        for name, values in lists.items() if len(values) > MAX_LIST_PARAM
+    ]
+    if problems:
+        raise InvalidRequest.of(*problems)
+
+
 def parse_options(include: list[str], repr_layers: list[int], num_layers: int, model: str) -> EncodeOptions:
     """`model` is a served model's name (checked before), so it is safe to repeat."""
+    check_list_lengths({"include": include, "repr_layers": repr_layers})
     problems = []
     chosen = set()
     for index, value in enumerate(include or DEFAULT_INCLUDE):

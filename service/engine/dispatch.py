@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 WORKER_LOST = "the model worker failed and this server is restarting; retry the request"
 
 
+class RunAfterRunningBatch(Exception):
+    """Raised by a worker when a batch run between another's layers runs out of memory: the
+    running batch's activations still hold the device's memory, so the Interleaver runs it again
+    (whole, or halved as usual) once that batch has ended, instead of halving it now."""
+
+
 @dataclass(frozen=True)
 class Batch:
     """Entries handed to a worker together, with what the policy expects of them."""
@@ -43,6 +49,7 @@ class Batch:
     entries: list[QueueEntry]
     due: float = 0.0  # the earliest due time among its entries (scheduler clock)
     seconds: float = 0.0  # estimated run time
+    warm_up: bool = False  # run ahead of the queue at start-up: its time teaches the cost model nothing
 
     @property
     def inputs(self) -> list[ModelInput]:
@@ -75,7 +82,9 @@ class Interleaver:
     def __init__(self, worker: ModelWorker):
         self.worker = worker
         self._handed: queue.SimpleQueue[Batch] = queue.SimpleQueue()  # put by the loop, taken by the thread
+        self._after: queue.SimpleQueue[Batch] = queue.SimpleQueue()  # out of memory between layers: run after
         self._inside = False  # running an interleaved batch
+        self._between = False  # ... between the running batch's layers (not after its last)
         self.seconds = 0.0  # of the running batch's time, spent on interleaved ones
         self._report: Callable[..., object] = lambda callback, *args: callback(*args)
         self._done: Callable[[BatchDone], None] = lambda done: None
@@ -91,17 +100,24 @@ class Interleaver:
         self._handed.put(batch)
 
     def has_work(self) -> bool:
-        return not self._handed.empty()
+        return not (self._handed.empty() and self._after.empty())
 
     def take_stranded(self) -> list[QueueEntry]:
         """Entries handed over that never ran (the worker was lost)."""
         stranded = []
-        while not self._handed.empty():
-            stranded += self._handed.get_nowait().entries
+        for handed in (self._handed, self._after):
+            while not handed.empty():
+                stranded += handed.get_nowait().entries
         return stranded
 
     def between_layers(self) -> None:
-        self.run_handed_over()
+        if self._handed.empty():  # the common case: nothing to wait for
+            return
+        self._between = True
+        try:
+            self.run_handed_over()
+        finally:
+            self._between = False
 
     def run_handed_over(self) -> None:
         """Run every batch handed over, one after another (also after the running batch's last layer)."""
@@ -116,12 +132,16 @@ class Interleaver:
     def _run_handed_over(self) -> None:
         while True:
             try:
-                batch = self._handed.get_nowait()
+                batch = self._handed.get_nowait() if self._between else self._after_first()
             except queue.Empty:
                 return
+            self.worker.settle()  # on CUDA: the running batch's queued layers first, outside the timing
             started = time.perf_counter()
             try:
                 results = self.worker.run(batch.inputs)
+            except RunAfterRunningBatch:
+                self._after.put(batch)
+                continue
             except BaseException:  # fail its items, then let the running batch see the error
                 self._report(self._failed, batch)
                 raise
@@ -129,6 +149,10 @@ class Interleaver:
             self.seconds += seconds  # read by the loop once the running batch is done
             metrics.INTERLEAVED_BATCHES.inc()
             self._report(self._done, BatchDone(batch, results, seconds))
+
+    def _after_first(self) -> Batch:
+        """After the running batch: what ran out of memory between its layers first, then the rest."""
+        return self._after.get_nowait() if not self._after.empty() else self._handed.get_nowait()
 
 
 @dataclass(eq=False)
@@ -156,7 +180,8 @@ class Dispatcher:
 
     def __init__(self, workers: list[ModelWorker], outcomes: Outcomes):
         self.slots = [
-            WorkerSlot(w, str(i), ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"esm-model-worker-{i}"))
+            WorkerSlot(w, str(i), ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"esm-model-worker-{i}",
+                                                     initializer=w.bind_thread))
             for i, w in enumerate(workers)
         ]
         self.outcomes = outcomes
@@ -216,7 +241,7 @@ class Dispatcher:
         """Run `inputs` as one batch on one worker, ahead of the queue and the cache (warm-up);
         raises the first item's error."""
         loop = asyncio.get_running_loop()
-        batch = Batch([QueueEntry(item, [Waiter(loop.create_future())]) for item in inputs])
+        batch = Batch([QueueEntry(item, [Waiter(loop.create_future())]) for item in inputs], warm_up=True)
         await self.run_once(batch, self.slots[worker])
         return [entry.waiters[0].future.result() for entry in batch.entries]
 

@@ -22,6 +22,10 @@ class ModelInput:
     token_ids: np.ndarray  # int64 [BOS, residues..., EOS], from LoadedModel.tokenize
     outputs: frozenset[OutputKind]
     layers: tuple[int, ...]  # non-negative; used by the per-layer outputs
+    # Whose result this is (service.api.auth.ApiKeys.tenant): equal items of different tenants
+    # are neither merged nor answered from each other's cache entries, so that the time of an
+    # answer tells no caller what another one asked. "": the one shared tenant.
+    tenant: str = ""
 
     @property
     def length(self) -> int:  # tokens, BOS and EOS included

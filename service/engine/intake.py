@@ -1,7 +1,7 @@
 """What waits for a batch: queue entries, each with every caller awaiting its result.
 
-Identical items (same model, tokens, outputs and layers) are computed once: an item equal to
-one queued or running joins it as one more waiter, and a finished result is kept in a
+Identical items (same model, tokens, outputs, layers and tenant) are computed once: an item
+equal to one queued or running joins it as one more waiter, and a finished result is kept in a
 byte-bounded cache (service.engine.result_cache) that answers later equal items at once. Only
 new work counts against the queue bound. Callers that cancelled or whose deadline passed are
 dropped before a batch is formed; an entry nobody awaits any more never runs.

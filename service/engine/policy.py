@@ -38,6 +38,34 @@ INTERLEAVE_MAX_SHARE = 0.25  # ... and only batches estimated at most this share
 RATE_SMOOTHING = 0.3  # weight of the newest batch in the measured seconds per unit
 
 
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """The scheduling defaults that depend on the device type, as the batch budget does
+    (service.models.batch_budget.DEVICE_DEFAULTS); a setting given explicitly wins."""
+
+    min_padding_efficiency: float
+    max_batch_token_pairs: int
+    seconds_per_work: float  # the cost model's rate until a model's first batch is measured
+
+
+# CPU: measured on the 2-core CPU (BENCHMARKS.md). CUDA: reasoned, not measured yet (README,
+# "Running on GPUs"): a GPU runs a batch in nearly the same time up to its token budget (it is
+# underfilled below), so padding costs little there and a lower floor lets batches reach the
+# 8,192-token budget; fused attention (SDPA) makes the quadratic term cheap beside the Linear
+# layers, so the pair cap admits a full budget of full-length rows (8 x 1024^2); the initial
+# rate is about a 650M forward at 40% of an H100's bf16 matmul rate.
+DEVICE_DEFAULTS = {
+    "cpu": DeviceDefaults(min_padding_efficiency=0.92, max_batch_token_pairs=2048 * 2048,
+                          seconds_per_work=INITIAL_SECONDS_PER_WORK),
+    "cuda": DeviceDefaults(min_padding_efficiency=0.75, max_batch_token_pairs=8192 * 1024, seconds_per_work=1e-6),
+}
+
+
+def device_defaults(device_type: str) -> DeviceDefaults:
+    """The defaults of a device type (an unknown type gets the CPU's: its only measured ones)."""
+    return DEVICE_DEFAULTS.get(device_type, DEVICE_DEFAULTS["cpu"])
+
+
 def work(length: int, needs_maps: bool, count: int = 1) -> float:
     """Estimated work of `count` rows of `length` tokens (padding included)."""
     return count * length * (1 + length / QUADRATIC_TOKENS) * (MAPS_FACTOR if needs_maps else 1.0)

@@ -2,8 +2,10 @@
 
 A result depends only on the model (its weights, precision and attention mode: the
 server's `scope` string for that model), the token ids, the outputs and the layers, so
-those, hashed, are the key. Cached results are shared by every caller that hits them, so
-their arrays are made read-only.
+those, hashed, are the key, with the item's tenant: a hit answers in a millisecond where a
+miss takes the model's time, so a cache shared across tenants tells each whether another
+asked the same (see ModelInput.tenant). Cached results are shared by every caller that hits
+them, so their arrays are made read-only.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def cache_key(scope: str, item: ModelInput) -> bytes:
     """The identity of `item`'s result: equal keys, equal results."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(scope.encode())
+    digest.update(b"\0tenant:" + item.tenant.encode())
     digest.update(b"\0outputs:" + ",".join(sorted(kind.value for kind in item.outputs)).encode())
     digest.update(b"\0layers:" + ",".join(map(str, item.layers)).encode())
     digest.update(b"\0tokens:" + item.token_ids.astype(np.int64).tobytes())

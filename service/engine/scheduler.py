@@ -102,7 +102,8 @@ class Scheduler:
 
     # ---- what dispatch reports (service.engine.dispatch.Outcomes) ---------------------
     def batch_done(self, done: BatchDone) -> None:
-        self.cost.observe(done.batch.inputs, done.seconds)
+        if not done.batch.warm_up:  # a warm-up pass pays kernel selection and allocator growth
+            self.cost.observe(done.batch.inputs, done.seconds)
         for entry, result in zip(done.batch.entries, done.results):
             self.intake.finish(entry, result)
         self._wake.set()

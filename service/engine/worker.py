@@ -12,7 +12,8 @@ import contextlib
 import copy
 import dataclasses
 import logging
-
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,9 +23,10 @@ from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from service.models.checkpoints import LoadedModel
 from service.errors import Internal, OutOfMemory, ServiceError
+from service.engine.dispatch import RunAfterRunningBatch
 from service.engine.faults import FaultHook
 from service.engine.inputs import ModelInput
-from service.models.forward import BatchPlan, LayerHook, forward
+from service.models.forward import BatchOutput, BatchPlan, LayerHook, forward
 from service.models.precision import AUTOCAST_DTYPES
 
 log = logging.getLogger(__name__)
@@ -52,26 +54,83 @@ def resolve_devices(requested: str) -> list[torch.device]:
 
 
 def replicate(models: dict[str, LoadedModel], devices: list[torch.device]) -> list[dict[str, LoadedModel]]:
-    """One set of models per worker. Every worker gets its own modules, CPU workers too:
-    fair-esm's attention layers keep a rotary cache that concurrent calls would share.
-    Copies are made before any worker moves its set to its device."""
-    copies = [models]
-    for _ in devices[1:]:
-        copies.append({name: dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    """One set of models per worker, each already on its device. Every worker gets its own
+    modules, CPU workers too: fair-esm's attention layers keep a rotary cache that concurrent
+    calls would share. Each copy is made from the loaded (host) set and moved to its device
+    before the next is made, and the loaded set moves last: the host never holds more than one
+    copy beside the loaded one (3B on two GPUs: 12 GB more, not 12 GB per extra device)."""
+    copies = []
+    for device in devices[1:]:
+        copies.append({name: dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(device))
                        for name, loaded in models.items()})
-    return copies
+    for loaded in models.values():
+        loaded.model.to(devices[0])
+    return [models, *copies]
+
+
+# What an allocation failure says besides torch.OutOfMemoryError: the CPU allocator, and cuBLAS /
+# cuDNN when they cannot get their workspace (a plain RuntimeError, often on the first matmul
+# after the caching allocator has taken nearly all of the device).
+OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                          "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "CUDA out of memory")
 
 
 def _out_of_memory(exc: Exception) -> bool:
-    # CUDA raises torch.OutOfMemoryError; the CPU allocator a plain RuntimeError.
     return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in OUT_OF_MEMORY_MESSAGES)
     )
 
 
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    # A copy, so that no item keeps the whole batch's tensor alive.
-    return tensor.float().cpu().numpy().copy()
+@dataclass
+class HostOutput:
+    """A batch's outputs on the host, as float32 numpy: each left the device in one copy (into
+    pinned memory on CUDA, without a sync per copy), and items are sliced from them here."""
+
+    means: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [B, D], each row its item's mean
+    representations: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [B, T, D] (per-token asked)
+    bos: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [B, D]
+    logits: np.ndarray | None = None
+    contacts: np.ndarray | None = None
+    attentions: np.ndarray | None = None
+
+
+def to_host(out: BatchOutput, batch: list[ModelInput], device: torch.device) -> HostOutput:
+    """Copy what `batch`'s items asked for off `device`: one non-blocking copy per output (per
+    layer for representations), then one wait for the stream. Means are reduced on the device
+    first (the same reduction, row by row, as one item alone), so only [B, D] leaves it."""
+    pinned = device.type == "cuda"  # pinned host memory only where a DMA engine reads it
+    host = HostOutput()
+    copies: list[tuple[str, int | None, torch.Tensor]] = []
+
+    def send(tensor: torch.Tensor, where: str, layer: int | None = None) -> None:
+        tensor = tensor.float()
+        if pinned:
+            target = torch.empty(tensor.shape, dtype=torch.float32, pin_memory=True)
+            tensor = target.copy_(tensor, non_blocking=True)
+        copies.append((where, layer, tensor))
+
+    def asks(kind: OutputKind, layer: int) -> bool:
+        return any(kind in item.outputs and layer in item.layers for item in batch)
+
+    for layer, rep in out.representations.items():
+        if asks(OutputKind.MEAN, layer):
+            send(torch.stack([rep[row, 1 : item.length - 1].mean(0) for row, item in enumerate(batch)]), "means",
+                 layer)
+        if asks(OutputKind.PER_TOKEN, layer):
+            send(rep, "representations", layer)
+        if asks(OutputKind.BOS, layer):
+            send(rep[:, 0], "bos", layer)
+    for kind in ("logits", "contacts", "attentions"):
+        if getattr(out, kind) is not None:
+            send(getattr(out, kind), kind)
+    if pinned:
+        torch.cuda.current_stream(device).synchronize()  # the one wait, for every copy above
+    for where, layer, tensor in copies:
+        if layer is None:
+            setattr(host, where, tensor.numpy())
+        else:
+            getattr(host, where)[layer] = tensor.numpy()
+    return host
 
 
 class ModelWorker:
@@ -95,18 +154,49 @@ class ModelWorker:
         # Called between the layers of each batch run (its worker slot's interleaver; see
         # service.engine.dispatch); not within the halves of a batch split after running out of memory.
         self.layer_hook: LayerHook | None = None
+        # Its own stream on CUDA: two models' workers on one GPU overlap instead of queueing on
+        # the default stream.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.progress = Progress()
         for loaded in models.values():
-            loaded.model.to(device)
+            loaded.model.to(device)  # a no-op after replicate()
+
+    def bind_thread(self) -> None:
+        """Run once on the worker's thread (its executor's initializer): make the worker's device
+        the thread's current device, so that whatever torch allocates without naming a device
+        (and the caching allocator's bookkeeping) lands there, not on cuda:0."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def settle(self) -> None:
+        """Wait until the device has done everything queued on this worker's stream. On CUDA the
+        host runs layers ahead of the device; work run between layers first waits here, so that it
+        is not queued behind them and its timing does not include theirs. No-op on a CPU."""
+        if self.stream is not None:
+            self.stream.synchronize()
+        self.progress.mark()
+
+    def _on_device(self):
+        if self.stream is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.device))
+        stack.enter_context(torch.cuda.stream(self.stream))
+        return stack
 
     def run(self, batch: list[ModelInput]) -> list[ItemResult | ServiceError]:
         """Compute a batch (all items of one model), calling `layer_hook` between its layers.
 
         A failing batch fails only its own items, unless the device fails too: then
-        DeviceUnusable, since every later call would fail as well.
+        DeviceUnusable, since every later call would fail as well. A batch run between the layers
+        of another that runs out of memory raises RunAfterRunningBatch: the other's activations
+        hold memory, so halving it now would split it for nothing.
         """
-        return self._attempt(batch, self.layer_hook)
+        with self.progress.running(), self._on_device():
+            return self._attempt(batch, self.layer_hook, nested=self.progress.depth > 1)
 
-    def _attempt(self, batch: list[ModelInput], hook: LayerHook | None) -> list[ItemResult | ServiceError]:
+    def _attempt(self, batch: list[ModelInput], hook: LayerHook | None,
+                 nested: bool = False) -> list[ItemResult | ServiceError]:
         try:
             if self.faults is not None:
                 self.faults.before_batch()
@@ -117,8 +207,10 @@ class ModelWorker:
                 if not self.device_usable():
                     raise DeviceUnusable(f"{self.device} fails every call after: {exc}") from exc
                 return [Internal("model failure; see the server log") for _ in batch]
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        # No torch.cuda.empty_cache(): the caching allocator already frees its cached blocks and
+        # retries before it raises, and empty_cache synchronizes every device of the process.
+        if nested:
+            raise RunAfterRunningBatch(f"out of memory between layers on a batch of {len(batch)}")
         if len(batch) == 1:
             return [OutOfMemory(f"a {batch[0].length - 2}-residue sequence does not fit in {self.device} memory")]
         half = len(batch) // 2
@@ -140,7 +232,8 @@ class ModelWorker:
         width = max(item.length for item in batch)
         if self.simulate_oom_above_tokens and width * len(batch) > self.simulate_oom_above_tokens:
             raise torch.OutOfMemoryError(f"simulated: {len(batch)} x {width} tokens")
-        tokens = torch.full((len(batch), width), loaded.alphabet.padding_idx, dtype=torch.int64)
+        tokens = torch.full((len(batch), width), loaded.alphabet.padding_idx, dtype=torch.int64,
+                            pin_memory=self.stream is not None)
         for row, item in enumerate(batch):
             tokens[row, : item.length] = torch.from_numpy(item.token_ids)
         plan = BatchPlan(
@@ -154,27 +247,71 @@ class ModelWorker:
             else contextlib.nullcontext()
         )
         with autocast:
-            out = forward(loaded.model, tokens.to(self.device), plan, hook)
-        return [self._extract(out, row, item) for row, item in enumerate(batch)]
+            out = forward(loaded.model, tokens.to(self.device, non_blocking=True), plan,
+                          self.progress.hook(hook))
+        host = to_host(out, batch, self.device)
+        del out  # the device's copies go before the items are sliced
+        return [self._extract(host, row, item) for row, item in enumerate(batch)]
 
     @staticmethod
-    def _extract(out, row: int, item: ModelInput) -> ItemResult:
+    def _extract(host: HostOutput, row: int, item: ModelInput) -> ItemResult:
+        # Copies of the host arrays' slices, so that no item keeps the whole batch's arrays alive.
         residues = item.length - 2
         result = ItemResult()
         for layer in item.layers:
-            if layer not in out.representations:
-                continue
-            rep = out.representations[layer][row]
-            if OutputKind.MEAN in item.outputs:
-                result.mean[layer] = _numpy(rep[1 : residues + 1].mean(0))
-            if OutputKind.BOS in item.outputs:
-                result.bos[layer] = _numpy(rep[0])
-            if OutputKind.PER_TOKEN in item.outputs:
-                result.per_token[layer] = _numpy(rep[1 : residues + 1])
+            if OutputKind.MEAN in item.outputs and layer in host.means:
+                result.mean[layer] = host.means[layer][row].copy()
+            if OutputKind.BOS in item.outputs and layer in host.bos:
+                result.bos[layer] = host.bos[layer][row].copy()
+            if OutputKind.PER_TOKEN in item.outputs and layer in host.representations:
+                result.per_token[layer] = host.representations[layer][row, 1 : residues + 1].copy()
         if OutputKind.LOGITS in item.outputs:
-            result.logits = _numpy(out.logits[row, 1 : residues + 1])
+            result.logits = host.logits[row, 1 : residues + 1].copy()
         if OutputKind.CONTACTS in item.outputs:
-            result.contacts = _numpy(out.contacts[row, :residues, :residues])
+            result.contacts = host.contacts[row, :residues, :residues].copy()
         if OutputKind.ATTENTIONS in item.outputs:
-            result.attentions = _numpy(out.attentions[row, 1 : residues + 1, 1 : residues + 1])
+            result.attentions = host.attentions[row, 1 : residues + 1, 1 : residues + 1].copy()
         return result
+
+
+class Progress:
+    """When the worker last made progress (began a batch, finished a layer or a batch), and
+    whether it is inside one: a hung device shows as a worker inside a batch whose progress
+    stopped (the server's liveness check reads `stalled_for`)."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.at = clock()
+        self.depth = 0  # batches running: 1, or 2 while one runs between another's layers
+
+    def mark(self) -> None:
+        self.at = self.clock()
+
+    @contextlib.contextmanager
+    def running(self):
+        self.depth += 1
+        self.mark()
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            self.mark()
+
+    def stalled_for(self) -> float:
+        """Seconds inside a batch without progress; 0 while idle."""
+        return self.clock() - self.at if self.depth else 0.0
+
+    def hook(self, inner: LayerHook | None) -> LayerHook:
+        """A layer hook that marks progress, then calls `inner`."""
+        return _ProgressHook(self, inner)
+
+
+@dataclass
+class _ProgressHook:
+    progress: Progress
+    inner: LayerHook | None
+
+    def between_layers(self) -> None:
+        self.progress.mark()
+        if self.inner is not None:
+            self.inner.between_layers()

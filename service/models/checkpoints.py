@@ -50,6 +50,34 @@ class CheckpointNotFound(RuntimeError):
     """No checkpoint file in any of the places looked in."""
 
 
+class BadCheckpoint(RuntimeError):
+    """A configuration or weights file the server cannot serve. Its message is one line that
+    names the file, the key (when one is to blame) and the problem: start-up stops with it."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
+    @classmethod
+    def at(cls, path: Path, key: str, problem: str) -> BadCheckpoint:
+        return cls(f"{path}: {key}: {problem}")
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# torch's refusal repeats advice to turn the restricted unpickler off; the service never will.
+_TORCH_ADVICE = ("weights_only", "Weights only load failed", "Check the documentation of torch.load")
+
+
+def unpickler_refusal(exc: Exception) -> str:
+    """What torch's restricted unpickler refused (e.g. "Trying to load unsupported GLOBAL os.system
+    ..."), without its advice to load the file unrestricted."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line and not any(phrase in line for phrase in _TORCH_ADVICE)]
+    return one_line(" ".join(kept)) or type(exc).__name__
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -118,8 +146,8 @@ def safe_load(path: Path) -> dict:
                     raise
                 return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError or RuntimeError
-        raise RuntimeError(
-            f"could not load checkpoint {path}: {exc}. Only fair-esm ESM-2 checkpoints "
+        raise BadCheckpoint(
+            f"could not load checkpoint {path}: {unpickler_refusal(exc)}. Only fair-esm ESM-2 checkpoints "
             "(tensors plus an argparse.Namespace config) are accepted."
         ) from exc
 
@@ -185,27 +213,90 @@ def locate(name: str, explicit: Path | None, model_dir: Path | None, allow_downl
     )
 
 
+def positive_int(value) -> str | None:
+    """Why `value` is not a count (layers, heads, a width), or None. bool is an int to Python, not here."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"is {value!r} ({type(value).__name__}); expected a positive integer"
+    if value <= 0:
+        return f"is {value}; expected a positive integer"
+    return None
+
+
+def check_shape(path: Path, layers: tuple[str, object], dim: tuple[str, object], heads: tuple[str, object]) -> None:
+    """Refuse a config whose (key, value) counts ESM-2's module cannot be built from: each a
+    positive integer, the width a multiple of the heads, and an even head size (rotary positions
+    turn pairs of dimensions)."""
+    for key, value in (layers, dim, heads):
+        problem = positive_int(value)
+        if problem:
+            raise BadCheckpoint.at(path, key, problem)
+    (dim_key, width), (heads_key, count) = dim, heads
+    if width % count:
+        raise BadCheckpoint.at(path, dim_key, f"{width} is not a multiple of {heads_key} {count}")
+    if (width // count) % 2:
+        raise BadCheckpoint.at(path, dim_key, f"{width} / {heads_key} {count} = {width // count} per head; "
+                                              "rotary positions need an even head size")
+
+
+def _fair_esm_config(path: Path, data) -> argparse.Namespace:
+    """The checked model config of a fair-esm file's contents."""
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not isinstance(data.get("cfg"), dict):
+        raise BadCheckpoint(f"{path} is not a fair-esm ESM-2 checkpoint (no 'cfg'/'model' entries)")
+    cfg = data["cfg"].get("model")
+    if not isinstance(cfg, argparse.Namespace):
+        raise BadCheckpoint.at(path, "cfg.model", f"is {type(cfg).__name__}; expected fair-esm's argparse.Namespace")
+    fields = vars(cfg)
+    check_shape(path, *((f"cfg.model.{key}", fields.get(key))
+                        for key in ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads")))
+    if not isinstance(fields.get("token_dropout"), bool):
+        raise BadCheckpoint.at(path, "cfg.model.token_dropout", f"is {fields.get('token_dropout')!r}; expected true or false")
+    return cfg
+
+
+def _check_tensors(path: Path, entries: dict) -> None:
+    for key, value in entries.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise BadCheckpoint.at(path, f"model[{key!r}]", f"is {type(value).__name__}; expected a tensor")
+
+
 def fair_esm_shape(path: Path) -> tuple[int, int, int]:
     """(layers, embed_dim, heads) from a fair-esm file's config, without reading the weights."""
-    data = safe_load(path)
-    cfg = data.get("cfg", {}).get("model") if isinstance(data.get("cfg"), dict) else None
-    if cfg is None:
-        raise RuntimeError(f"{path} is not a fair-esm ESM-2 checkpoint (no 'cfg'/'model' entries)")
+    cfg = _fair_esm_config(path, safe_load(path))
     return cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads
+
+
+def regression_candidates(checkpoint: Path) -> list[Path]:
+    """Where a checkpoint's contact-regression file may be: beside it, and, for a symlink (a
+    model store's blob, a shared cache), beside its target too."""
+    places = [regression_path(checkpoint)]
+    if checkpoint.is_symlink():
+        places.append(regression_path(checkpoint.resolve()))
+    return list(dict.fromkeys(places))
 
 
 def load(name: str, path: Path) -> LoadedModel:
     """Build an ESM-2 model from a fair-esm checkpoint through fair-esm's own loader."""
     model_data = safe_load(path)
-    if "cfg" not in model_data or "model" not in model_data:
-        raise RuntimeError(f"{path} is not a fair-esm ESM-2 checkpoint (no 'cfg'/'model' entries)")
-    regression_file = regression_path(path)
-    regression_data = safe_load(regression_file) if regression_file.is_file() else None
-    if regression_data is None:
-        log.warning("%s not found: model %s will refuse contacts", regression_file, name)
+    _fair_esm_config(path, model_data)
+    _check_tensors(path, model_data["model"])
+    places = regression_candidates(path)
+    regression_file = next((p for p in places if p.is_file()), None)
+    regression_data = None
+    if regression_file is None:
+        log.warning("%s: contact regression weights not found (looked for %s): model %s will refuse contacts",
+                    path, " and ".join(map(str, places)), name)
+    else:
+        log.info("%s: contact regression weights from %s", name, regression_file)
+        regression_data = safe_load(regression_file)
+        if not isinstance(regression_data, dict) or not isinstance(regression_data.get("model"), dict):
+            raise BadCheckpoint.at(regression_file, "model", "missing; expected the contact head's tensors")
+        _check_tensors(regression_file, regression_data["model"])
     random_weights = bool(model_data.get(RANDOM_WEIGHTS_KEY, False))
-    # fair-esm picks its ESM-2 code path by the name prefix "esm2".
-    model, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2", model_data, regression_data)
+    try:  # fair-esm picks its ESM-2 code path by the name prefix "esm2".
+        model, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2", model_data, regression_data)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:  # names the missing, extra or misshapen keys
+        files = path if regression_file is None else f"{path} (with {regression_file})"
+        raise BadCheckpoint(f"{files}: the weights do not fit the config: {exc}") from exc
     model.eval().requires_grad_(False)
     return LoadedModel(
         name=name,
@@ -216,5 +307,7 @@ def load(name: str, path: Path) -> LoadedModel:
         has_contact_regression=regression_data is not None,
         source=path.name,
         source_format=FAIR_ESM,
+        contacts_unavailable="" if regression_file else " or ".join(dict.fromkeys(p.name for p in places))
+                                                        + " was not found",
     )
 

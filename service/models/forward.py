@@ -75,20 +75,24 @@ def amino_acid_columns(alphabet) -> list[int]:
 
 def _rotary_tables(rot_emb, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """fair-esm's rotary cos/sin tables [T, head_dim], computed once per batch for all layers
-    (without touching the module's shared cache). `sin` carries rotate_half's sign, so that
+    (without touching the module's shared cache), in the compute dtype under autocast. `sin` carries rotate_half's sign, so that
     rotate_half(x) * sin == roll(x, head_dim / 2) * signed_sin exactly."""
     t = torch.arange(length, device=device).type_as(rot_emb.inv_freq)
     freqs = torch.outer(t, rot_emb.inv_freq)
     angles = torch.cat((freqs, freqs), dim=-1)
     sign = torch.ones_like(angles)
     sign[:, : freqs.shape[-1]] = -1
-    return angles.cos(), angles.sin() * sign
+    cos, signed_sin = angles.cos(), angles.sin() * sign
+    if torch.is_autocast_enabled(device.type):  # q and k come out of the Linear layers in this dtype:
+        dtype = torch.get_autocast_dtype(device.type)  # cast once here, not 4 times per layer in _rotate
+        cos, signed_sin = cos.to(dtype), signed_sin.to(dtype)
+    return cos, signed_sin
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     # fair-esm's x * cos + rotate_half(x) * sin, in 3 kernels instead of 6.
     rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
-    return torch.addcmul(x * cos.to(x.dtype), rolled, signed_sin.to(x.dtype))
+    return torch.addcmul(x * cos.to(x.dtype), rolled, signed_sin.to(x.dtype))  # .to: no-ops, tables already cast
 
 
 def _fast_layer(layer, x: torch.Tensor, attend: torch.Tensor | None, rotary) -> torch.Tensor:
@@ -109,6 +113,20 @@ def _fast_layer(layer, x: torch.Tensor, attend: torch.Tensor | None, rotary) -> 
     out = F.scaled_dot_product_attention(q, k, heads(mha.v_proj(h)), attn_mask=attend, scale=mha.scaling)
     x = x + mha.out_proj(out.transpose(1, 2).reshape(B, T, E))
     return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))  # fair-esm's gelu is erf-exact
+
+
+def _full_precision(device: torch.device):
+    """Autocast off: what runs inside stays fp32 (the contact head rounds once, as stock)."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _contact_logits(maps: torch.Tensor, eos_pair_mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """fair-esm's ContactPredictionHead on one layer's fp32 maps [B, H, T, T] and that layer's
+    H regression weights: [B, T-2, T-2] logits, in fp32 under any autocast (its einsum would
+    otherwise run in bf16/fp16, and the sum over layers round at every layer)."""
+    with _full_precision(maps.device):
+        features = apc(symmetrize((maps * eos_pair_mask)[..., 1:-1, 1:-1]))
+        return torch.einsum("bhij,h->bij", features, weights.float())
 
 
 @torch.inference_mode()
@@ -162,10 +180,7 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None
             layer_sum = maps.sum(1)
             attention_sum = layer_sum if attention_sum is None else attention_sum + layer_sum
         if plan.contacts:
-            # fair-esm's ContactPredictionHead, one layer's channels at a time.
-            features = apc(symmetrize((maps * eos_pair_mask)[..., 1:-1, 1:-1]))
-            weights = regression.weight[0, index * H : (index + 1) * H].to(features.dtype)
-            layer_logits = torch.einsum("bhij,h->bij", features, weights)
+            layer_logits = _contact_logits(maps, eos_pair_mask, regression.weight[0, index * H : (index + 1) * H])
             contact_logits = layer_logits if contact_logits is None else contact_logits + layer_logits
         del maps
 
@@ -177,7 +192,8 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None
     if plan.attentions:
         out.attentions = attention_sum / (model.num_layers * H)
     if plan.contacts:
-        out.contacts = torch.sigmoid(contact_logits + regression.bias.to(contact_logits.dtype))
+        with _full_precision(contact_logits.device):
+            out.contacts = torch.sigmoid(contact_logits + regression.bias)
     return out
 
 

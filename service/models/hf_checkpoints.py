@@ -25,7 +25,7 @@ from pathlib import Path
 import esm
 import torch
 
-from service.models.checkpoints import RANDOM_WEIGHTS_KEY
+from service.models.checkpoints import RANDOM_WEIGHTS_KEY, BadCheckpoint, check_shape, one_line, unpickler_refusal
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ KNOWN_ARCHITECTURES = {"EsmForMaskedLM", "EsmModel", "EsmForSequenceClassificati
 ALPHABET = esm.data.Alphabet.from_architecture("ESM-1b")  # fair-esm's ESM-2 vocabulary
 
 
-class UnservableModel(RuntimeError):
+class UnservableModel(BadCheckpoint):
     """A checkpoint the forward pass cannot serve exactly; the message says why."""
 
 
@@ -71,10 +71,13 @@ def is_hf_directory(path: Path) -> bool:
 
 def read_config(directory: Path) -> HfShape:
     """Parse and check config.json; raise UnservableModel listing every problem."""
+    path = directory / CONFIG_FILE
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise UnservableModel(f"{directory / CONFIG_FILE}: not a readable JSON config ({exc})") from exc
+        raise UnservableModel(f"{path}: not a readable JSON config ({exc})") from exc
+    if not isinstance(config, dict):
+        raise UnservableModel(f"{path}: is a JSON {type(config).__name__}; expected an object of settings")
     problems = []
 
     def expect(key, wanted, default=None, why=""):
@@ -96,22 +99,27 @@ def read_config(directory: Path) -> HfShape:
     expect("vocab_size", len(ALPHABET.all_toks), why=" (ESM-2's vocabulary)")
     expect("pad_token_id", ALPHABET.padding_idx)
     expect("mask_token_id", ALPHABET.mask_idx)
+    layers = config.get("num_hidden_layers", 12)
     dim = config.get("hidden_size", 768)
     heads = config.get("num_attention_heads", 12)
-    if not isinstance(dim, int) or not isinstance(heads, int) or heads <= 0 or dim % heads:
-        problems.append(f"hidden_size {dim!r} is not a multiple of num_attention_heads {heads!r}")
-    else:
-        expect("intermediate_size", 4 * dim, why=" (fair-esm's feed-forward is 4 x hidden_size)")
-        head_dim = config.get("head_dim")
-        if head_dim not in (None, dim // heads):
-            problems.append(f"head_dim is {head_dim!r}, expected hidden_size / num_attention_heads = {dim // heads}")
+    check_shape(path, ("num_hidden_layers", layers), ("hidden_size", dim), ("num_attention_heads", heads))
+    expect("intermediate_size", 4 * dim, why=" (fair-esm's feed-forward is 4 x hidden_size)")
+    head_dim = config.get("head_dim")
+    if head_dim not in (None, dim // heads):
+        problems.append(f"head_dim is {head_dim!r}, expected hidden_size / num_attention_heads = {dim // heads}")
+    for key, default in (("layer_norm_eps", 1e-12), ("rope_theta", 10000.0)):
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            problems.append(f"{key} is {value!r}, expected a positive number")
+    for key in ("token_dropout", RANDOM_WEIGHTS_KEY):
+        if not isinstance(config.get(key, False), bool):
+            problems.append(f"{key} is {config[key]!r}, expected true or false")
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
     if rope_type not in (None, "default"):
         problems.append(f"rope type {rope_type!r} is not served (only plain rotary positions)")
-    layers = config.get("num_hidden_layers", 12)
     if problems:
-        raise UnservableModel(f"{directory} cannot be served exactly: " + "; ".join(problems))
+        raise UnservableModel(f"{path}: {directory} cannot be served exactly: " + "; ".join(problems))
     return HfShape(
         num_layers=layers,
         embed_dim=dim,
@@ -158,11 +166,29 @@ def has_weights(directory: Path) -> bool:
     return any((directory / f).is_file() for f in (SAFETENSORS_FILE, SAFETENSORS_INDEX, BIN_FILE, BIN_INDEX))
 
 
+def shard_names(index: Path) -> list[str]:
+    """The shard files an index's weight_map names, each checked to be a plain relative path
+    inside the checkpoint directory (never absolute, never through `..`)."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UnservableModel(f"{index}: not a readable JSON index ({one_line(exc)})") from exc
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UnservableModel(f"{index}: weight_map: missing or empty; expected tensor names mapped to shard files")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise UnservableModel(f"{index}: weight_map[{tensor!r}]: {shard!r} is not a file name")
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise UnservableModel(f"{index}: weight_map[{tensor!r}]: shard {shard!r} is outside the checkpoint "
+                                  "directory; shards must be paths inside it")
+    return sorted(set(weight_map.values()))
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The weight files, safetensors first; raise UnservableModel naming what was looked for."""
     for index, single in ((SAFETENSORS_INDEX, SAFETENSORS_FILE), (BIN_INDEX, BIN_FILE)):
         if (directory / index).is_file():
-            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+            shards = shard_names(directory / index)
             missing = [s for s in shards if not (directory / s).is_file()]
             if missing:
                 raise UnservableModel(f"{directory}: shards listed in {index} are missing: {', '.join(missing)}")
@@ -180,12 +206,22 @@ def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     state = {}
     for path in files:
         if path.suffix == ".safetensors":
-            state.update(safetensors.torch.load_file(str(path), device="cpu"))
+            try:
+                state.update(safetensors.torch.load_file(str(path), device="cpu"))
+            except Exception as exc:  # SafetensorError, or OSError for an unreadable file
+                raise UnservableModel(f"{path}: not a readable safetensors file ({one_line(exc)})") from exc
         else:
             try:  # the restricted unpickler: tensors and plain containers only
-                state.update(torch.load(str(path), map_location="cpu", weights_only=True))
+                loaded = torch.load(str(path), map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise UnservableModel(f"could not load {path} with weights_only=True: {exc}") from exc
+                raise UnservableModel(f"could not load {path} with weights_only=True: "
+                                      f"{unpickler_refusal(exc)}") from exc
+            if not isinstance(loaded, dict):
+                raise UnservableModel(f"{path}: holds a {type(loaded).__name__}; expected tensor names mapped to tensors")
+            state.update(loaded)
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise UnservableModel(f"{', '.join(map(str, files))}: {key}: is {type(value).__name__}; expected a tensor")
     return state
 
 

@@ -11,12 +11,13 @@ A source is one of:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.models import checkpoints, hf_checkpoints
-from service.models.checkpoints import FAIR_ESM, HUGGING_FACE, CheckpointNotFound, LoadedModel
+from service.models.checkpoints import FAIR_ESM, HUGGING_FACE, BadCheckpoint, CheckpointNotFound, LoadedModel, one_line
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +102,28 @@ def locate(name: str, source: str | None, model_dir: Path | None, allow_download
     return Located(path, FAIR_ESM, path.name)
 
 
+@contextlib.contextmanager
+def refusing_bad_files(located: Located):
+    """Whatever a malformed file makes the readers raise becomes a BadCheckpoint naming the file,
+    so that start-up stops with one line, never a traceback. The checks in checkpoints and
+    hf_checkpoints name the key too; this is the net under them."""
+    try:
+        yield
+    except (BadCheckpoint, CheckpointNotFound, MemoryError):
+        raise
+    except Exception as exc:
+        log.debug("reading %s failed", located.path, exc_info=True)
+        raise BadCheckpoint(f"{located.path}: cannot be read as a {located.format} checkpoint: "
+                            f"{type(exc).__name__}: {one_line(exc)}") from exc
+
+
 def shape(located: Located) -> tuple[int, int, int]:
     """(layers, embed_dim, heads), read from the config only."""
-    if located.format == HUGGING_FACE:
-        hf = hf_checkpoints.read_config(located.path)
-        return hf.num_layers, hf.embed_dim, hf.attention_heads
-    return checkpoints.fair_esm_shape(located.path)
+    with refusing_bad_files(located):
+        if located.format == HUGGING_FACE:
+            hf = hf_checkpoints.read_config(located.path)
+            return hf.num_layers, hf.embed_dim, hf.attention_heads
+        return checkpoints.fair_esm_shape(located.path)
 
 
 def _download_weights(located: Located) -> None:
@@ -122,6 +139,11 @@ def _download_weights(located: Located) -> None:
 
 
 def load(name: str, located: Located) -> LoadedModel:
+    with refusing_bad_files(located):
+        return _load(name, located)
+
+
+def _load(name: str, located: Located) -> LoadedModel:
     if located.format == FAIR_ESM:
         loaded = checkpoints.load(name, located.path)
         loaded.source = located.display

@@ -52,6 +52,12 @@ class FakeWorker:
         self.fail = fail or {}
         self.started = threading.Event()
 
+    def bind_thread(self) -> None:  # ModelWorker's: the worker thread's device (none here)
+        pass
+
+    def settle(self) -> None:  # ModelWorker's: wait for the device's queued work (none here)
+        pass
+
     def run(self, batch: list[ModelInput]) -> list[ItemResult | ServiceError]:
         self.batches.append(batch)
         if self.on_run is not None:

@@ -19,9 +19,22 @@ def test_each_error_carries_its_status():
         assert errors.status(error, "Encode")[:2] == (code, str(error))
 
 
-def test_only_a_full_queue_asks_for_a_retry():
-    assert errors.status(errors.QueueFull("busy"), "Encode")[2] == (("retry-after", "1"),)
-    assert errors.status(errors.OutOfMemory("does not fit"), "Encode")[2] == ()
+def test_retry_after_only_where_a_retry_can_succeed():
+    """A full queue drains, and a lost worker's work succeeds on another replica (or this one
+    once restarted): both say retry-after 1. Everything else fails the same way again."""
+    retry_after = {
+        errors.QueueFull("busy"): (("retry-after", "1"),),
+        errors.WorkerLost("model worker lost"): (("retry-after", "1"),),
+        errors.OutOfMemory("does not fit"): (),
+        errors.InvalidRequest("items[0].sequence: must not be empty"): (),
+        errors.NotFound("model 'x' is not served here"): (),
+        errors.FailedPrecondition("no contact regression"): (),
+        errors.DeadlineExceeded("deadline passed while queued"): (),
+        errors.Unauthenticated("invalid API key"): (),
+        errors.Internal("model failure; see the server log"): (),
+    }
+    for error, trailers in retry_after.items():
+        assert errors.status(error, "Encode")[2] == trailers, type(error).__name__
 
 
 def test_an_unexpected_exception_is_internal_and_hides_its_details():

@@ -91,7 +91,7 @@ def test_flag_only_settings_ignore_the_environment(monkeypatch, tmp_path):
     (["--max-batch-token-pairs", "0"], "--max-batch-token-pairs (ESM_MAX_BATCH_TOKEN_PAIRS) = '0': Input should be greater"),
     (["--min-padding-efficiency", "1.5"], "--min-padding-efficiency (ESM_MIN_PADDING_EFFICIENCY) = '1.5'"),
     (["--max-batch-tokens", "lots"], "--max-batch-tokens (ESM_MAX_BATCH_TOKENS) = 'lots': expected a number of tokens"),
-    (["--precision", "fp8"], "--precision (ESM_PRECISION) = 'fp8': Input should be 'fp32', 'fp16' or 'bf16'"),
+    (["--precision", "fp8"], "--precision (ESM_PRECISION) = 'fp8': Input should be 'auto', 'fp32', 'fp16' or 'bf16'"),
     (["--max-items", "x"], "--max-items (ESM_MAX_ITEMS) = 'x': Input should be a valid integer"),
 ])
 def test_a_value_out_of_bounds_stops_start_up_naming_the_setting(capsys, argv, named):
