@@ -18,7 +18,8 @@ from service import metrics
 from service.errors import SlowReader
 
 # A write the caller has not taken for this long is a slow reader's (a busy machine can pause a
-# reader that keeps up for a second or two).
+# reader that keeps up for a second or two). One write is one message: a stream chunk (1 MiB by
+# default, at most 3 MiB) or 1 MiB of a JSON body, so a caller reading even 1 MB/s never waits this long.
 STALL_SECONDS = 5.0
 # A 2,048-residue item of the 8M shape with per_token for every layer is 18 MB; of the 650M shape
 # with every layer, 346 MB: a reader that keeps up is never cancelled, however large.

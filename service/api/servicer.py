@@ -40,6 +40,7 @@ from service.api.request_schema import request_schema
 from service.api.validation import ParsedItem, parse_items, parse_options
 
 log = logging.getLogger(__name__)
+JSON_MESSAGE_BYTES = chunks.DEFAULT_CHUNK_BYTES  # the JSON body goes to the gateway in messages of this size
 
 
 @dataclass
@@ -241,7 +242,11 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                     piece = await asyncio.to_thread(
                         lambda: rendering.json_piece(render(index, result), first=index == 0, last=index == last))
                     held.take(len(piece))
-                    await held.send(context, httpbody_pb2.HttpBody(content_type="application/json", data=piece))
+                    # In messages of at most 1 MiB: the slow-reader watch times each write, and a caller
+                    # reading at a modest rate takes 1 MiB well within STALL_SECONDS (a 55 MB result not).
+                    for start in range(0, len(piece), JSON_MESSAGE_BYTES):
+                        await held.send(context, httpbody_pb2.HttpBody(
+                            content_type="application/json", data=piece[start:start + JSON_MESSAGE_BYTES]))
                     held.give_back(len(piece))
                 if not results:
                     await held.send(context, httpbody_pb2.HttpBody(content_type="application/json",
