@@ -31,8 +31,9 @@ LUA = GATEWAY_DIR / "edge.lua"
 CATALOGUE_LUA = GATEWAY_DIR / "catalogue.lua"
 DESCRIPTOR = GATEWAY_DIR / "esm2_descriptor.pb"
 # The server refuses JSON responses above --max-json-response-mb with a 400 that
-# points to the streaming RPCs; Envoy's transcoder limit sits a little above it so
-# that every response the server sends gets through whole.
+# points to the streaming RPCs. It streams JSON bodies a result at a time (EncodeJson and
+# PredictJson return a stream of HttpBody, which the transcoder passes on as it comes), so
+# Envoy holds none whole; its transcoder limit, a little above the server's, is a backstop.
 RESPONSE_SLACK_BYTES = 1 << 20
 
 
@@ -209,8 +210,8 @@ def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Pa
     return {
         "name": "json_api",
         "address": _socket_address(config.http_host, config.http_port),
-        # The transcoder buffers whole unary responses itself (max_response_body_size);
-        # this is only the flow-control watermark per connection.
+        # The flow-control watermark per downstream connection: past it, Envoy stops reading
+        # from the replica for that caller (JSON bodies stream through, a result at a time).
         "per_connection_buffer_limit_bytes": 4194304,
         # A second gateway on the same port fails with "address in use" instead of
         # silently taking half of the connections.
@@ -403,7 +404,8 @@ def _transcoder_filter(config: GatewayConfig, descriptor: Path) -> dict:
         request_validation_options={"reject_unknown_method": True, "reject_unknown_query_parameters": True,
                                     "reject_binding_body_field_collisions": True},
         max_request_body_size=config.max_request_bytes,
-        # The server refuses larger JSON responses with a 400 that points to the streaming RPCs.
+        # The server refuses larger JSON responses with a 400 that points to the streaming RPCs
+        # (a backstop: JSON bodies stream through, see RESPONSE_SLACK_BYTES).
         max_response_body_size=(config.max_json_response_mb << 20) + RESPONSE_SLACK_BYTES,
     )}
 
@@ -585,6 +587,29 @@ def fleet_models_header(pools: tuple[Pool, ...]) -> dict:
 
 
 # ---- clusters -----------------------------------------------------------------------
+# Upstream HTTP/2 flow control: one caller's unread response must never stall another's.
+# Envoy multiplexes many callers' streams on one connection per replica. A stream whose caller
+# does not read keeps the bytes it has received unacknowledged, and those count against the
+# connection's window as well as the stream's: with 16 MiB stream windows on a 32 MiB connection
+# window, two or three unread EncodeStream calls (146 MB each) used up the whole connection window
+# and every other call on that connection (JSON or gRPC) waited for the 300 s stream idle timeout
+# (issue 16, attack 1). So the connection window is sized to hold every stream's full window at
+# once: UPSTREAM_STREAMS_PER_CONNECTION streams of UPSTREAM_STREAM_WINDOW_BYTES each, and Envoy
+# opens another connection to the replica when a connection has that many streams. However many
+# streams stop reading, each can take only its own window, never the others'.
+# The stream window is also what Envoy holds per unread stream on the upstream side (plus the
+# downstream connection's buffer). 1 MiB keeps up with the server on loopback and a LAN
+# (BENCHMARKS.md, "Streaming through the gateway": within noise of 16 MiB); it is a
+# bandwidth-delay product of 8 Gbit/s x 1 ms.
+UPSTREAM_STREAM_WINDOW_BYTES = 1 << 20
+UPSTREAM_STREAMS_PER_CONNECTION = 100
+UPSTREAM_HTTP2 = {
+    "max_concurrent_streams": UPSTREAM_STREAMS_PER_CONNECTION,
+    "initial_stream_window_size": UPSTREAM_STREAM_WINDOW_BYTES,
+    "initial_connection_window_size": UPSTREAM_STREAM_WINDOW_BYTES * (UPSTREAM_STREAMS_PER_CONNECTION + 1),
+}
+
+
 def cluster(config: GatewayConfig, pool: Pool) -> dict:
     """One pool: its replicas, how Envoy balances over them, checks their health, ejects them."""
     static = all(_is_ip(host) for host, _ in pool.endpoints)
@@ -596,8 +621,7 @@ def cluster(config: GatewayConfig, pool: Pool) -> dict:
         "per_connection_buffer_limit_bytes": 4194304,
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            explicit_http_config={"http2_protocol_options": {"initial_stream_window_size": 16777216,
-                                                             "initial_connection_window_size": 33554432}})},
+            explicit_http_config={"http2_protocol_options": UPSTREAM_HTTP2})},
         # Requests queue on the server, so the replica with the fewest in flight is the least loaded.
         "lb_policy": "LEAST_REQUEST",
         # Only healthy replicas get traffic, however few are left. With Envoy's default panic

@@ -30,7 +30,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from esm2_wire.vocabulary import Limits
-from service.api import json_limits, request_guard
+from service.api import json_limits, request_guard, response_memory
 from service.engine import result_cache
 from service.engine.policy import DEVICE_DEFAULTS, device_defaults
 from service.engine.scheduler import BatchLimits
@@ -299,6 +299,21 @@ class ServerSettings(Declared, ModelSettings, JsonEdgeLimits):
     cache_mb: int = setting(result_cache.DEFAULT_CACHE_MB, ge=0,
                             help="result cache size in MiB (0 turns it off); identical items in flight are "
                                  "always merged")
+    max_unary_response_mb: int = setting(
+        json_limits.DEFAULT_MAX_UNARY_RESPONSE_MB, ge=1,
+        help="largest Encode/Predict response (MiB); bigger ones get INVALID_ARGUMENT naming EncodeStream/PredictStream")
+    json_response_budget_mb: int = setting(
+        json_limits.DEFAULT_JSON_BUDGET_MB, ge=1,
+        help="JSON responses in flight on this server, by their estimated size (MiB); a request past it gets "
+             "RESOURCE_EXHAUSTED (HTTP 429) with Retry-After: 1 (one request is always admitted)")
+    max_stream_held_mb: int = setting(
+        response_memory.DEFAULT_MAX_STREAM_HELD_MB, ge=1,
+        help="a stream whose caller reads nothing for 5 s while the server holds more than this (MiB) of "
+             "its unsent results is ended with RESOURCE_EXHAUSTED")
+    max_held_response_mb: int = setting(
+        response_memory.DEFAULT_MAX_HELD_RESPONSE_MB, ge=1,
+        help="unsent responses of all callers (MiB); past it, streams whose callers read nothing for 5 s "
+             "are ended with RESOURCE_EXHAUSTED")
     metrics_port: int = setting(9090, ge=0, le=65535, help="Prometheus metrics port (0 disables)")
     metrics_host: str = setting("127.0.0.1", help="Prometheus listener address (0.0.0.0 where a scraper on "
                                                   "another host reads it)")

@@ -122,6 +122,20 @@ class QueueFull(ServiceError):
     retry_after_s = 1
 
 
+class SlowReader(ServiceError):
+    """A caller stopped reading its stream while the server held too much of its response
+    (service.api.response_memory); the message says what a slow consumer should do."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ResponseBudgetFull(ServiceError):
+    """Responses in flight already take the server's budget for them: retry after a moment."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_after_s = 1
+
+
 class OutOfMemory(ServiceError):
     """One sequence does not fit in device memory; retrying fails the same way."""
 

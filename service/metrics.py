@@ -27,7 +27,15 @@ CACHE_MERGED = Counter("esm_cache_merged_total", "Items that joined an identical
 CACHE_EVICTIONS = Counter("esm_cache_evictions_total", "Results evicted from the cache to keep its byte bound")
 CACHE_BYTES = Gauge("esm_cache_bytes", "Bytes of results held by the result cache")
 CACHE_ENTRIES = Gauge("esm_cache_entries", "Results held by the result cache")
-REQUESTS = Counter("esm_requests_total", "RPCs finished", ["method", "code"])
+REQUESTS = Counter("esm_requests_total",
+                   "RPCs finished, by status: CANCELLED counts calls the caller cancelled or reset (a stream too, "
+                   "while blocked on its reader), RESOURCE_EXHAUSTED streams ended for a slow reader too",
+                   ["method", "code"])
+JSON_BYTES_IN_FLIGHT = Gauge("esm_json_response_bytes_in_flight",
+                             "Estimated bytes of the JSON responses admitted and not yet handed to the gateway "
+                             "(bounded by --json-response-budget-mb)")
+RESPONSE_BYTES_HELD = Gauge("esm_response_bytes_held",
+                            "Bytes of results and rendered responses held for callers that have not received them yet")
 REFUSED_UNDECODED = Counter(
     "esm_refused_undecoded_total", "Calls refused before their message was decoded (service.api.request_guard)", ["reason"]
 )

@@ -42,6 +42,7 @@ from service.engine.inputs import ModelInput
 from service.engine.worker import ModelWorker, replicate, resolve_devices
 from service.engine.policy import CostModel, device_defaults
 from service.engine.scheduler import Scheduler
+from service.api.response_memory import ResponseMemory
 from service.api.servicer import Esm2Servicer
 
 log = logging.getLogger("service")
@@ -229,7 +230,10 @@ async def serve(args) -> int:
     keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
     servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
                             args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(),
-                            Tenancy(keys, shared=args.share_cache_across_keys), args.access_log)
+                            tenancy=Tenancy(keys, shared=args.share_cache_across_keys), access_log=args.access_log,
+                            memory=ResponseMemory(args.max_stream_held_mb << 20, args.max_held_response_mb << 20),
+                            max_unary_response_bytes=args.max_unary_response_mb << 20,
+                            json_budget_bytes=args.json_response_budget_mb << 20)
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
                                        dict.fromkeys(JSON_METHODS, receive_ceiling))

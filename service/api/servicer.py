@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -25,10 +26,16 @@ from service import errors, logs, metrics, request_context, tracing
 from service.request_context import REQUEST_ID_HEADER, RequestContext, request_id_from
 from service.api import json_limits, rendering
 from service.api.auth import Tenancy
+from service.api.response_memory import (
+    DEFAULT_MAX_HELD_RESPONSE_MB, DEFAULT_MAX_STREAM_HELD_MB, HeldResponse, ResponseMemory,
+)
 from service.models.checkpoints import FAIR_ESM, HUGGING_FACE
 from service.models.served import ServedModel
-from service.errors import FailedPrecondition, InvalidRequest, NotFound, Problem, UnknownModel, echo
+from service.errors import (
+    FailedPrecondition, InvalidRequest, NotFound, Problem, ResponseBudgetFull, UnknownModel, echo,
+)
 from service.api.json_body import CONTENT_ENCODING_METADATA, BodyParser, failure
+from service.engine.result_cache import result_bytes
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
 from service.api.request_schema import request_schema
@@ -36,6 +43,7 @@ from service.api.docs_page import DOCS_PATH, DocsPage, DocsUnavailable
 from service.api.validation import ParsedItem, parse_items, parse_options
 
 log = logging.getLogger(__name__)
+JSON_MESSAGE_BYTES = chunks.DEFAULT_CHUNK_BYTES  # the JSON body goes to the gateway in messages of this size
 
 
 @dataclass
@@ -48,13 +56,38 @@ class Job:
     layers: tuple[int, ...]
 
 
+def _writes_itself(handler):
+    """A response-streaming handler that writes with `context.write`, presented as an async
+    generator that yields nothing. The handlers write themselves so that each write can be timed
+    (a caller that stops reading is found: service.api.response_memory); grpc.aio runs either form,
+    but server interceptors such as OpenTelemetry's iterate a streaming handler's responses, which
+    a plain coroutine does not have."""
+
+    @functools.wraps(handler)
+    async def generator(self, request, context):
+        await handler(self, request, context)
+        return
+        yield  # unreachable: makes this function an async generator
+
+    return generator
+
+
 class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def __init__(
         self, models: dict[str, ServedModel], router: ModelRouter, limits: Limits,
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
         max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
         openapi_document: bytes = b"{}", tenancy: Tenancy | None = None, access_log: bool = False,
+        memory: ResponseMemory | None = None,
+        max_unary_response_bytes: int = json_limits.DEFAULT_MAX_UNARY_RESPONSE_MB << 20,
+        json_budget_bytes: int = json_limits.DEFAULT_JSON_BUDGET_MB << 20,
     ):
+        self.max_unary_response_bytes = max_unary_response_bytes
+        # JSON responses admitted and not yet handed to the gateway, by their estimates.
+        self.json_budget_bytes = json_budget_bytes
+        self.json_in_flight = 0
+        # Unsent response bytes, bounded per stream and in total (service.api.response_memory).
+        self.memory = memory or ResponseMemory(DEFAULT_MAX_STREAM_HELD_MB << 20, DEFAULT_MAX_HELD_RESPONSE_MB << 20)
         self.tenancy = tenancy or Tenancy([])
         self.access_log = access_log  # one line per finished RPC (service.logs.access_line)
         self.max_json_response_bytes = max_json_response_bytes
@@ -148,7 +181,11 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         try:
             yield
         except asyncio.CancelledError:
-            metrics.REQUESTS.labels(method, "CANCELLED").inc()
+            # The caller cancelled or reset the call (or its deadline passed), wherever the handler
+            # was waiting: for the model, or for the caller to read a stream.
+            remaining = context.time_remaining()
+            code_name = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            metrics.REQUESTS.labels(method, code_name).inc()
             raise
         except grpc.aio.AbortError:
             raise
@@ -173,48 +210,89 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             with tracing.span("validate"):
                 job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
                                        [item.sequence for item in request.items])
-            results = await self._results(job, context)
             vocab = job.model.vocabulary
-            with tracing.span("render"):
-                return await asyncio.to_thread(
-                    lambda: pb.EncodeResponse(
-                        results=[rendering.encode_result(i, r, vocab) for i, r in enumerate(results)]
-                    )
-                )
+            estimate = json_limits.estimate_encode_bytes(
+                [len(item.tokens) for item in job.items], job.outputs, len(job.layers), job.model.loaded.embed_dim,
+                len(vocab), proto=True,
+            )
+            render = lambda i, r: rendering.encode_result(i, r, vocab)  # noqa: E731
+            return await self._unary(job, context, estimate, render, pb.EncodeResponse, "EncodeStream")
 
     async def Predict(self, request, context):
         async with self._rpc("Predict", context, request.model):
             with tracing.span("validate"):
                 job = self._predict_job(request.model, [item.sequence for item in request.items])
-            results = await self._results(job, context)
             vocab = job.model.vocabulary
-            with tracing.span("render"):
-                return await asyncio.to_thread(
-                    lambda: pb.PredictResponse(
-                        results=[
-                            rendering.predict_result(i, r, job.items[i].tokens, vocab) for i, r in enumerate(results)
-                        ]
-                    )
-                )
+            estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab),
+                                                          proto=True)
+            render = lambda i, r: rendering.predict_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
+            return await self._unary(job, context, estimate, render, pb.PredictResponse, "PredictStream")
+
+    async def _unary(self, job: Job, context, estimate: int, render, response_type, stream_rpc: str):
+        """Refuse before queueing what is too large for one message; render in pieces off the loop."""
+        limit = self.max_unary_response_bytes
+        if estimate > limit:
+            raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc,
+                                                       unary=True))
+        results = await self._results(job, context)
+        with HeldResponse(self.memory) as held, tracing.span("render"):
+            pieces = await _render_pieces(context, render, results, held, lambda piece: piece.ByteSize())
+            return await asyncio.to_thread(response_type, results=pieces)
+
+    @contextlib.contextmanager
+    def _json_budget(self, estimate: int, stream_rpc: str):
+        """Admit a JSON response while those in flight fit the budget (one always fits), else 429."""
+        budget = self.json_budget_bytes
+        if self.json_in_flight and self.json_in_flight + estimate > budget:
+            raise ResponseBudgetFull(
+                f"server busy: JSON responses in flight here would take {(self.json_in_flight + estimate) >> 20} MiB, "
+                f"over its {budget >> 20} MiB budget (--json-response-budget-mb); retry after the Retry-After seconds, "
+                f"ask for less per request, or use the streaming gRPC RPC esm.v1.Esm2Service/{stream_rpc}")
+        self.json_in_flight += estimate
+        metrics.JSON_BYTES_IN_FLIGHT.set(self.json_in_flight)
+        try:
+            yield
+        finally:
+            self.json_in_flight -= estimate
+            metrics.JSON_BYTES_IN_FLIGHT.set(self.json_in_flight)
 
     # ---- JSON (through the Envoy gateway) --------------------------------------
-    async def _json(self, job: Job, context, estimate: int, render, stream_rpc: str) -> httpbody_pb2.HttpBody:
-        """Refuse before queueing what Envoy could not buffer whole; render off the loop."""
+    async def _json(self, job: Job, context, estimate: int, render, stream_rpc: str) -> None:
+        """Refuse before queueing what is over the JSON limit or the in-flight budget; then send the
+        body one result at a time. EncodeJson/PredictJson stream google.api.HttpBody messages, which
+        Envoy's transcoder passes on as they come: neither Envoy nor this server holds a whole body,
+        and a caller that stops reading holds only flow-control windows, then is cancelled."""
         limit = self.max_json_response_bytes
         if estimate > limit:
             raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc))
-        results = await self._results(job, context)
-        with tracing.span("render"):
-            body = await asyncio.to_thread(lambda: rendering.json_body([render(i, r) for i, r in enumerate(results)]))
-        if len(body) > limit:  # the estimate was low; still never hand Envoy more than it accepts
-            raise InvalidRequest(json_limits.too_large(len(body), limit, estimated=False, stream_rpc=stream_rpc))
-        return httpbody_pb2.HttpBody(content_type="application/json", data=body)
+        with self._json_budget(estimate, stream_rpc):
+            results = await self._results(job, context)
+            # A JSON caller that reads nothing for STALL_SECONDS is not waited for: its budget share is
+            # another caller's (per-stream bound 0).
+            with HeldResponse(self.memory, per_stream_bytes=0) as held, tracing.span("render"):
+                last = len(results) - 1
+                for index, result in enumerate(results):
+                    if context.cancelled():
+                        raise asyncio.CancelledError()
+                    piece = await asyncio.to_thread(
+                        lambda: rendering.json_piece(render(index, result), first=index == 0, last=index == last))
+                    held.take(len(piece))
+                    # In messages of at most 1 MiB: the slow-reader watch times each write, and a caller
+                    # reading at a modest rate takes 1 MiB well within STALL_SECONDS (a 55 MB result not).
+                    for start in range(0, len(piece), JSON_MESSAGE_BYTES):
+                        await held.send(context, httpbody_pb2.HttpBody(
+                            content_type="application/json", data=piece[start:start + JSON_MESSAGE_BYTES]))
+                    held.give_back(len(piece))
+                if not results:
+                    await held.send(context, httpbody_pb2.HttpBody(content_type="application/json",
+                                                                   data=rendering.json_piece(None, True, True)))
 
     async def _body(self, request, context, action: str):
         """The parsed body, read off the event loop (up to 4 MiB of JSON)."""
         encoding = dict(context.invocation_metadata() or ()).get(CONTENT_ENCODING_METADATA, "")
         return await asyncio.to_thread(self.bodies.parse, request.body.data, encoding, action)
 
+    @_writes_itself
     async def EncodeJson(self, request, context):
         async with self._rpc("EncodeJson", context, request.model, gateway=True):
             with tracing.span("validate"):
@@ -227,8 +305,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                 len(vocab),
             )
             render = lambda i, r: rendering.encode_json_result(i, r, vocab)  # noqa: E731
-            return await self._json(job, context, estimate, render, "EncodeStream")
+            await self._json(job, context, estimate, render, "EncodeStream")
 
+    @_writes_itself
     async def PredictJson(self, request, context):
         async with self._rpc("PredictJson", context, request.model, gateway=True):
             with tracing.span("validate"):
@@ -238,7 +317,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             vocab = job.model.vocabulary
             estimate = json_limits.estimate_predict_bytes([len(item.tokens) for item in job.items], len(vocab))
             render = lambda i, r: rendering.predict_json_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
-            return await self._json(job, context, estimate, render, "PredictStream")
+            await self._json(job, context, estimate, render, "PredictStream")
 
     async def GetRequestSchema(self, request, context):
         async with self._rpc("GetRequestSchema", context, request.model, gateway=True):
@@ -279,36 +358,43 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         futures = self._submit(job, context)
         vocab = job.model.vocabulary
         chunk_bytes = chunks.chunk_size(options.max_chunk_bytes)
-        try:
+        with HeldResponse(self.memory) as held:
+            # A finished result is held from the moment it finishes until its last chunk is written.
+            owed = [0] * len(futures)
             for index, future in enumerate(futures):
-                result = await future
-                item = job.items[index]
-                header = pb.ItemHeader(sequence_index=index, sequence_length=len(item.tokens))
-                if result.logits is not None:
-                    header.vocab_tokens.extend(vocab)
-                if predict:
-                    header.sequence_tokens.extend(item.tokens)
-                yield response_type(item_header=header)
-                for chunk in rendering.encode_stream_chunks(index, result, options.data_type, chunk_bytes):
-                    yield response_type(chunk=chunk)
-        finally:
-            _release(futures)
-            _trace_queue_wait(request_context.current())
+                future.add_done_callback(lambda f, i=index: _hold(held, owed, i, f))
+            try:
+                for index, future in enumerate(futures):
+                    result = await future
+                    item = job.items[index]
+                    header = pb.ItemHeader(sequence_index=index, sequence_length=len(item.tokens))
+                    if result.logits is not None:
+                        header.vocab_tokens.extend(vocab)
+                    if predict:
+                        header.sequence_tokens.extend(item.tokens)
+                    await held.send(context, response_type(item_header=header))
+                    for chunk in rendering.encode_stream_chunks(index, result, options.data_type, chunk_bytes):
+                        await held.send(context, response_type(chunk=chunk))
+                    held.give_back(owed[index])
+                    owed[index] = 0
+            finally:
+                _release(futures)
+                _trace_queue_wait(request_context.current())
 
+    @_writes_itself
     async def EncodeStream(self, request, context):
         async with self._rpc("EncodeStream", context, request.model):
             with tracing.span("validate"):
                 job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
                                        [item.sequence for item in request.items])
-            async for message in self._stream(job, context, request.stream_options, pb.EncodeStreamResponse, False):
-                yield message
+            await self._stream(job, context, request.stream_options, pb.EncodeStreamResponse, False)
 
+    @_writes_itself
     async def PredictStream(self, request, context):
         async with self._rpc("PredictStream", context, request.model):
             with tracing.span("validate"):
                 job = self._predict_job(request.model, [item.sequence for item in request.items])
-            async for message in self._stream(job, context, request.stream_options, pb.PredictStreamResponse, True):
-                yield message
+            await self._stream(job, context, request.stream_options, pb.PredictStreamResponse, True)
 
     # ---- models ---------------------------------------------------------------
     async def ListModels(self, request, context):
@@ -353,6 +439,26 @@ def _trace_queue_wait(request: RequestContext | None) -> None:
     if request is not None and request.first_batch_ns:
         tracing.record("queue wait", request.span, request.submitted_ns, request.first_batch_ns,
                        **{"esm.queue_wait_max_s": request.queue_wait_s or 0.0})
+
+
+async def _render_pieces(context, render, results, held: HeldResponse, size) -> list:
+    """render(index, result) of each result off the event loop, one at a time: no piece holds the
+    interpreter's lock for long, and rendering stops as soon as the caller is gone."""
+    pieces = []
+    for index, result in enumerate(results):
+        if context.cancelled():
+            raise asyncio.CancelledError()
+        piece = await asyncio.to_thread(render, index, result)
+        held.take(size(piece))
+        pieces.append(piece)
+    return pieces
+
+
+def _hold(held: HeldResponse, owed: list[int], index: int, future: asyncio.Future) -> None:
+    """A stream's item finished: its result is held until sent."""
+    if not future.cancelled() and future.exception() is None:
+        owed[index] = result_bytes(future.result())
+        held.take(owed[index])
 
 
 def _release(futures: list[asyncio.Future]) -> None:
