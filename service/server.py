@@ -42,6 +42,7 @@ from service.engine.inputs import ModelInput
 from service.engine.worker import ModelWorker, replicate, resolve_devices
 from service.engine.scheduler import Scheduler
 from service.api.servicer import Esm2Servicer
+from service.api.scoring import ScoreLimits
 
 log = logging.getLogger("service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
@@ -52,7 +53,7 @@ MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; stre
 # the JSON gateway's methods may use all of it: their bodies are bounded by the gateway's own
 # --max-request-bytes (4 MiB), and a JSON caller should hear about its body, not a proto size.
 RECEIVE_CEILING_BYTES = (4 << 20) + (64 << 10)
-JSON_METHODS = (f"/{SERVICE_NAME}/EncodeJson", f"/{SERVICE_NAME}/PredictJson")
+JSON_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in ("EncodeJson", "PredictJson", "LogProbJson", "ScoreJson"))
 EXIT_WORKER_LOST = 3  # the model worker died or the device is unusable: restart me
 LOST_WORKER_GRACE_S = 5.0  # to send the UNAVAILABLE answers of work already accepted
 
@@ -181,13 +182,18 @@ async def serve(args) -> int:
             precision.check(spec.precision, device, simulated)
     models = load_models(args)
     router = build_schedulers(models, args)
+    score_limits = ScoreLimits(args.max_score_mutations, args.max_score_passes)
     servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
-                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes())
+                            args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(), score_limits)
 
     keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
+    score_bytes = request_guard.max_score_message_bytes(args.max_items, args.max_sequence_length,
+                                                        args.max_score_mutations)
+    receive_ceiling = max(receive_ceiling, score_bytes)
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
-                                       dict.fromkeys(JSON_METHODS, receive_ceiling))
+                                       {**dict.fromkeys(JSON_METHODS, receive_ceiling),
+                                        f"/{SERVICE_NAME}/Score": max(args.max_request_message_bytes, score_bytes)})
     server = grpc.aio.server(
         interceptors=[guard],
         options=[

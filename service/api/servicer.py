@@ -22,17 +22,20 @@ from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import FLEET_MODELS_HEADER, pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service import errors, metrics
-from service.api import json_limits, rendering
+from service.api import json_limits, rendering, scoring
 from service.models.checkpoints import FAIR_ESM, HUGGING_FACE
 from service.models.served import ServedModel
 from service.errors import FailedPrecondition, InvalidRequest, NotFound, Problem, UnknownModel, echo
 from service.api.json_body import CONTENT_ENCODING_METADATA, BodyParser, failure
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
-from service.api.request_schema import request_schema
+from service.api.request_schema import ACTIONS, request_schema
+from service.api.scoring import ItemScores, PassRows, ScoreLimits, ScorePlan
 from service.api.validation import ParsedItem, parse_items, parse_options
 
 log = logging.getLogger(__name__)
+# Passes of log_prob and Score: logits only, so that they batch and cache with predict's.
+LOGITS_ONLY = frozenset({OutputKind.LOGITS})
 
 
 @dataclass
@@ -51,9 +54,11 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         max_json_response_bytes: int = json_limits.DEFAULT_MAX_JSON_RESPONSE_MB << 20,
         max_request_bytes: int = json_limits.DEFAULT_MAX_REQUEST_BYTES,
         openapi_document: bytes = b"{}",
+        score_limits: ScoreLimits = ScoreLimits(),
     ):
+        self.score_limits = score_limits
         self.max_json_response_bytes = max_json_response_bytes
-        self.bodies = BodyParser(limits, max_request_bytes)
+        self.bodies = BodyParser(limits, max_request_bytes, score_limits)
         self.openapi_document = openapi_document
         self.models = models
         self.router = router  # one scheduler per model
@@ -106,11 +111,67 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         parsed = parse_items(sequences, predict=True, limits=self.limits)
         return Job(served, parsed, frozenset({OutputKind.LOGITS}), ())
 
-    def _submit(self, job: Job, context) -> list[asyncio.Future]:
+    def _log_prob_job(self, model: str, sequences: list[str]) -> Job:
+        served = self._model(model)
+        self._require_lm_head(served, "model")
+        parsed = parse_items(sequences, predict=False, limits=self.limits)
+        return Job(served, parsed, LOGITS_ONLY, ())
+
+    def _score_plan(self, model: str, method: str, sequences: list[str],
+                    variants: list[list[str]]) -> tuple[ServedModel, ScorePlan]:
+        served = self._model(model)
+        self._require_lm_head(served, "model")
+        problems: list[Problem] = []  # every problem at once: items first, then params
+        items = []
+        try:
+            items = scoring.parse_score_items(sequences, variants, self.limits, self.score_limits)
+        except InvalidRequest as exc:
+            problems += exc.problems
+        try:
+            method = scoring.parse_method(method)
+        except InvalidRequest as exc:
+            problems += exc.problems
+        if problems:
+            raise InvalidRequest.of(*problems)
+        passes = scoring.passes_needed(method, items)
+        # All of a request's passes are queued at once, so its model's queue bound caps them too.
+        cap, named = min(
+            (self.score_limits.max_passes, "--max-score-passes"), (served.spec.max_queue_items, "--max-queue-items"))
+        if passes > cap:
+            raise InvalidRequest.of(Problem(
+                "items", None, f"the request needs {passes} forward passes ({method}); at most {cap} are allowed "
+                               f"({named}): split the variants or sequences over several requests"))
+        return served, ScorePlan.of(method, items)
+
+    @staticmethod
+    def _deadline(context) -> float | None:
         remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _submit(self, job: Job, context) -> list[asyncio.Future]:
         tokenize = job.model.loaded.tokenize
         inputs = [ModelInput(job.model.name, tokenize(item.tokens), job.outputs, job.layers) for item in job.items]
-        return self.router.submit(inputs, None if remaining is None else time.monotonic() + remaining)
+        return self.router.submit(inputs, self._deadline(context))
+
+    async def _log_probs(self, job: Job, context) -> list[float]:
+        results = await self._results(job, context)
+        columns = {token: i for i, token in enumerate(job.model.vocabulary)}
+        return [scoring.sequence_log_prob(item.tokens, result.logits, columns)
+                for item, result in zip(job.items, results)]
+
+    async def _scores(self, served: ServedModel, plan: ScorePlan, context) -> list[ItemScores]:
+        """Queue every pass of the plan at once; keep only the rows the scores read."""
+        tokenize = served.loaded.tokenize
+        inputs = [ModelInput(served.name, tokenize(tokens), LOGITS_ONLY, ()) for tokens in plan.passes]
+        futures = self.router.submit(inputs, self._deadline(context)) if inputs else []
+        rows = PassRows(plan)
+        try:
+            for index, future in enumerate(futures):
+                rows.add(index, (await future).logits)
+        finally:
+            _release(futures)
+        columns = {token: i for i, token in enumerate(served.vocabulary)}
+        return await asyncio.to_thread(scoring.item_scores, rows, columns)
 
     async def _results(self, job: Job, context) -> list[ItemResult]:
         futures = self._submit(job, context)
@@ -173,6 +234,21 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                 )
             )
 
+    async def LogProb(self, request, context):
+        async with self._rpc("LogProb", context, request.model):
+            job = self._log_prob_job(request.model, [item.sequence for item in request.items])
+            values = await self._log_probs(job, context)
+            return pb.LogProbResponse(
+                results=[pb.LogProbResult(sequence_index=i, log_prob=v) for i, v in enumerate(values)])
+
+    async def Score(self, request, context):
+        async with self._rpc("Score", context, request.model):
+            served, plan = self._score_plan(request.model, request.params.method,
+                                            [item.sequence for item in request.items],
+                                            [list(item.variants) for item in request.items])
+            scores = await self._scores(served, plan, context)
+            return pb.ScoreResponse(results=[rendering.score_result(i, s) for i, s in enumerate(scores)])
+
     # ---- JSON (through the Envoy gateway) --------------------------------------
     async def _json(self, job: Job, context, estimate: int, render, stream_rpc: str) -> httpbody_pb2.HttpBody:
         """Refuse before queueing what Envoy could not buffer whole; render off the loop."""
@@ -213,12 +289,27 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             render = lambda i, r: rendering.predict_json_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
             return await self._json(job, context, estimate, render, "PredictStream")
 
+    async def LogProbJson(self, request, context):
+        async with self._rpc("LogProbJson", context, request.model, gateway=True):
+            served = self._model(request.model)
+            body = await self._body(request, context, "log_prob")
+            values = await self._log_probs(self._log_prob_job(served.name, body.sequences), context)
+            return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.log_prob_json(values))
+
+    async def ScoreJson(self, request, context):
+        async with self._rpc("ScoreJson", context, request.model, gateway=True):
+            served = self._model(request.model)
+            body = await self._body(request, context, "score")
+            served, plan = self._score_plan(served.name, body.method, body.sequences, body.variants)
+            scores = await self._scores(served, plan, context)
+            return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.score_json(scores))
+
     async def GetRequestSchema(self, request, context):
         async with self._rpc("GetRequestSchema", context, request.model, gateway=True):
             served = self._model(request.model)
-            if request.action not in ("encode", "predict"):
-                raise NotFound(f"action {echo(request.action)} does not exist; use encode or predict")
-            schema = request_schema(served.name, request.action, self.limits)
+            if request.action not in ACTIONS:
+                raise NotFound(f"action {echo(request.action)} does not exist; use " + ", ".join(ACTIONS))
+            schema = request_schema(served.name, request.action, self.limits, self.score_limits.max_mutations)
             return httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(schema))
 
     async def GetOpenApiDocument(self, request, context):
@@ -277,6 +368,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             source_format=_SOURCE_FORMATS[m.source_format], finetuned_from=m.finetuned_from,
             max_batch_tokens=budget.tokens if budget else 0, batch_tokens_source=budget.source if budget else "",
             precision=served.precision,
+            max_score_passes=min(self.score_limits.max_passes, served.spec.max_queue_items),
+            max_score_mutations=self.score_limits.max_mutations,
         )
 
 
