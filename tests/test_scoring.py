@@ -288,3 +288,26 @@ def test_score_bounds_are_refused_naming_them(bounded, tmp_path):
         assert schema["properties"]["items"]["items"]["properties"]["variants"]["maxItems"] == 6
     finally:
         envoy.stop()
+
+
+def test_client_splits_work_into_requests_within_the_bounds(bounded, reference_models):
+    """esm2 score's library: 14 mutated positions and 14 mutations over a 12-pass, 6-mutation server;
+    PLLs of 3 sequences of 7 scored positions each over 12 passes per request."""
+    from esm2_client.client import Esm2Client
+    from esm2_client import scoring
+
+    wild_type = "MKTAYIAKQRQISFVK"
+    variants = ["M1A", "K2A:T3G", "A4C", "Y5W:I6L:A7G", "K8A", "Q9W", "R10K", "Q11A", "I12L", "S13T:F14Y"]
+    loaded = reference_models["esm2-tiny"]
+    before = bounded.metrics()
+    with Esm2Client(bounded.target, max_in_flight=2) as client:
+        scores = scoring.masked_marginal_scores(client, "esm2-tiny", wild_type, variants)
+        sequences = ["MKTAYIA", "MLKXVWAC", "WWWWWWW"]
+        likelihoods = list(scoring.pseudo_log_likelihoods(client, "esm2-tiny", sequences))
+    assert scores == pytest.approx([direct_masked_marginal(loaded, wild_type, v) for v in variants], abs=1e-4)
+    for sequence, result in zip(sequences, likelihoods):
+        assert result.scored_positions == 7
+        assert result.pseudo_log_likelihood == pytest.approx(direct_pll(loaded, sequence), abs=1e-4)
+    requests_made = bounded.metrics()['esm_requests_total{code="OK",method="Score"}'] - before.get(
+        'esm_requests_total{code="OK",method="Score"}', 0)
+    assert requests_made == 3 + 3  # mutations 4 + 6 + 4 (3 requests); PLLs 7 + 7 + 7 passes (3 requests)
