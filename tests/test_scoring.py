@@ -311,3 +311,25 @@ def test_client_splits_work_into_requests_within_the_bounds(bounded, reference_m
     requests_made = bounded.metrics()['esm_requests_total{code="OK",method="Score"}'] - before.get(
         'esm_requests_total{code="OK",method="Score"}', 0)
     assert requests_made == 3 + 3  # mutations 4 + 6 + 4 (3 requests); PLLs 7 + 7 + 7 passes (3 requests)
+
+
+def test_clients_log_prob_and_score_sync_and_async(server, reference_models):
+    """Esm2Client and AsyncEsm2Client: log_prob over more items than one request holds, and score."""
+    import asyncio
+
+    from esm2_client.client import AsyncEsm2Client, Esm2Client
+
+    sequences = [WILD_TYPE[: 3 + i] for i in range(11)]  # two requests of at most 8
+    want = [direct_log_prob(reference_models["esm2-tiny"], s) for s in sequences]
+    with Esm2Client(server.target) as client:
+        assert client.log_prob(sequences, "esm2-tiny") == pytest.approx(want, rel=1e-5, abs=1e-4)
+        blocking = client.score("esm2-tiny", [(WILD_TYPE, VARIANTS)], "wt_marginal")
+
+    async def run():
+        async with AsyncEsm2Client(server.target) as client:
+            return await client.log_prob(sequences, "esm2-tiny"), await client.score(
+                "esm2-tiny", [(WILD_TYPE, VARIANTS)], "wt_marginal")
+    values, awaited = asyncio.run(run())
+    assert values == pytest.approx(want, rel=1e-5, abs=1e-4)
+    assert list(awaited[0].scores) == list(blocking[0].scores) == pytest.approx(
+        [direct_wt_marginal(reference_models["esm2-tiny"], WILD_TYPE, v) for v in VARIANTS], abs=1e-4)
