@@ -6,6 +6,7 @@ Nothing here touches a model; results come back from the scheduler's futures.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -163,13 +164,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         """Queue every pass of the plan at once; keep only the rows the scores read."""
         tokenize = served.loaded.tokenize
         inputs = [ModelInput(served.name, tokenize(tokens), LOGITS_ONLY, ()) for tokens in plan.passes]
-        futures = self.router.submit(inputs, self._deadline(context)) if inputs else []
+        # Each pass's [L, 20] logits are let go once its rows are read: up to --max-score-passes of them.
+        waiting = collections.deque(self.router.submit(inputs, self._deadline(context)) if inputs else ())
         rows = PassRows(plan)
         try:
-            for index, future in enumerate(futures):
-                rows.add(index, (await future).logits)
+            for index in range(len(waiting)):
+                rows.add(index, (await waiting[0]).logits)
+                waiting.popleft()
         finally:
-            _release(futures)
+            _release(list(waiting))
         columns = {token: i for i, token in enumerate(served.vocabulary)}
         return await asyncio.to_thread(scoring.item_scores, rows, columns)
 
