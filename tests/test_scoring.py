@@ -137,6 +137,8 @@ def test_log_prob_json_is_biolms_shape_and_errors_are_encodes(gateway, reference
     assert extra.status_code == 400 and "unknown field 'params'" in extra.json()["detail"]
     schema = requests.get(gateway.url + "/api/v3/schema/esm2-8m/log_prob/", timeout=60).json()
     assert schema["properties"]["items"]["maxItems"] == 8 and "params" not in schema["properties"]
+    unknown = requests.get(gateway.url + "/api/v3/schema/esm2-8m/fold/", timeout=60)
+    assert unknown.status_code == 404 and "use encode, predict, log_prob, score" in unknown.json()["detail"]
 
 
 def test_biolmai_client_reads_log_prob_results(gateway, server, reference_models, tmp_path):
