@@ -20,8 +20,10 @@ Paths, each timed end to end from sequences to scores:
   (the sweep runs on a probe before the timed runs; every size is reported).
 
 The paths run interleaved (server, client-side, hf; then again) so that a loaded machine slows
-each alike; servers run with `--cache-mb 0` (the repeats reuse the sequences), so only passes
-equal within one request merge. All three must agree on every score (checked).
+each alike, and the report gives every repeat and the median of the paired ratios (each path over
+the server path of the same repeat). Servers run with `--cache-mb 0` (the repeats reuse the
+sequences), so only passes equal within one request merge. All three must agree on every score
+(checked).
 """
 
 from __future__ import annotations
@@ -68,9 +70,12 @@ def parse_args(argv):
     p.add_argument("--hf-batches", default=",".join(map(str, HF_BATCHES)), help="batch sizes the hf sweep tries")
     p.add_argument("--hf-probe-positions", type=int, default=64, help="masked passes the hf sweep times per size")
     p.add_argument("--quick", action="store_true", help="tiny shape, 3 x 40 residues, 19 x 8 scan, one repeat")
+    p.add_argument("--report", type=Path, metavar="JSON", help="only rewrite the tables of a finished run's JSON")
     p.add_argument("--cache-dir", type=Path, default=HERE / ".cache")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
+    if args.report:
+        return args
     if args.quick:
         args.models, args.pll_sequences, args.pll_length = "tiny", 3, 40
         args.scan_length, args.scan_positions, args.repeats, args.hf_batches = 40, 8, 1, "1,8"
@@ -201,7 +206,9 @@ def run_model(shape: str, args) -> dict:
                      "client-side": lambda: client_side_scan(client, name, wild_type, variants),
                      "hf script": lambda: script.scan(wild_type, variants, batch)},
         }
-        scoring.masked_marginal_scores(client, name, wild_type, variants[:19])  # warm the server
+        # warm the server (two batches of full-length passes) and both client paths
+        scoring.masked_marginal_scores(client, name, wild_type, variants[: 19 * 6])
+        client_side_scan(client, name, wild_type, variants[: 19 * 6])
         for repeat in range(args.repeats):
             for case, runs in paths.items():
                 values = {}
@@ -216,7 +223,7 @@ def run_model(shape: str, args) -> dict:
     return {
         "model": name, "times": times, "median_s": medians, "hf_batch": batch, "hf_sweep_s_per_pass": sweep,
         "max_abs_difference_vs_server": differences,
-        "ratios": {case: {path: m[path] / m["server"] for path in m} for case, m in medians.items()},
+        "paired_ratios": {case: paired_ratios(t) for case, t in times.items()},
         "pll": f"{args.pll_sequences} x {args.pll_length} residues, {args.pll_sequences * args.pll_length} passes",
         "scan": f"19 x {args.scan_positions} positions of a {args.scan_length}-residue wild type "
                 f"({len(variants)} variants, {args.scan_positions} passes)",
@@ -224,17 +231,24 @@ def run_model(shape: str, args) -> dict:
 
 
 def markdown(run: dict) -> str:
+    """Per repeat: each path's seconds and its ratio to the server path in the same repeat (the
+    paths of one repeat ran back to back); then the median of those paired ratios."""
     lines = [f"Run {run['started']} ({run['wall_seconds']:.0f} s), command: `{run['command']}`",
              f"Machine: {run['machine']}", "",
-             "| model | case | server s | client-side s | hf script s (batch) | client-side / server "
-             "| hf script / server |", "|---|---|---|---|---|---|---|"]
+             "| model | case | repeat | server s | client-side s | hf script s (batch) | client-side / server "
+             "| hf script / server |", "|---|---|---|---|---|---|---|---|"]
     for result in run["results"]:
         for case in ("pll", "scan"):
-            m, r = result["median_s"][case], result["ratios"][case]
-            lines.append(f"| {result['model']} | {case}: {result[case]} | {m['server']:.2f} | {m['client-side']:.2f} "
-                         f"| {m['hf script']:.2f} ({result['hf_batch']}) | {r['client-side']:.2f}x "
+            t = result["times"][case]
+            for repeat in range(len(t["server"])):
+                server = t["server"][repeat]
+                lines.append(f"| {result['model']} | {case}: {result[case]} | {repeat + 1} | {server:.2f} "
+                             f"| {t['client-side'][repeat]:.2f} | {t['hf script'][repeat]:.2f} ({result['hf_batch']}) "
+                             f"| {t['client-side'][repeat] / server:.2f}x | {t['hf script'][repeat] / server:.2f}x |")
+            r = result["paired_ratios"][case]
+            lines.append(f"| {result['model']} | {case} | median of paired ratios | | | | {r['client-side']:.2f}x "
                          f"| {r['hf script']:.2f}x |")
-    lines += ["", "Medians of the interleaved repeats. hf batch sweep, seconds per masked pass: "
+    lines += ["", "hf batch sweep, seconds per masked pass: "
               + "; ".join(f"{r['model']}: " + ", ".join(f"{b}: {s:.4f}" for b, s in r["hf_sweep_s_per_pass"].items())
                           for r in run["results"]),
               "Largest score difference from the server path: "
@@ -243,9 +257,21 @@ def markdown(run: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median over repeats of each path's seconds over the server path's in the same repeat."""
+    return {path: statistics.median(s / server for s, server in zip(seconds, times["server"]))
+            for path, seconds in times.items()}
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.report:
+        run = json.loads(args.report.read_text())
+        for result in run["results"]:
+            result["paired_ratios"] = {case: paired_ratios(t) for case, t in result["times"].items()}
+        print(markdown(run))
+        return 0
     started = time.monotonic()
     run = {"started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "command": shlex.join(["python", "-m", "bench.scoring_cases", *(sys.argv[1:] if argv is None else argv)]),
