@@ -160,10 +160,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         return [scoring.sequence_log_prob(item.tokens, result.logits, columns)
                 for item, result in zip(job.items, results)]
 
-    async def _scores(self, served: ServedModel, plan: ScorePlan, context) -> list[ItemScores]:
-        """Queue every pass of the plan at once; keep only the rows the scores read."""
-        tokenize = served.loaded.tokenize
-        inputs = [ModelInput(served.name, tokenize(tokens), LOGITS_ONLY, ()) for tokens in plan.passes]
+    async def _scores(self, model: str, method: str, sequences: list[str], variants: list[list[str]],
+                      context) -> list[ItemScores]:
+        """Plan the passes and tokenize them off the event loop (a pll request may be 2,048 passes of
+        2,048 tokens), queue them all at once, keep only the rows the scores read."""
+        def prepare() -> tuple[ServedModel, ScorePlan, list[ModelInput]]:
+            served, plan = self._score_plan(model, method, sequences, variants)
+            tokenize = served.loaded.tokenize
+            return served, plan, [ModelInput(served.name, tokenize(tokens), LOGITS_ONLY, ()) for tokens in plan.passes]
+        served, plan, inputs = await asyncio.to_thread(prepare)
         # Each pass's [L, 20] logits are let go once its rows are read: up to --max-score-passes of them.
         waiting = collections.deque(self.router.submit(inputs, self._deadline(context)) if inputs else ())
         rows = PassRows(plan)
@@ -246,10 +251,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     async def Score(self, request, context):
         async with self._rpc("Score", context, request.model):
-            served, plan = self._score_plan(request.model, request.params.method,
-                                            [item.sequence for item in request.items],
-                                            [list(item.variants) for item in request.items])
-            scores = await self._scores(served, plan, context)
+            scores = await self._scores(request.model, request.params.method,
+                                        [item.sequence for item in request.items],
+                                        [list(item.variants) for item in request.items], context)
             return pb.ScoreResponse(results=[rendering.score_result(i, s) for i, s in enumerate(scores)])
 
     # ---- JSON (through the Envoy gateway) --------------------------------------
@@ -303,8 +307,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("ScoreJson", context, request.model, gateway=True):
             served = self._model(request.model)
             body = await self._body(request, context, "score")
-            served, plan = self._score_plan(served.name, body.method, body.sequences, body.variants)
-            scores = await self._scores(served, plan, context)
+            scores = await self._scores(served.name, body.method, body.sequences, body.variants, context)
             return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.score_json(scores))
 
     async def GetRequestSchema(self, request, context):
