@@ -19,11 +19,11 @@ Paths, each timed end to end from sequences to scores:
   sequence copy and running `batch` copies per forward pass, at the best batch size of a sweep
   (the sweep runs on a probe before the timed runs; every size is reported).
 
-The paths run interleaved (server, client-side, hf; then again) so that a loaded machine slows
-each alike, and the report gives every repeat and the median of the paired ratios (each path over
-the server path of the same repeat). Servers run with `--cache-mb 0` (the repeats reuse the
-sequences), so only passes equal within one request merge. All three must agree on every score
-(checked).
+The paths run interleaved (server, client-side, hf; then client-side, hf, server; ...) so that
+a loaded machine slows each alike and none always runs first; the report gives every repeat and
+the median of the paired ratios (each path over the server path of the same repeat). Servers run
+with `--cache-mb 0` (the repeats reuse the sequences), so only passes equal within one request
+merge. All three must agree on every score (checked).
 """
 
 from __future__ import annotations
@@ -212,8 +212,9 @@ def run_model(shape: str, args) -> dict:
         for repeat in range(args.repeats):
             for case, runs in paths.items():
                 values = {}
-                for path, fn in runs.items():
-                    seconds, values[path] = _timed(fn)
+                order = list(runs)
+                for path in order[repeat % 3:] + order[: repeat % 3]:  # no path always first
+                    seconds, values[path] = _timed(runs[path])
                     times[case].setdefault(path, []).append(seconds)
                     log.info("%s %s run %d: %s %.2f s", name, case, repeat + 1, path, seconds)
                 for path in ("client-side", "hf script"):
