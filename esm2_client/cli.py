@@ -36,6 +36,7 @@ from esm2_client.embedding_store import (
 from esm2_wire import output_kinds
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb
+from esm2_wire.variants import parse_variant
 from esm2_wire.vocabulary import MASK
 
 # The server's names, plus esm-extract's `per_tok`.
@@ -217,8 +218,9 @@ def cmd_score(args) -> int:
             with _open_csv(args.output) as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["sequence_id", "length", "scored_positions", "pseudo_log_likelihood", "perplexity"])
-                for record in tqdm(records, unit="seq", desc="pll", disable=args.quiet, file=sys.stderr):
-                    result = scoring.pseudo_log_likelihood(client, args.model, record.sequence)
+                results = scoring.pseudo_log_likelihoods(client, args.model, [r.sequence for r in records])
+                for record, result in zip(records, tqdm(results, total=len(records), unit="seq", desc="pll",
+                                                        disable=args.quiet, file=sys.stderr)):
                     writer.writerow([record.id, len(record.sequence), result.scored_positions,
                                      f"{result.pseudo_log_likelihood:.6f}", f"{result.perplexity:.6f}"])
             return 0
@@ -229,7 +231,8 @@ def cmd_score(args) -> int:
         variants, errors = [], []
         for number, row in enumerate(rows, start=1):
             try:
-                variants.append(scoring.parse_variant(row[column] or "", sequence))
+                parse_variant(row[column] or "", sequence)  # every bad row named before any request
+                variants.append((row[column] or "").strip())
             except ValueError as exc:
                 errors.append(f"row {number}: {exc}" if args.mutations_csv else str(exc))
         if errors:

@@ -140,6 +140,15 @@ def _predict_request(model, sequences, data_type) -> pb.PredictStreamRequest:
     )
 
 
+def _log_prob_request(model, sequences) -> pb.LogProbRequest:
+    return pb.LogProbRequest(model=model, items=[pb.SequenceItem(sequence=s) for s in sequences])
+
+
+def _score_request(model, items, method) -> pb.ScoreRequest:
+    return pb.ScoreRequest(model=model, params=pb.ScoreParams(method=method),
+                           items=[pb.ScoreItem(sequence=s, variants=list(v)) for s, v in items])
+
+
 class _Base:
     def __init__(self, target, api_key, max_in_flight, retry, timeout):
         self.target = target
@@ -257,6 +266,32 @@ class Esm2Client(_Base):
         def request(batch):
             return _predict_request(model, batch, data_type)
         yield from self._run(list(sequences), model, request, self._stub.PredictStream, timeout)
+
+    # ---- scores (computed on the server) ----------------------------------------
+    def log_prob(self, sequences: Iterable[str], model: str, *, timeout: float | None = None) -> list[float]:
+        """BioLM's log_prob of each sequence (service README, "Scoring"), in input order."""
+        sequences = list(sequences)
+        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        limit = self.model_info(model, deadline.remaining()).max_items
+
+        def one(batch: tuple[int, int]) -> list[float]:
+            start, end = batch
+            request = _log_prob_request(model, sequences[start:end])
+            response = self._call(lambda t: self._stub.LogProb(request, timeout=t, metadata=self._headers(model)),
+                                  deadline, start)
+            return [r.log_prob for r in response.results]
+        with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="esm2-client") as pool:
+            return [value for values in pool.map(one, _batches(len(sequences), limit)) for value in values]
+
+    def score(self, model: str, items: Sequence[tuple[str, Sequence[str]]], method: str = "masked_marginal", *,
+              timeout: float | None = None) -> list[pb.ScoreResult]:
+        """One Score request: (wild type, variants) items, scored by `method` on the server. It must fit
+        the model's bounds (ModelInfo.max_items, max_score_passes, max_score_mutations);
+        esm2_client.scoring splits larger work into such requests."""
+        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        request = _score_request(model, items, method)
+        response = self._call(lambda t: self._stub.Score(request, timeout=t, metadata=self._headers(model)), deadline)
+        return list(response.results)
 
     def _run(self, sequences, model, make_request, rpc, timeout) -> Iterator[tuple[int, ItemOutputs]]:
         if not sequences:
@@ -394,6 +429,29 @@ class AsyncEsm2Client(_Base):
         def request(batch):
             return _predict_request(model, batch, data_type)
         return self._run(list(sequences), model, request, self._stub.PredictStream, timeout)
+
+    async def log_prob(self, sequences: Iterable[str], model: str, *, timeout: float | None = None) -> list[float]:
+        sequences = list(sequences)
+        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        limit = (await self.model_info(model, deadline.remaining())).max_items
+        running = asyncio.Semaphore(self.max_in_flight)
+
+        async def one(start: int, end: int) -> list[float]:
+            request = _log_prob_request(model, sequences[start:end])
+            async with running:
+                response = await self._call(
+                    lambda t: self._stub.LogProb(request, timeout=t, metadata=self._headers(model)), deadline, start)
+            return [r.log_prob for r in response.results]
+        batches = await asyncio.gather(*(one(start, end) for start, end in _batches(len(sequences), limit)))
+        return [value for values in batches for value in values]
+
+    async def score(self, model: str, items: Sequence[tuple[str, Sequence[str]]], method: str = "masked_marginal",
+                    *, timeout: float | None = None) -> list[pb.ScoreResult]:
+        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        request = _score_request(model, items, method)
+        response = await self._call(
+            lambda t: self._stub.Score(request, timeout=t, metadata=self._headers(model)), deadline)
+        return list(response.results)
 
     async def _run(self, sequences, model, make_request, rpc, timeout) -> AsyncIterator[tuple[int, ItemOutputs]]:
         if not sequences:

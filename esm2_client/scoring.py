@@ -1,87 +1,30 @@
-"""Zero-shot scores from masked predictions: masked marginals and pseudo-log-likelihood.
+"""Zero-shot scores for `esm2 score`, computed by the server's Score RPC (README, "Scoring").
 
-The server's logits cover the 20 standard amino acids (columns named by vocab_tokens).
 - Masked marginal (Meier et al. 2021): mask position i alone and score a substitution
-  as log p(mt | x with i masked) - log p(wt | x with i masked). The log-softmax
-  normaliser cancels, so this equals logit(mt) - logit(wt) exactly, whatever set of
-  tokens it is taken over. A multi-mutant (`A23G:K45R`) scores the sum of its
+  as log p(mt | x with i masked) - log p(wt | x with i masked), the log-softmax taken over
+  the 20 standard amino acids. A multi-mutant (`A23G:K45R`) scores the sum of its
   mutations' scores, each from its own single-position mask.
-- Pseudo-log-likelihood: PLL = sum over positions i of log p(x_i | x with i masked),
-  with log p the log-softmax over the 20 standard amino acids; positions holding a
-  non-standard letter (X, B, Z, U, O) are skipped. Perplexity = exp(-PLL / n) over
-  the n scored positions.
+- Pseudo-log-likelihood: PLL = sum over positions i of log p(x_i | x with i masked);
+  positions holding a non-standard letter (X, B, Z, U, O) are skipped. Perplexity =
+  exp(-PLL / n) over the n scored positions.
+
+The server queues every masked pass of a request at once, so they batch together, merge with
+equal passes and come from its cache when repeated. This module only cuts the work into
+requests within the model's bounds (ModelInfo: max_items, max_score_passes,
+max_score_mutations) and keeps up to the client's max_in_flight of them running.
 """
 
 from __future__ import annotations
 
 import math
-import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from esm2_client.client import Esm2Client
-from esm2_wire.vocabulary import MASK, STANDARD_AMINO_ACIDS
-
-_MUTATION = re.compile(r"([A-Z])(\d+)([A-Z])")
-
-
-@dataclass(frozen=True)
-class Mutation:
-    wild_type: str
-    position: int  # 1-based
-    mutant: str
-
-
-def parse_variant(text: str, sequence: str) -> tuple[Mutation, ...]:
-    """`A23G` or `A23G:K45R` checked against the wild-type sequence; ValueError names the problem."""
-    mutations = []
-    for part in text.strip().split(":"):
-        match = _MUTATION.fullmatch(part.strip())
-        if match is None:
-            raise ValueError(f"{text!r}: {part!r} is not a mutation like A23G (wild type, 1-based position, mutant)")
-        wild_type, position, mutant = match.group(1), int(match.group(2)), match.group(3)
-        if not 1 <= position <= len(sequence):
-            raise ValueError(f"{text!r}: position {position} is outside the sequence (1 to {len(sequence)})")
-        if sequence[position - 1] != wild_type:
-            raise ValueError(
-                f"{text!r}: the wild type at position {position} is {sequence[position - 1]}, not {wild_type}"
-            )
-        for role, letter in (("wild type", wild_type), ("mutant", mutant)):
-            if letter not in STANDARD_AMINO_ACIDS:
-                raise ValueError(f"{text!r}: {role} {letter} is not one of the 20 standard amino acids")
-        if any(m.position == position for m in mutations):
-            raise ValueError(f"{text!r}: position {position} is mutated twice")
-        mutations.append(Mutation(wild_type, position, mutant))
-    return tuple(mutations)
-
-
-def masked_at(sequence: str, position: int) -> str:
-    return sequence[: position - 1] + MASK + sequence[position:]
-
-
-def _masked_log_probs(client: Esm2Client, model: str, sequence: str,
-                      positions: list[int]) -> tuple[dict[int, np.ndarray], dict[str, int]]:
-    """(position -> log-softmax at that position with it alone masked, token -> column)."""
-    outputs = client.predict([masked_at(sequence, p) for p in positions], model)
-    rows = {}
-    for position, output in zip(positions, outputs):
-        logits = output.logits[position - 1].astype(np.float64)
-        shifted = logits - logits.max()
-        rows[position] = shifted - np.log(np.exp(shifted).sum())
-    columns = {token: i for i, token in enumerate(outputs[0].vocab_tokens)} if outputs else {}
-    return rows, columns
-
-
-def masked_marginal_scores(client: Esm2Client, model: str, sequence: str,
-                           variants: list[tuple[Mutation, ...]]) -> list[float]:
-    """One score per variant: the sum of log p(mt) - log p(wt) over its mutations."""
-    positions = sorted({m.position for variant in variants for m in variant})
-    rows, columns = _masked_log_probs(client, model, sequence, positions)
-    return [
-        float(sum(rows[m.position][columns[m.mutant]] - rows[m.position][columns[m.wild_type]] for m in variant))
-        for variant in variants
-    ]
+from esm2_wire.variants import parse_variant
+from esm2_wire.vocabulary import STANDARD_AMINO_ACIDS
 
 
 @dataclass(frozen=True)
@@ -91,10 +34,61 @@ class PseudoLikelihood:
     perplexity: float
 
 
-def pseudo_log_likelihood(client: Esm2Client, model: str, sequence: str) -> PseudoLikelihood:
-    positions = [i for i, letter in enumerate(sequence, start=1) if letter in STANDARD_AMINO_ACIDS]
-    if not positions:
+def _groups(costs: Sequence[tuple[frozenset, int]], max_keys: int, max_total: int) -> list[range]:
+    """Consecutive runs of items within both bounds: distinct keys (the passes a run needs) and
+    summed counts. An item over a bound alone still gets its own run: the server names the bound."""
+    groups, start, keys, total = [], 0, set(), 0
+    for index, (item_keys, count) in enumerate(costs):
+        if index > start and (len(keys | item_keys) > max_keys or total + count > max_total):
+            groups.append(range(start, index))
+            start, keys, total = index, set(), 0
+        keys |= item_keys
+        total += count
+    if start < len(costs):
+        groups.append(range(start, len(costs)))
+    return groups
+
+
+def _bound(value: int) -> int:
+    return value or sys.maxsize  # 0: a server that does not report the bound
+
+
+def _run(client: Esm2Client, groups: list[range], request: Callable[[range], list]) -> Iterator[list]:
+    """Each group's request, up to max_in_flight at once; results in group order."""
+    with ThreadPoolExecutor(client.max_in_flight, thread_name_prefix="esm2-score") as pool:
+        yield from pool.map(request, groups)
+
+
+def masked_marginal_scores(client: Esm2Client, model: str, sequence: str, variants: Sequence[str]) -> list[float]:
+    """One score per variant (`K2A`, `T3G:A4C`), in order: the sum of log p(mt) - log p(wt) over
+    its mutations. Raises ValueError for a variant that does not fit `sequence`."""
+    info = client.model_info(model)
+    parsed = [parse_variant(text, sequence) for text in variants]
+    # A request's passes are its distinct mutated positions; its mutations are counted one by one.
+    costs = [(frozenset(m.position for m in v), len(v)) for v in parsed]
+    groups = _groups(costs, _bound(info.max_score_passes), _bound(info.max_score_mutations))
+
+    def request(group: range) -> list[float]:
+        (result,) = client.score(model, [(sequence, [variants[i] for i in group])], "masked_marginal")
+        return list(result.scores)
+    return [score for scores in _run(client, groups, request) for score in scores]
+
+
+def pseudo_log_likelihoods(client: Esm2Client, model: str, sequences: Sequence[str]) -> Iterator[PseudoLikelihood]:
+    """The PLL of each sequence, in order, as the requests finish."""
+    info = client.model_info(model)
+    # Keys: the items themselves (at most max_items); counts: their passes, one per scored position.
+    costs = [(frozenset([i]), sum(letter in STANDARD_AMINO_ACIDS for letter in s)) for i, s in enumerate(sequences)]
+    groups = _groups(costs, _bound(info.max_items), _bound(info.max_score_passes))
+
+    def request(group: range) -> list[PseudoLikelihood]:
+        results = client.score(model, [(sequences[i], []) for i in group], "pll")
+        return [_likelihood(r.pseudo_log_likelihood, r.scored_positions) for r in results]
+    for likelihoods in _run(client, groups, request):
+        yield from likelihoods
+
+
+def _likelihood(pll: float, scored: int) -> PseudoLikelihood:
+    if not scored:
         return PseudoLikelihood(float("nan"), 0, float("nan"))
-    rows, columns = _masked_log_probs(client, model, sequence, positions)
-    total = float(sum(rows[p][columns[sequence[p - 1]]] for p in positions))
-    return PseudoLikelihood(total, len(positions), math.exp(-total / len(positions)))
+    return PseudoLikelihood(pll, scored, math.exp(-pll / scored))

@@ -30,7 +30,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from esm2_wire.vocabulary import Limits
-from service.api import json_limits, request_guard, response_memory
+from service.api import json_limits, request_guard, response_memory, scoring
 from service.engine import result_cache
 from service.engine.policy import DEVICE_DEFAULTS, device_defaults
 from service.engine.scheduler import BatchLimits
@@ -295,6 +295,14 @@ class ServerSettings(Declared, ModelSettings, JsonEdgeLimits):
                          "(0: what the device reports)")
     max_items: int = setting(Limits.max_items, ge=1, help="items per request")
     max_sequence_length: int = setting(Limits.max_sequence_length, ge=1, help="residues per sequence")
+    max_score_mutations: int = setting(
+        scoring.DEFAULT_MAX_MUTATIONS, ge=1,
+        help="mutations per Score request, over all its variants and items (more is INVALID_ARGUMENT)")
+    max_score_passes: int = setting(
+        scoring.DEFAULT_MAX_PASSES, ge=1,
+        help="forward passes one Score request may cost (masked_marginal: one per mutated position; "
+             "wt_marginal: one per item; pll: one per scored position of the wild type and of each variant); "
+             "also at most the model's --max-queue-items; more is INVALID_ARGUMENT")
     batch_sweep_seconds: float = setting(20.0, gt=0, help="time bound of one model's --max-batch-tokens sweep")
     cache_mb: int = setting(result_cache.DEFAULT_CACHE_MB, ge=0,
                             help="result cache size in MiB (0 turns it off); identical items in flight are "

@@ -44,6 +44,7 @@ from service.engine.policy import CostModel, device_defaults
 from service.engine.scheduler import Scheduler
 from service.api.response_memory import ResponseMemory
 from service.api.servicer import Esm2Servicer
+from service.api.scoring import ScoreLimits
 
 log = logging.getLogger("service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Esm2Service"].full_name
@@ -54,7 +55,7 @@ MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; stre
 # the JSON gateway's methods may use all of it: their bodies are bounded by the gateway's own
 # --max-request-bytes (4 MiB), and a JSON caller should hear about its body, not a proto size.
 RECEIVE_CEILING_BYTES = (4 << 20) + (64 << 10)
-JSON_METHODS = (f"/{SERVICE_NAME}/EncodeJson", f"/{SERVICE_NAME}/PredictJson")
+JSON_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in ("EncodeJson", "PredictJson", "LogProbJson", "ScoreJson"))
 # The health name Kubernetes' liveness probe asks: SERVING unless a model worker is stuck in a batch
 # (a hung device), so that the kubelet restarts the pod (watch_liveness).
 LIVENESS = "liveness"
@@ -233,10 +234,15 @@ async def serve(args) -> int:
                             tenancy=Tenancy(keys, shared=args.share_cache_across_keys), access_log=args.access_log,
                             memory=ResponseMemory(args.max_stream_held_mb << 20, args.max_held_response_mb << 20),
                             max_unary_response_bytes=args.max_unary_response_mb << 20,
-                            json_budget_bytes=args.json_response_budget_mb << 20)
+                            json_budget_bytes=args.json_response_budget_mb << 20,
+                            score_limits=ScoreLimits(args.max_score_mutations, args.max_score_passes))
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
+    score_bytes = request_guard.max_score_message_bytes(args.max_items, args.max_sequence_length,
+                                                        args.max_score_mutations)
+    receive_ceiling = max(receive_ceiling, score_bytes)
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
-                                       dict.fromkeys(JSON_METHODS, receive_ceiling))
+                                       {**dict.fromkeys(JSON_METHODS, receive_ceiling),
+                                        f"/{SERVICE_NAME}/Score": max(args.max_request_message_bytes, score_bytes)})
     server = grpc.aio.server(
         # The tracing interceptor first: a refused call (bad key, too large) is traced too.
         interceptors=[*tracing_interceptors, guard],

@@ -23,7 +23,8 @@ import jsonschema
 from esm2_wire.vocabulary import Limits
 from service import errors
 from service.errors import ELLIPSIS, BadBody, InvalidRequest, Problem, echo
-from service.api.request_schema import request_schema
+from service.api.request_schema import ACTIONS, request_schema
+from service.api.scoring import ScoreLimits
 from service.api.validation import check_list_lengths
 from service.request_context import REQUEST_ID_HEADER
 
@@ -31,10 +32,14 @@ CONTENT_ENCODING_METADATA = "x-esm-content-encoding"  # set by the gateway's Lua
 
 
 @dataclass
-class EncodeBody:
+class RequestBody:
+    """What a JSON body asks for; each action reads its own fields."""
+
     sequences: list[str]
     include: list[str] = field(default_factory=list)
     repr_layers: list[int] = field(default_factory=list)
+    variants: list[list[str]] = field(default_factory=list)  # score: one list per item
+    method: str = ""  # score
 
 
 def _short(value) -> str:
@@ -119,37 +124,50 @@ def _describe(error: jsonschema.ValidationError, limits: Limits) -> str:
     return _clip(error.message, 200)
 
 
-def _check_list_lengths(document, limits: Limits) -> None:
-    """The schema's maxItems, checked first: a 4 MiB body of 200,000 items or include
-    values is refused before the validator visits each of them."""
+def _check_list_lengths(document, limits: Limits, max_mutations: int) -> None:
+    """The schema's maxItems, checked first: a 4 MiB body of 200,000 items, include values or
+    variants is refused before the validator visits each of them."""
     if not isinstance(document, dict):
         return
     items = document.get("items")
     if isinstance(items, list) and len(items) > limits.max_items:
         raise InvalidRequest.of(Problem("items", None, f"expected 1 to {limits.max_items} items, got {len(items)}"))
+    if isinstance(items, list):
+        variants = sum(len(i["variants"]) for i in items if isinstance(i, dict) and isinstance(i.get("variants"), list))
+        if variants > max_mutations:
+            raise InvalidRequest.of(Problem(
+                "items", None, f"{variants} variants in one request; at most {max_mutations} mutations are allowed "
+                               "(--max-score-mutations): split the variants over several requests"))
     params = document.get("params")
     if isinstance(params, dict):
         check_list_lengths({name: params[name] for name in ("include", "repr_layers")
                             if isinstance(params.get(name), list)})
 
 
-# Sequence contents (letters, length, masks) are checked by service.api.validation, whose
-# messages name the position of the first bad character; the schema states the same rules.
-_SEQUENCE_RULES = {"pattern", "minLength", "maxLength"}
+# Sequence contents (letters, length, masks) are checked by service.api.validation, and variants
+# by esm2_wire.variants, whose messages name the position of the first bad character or the
+# bad mutation; the schema states the same rules.
+_TEXT_RULES = {"pattern", "minLength", "maxLength"}
+
+
+def _checked_later(error: jsonschema.ValidationError) -> bool:
+    path = list(error.absolute_path)
+    return error.validator in _TEXT_RULES and (path[-1:] == ["sequence"] or path[-2:-1] == ["variants"])
 
 
 @dataclass
 class BodyParser:
     limits: Limits
     max_bytes: int
+    score_limits: ScoreLimits = ScoreLimits()
 
     def __post_init__(self):
         self._validators = {}
-        for action in ("encode", "predict"):
-            schema = request_schema("{model}", action, self.limits)
+        for action in ACTIONS:
+            schema = request_schema("{model}", action, self.limits, self.score_limits.max_mutations)
             self._validators[action] = jsonschema.Draft202012Validator(schema)
 
-    def parse(self, data: bytes, encoding: str, action: str) -> EncodeBody:
+    def parse(self, data: bytes, encoding: str, action: str) -> RequestBody:
         if len(data) > self.max_bytes:
             raise BadBody(413, f"the request body exceeds {self.max_bytes} bytes (--max-request-bytes)")
         text = inflate(data, encoding, self.max_bytes)
@@ -162,10 +180,10 @@ class BodyParser:
                                  f" (character {exc.pos})") from None
         except RecursionError:
             raise BadBody(400, "invalid JSON: nested too deeply") from None
-        _check_list_lengths(document, self.limits)
+        _check_list_lengths(document, self.limits, self.score_limits.max_mutations)
         problems = {}  # one problem per field: the first (a wrong type before a wrong value)
         for error in self._validators[action].iter_errors(document):
-            if error.validator in _SEQUENCE_RULES and list(error.absolute_path)[-1:] == ["sequence"]:
+            if _checked_later(error):
                 continue
             key = tuple(map(str, error.absolute_path))
             if key not in problems or error.validator == "type":
@@ -173,10 +191,12 @@ class BodyParser:
         if problems:
             raise InvalidRequest.of(*(problems[key] for key in sorted(problems, key=lambda k: [(len(p), p) for p in k])))
         params = document.get("params") or {}
-        return EncodeBody(
+        return RequestBody(
             sequences=[item["sequence"] for item in document["items"]],
             include=list(params.get("include", [])),
             repr_layers=list(params.get("repr_layers", [])),
+            variants=[list(item.get("variants", [])) for item in document["items"]],
+            method=params.get("method", ""),
         )
 
 

@@ -15,7 +15,7 @@ import sys
 
 from esm2_wire.output_kinds import NAMES as INCLUDE_VALUES
 from esm2_wire.vocabulary import Limits
-from service.api.request_schema import request_schema
+from service.api.request_schema import ACTIONS, request_schema
 
 NUMBERS = {"type": "array", "items": {"type": "number"}}
 MATRIX = {"type": "array", "items": NUMBERS}
@@ -52,6 +52,33 @@ PREDICT_RESULT = {
         "sequence_tokens": {"type": "array", "items": {"type": "string"}},
         "vocab_tokens": {"type": "array", "items": {"type": "string"}},
     },
+}
+LOG_PROB_RESULT = {
+    "type": "object",
+    "description": "BioLM's log_prob: the sum over positions holding a standard amino acid of the residue's "
+                   "log-probability (log-softmax over the 20 standard amino acids, one unmasked pass).",
+    "required": ["log_prob"],
+    "additionalProperties": False,
+    "properties": {"log_prob": {"type": "number"}},
+}
+SCORE_RESULT = {
+    "type": "object",
+    "description": "Scores of one item's variants, in request order; pll adds the pseudo-log-likelihoods.",
+    "required": ["sequence_index", "scores"],
+    "additionalProperties": False,
+    "properties": {
+        "sequence_index": {"type": "integer", "minimum": 0},
+        "scores": {"type": "array", "items": {"type": ["number", "null"]}},
+        "pseudo_log_likelihood": {"type": ["number", "null"]},
+        "scored_positions": {"type": "integer", "minimum": 0},
+        "variant_pseudo_log_likelihoods": {"type": "array", "items": {"type": ["number", "null"]}},
+    },
+}
+SUMMARIES = {
+    "encode": "Embeddings, contacts, attentions and logits",
+    "predict": "Masked-token logits",
+    "log_prob": "Log-probability of each sequence (BioLM's log_prob)",
+    "score": "Variant scores: masked_marginal, wt_marginal or pll (this server's extension, not a BioLM action)",
 }
 ERROR = {
     "type": "object",
@@ -122,7 +149,7 @@ def _action(action: str, result: dict, limits: Limits) -> dict:
     return {
         "post": {
             "operationId": action,
-            "summary": "Embeddings, contacts, attentions and logits" if action == "encode" else "Masked-token logits",
+            "summary": SUMMARIES[action],
             "parameters": [MODEL],
             "requestBody": {"required": True, "content": {"application/json": {"schema": body}},
                             "description": "Optionally gzip-compressed (Content-Encoding: gzip)."},
@@ -145,12 +172,14 @@ def document(limits: Limits = Limits()) -> dict:
         "paths": {
             "/api/v3/{model}/encode/": _action("encode", ENCODE_RESULT, limits),
             "/api/v3/{model}/predict/": _action("predict", PREDICT_RESULT, limits),
+            "/api/v3/{model}/log_prob/": _action("log_prob", LOG_PROB_RESULT, limits),
+            "/api/v3/{model}/score/": _action("score", SCORE_RESULT, limits),
             "/api/v3/schema/{model}/{action}/": {
                 "get": {
                     "operationId": "schema",
                     "summary": "JSON schema of an action's request body",
                     "parameters": [MODEL, {"name": "action", "in": "path", "required": True,
-                                           "schema": {"type": "string", "enum": ["encode", "predict"]}}],
+                                           "schema": {"type": "string", "enum": list(ACTIONS)}}],
                     "responses": _responses({"type": "object"}, "A JSON schema (draft 2020-12)", GET_CODES),
                 }
             },

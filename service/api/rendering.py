@@ -16,6 +16,7 @@ from esm2_wire.chunks import tensor_chunks
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb
+from service.api.scoring import ItemScores
 
 # The order outputs take in a stream: per-layer kinds first, each layer in request order.
 STREAM_ORDER = (
@@ -115,6 +116,28 @@ def json_body(results: list[dict]) -> bytes:
     if not results:
         return json_piece(None, True, True)
     return b"".join(json_piece(r, first=i == 0, last=i == last) for i, r in enumerate(results))
+
+
+def log_prob_json(values: list[float]) -> bytes:
+    """BioLM's log_prob response: `{"results": [{"log_prob": ...}, ...]}`, in request order."""
+    return orjson.dumps({"results": [{"log_prob": value} for value in values]})
+
+
+def _score_fields(scores: ItemScores) -> dict:
+    out: dict = {"scores": scores.scores}
+    if scores.pseudo_log_likelihood is not None:
+        out.update(pseudo_log_likelihood=scores.pseudo_log_likelihood, scored_positions=scores.scored_positions,
+                   variant_pseudo_log_likelihoods=scores.variant_pseudo_log_likelihoods)
+    return out
+
+
+def score_result(index: int, scores: ItemScores) -> pb.ScoreResult:
+    return pb.ScoreResult(sequence_index=index, **_score_fields(scores))
+
+
+def score_json(items: list[ItemScores]) -> bytes:
+    """Score's response as JSON, the ScoreResponse's fields by their proto names."""
+    return json_body([{"sequence_index": i, **_score_fields(s)} for i, s in enumerate(items)])
 
 
 def encode_stream_chunks(index: int, result: ItemResult, data_type: int, max_chunk_bytes: int) -> Iterator[pb.TensorChunk]:

@@ -38,6 +38,15 @@ def max_request_message_bytes(max_items: int, max_sequence_length: int) -> int:
     return max_items * (max_sequence_length * 6 + 16) + (16 << 10)
 
 
+# A mutation's bytes in a Score request: `A2048G` and its `:` or a string's framing.
+SCORE_MUTATION_BYTES = 12
+
+
+def max_score_message_bytes(max_items: int, max_sequence_length: int, max_mutations: int) -> int:
+    """The largest valid Score message: the wild types, as any request's items, plus every variant."""
+    return max_request_message_bytes(max_items, max_sequence_length) + max_mutations * SCORE_MUTATION_BYTES
+
+
 def metadata_bytes(metadata) -> int:
     return sum(len(key) + len(value) + _HPACK_ENTRY_OVERHEAD for key, value in metadata or ())
 
@@ -70,8 +79,8 @@ class _RateLimitedLog:
 
 # Methods of the JSON gateway: their refusals also carry the HTTP status and BioLM's error body.
 GATEWAY_METHODS = frozenset(
-    f"/esm.v1.Esm2Service/{name}" for name in ("EncodeJson", "PredictJson", "GetRequestSchema", "GetOpenApiDocument",
-                                                       "GetDocsPage")
+    f"/esm.v1.Esm2Service/{name}" for name in ("EncodeJson", "PredictJson", "LogProbJson", "ScoreJson", "GetRequestSchema",
+                                               "GetOpenApiDocument", "GetDocsPage")
 )
 
 

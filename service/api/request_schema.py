@@ -7,17 +7,23 @@ from __future__ import annotations
 
 from esm2_wire.output_kinds import ALIASES, NAMES
 from esm2_wire.vocabulary import Limits
+from service.api.validation import MAX_LIST_PARAM
+from service.api.scoring import DEFAULT_MAX_MUTATIONS, DEFAULT_METHOD, METHODS
 
 
-# Longest params list: more layers than any ESM-2 has, every output several times over.
-MAX_LIST_PARAM = 64
+# The JSON actions: BioLM's encode, predict and log_prob, and our score.
+ACTIONS = ("encode", "predict", "log_prob", "score")
+VARIANT_PATTERN = "^[A-Z][0-9]+[A-Z](:[A-Z][0-9]+[A-Z])*$"
 
 
-def request_schema(model: str, action: str, limits: Limits) -> dict:
-    sequence_pattern = "^[ACDEFGHIKLMNPQRSTVWYBXZUO-]+$" if action == "encode" else (
-        "^([ACDEFGHIKLMNPQRSTVWYBXZUO]|<mask>)*<mask>([ACDEFGHIKLMNPQRSTVWYBXZUO]|<mask>)*$"
-    )
-    params = {
+def _params(action: str) -> dict | None:
+    """The schema of `params`, or None where the action takes none (log_prob)."""
+    if action == "log_prob":
+        return None
+    if action == "score":
+        return {"type": "object", "additionalProperties": False, "properties": {
+            "method": {"type": "string", "enum": list(METHODS), "default": DEFAULT_METHOD}}}
+    return {
         "type": "object",
         "additionalProperties": False,
         "properties": {
@@ -30,7 +36,26 @@ def request_schema(model: str, action: str, limits: Limits) -> dict:
             },
         },
     }
-    return {
+
+
+def request_schema(model: str, action: str, limits: Limits, max_mutations: int = DEFAULT_MAX_MUTATIONS) -> dict:
+    sequence_pattern = "^[ACDEFGHIKLMNPQRSTVWYBXZUO-]+$" if action != "predict" else (
+        "^([ACDEFGHIKLMNPQRSTVWYBXZUO]|<mask>)*<mask>([ACDEFGHIKLMNPQRSTVWYBXZUO]|<mask>)*$"
+    )
+    item = {
+        "sequence": {
+            "type": "string",
+            "minLength": 1,
+            # <mask> counts as one residue; the server checks the exact length.
+            "maxLength": limits.max_sequence_length * (6 if action == "predict" else 1),
+            "pattern": sequence_pattern,
+        }
+    }
+    if action == "score":
+        item["variants"] = {"type": "array", "maxItems": max_mutations, "default": [],
+                            "items": {"type": "string", "pattern": VARIANT_PATTERN}}
+    params = _params(action)
+    schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"{model} {action} request",
         "type": "object",
@@ -46,16 +71,11 @@ def request_schema(model: str, action: str, limits: Limits) -> dict:
                     "type": "object",
                     "additionalProperties": False,
                     "required": ["sequence"],
-                    "properties": {
-                        "sequence": {
-                            "type": "string",
-                            "minLength": 1,
-                            # <mask> counts as one residue; the server checks the exact length.
-                            "maxLength": limits.max_sequence_length * (6 if action == "predict" else 1),
-                            "pattern": sequence_pattern,
-                        }
-                    },
+                    "properties": item,
                 },
             },
         },
     }
+    if params is None:
+        del schema["properties"]["params"]
+    return schema

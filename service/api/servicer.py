@@ -6,6 +6,7 @@ Nothing here touches a model; results come back from the scheduler's futures.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -24,7 +25,7 @@ from esm2_wire.proto import FLEET_MODELS_HEADER, pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service import errors, logs, metrics, request_context, tracing
 from service.request_context import REQUEST_ID_HEADER, RequestContext, request_id_from
-from service.api import json_limits, rendering
+from service.api import json_limits, rendering, scoring
 from service.api.auth import Tenancy
 from service.api.response_memory import (
     DEFAULT_MAX_HELD_RESPONSE_MB, DEFAULT_MAX_STREAM_HELD_MB, HeldResponse, ResponseMemory,
@@ -38,12 +39,15 @@ from service.api.json_body import CONTENT_ENCODING_METADATA, BodyParser, failure
 from service.engine.result_cache import result_bytes
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
-from service.api.request_schema import request_schema
+from service.api.request_schema import ACTIONS, request_schema
 from service.api.docs_page import DOCS_PATH, DocsPage, DocsUnavailable
+from service.api.scoring import ItemScores, PassRows, ScoreLimits, ScorePlan
 from service.api.validation import ParsedItem, parse_items, parse_options
 
 log = logging.getLogger(__name__)
 JSON_MESSAGE_BYTES = chunks.DEFAULT_CHUNK_BYTES  # the JSON body goes to the gateway in messages of this size
+# Passes of log_prob and Score: logits only, so that they batch and cache with predict's.
+LOGITS_ONLY = frozenset({OutputKind.LOGITS})
 
 
 @dataclass
@@ -81,7 +85,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         memory: ResponseMemory | None = None,
         max_unary_response_bytes: int = json_limits.DEFAULT_MAX_UNARY_RESPONSE_MB << 20,
         json_budget_bytes: int = json_limits.DEFAULT_JSON_BUDGET_MB << 20,
+        score_limits: ScoreLimits = ScoreLimits(),
     ):
+        self.score_limits = score_limits
         self.max_unary_response_bytes = max_unary_response_bytes
         # JSON responses admitted and not yet handed to the gateway, by their estimates.
         self.json_budget_bytes = json_budget_bytes
@@ -91,7 +97,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         self.tenancy = tenancy or Tenancy([])
         self.access_log = access_log  # one line per finished RPC (service.logs.access_line)
         self.max_json_response_bytes = max_json_response_bytes
-        self.bodies = BodyParser(limits, max_request_bytes)
+        self.bodies = BodyParser(limits, max_request_bytes, score_limits)
         self.openapi_document = openapi_document
         self.docs_page = DocsPage()
         self.models = models
@@ -145,8 +151,44 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         parsed = parse_items(sequences, predict=True, limits=self.limits)
         return Job(served, parsed, frozenset({OutputKind.LOGITS}), ())
 
-    def _submit(self, job: Job, context) -> list[asyncio.Future]:
+    def _log_prob_job(self, model: str, sequences: list[str]) -> Job:
+        served = self._model(model)
+        self._require_lm_head(served, "model")
+        parsed = parse_items(sequences, predict=False, limits=self.limits)
+        return Job(served, parsed, LOGITS_ONLY, ())
+
+    def _score_plan(self, model: str, method: str, sequences: list[str],
+                    variants: list[list[str]]) -> tuple[ServedModel, ScorePlan]:
+        served = self._model(model)
+        self._require_lm_head(served, "model")
+        problems: list[Problem] = []  # every problem at once: items first, then params
+        items = []
+        try:
+            items = scoring.parse_score_items(sequences, variants, self.limits, self.score_limits)
+        except InvalidRequest as exc:
+            problems += exc.problems
+        try:
+            method = scoring.parse_method(method)
+        except InvalidRequest as exc:
+            problems += exc.problems
+        if problems:
+            raise InvalidRequest.of(*problems)
+        passes = scoring.passes_needed(method, items)
+        # All of a request's passes are queued at once, so its model's queue bound caps them too.
+        cap, named = min(
+            (self.score_limits.max_passes, "--max-score-passes"), (served.spec.max_queue_items, "--max-queue-items"))
+        if passes > cap:
+            raise InvalidRequest.of(Problem(
+                "items", None, f"the request needs {passes} forward passes ({method}); at most {cap} are allowed "
+                               f"({named}): split the variants or sequences over several requests"))
+        return served, ScorePlan.of(method, items)
+
+    @staticmethod
+    def _deadline(context) -> float | None:
         remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _submit(self, job: Job, context) -> list[asyncio.Future]:
         tokenize = job.model.loaded.tokenize
         tenant = self.tenancy.of(context.invocation_metadata())
         inputs = [ModelInput(job.model.name, tokenize(item.tokens), job.outputs, job.layers, tenant)
@@ -155,7 +197,42 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if request is not None:
             request.items, request.residues = len(job.items), sum(len(item.tokens) for item in job.items)
             request.submitted()
-        return self.router.submit(inputs, None if remaining is None else time.monotonic() + remaining, request)
+        return self.router.submit(inputs, self._deadline(context), request)
+
+    async def _log_probs(self, job: Job, context) -> list[float]:
+        results = await self._results(job, context)
+        columns = {token: i for i, token in enumerate(job.model.vocabulary)}
+        return [scoring.sequence_log_prob(item.tokens, result.logits, columns)
+                for item, result in zip(job.items, results)]
+
+    async def _scores(self, model: str, method: str, sequences: list[str], variants: list[list[str]],
+                      context) -> list[ItemScores]:
+        """Plan the passes and tokenize them off the event loop (a pll request may be 2,048 passes of
+        2,048 tokens), queue them all at once, keep only the rows the scores read."""
+        tenant = self.tenancy.of(context.invocation_metadata())
+
+        def prepare() -> tuple[ServedModel, ScorePlan, list[ModelInput]]:
+            served, plan = self._score_plan(model, method, sequences, variants)
+            tokenize = served.loaded.tokenize
+            return served, plan, [ModelInput(served.name, tokenize(tokens), LOGITS_ONLY, (), tenant)
+                                  for tokens in plan.passes]
+        with tracing.span("validate"):
+            served, plan, inputs = await asyncio.to_thread(prepare)
+        request = request_context.current()
+        if request is not None:
+            request.items, request.residues = len(inputs), sum(item.length - 2 for item in inputs)
+            request.submitted()
+        # Each pass's [L, 20] logits are let go once its rows are read: up to --max-score-passes of them.
+        waiting = collections.deque(self.router.submit(inputs, self._deadline(context), request) if inputs else ())
+        rows = PassRows(plan)
+        try:
+            for index in range(len(waiting)):
+                rows.add(index, (await waiting[0]).logits)
+                waiting.popleft()
+        finally:
+            _release(list(waiting))
+        columns = {token: i for i, token in enumerate(served.vocabulary)}
+        return await asyncio.to_thread(scoring.item_scores, rows, columns)
 
     async def _results(self, job: Job, context) -> list[ItemResult]:
         futures = self._submit(job, context)
@@ -256,6 +333,20 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             self.json_in_flight -= estimate
             metrics.JSON_BYTES_IN_FLIGHT.set(self.json_in_flight)
 
+    async def LogProb(self, request, context):
+        async with self._rpc("LogProb", context, request.model):
+            job = self._log_prob_job(request.model, [item.sequence for item in request.items])
+            values = await self._log_probs(job, context)
+            return pb.LogProbResponse(
+                results=[pb.LogProbResult(sequence_index=i, log_prob=v) for i, v in enumerate(values)])
+
+    async def Score(self, request, context):
+        async with self._rpc("Score", context, request.model):
+            scores = await self._scores(request.model, request.params.method,
+                                        [item.sequence for item in request.items],
+                                        [list(item.variants) for item in request.items], context)
+            return pb.ScoreResponse(results=[rendering.score_result(i, s) for i, s in enumerate(scores)])
+
     # ---- JSON (through the Envoy gateway) --------------------------------------
     async def _json(self, job: Job, context, estimate: int, render, stream_rpc: str) -> None:
         """Refuse before queueing what is over the JSON limit or the in-flight budget; then send the
@@ -319,12 +410,26 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             render = lambda i, r: rendering.predict_json_result(i, r, job.items[i].tokens, vocab)  # noqa: E731
             await self._json(job, context, estimate, render, "PredictStream")
 
+    async def LogProbJson(self, request, context):
+        async with self._rpc("LogProbJson", context, request.model, gateway=True):
+            served = self._model(request.model)
+            body = await self._body(request, context, "log_prob")
+            values = await self._log_probs(self._log_prob_job(served.name, body.sequences), context)
+            return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.log_prob_json(values))
+
+    async def ScoreJson(self, request, context):
+        async with self._rpc("ScoreJson", context, request.model, gateway=True):
+            served = self._model(request.model)
+            body = await self._body(request, context, "score")
+            scores = await self._scores(served.name, body.method, body.sequences, body.variants, context)
+            return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.score_json(scores))
+
     async def GetRequestSchema(self, request, context):
         async with self._rpc("GetRequestSchema", context, request.model, gateway=True):
             served = self._model(request.model)
-            if request.action not in ("encode", "predict"):
-                raise NotFound(f"action {echo(request.action)} does not exist; use encode or predict")
-            schema = request_schema(served.name, request.action, self.limits)
+            if request.action not in ACTIONS:
+                raise NotFound(f"action {echo(request.action)} does not exist; use " + ", ".join(ACTIONS))
+            schema = request_schema(served.name, request.action, self.limits, self.score_limits.max_mutations)
             return httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(schema))
 
     async def GetOpenApiDocument(self, request, context):
@@ -412,6 +517,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             source_format=_SOURCE_FORMATS[m.source_format], finetuned_from=m.finetuned_from,
             max_batch_tokens=budget.tokens if budget else 0, batch_tokens_source=budget.source if budget else "",
             precision=served.precision,
+            max_score_passes=min(self.score_limits.max_passes, served.spec.max_queue_items),
+            max_score_mutations=self.score_limits.max_mutations,
         )
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from esm2_wire import output_kinds
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.vocabulary import ENCODE_LETTERS, MASK, PREDICT_LETTERS, Limits
-from service.api.request_schema import MAX_LIST_PARAM
 from service.errors import InvalidRequest, Problem, echo
+
+# Longest params list: more layers than any ESM-2 has, every output several times over.
+MAX_LIST_PARAM = 64  # values in params.include / params.repr_layers, gRPC and JSON alike
 
 DEFAULT_INCLUDE = ("mean",)
 DEFAULT_REPR_LAYERS = (-1,)

@@ -76,7 +76,7 @@ class BatchLimits:
     max_batch_tokens: int = 8192  # padded tokens (batch size x longest item)
     max_batch_size: int = 64
     max_wait_s: float = 0.005  # how long an idle worker waits to fill a batch
-    max_queue_items: int = 256
+    max_queue_items: int = 4096  # a Score request queues all its passes at once (--max-score-passes)
     min_padding_efficiency: float = 0.92  # real tokens / padded tokens a batch may not fall below
     # batch size x longest item squared (x MAPS_FACTOR when the batch makes attention maps): the
     # attention's work; an item over it runs alone
