@@ -22,6 +22,7 @@ import pytest
 import torch
 from hf_models import write_random_hf
 from safetensors.torch import load_file, save_file
+from reference import assert_close
 from support import REPO, ServerProcess, encode_request
 
 from service.models import sources
@@ -219,7 +220,9 @@ def test_symlinked_checkpoint_finds_its_regression_file_beside_the_target(tmp_pa
         request.model = "esm2-tiny"
         want = server.stub.Encode(request, timeout=60).results[0].contacts
         assert got.rows == want.rows == 22
-        np.testing.assert_array_equal(np.asarray(got.values), np.asarray(want.values))
+        # Equal within the batch-invariance tolerance (the session server may batch it with others);
+        # another regression file would give contacts far outside it.
+        assert_close(got.values, want.values, "contacts through the link")
 
 
 def test_symlinked_checkpoint_without_any_regression_file_names_both_places(tmp_path, tiny_checkpoint):
