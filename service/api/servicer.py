@@ -114,7 +114,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def _submit(self, job: Job, context) -> list[asyncio.Future]:
         remaining = context.time_remaining()
         inputs = [
-            ModelInput(job.model.name, job.model.tokenize(item.tokens), job.outputs, job.layers) for item in job.items
+            ModelInput(job.model.name, job.model.tokenize(item.tokens), job.outputs, job.layers, job.model.num_layers)
+            for item in job.items
         ]
         return self.router.submit(inputs, None if remaining is None else time.monotonic() + remaining)
 

@@ -22,6 +22,7 @@ class ModelInput:
     token_ids: np.ndarray  # int64 [BOS, residues..., EOS], from LoadedModel.tokenize
     outputs: frozenset[OutputKind]
     layers: tuple[int, ...]  # non-negative; used by the per-layer outputs
+    num_layers: int = 0  # the model's transformer layers; 0: unknown (its work is then counted as a full pass)
 
     @property
     def length(self) -> int:  # tokens, BOS and EOS included
@@ -30,3 +31,12 @@ class ModelInput:
     @property
     def needs_maps(self) -> bool:
         return output_kinds.needs_maps(self.outputs)
+
+    @property
+    def depth_share(self) -> float:
+        """The share of a full forward pass this item needs: its layers to run, plus one for the
+        embedding and the head, over the model's layers plus one (the work estimate's depth factor)."""
+        if not self.num_layers:
+            return 1.0
+        run = output_kinds.layers_to_run(self.outputs, self.layers, self.num_layers)
+        return (run + 1) / (self.num_layers + 1)

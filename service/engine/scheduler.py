@@ -3,8 +3,17 @@
 Runs on the event loop and never blocks it: batches go to worker threads through
 `run_in_executor`. A batch holds items of one model and one attention mode (items that
 need attention maps take the slower exact path, so they are not mixed with the rest),
-of similar lengths, under a padded-token budget, a padded-token-pair budget (the
+of similar lengths and depths, under a padded-token budget, a padded-token-pair budget (the
 attention's quadratic work, so that a full-length sequence runs alone) and a size cap.
+
+Depth: an item that asks only for representations up to layer k needs k layers, not all
+(the forward stops at the batch's deepest item), and its work estimate says so. Items of
+different depths share a batch only where that wastes little: a batch grows only while its
+useful work (each item's tokens x its layers) stays at least `min_padding_efficiency` of
+the work it computes (rows x longest item x deepest item). On CPU a batch of a few hundred
+tokens already runs near full speed, so running items apart costs nothing but the waste
+they would add: the same bound that limits padding limits depth waste. (So a layer-6 and a
+layer-33 request run apart; layers 32 and 33 may share.)
 
 Which item anchors the next batch: the one due first, where an item is due at its
 arrival plus `aging` times the estimated run time of its request's items up to it. Short work overtakes long work that
@@ -59,9 +68,16 @@ INTERLEAVE_MAX_SHARE = 0.25  # ... and only batches estimated at most this share
 RATE_SMOOTHING = 0.3  # weight of the newest batch in the measured seconds per unit
 
 
-def work(length: int, needs_maps: bool, count: int = 1) -> float:
-    """Estimated work of `count` rows of `length` tokens (padding included)."""
-    return count * length * (1 + length / QUADRATIC_TOKENS) * (MAPS_FACTOR if needs_maps else 1.0)
+def work(length: int, needs_maps: bool, count: int = 1, depth_share: float = 1.0) -> float:
+    """Estimated work of `count` rows of `length` tokens (padding included), through
+    `depth_share` of the model's layers (ModelInput.depth_share)."""
+    return count * length * (1 + length / QUADRATIC_TOKENS) * (MAPS_FACTOR if needs_maps else 1.0) * depth_share
+
+
+def batch_work(batch: list[ModelInput]) -> float:
+    """Estimated work of a batch: every row as wide as its longest item, as deep as its deepest."""
+    return work(max(item.length for item in batch), batch[0].needs_maps, len(batch),
+                max(item.depth_share for item in batch))
 
 
 @dataclass(eq=False)
@@ -90,7 +106,7 @@ class QueueEntry:
 
     @property
     def work(self) -> float:
-        return work(self.input.length, self.input.needs_maps)
+        return work(self.input.length, self.input.needs_maps, depth_share=self.input.depth_share)
 
     @property
     def batch_key(self) -> tuple[str, bool]:
@@ -130,14 +146,13 @@ class CostModel:
         return entry.work * self.rate(*entry.batch_key)
 
     def batch_seconds(self, batch: list[QueueEntry]) -> float:
-        return self.rate(*batch[0].batch_key) * work(max(e.length for e in batch), batch[0].input.needs_maps,
-                                                     len(batch))
+        return self.rate(*batch[0].batch_key) * batch_work([entry.input for entry in batch])
 
     def observe(self, batch: list[ModelInput], seconds: float) -> None:
         if not self.learn:
             return
         key = batch[0].model, batch[0].needs_maps
-        rate = seconds / work(max(item.length for item in batch), batch[0].needs_maps, len(batch))
+        rate = seconds / batch_work(batch)
         old = self.rates.get(key)
         self.rates[key] = rate if old is None else (1 - RATE_SMOOTHING) * old + RATE_SMOOTHING * rate
 
@@ -153,11 +168,14 @@ def next_anchor(pending: list[QueueEntry], limits: BatchLimits, cost: CostModel)
 
 
 def take_batch(pending: list[QueueEntry], limits: BatchLimits, anchor: QueueEntry | None = None) -> list[QueueEntry]:
-    """Remove and return the next batch: `anchor` (default: the oldest entry) plus its nearest-length peers."""
+    """Remove and return the next batch: `anchor` (default: the oldest entry) plus its nearest peers
+    in depth, then length."""
     anchor = pending[0] if anchor is None else anchor
-    peers = sorted((it for it in pending if it.batch_key == anchor.batch_key), key=lambda it: it.length)
+    peers = sorted((it for it in pending if it.batch_key == anchor.batch_key),
+                   key=lambda it: (it.input.depth_share, it.length))
     lo = hi = peers.index(anchor)
-    width = real = anchor.length  # real: tokens that are not padding
+    width, depth = anchor.length, anchor.input.depth_share
+    real = anchor.length * depth  # useful work: real tokens x the layers each needs
 
     pair_weight = MAPS_FACTOR if anchor.input.needs_maps else 1.0
 
@@ -167,28 +185,30 @@ def take_batch(pending: list[QueueEntry], limits: BatchLimits, anchor: QueueEntr
 
     while hi - lo + 1 < limits.max_batch_size:
         count = hi - lo + 2
-        # Each neighbour that keeps the batch within budget and padding target, with the padding it adds:
-        # a shorter item pads itself; a longer one widens every row. On CPU a batch of a few
-        # hundred tokens already runs near full speed, so padding is pure waste.
+        # Each neighbour that keeps the batch within budget and efficiency target, with the waste it
+        # leaves (computed work that is padding or layers an item did not ask for): a shorter item
+        # pads itself; a longer one widens every row; a deeper one deepens every row. On CPU a batch
+        # of a few hundred tokens already runs near full speed, so waste is all that sharing costs.
         options = []
-        if lo > 0:
-            shorter = peers[lo - 1]
-            if fits(count, width) and real + shorter.length >= limits.min_padding_efficiency * width * count:
-                options.append((width - shorter.length, -1))
-        if hi + 1 < len(peers):
-            longer = peers[hi + 1]
-            if fits(count, longer.length) and \
-                    real + longer.length >= limits.min_padding_efficiency * longer.length * count:
-                options.append(((longer.length - width) * (count - 1), 1))
+        for side, neighbour in ((-1, peers[lo - 1] if lo > 0 else None),
+                                (1, peers[hi + 1] if hi + 1 < len(peers) else None)):
+            if neighbour is None:
+                continue
+            grown_width = max(width, neighbour.length)
+            computed = count * grown_width * max(depth, neighbour.input.depth_share)
+            useful = real + neighbour.length * neighbour.input.depth_share
+            if fits(count, grown_width) and useful >= limits.min_padding_efficiency * computed:
+                options.append((computed - useful, side))
         if not options:
             break
-        if min(options)[1] < 0:
+        side = min(options)[1]
+        if side < 0:
             lo -= 1
-            real += peers[lo].length
         else:
             hi += 1
-            width = peers[hi].length
-            real += width
+        joined = peers[lo if side < 0 else hi]
+        width, depth = max(width, joined.length), max(depth, joined.input.depth_share)
+        real += joined.length * joined.input.depth_share
     batch = peers[lo : hi + 1]
     chosen = set(map(id, batch))
     pending[:] = [it for it in pending if id(it) not in chosen]

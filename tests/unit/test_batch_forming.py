@@ -1,9 +1,12 @@
 """take_batch: which queued entries form the next batch (no model, no server)."""
 
 import numpy as np
+import pytest
 from fakes import entries, entry
 
-from service.engine.scheduler import BatchLimits, take_batch
+from esm2_wire.output_kinds import OutputKind
+from service.engine.inputs import ModelInput
+from service.engine.scheduler import BatchLimits, QueueEntry, take_batch
 
 
 def test_take_batch_groups_similar_lengths_under_the_token_budget():
@@ -56,3 +59,34 @@ def test_every_formed_batch_meets_the_target_on_a_log_normal_mix():
         assert len(batch) == 1 or sum(i.length for i in batch) >= limits.min_padding_efficiency * width * len(batch)
         assert len(batch) == 1 or width * len(batch) <= limits.max_batch_tokens
     assert taken == len(lengths)
+
+
+def _at_depth(length: int, layer: int, num_layers: int = 33) -> QueueEntry:
+    """An entry that asks for the mean of `layer` of a `num_layers`-layer model."""
+    item = ModelInput("m", np.zeros(length, dtype=np.int64), frozenset({OutputKind.MEAN}), (layer,), num_layers)
+    return QueueEntry(item)
+
+
+def test_the_work_estimate_counts_only_the_layers_an_item_needs():
+    shallow, deep = _at_depth(300, 6), _at_depth(300, 33)
+    assert shallow.work == pytest.approx(deep.work * 7 / 34)  # 6 layers + embedding/head, of 33 + 1
+
+
+def test_items_of_far_apart_depths_run_apart_and_near_depths_share():
+    # Same lengths: only depth differs. Layer 6 with layer 33 would waste most of the pass.
+    pending = [_at_depth(300, 6), _at_depth(300, 33), _at_depth(300, 6), _at_depth(300, 33)]
+    first = take_batch(pending, BatchLimits())
+    assert [e.input.layers for e in first] == [(6,), (6,)]
+    assert [e.input.layers for e in take_batch(pending, BatchLimits())] == [(33,), (33,)]
+    # Layers 32 and 33 (33/34 and 34/34 of a pass): the waste is under the padding target's.
+    pending = [_at_depth(300, 32), _at_depth(300, 33)]
+    assert len(take_batch(pending, BatchLimits())) == 2 and not pending
+
+
+def test_depth_and_padding_waste_count_together():
+    # 270 at layer 32 next to 300 at 33: 270*33 + 300*34 = 19110 useful of 2*300*34 = 20400 (0.937): shares.
+    pending = [_at_depth(300, 33), _at_depth(270, 32)]
+    assert len(take_batch(pending, BatchLimits())) == 2
+    # 260 at layer 31: 260*32 + 300*34 = 18520 of 20400 (0.908 < 0.92): apart.
+    pending = [_at_depth(300, 33), _at_depth(260, 31)]
+    assert len(take_batch(pending, BatchLimits())) == 1 and len(pending) == 1
