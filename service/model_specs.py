@@ -22,9 +22,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from service.models import batch_budget
+from service.models.precision import PRECISIONS
 from service.engine.scheduler import BatchLimits
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTION = ("fast", "exact")
 
 

@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto, cpu, cuda or cuda:N; a comma-separated list (cuda:0,cuda:1) runs one worker per device")
     p.add_argument("--precision", choices=tuple(precision.AUTOCAST_DTYPES), default=_env("precision", "fp32"),
                    help="fp32 (default, equal to fair-esm) or fp16/bf16 autocast; on CPU only where the "
-                        "processor has native instructions for it (bf16: AVX512_BF16 or AMX), else refused")
+                        "processor has native instructions for it (bf16: AVX512_BF16 or AMX), else refused; "
+                        "int8 (CPU only): int8 Linear layers, faster, within BENCHMARKS.md's accuracy tables")
     p.add_argument("--attention", choices=("fast", "exact"), default=_env("attention", "fast"),
                    help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
     p.add_argument("--max-items", type=int, default=int(_env("max_items", limits.max_items)))

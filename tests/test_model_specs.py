@@ -44,7 +44,7 @@ def test_flags_alone_describe_the_one_or_several_models(monkeypatch):
     ('[models.a]\nsorce = "x"\n', "[models.a]: unknown keys sorce (known: source, device,"),
     ('[models.a]\nmax_batch_tokens = "big"\n', "[models.a]: max_batch_tokens: expected a number of tokens, 'device' or 'sweep', not 'big'"),
     ('[models.a]\nmax_batch_tokens = 1.5\n', "[models.a]: max_batch_tokens = 1.5 has the wrong type"),
-    ('[models.a]\nprecision = "fp8"\n', "[models.a]: precision 'fp8' is not one of fp32, fp16, bf16"),
+    ('[models.a]\nprecision = "fp8"\n', "[models.a]: precision 'fp8' is not one of fp32, fp16, bf16, int8"),
     ('[models.a]\naging = -1\n', "[models.a]: aging must not be negative"),
     ('[models.a]\nmax_batch_token_pairs = 0\n', "[models.a]: max_batch_token_pairs must be at least 1"),
     ('[models.a]\nmax_queue_items = 2\n', "max_queue_items must be at least --max-items (8) for a"),

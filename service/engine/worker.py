@@ -26,6 +26,7 @@ from service.engine.faults import FaultHook
 from service.engine.inputs import ModelInput
 from service.models.forward import BatchPlan, forward
 from service.models.precision import AUTOCAST_DTYPES
+from service.models.quantize import quantize_layers
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class ModelWorker:
         self.faults = faults  # None unless armed at start-up (service.engine.faults)
         for loaded in models.values():
             loaded.model.to(device)
+            if precision == "int8":  # this worker's own copy (replicate), quantized once here
+                quantize_layers(loaded.model)
 
     def run(self, batch: list[ModelInput], between_layers=None) -> list[ItemResult | ServiceError]:
         """Compute a batch (all items of one model).

@@ -1,6 +1,8 @@
 """The precision the model computes in, and whether the device computes it natively.
 
-fp32 is the default and matches fair-esm. fp16/bf16 run the forward under autocast. On a
+fp32 is the default and matches fair-esm. fp16/bf16 run the forward under autocast. int8
+(CPU only) quantizes the transformer layers' Linear modules (service.models.quantize) and
+computes the rest in fp32. On a
 CPU without native bf16 (AVX512_BF16 or AMX) or fp16 (AVX512_FP16 or AMX-FP16) instructions,
 oneDNN emulates them through fp32 conversions: slower than fp32 and less accurate, so the
 server refuses at start-up rather than serve something worse than its default.
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16,
+                   "int8": None}  # int8: no autocast; int8 Linear layers, the rest fp32
+PRECISIONS = tuple(AUTOCAST_DTYPES)
 
 
 class PrecisionUnsupported(RuntimeError):
@@ -48,6 +52,15 @@ def check(precision: str, device: torch.device, cpu_native_override: bool | None
     `cpu_native_override` replaces the CPU probe: the server's hidden testing flag sets it to
     check the refusal (or the reduced-precision path) on any machine."""
     if precision == "fp32":
+        return
+    if precision == "int8":
+        if device.type != "cpu":
+            raise PrecisionUnsupported(f"--precision int8 is for CPUs (dynamic int8 quantization); on {device} "
+                                       "use --precision bf16 or fp16")
+        from service.models import quantize
+
+        if quantize.engine() is None:
+            raise PrecisionUnsupported("--precision int8: this torch build has no quantized CPU engine")
         return
     if device.type == "cpu":
         native = cpu_native(precision) if cpu_native_override is None else cpu_native_override
