@@ -24,7 +24,7 @@ log = logging.getLogger("bench")
 HERE = Path(__file__).resolve().parent
 # --cases: groups of the per-model cases, plus the --mfu-models and --rss-models runs.
 CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "hf", "mfu", "rss", "hol", "cache",
-               "depth")
+               "depth", "int8")
 SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer", "hf"}  # the ones that need a server
 
 
@@ -42,6 +42,9 @@ def parse_args(argv):
     p.add_argument("--depth-shape", default="650m",
                    help="depth case: this shape asked for repr_layers [6] and [-1], same sequences")
     p.add_argument("--depth-sequences", type=int, default=4, help="log-normal sequences of the depth case")
+    p.add_argument("--int8-models", default="35m,150m",
+                   help="int8 case: service int8 vs service fp32 vs HF sdpa fp32 (best budget) vs HF int8")
+    p.add_argument("--int8-sequences", type=int, default=16, help="log-normal sequences of the int8 case")
     p.add_argument("--contacts-memory", action="store_true",
                    help="opt-in: stock vs ours contacts peak RSS, and a served long contacts request (slow)")
     p.add_argument("--contacts-shape", default="650m")
@@ -81,6 +84,7 @@ def parse_args(argv):
         args.sequences, args.repeats, args.latency_requests = 6, 1, 20
         args.hol_length = 300
         args.depth_shape, args.depth_sequences = "tiny", 4
+        args.int8_models, args.int8_sequences = "tiny", 8
     return args
 
 
@@ -232,6 +236,13 @@ def main(argv=None) -> int:
                                             mixed_workload(args.depth_sequences, args.seed, fixed=()), args.repeats,
                                             layer)
         checkpoint_results()
+    for shape in shapes(args.int8_models) if "int8" in args.cases else ():
+        checkpoint = checkpoint_for(shape, args.cache_dir)
+        measurements += speedups.int8(served_name(shape), load(served_name(shape), checkpoint), checkpoint,
+                                      tuple(shlex.split(args.server_args)),
+                                      mixed_workload(args.int8_sequences, args.seed, fixed=()), args.repeats)
+        checkpoint_results()
+        gc.collect()
     rss_sample = Workload("8x300 + 1x2048", tuple(s for s in workload.sequences if len(s) in (300, 2048)))
     for shape in shapes(args.rss_models) if "rss" in args.cases else ():
         measurements.append(cases.server_rss_for(served_name(shape), checkpoint_for(shape, args.cache_dir), rss_sample))

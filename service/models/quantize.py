@@ -48,17 +48,22 @@ def engine() -> str | None:
 def quantize_layers(model: nn.Module) -> nn.Module:
     """Replace, in place, the Linear modules of `model.layers` (a fair-esm ESM2 on the CPU) by
     dynamically quantized int8 ones; return `model`."""
+    return quantize_linears(model, [f"layers.{i}.{name}" for i in range(len(model.layers)) for name in LAYER_LINEARS])
+
+
+def quantize_linears(model: nn.Module, names) -> nn.Module:
+    """Quantize, in place, the Linear modules of `model` at the dotted `names` (weights int8 per
+    output channel, inputs per call); return `model`. The benchmark applies it to Hugging Face's
+    EsmModel too, so that both sides are compared under the same quantization."""
     chosen = engine()
     if chosen is None:
         raise Int8Unsupported("--precision int8: this torch build has no quantized CPU engine")
     torch.backends.quantized.engine = chosen
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    spec = {f"layers.{i}.{name}": per_channel_dynamic_qconfig
-            for i in range(len(model.layers)) for name in LAYER_LINEARS}
     with warnings.catch_warnings():  # its deprecation notice; the docstring says why it is used
         warnings.simplefilter("ignore")
-        quantize_dynamic(model, spec, inplace=True)
+        quantize_dynamic(model, dict.fromkeys(names, per_channel_dynamic_qconfig), inplace=True)
     return model
 
 
