@@ -24,7 +24,7 @@ log = logging.getLogger("bench")
 HERE = Path(__file__).resolve().parent
 # --cases: groups of the per-model cases, plus the --mfu-models and --rss-models runs.
 CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "hf", "mfu", "rss", "hol", "cache",
-               "depth", "int8")
+               "depth", "int8", "packed")
 SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer", "hf"}  # the ones that need a server
 
 
@@ -45,6 +45,7 @@ def parse_args(argv):
     p.add_argument("--int8-models", default="35m,150m",
                    help="int8 case: service int8 vs service fp32 vs HF sdpa fp32 (best budget) vs HF int8")
     p.add_argument("--int8-sequences", type=int, default=16, help="log-normal sequences of the int8 case")
+    p.add_argument("--packed-models", default="8m,35m", help="packed case: packed vs padded forward, in-process")
     p.add_argument("--contacts-memory", action="store_true",
                    help="opt-in: stock vs ours contacts peak RSS, and a served long contacts request (slow)")
     p.add_argument("--contacts-shape", default="650m")
@@ -85,6 +86,7 @@ def parse_args(argv):
         args.hol_length = 300
         args.depth_shape, args.depth_sequences = "tiny", 4
         args.int8_models, args.int8_sequences = "tiny", 8
+        args.packed_models = "tiny"
     return args
 
 
@@ -243,6 +245,10 @@ def main(argv=None) -> int:
                                       mixed_workload(args.int8_sequences, args.seed, fixed=()), args.repeats)
         checkpoint_results()
         gc.collect()
+    for shape in shapes(args.packed_models) if "packed" in args.cases else ():
+        loaded = load(served_name(shape), checkpoint_for(shape, args.cache_dir))
+        measurements += speedups.packed(served_name(shape), loaded, workload, args.repeats)
+        checkpoint_results()
     rss_sample = Workload("8x300 + 1x2048", tuple(s for s in workload.sequences if len(s) in (300, 2048)))
     for shape in shapes(args.rss_models) if "rss" in args.cases else ():
         measurements.append(cases.server_rss_for(served_name(shape), checkpoint_for(shape, args.cache_dir), rss_sample))

@@ -26,6 +26,8 @@ FP32_SERVICE = "int8: service fp32, gRPC Encode mean 8 x 8"
 HF_FP32 = "int8: HF EsmModel sdpa fp32 at its best token budget"
 HF_INT8 = "int8: HF EsmModel sdpa, int8 as the service quantizes, same budget"
 INT8_CASES = (INT8_SERVICE, FP32_SERVICE, HF_FP32, HF_INT8)
+PACKED = "packed: service forward, packed, in-process, {budget} tokens per batch"
+PADDED = "packed: service forward, padded (fast path), in-process, {budget} tokens per batch"
 
 
 def depth_case(layer: int) -> str:
@@ -103,6 +105,26 @@ def int8(name: str, loaded, checkpoint: Path, server_args, workload: Workload, r
     return list(results.values())
 
 
+def packed(name: str, loaded, workload: Workload, repeats: int, budget: int = 1024) -> list[Measurement]:
+    """The service's packed forward against its padded fast path, in-process, fp32, over the same
+    sequences at the same token budget (padded: rows x longest; packed: real tokens), back to back."""
+    from bench.baseline import service_forward_pass, service_packed_pass
+
+    runs = {PACKED.format(budget=budget): lambda: service_packed_pass(loaded, workload.sequences, budget),
+            PADDED.format(budget=budget): lambda: service_forward_pass(loaded, workload.sequences, True, budget)}
+    results = {case: Measurement(name, case, workload.residues, extra={"toks_per_batch": budget}) for case in runs}
+    for run in runs.values():  # warm
+        run()
+    for _ in range(repeats):
+        for case, run in runs.items():
+            cpu = cpu_seconds()
+            seconds = run()
+            results[case].add(seconds, cpu_seconds() - cpu)
+    packed_case, padded_case = results.values()
+    packed_case.extra["paired_vs_padded"] = paired(packed_case, padded_case)
+    return list(results.values())
+
+
 def _ratio_cell(ratios: list[float]) -> str:
     return f"**{statistics.median(ratios):.2f}** ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-"
 
@@ -118,6 +140,13 @@ def markdown(measurements: list[Measurement]) -> list[str]:
         for m in depth:
             lines.append(f"| {m.model} | {m.case} | {m.residues_per_s:,.0f} "
                          f"| {_ratio_cell(m.extra['paired_speedup_vs_last_layer'])} |")
+    packed_runs = [m for m in measurements if "paired_vs_padded" in m.extra]
+    if packed_runs:
+        lines += ["", "Packed vs padded forward on this CPU (in-process, fp32, same sequences and token budget, "
+                  "back to back in every repeat; ratio = median (min-max) of the per-repeat ratios):", "",
+                  "| model | case | residues/s | packed / padded |", "|---|---|---|---|"]
+        for m in packed_runs:
+            lines.append(f"| {m.model} | {m.case} | {m.residues_per_s:,.0f} | {_ratio_cell(m.extra['paired_vs_padded'])} |")
     by_model: dict[str, dict[str, Measurement]] = {}
     for m in measurements:
         if m.case in INT8_CASES and m.seconds:

@@ -38,5 +38,6 @@ class ModelInput:
         embedding and the head, over the model's layers plus one (the work estimate's depth factor)."""
         if not self.num_layers:
             return 1.0
-        run = output_kinds.layers_to_run(self.outputs, self.layers, self.num_layers)
+        kept = self.layers if output_kinds.per_layer(self.outputs) else ()
+        run = output_kinds.layers_to_run(self.outputs, kept, self.num_layers)
         return (run + 1) / (self.num_layers + 1)
