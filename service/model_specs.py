@@ -26,6 +26,7 @@ from service.models.precision import PRECISIONS
 from service.engine.scheduler import BatchLimits
 
 ATTENTION = ("fast", "exact")
+LAYOUTS = ("padded", "packed")
 
 
 class BadModelsConfig(ValueError):
@@ -39,6 +40,7 @@ class ModelSpec:
     device: str = "auto"
     precision: str = "fp32"
     attention: str = "fast"
+    layout: str = "padded"  # "packed": batches without attention maps run unpadded (service.models.packed)
     max_batch_tokens: str = "device"  # a number of tokens, "device" or "sweep" (service.models.batch_budget)
     # The scheduler's own defaults (service.engine.scheduler.BatchLimits explains each).
     max_batch_size: int = BatchLimits.max_batch_size
@@ -49,7 +51,7 @@ class ModelSpec:
     aging: float = BatchLimits.aging
 
 
-_TYPES = {"source": str, "device": str, "precision": str, "attention": str, "max_batch_tokens": (int, str),
+_TYPES = {"source": str, "device": str, "precision": str, "attention": str, "layout": str, "max_batch_tokens": (int, str),
           "max_batch_size": int, "max_wait_ms": (int, float), "max_queue_items": int,
           "min_padding_efficiency": (int, float), "max_batch_token_pairs": int, "aging": (int, float)}
 MODEL_KEYS = tuple(f.name for f in fields(ModelSpec) if f.name != "name")
@@ -58,7 +60,7 @@ MODEL_KEYS = tuple(f.name for f in fields(ModelSpec) if f.name != "name")
 def defaults_from_args(args) -> ModelSpec:
     """The per-model settings the flags give (a template; name and source unset)."""
     return ModelSpec(
-        name="", device=args.device, precision=args.precision, attention=args.attention,
+        name="", device=args.device, precision=args.precision, attention=args.attention, layout=args.layout,
         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_queue_items=args.max_queue_items, min_padding_efficiency=args.min_padding_efficiency,
         max_batch_token_pairs=args.max_batch_token_pairs, aging=args.aging,
@@ -71,6 +73,8 @@ def _check(spec: ModelSpec, where: str) -> ModelSpec:
         problems.append(f"precision {spec.precision!r} is not one of {', '.join(PRECISIONS)}")
     if spec.attention not in ATTENTION:
         problems.append(f"attention {spec.attention!r} is not one of {', '.join(ATTENTION)}")
+    if spec.layout not in LAYOUTS:
+        problems.append(f"layout {spec.layout!r} is not one of {', '.join(LAYOUTS)}")
     try:
         spec = replace(spec, max_batch_tokens=batch_budget.parse_setting(str(spec.max_batch_tokens)))
     except ValueError as exc:

@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "int8 (CPU only): int8 Linear layers, faster, within BENCHMARKS.md's accuracy tables")
     p.add_argument("--attention", choices=("fast", "exact"), default=_env("attention", "fast"),
                    help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
+    p.add_argument("--layout", choices=model_specs.LAYOUTS, default=_env("layout", "padded"),
+                   help="padded (default; measured faster on CPU, BENCHMARKS.md) or packed: batches without "
+                        "attention maps run unpadded, attention per sequence (varlen flash attention on CUDA)")
     p.add_argument("--max-items", type=int, default=int(_env("max_items", limits.max_items)))
     p.add_argument("--max-sequence-length", type=int,
                    default=int(_env("max_sequence_length", limits.max_sequence_length)))
@@ -183,7 +186,8 @@ def batch_limits(spec: model_specs.ModelSpec, batch_tokens: int) -> BatchLimits:
     """A model's batching limits: its own settings (models file or flags) and the budget chosen on
     its device."""
     return BatchLimits(batch_tokens, spec.max_batch_size, spec.max_wait_ms / 1000, spec.max_queue_items,
-                       spec.min_padding_efficiency, spec.max_batch_token_pairs, spec.aging)
+                       spec.min_padding_efficiency, spec.max_batch_token_pairs, spec.aging,
+                       packed=spec.layout == "packed")
 
 
 def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence_length: int) -> memory_budget.Need:
@@ -239,7 +243,7 @@ def cache_scope(loaded: checkpoints.LoadedModel, spec: model_specs.ModelSpec) ->
     path = loaded.checkpoint
     files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
     weights = ";".join(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}" for f in files for stat in [f.stat()])
-    return f"{loaded.name}|{weights}|{spec.precision}|{spec.attention}"
+    return f"{loaded.name}|{weights}|{spec.precision}|{spec.attention}|{spec.layout}"
 
 
 def build_schedulers(served, args) -> tuple[ModelRouter, dict]:
@@ -251,7 +255,7 @@ def build_schedulers(served, args) -> tuple[ModelRouter, dict]:
     for name, (spec, devices, loaded) in served.items():
         workers = [
             ModelWorker(copy, device, spec.precision, spec.attention == "fast", args.simulate_oom_above_tokens,
-                        faults.FaultHook.from_env())
+                        faults.FaultHook.from_env(), packed=spec.layout == "packed")
             for copy, device in zip(replicate({name: loaded}, devices), devices)
         ]
         first = workers[0]

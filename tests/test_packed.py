@@ -81,3 +81,34 @@ def test_attention_maps_keep_the_padded_path(reference_models):
         with pytest.raises(ValueError, match="no attention maps"):
             packed_forward(loaded.model, tokens, cu_seqlens, BatchPlan(frozenset(), frozenset({kind})))
     assert torch.equal(cu_seqlens, torch.tensor([0, 24, 51], dtype=torch.int32))
+
+
+def test_a_server_with_the_packed_layout_answers_as_fair_esm(tmp_path, checkpoint_dir, reference_models):
+    """--layout packed: every output equals fair-esm's; contacts and attentions take the exact path."""
+    from test_encode_parity import INCLUDE_ALL, check_result
+
+    from esm2_wire.proto import pb
+    from reference import matrix
+    from support import ServerProcess, encode_request
+
+    encodable = [s for s in SEQUENCES if "<mask>" not in s]
+    masked = [s for s in SEQUENCES if "<mask>" in s]
+    server = ServerProcess(tmp_path, "--models", "esm2-8m", "--model-dir", str(checkpoint_dir),
+                           "--layout", "packed").wait_ready()
+    try:
+        served = server.stub.Encode(encode_request("esm2-8m", encodable, ["mean", "per_token", "bos", "logits"],
+                                                   [0, 3, -1]))
+        predicted = server.stub.Predict(pb.PredictRequest(model="esm2-8m",
+                                                          items=[pb.SequenceItem(sequence=s) for s in masked]))
+        maps = server.stub.Encode(encode_request("esm2-8m", encodable[:2], INCLUDE_ALL, [2]))
+        batches = server.metrics().get('esm_batches_total{model="esm2-8m"}', 0)
+    finally:
+        server.stop()
+    loaded = reference_models["esm2-8m"]
+    for sequence, result in zip(encodable, served.results):
+        check_result(result, reference(loaded, sequence), [0, 3, 6], {"mean", "per_token", "bos", "logits"})
+    for sequence, result in zip(masked, predicted.results):  # token dropout's per-sequence rescaling
+        assert_close(matrix(result.logits), reference(loaded, sequence, layers=[])["logits"], "predict logits")
+    for sequence, result in zip(encodable, maps.results):
+        check_result(result, reference(loaded, sequence), [2], set(INCLUDE_ALL))
+    assert batches >= 2

@@ -129,6 +129,9 @@ class BatchLimits:
     # attention's work; an item over it runs alone
     max_batch_token_pairs: int = 2048 * 2048
     aging: float = 4.0  # an item is due at arrival + aging x its estimated run time
+    # The worker runs batches unpadded (service.models.packed): max_batch_tokens counts real tokens,
+    # and the efficiency bound sees no padding, only layers an item did not ask for.
+    packed: bool = False
 
 
 class CostModel:
@@ -176,11 +179,12 @@ def take_batch(pending: list[QueueEntry], limits: BatchLimits, anchor: QueueEntr
     lo = hi = peers.index(anchor)
     width, depth = anchor.length, anchor.input.depth_share
     real = anchor.length * depth  # useful work: real tokens x the layers each needs
+    tokens = anchor.length  # real tokens
 
     pair_weight = MAPS_FACTOR if anchor.input.needs_maps else 1.0
 
-    def fits(rows: int, row_width: int) -> bool:
-        return (row_width * rows <= limits.max_batch_tokens
+    def fits(rows: int, row_width: int, real_tokens: int) -> bool:
+        return ((real_tokens if limits.packed else row_width * rows) <= limits.max_batch_tokens
                 and row_width * row_width * rows * pair_weight <= limits.max_batch_token_pairs)
 
     while hi - lo + 1 < limits.max_batch_size:
@@ -194,10 +198,10 @@ def take_batch(pending: list[QueueEntry], limits: BatchLimits, anchor: QueueEntr
                                 (1, peers[hi + 1] if hi + 1 < len(peers) else None)):
             if neighbour is None:
                 continue
-            grown_width = max(width, neighbour.length)
-            computed = count * grown_width * max(depth, neighbour.input.depth_share)
+            grown_width, grown_tokens = max(width, neighbour.length), tokens + neighbour.length
+            computed = (grown_tokens if limits.packed else count * grown_width) * max(depth, neighbour.input.depth_share)
             useful = real + neighbour.length * neighbour.input.depth_share
-            if fits(count, grown_width) and useful >= limits.min_padding_efficiency * computed:
+            if fits(count, grown_width, grown_tokens) and useful >= limits.min_padding_efficiency * computed:
                 options.append((computed - useful, side))
         if not options:
             break
@@ -209,6 +213,7 @@ def take_batch(pending: list[QueueEntry], limits: BatchLimits, anchor: QueueEntr
         joined = peers[lo if side < 0 else hi]
         width, depth = max(width, joined.length), max(depth, joined.input.depth_share)
         real += joined.length * joined.input.depth_share
+        tokens += joined.length
     batch = peers[lo : hi + 1]
     chosen = set(map(id, batch))
     pending[:] = [it for it in pending if id(it) not in chosen]

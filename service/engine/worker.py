@@ -25,6 +25,7 @@ from service.errors import Internal, OutOfMemory, ServiceError
 from service.engine.faults import FaultHook
 from service.engine.inputs import ModelInput
 from service.models.forward import BatchPlan, forward
+from service.models.packed import pack, packed_forward
 from service.models.precision import AUTOCAST_DTYPES
 from service.models.quantize import quantize_layers
 
@@ -84,12 +85,14 @@ class ModelWorker:
         fast_attention: bool = True,
         simulate_oom_above_tokens: int = 0,
         faults: FaultHook | None = None,
+        packed: bool = False,
     ):
         self.models = models
         self.device = device
         self.precision = precision
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.fast_attention = fast_attention
+        self.packed = packed  # batches that need no attention maps take the packed path (service.models.packed)
         # Testing aid: behave as if the device ran out of memory on larger batches.
         self.simulate_oom_above_tokens = simulate_oom_above_tokens
         self.faults = faults  # None unless armed at start-up (service.engine.faults)
@@ -152,7 +155,19 @@ class ModelWorker:
             else contextlib.nullcontext()
         )
         with autocast:
+            if self.packed and self.fast_attention and not plan.needs_maps:
+                return self._run_packed(loaded, batch, plan, between_layers)
             out = forward(loaded.model, tokens.to(self.device), plan, between_layers)
+        return [self._extract(out, row, item) for row, item in enumerate(batch)]
+
+    def _run_packed(self, loaded, batch: list[ModelInput], plan: BatchPlan, between_layers) -> list[ItemResult]:
+        tokens, cu_seqlens = pack([torch.from_numpy(item.token_ids) for item in batch])
+        out = packed_forward(loaded.model, tokens.to(self.device), cu_seqlens, plan, between_layers)
+        cu = cu_seqlens.tolist()
+        rows = list(zip(cu[:-1], cu[1:]))  # each item's tokens in the packed tensors, as a batch row
+        out.representations = {layer: [rep[a:b] for a, b in rows] for layer, rep in out.representations.items()}
+        if out.logits is not None:
+            out.logits = [out.logits[a:b] for a, b in rows]
         return [self._extract(out, row, item) for row, item in enumerate(batch)]
 
     @staticmethod
@@ -170,7 +185,7 @@ class ModelWorker:
             if OutputKind.PER_TOKEN in item.outputs:
                 result.per_token[layer] = _numpy(rep[1 : residues + 1])
         if OutputKind.LOGITS in item.outputs:
-            result.logits = _numpy(out.logits[row, 1 : residues + 1])
+            result.logits = _numpy(out.logits[row][1 : residues + 1])
         if OutputKind.CONTACTS in item.outputs:
             result.contacts = _numpy(out.contacts[row, :residues, :residues])
         if OutputKind.ATTENTIONS in item.outputs:

@@ -90,3 +90,18 @@ def test_depth_and_padding_waste_count_together():
     # 260 at layer 31: 260*32 + 300*34 = 18520 of 20400 (0.908 < 0.92): apart.
     pending = [_at_depth(300, 33), _at_depth(260, 31)]
     assert len(take_batch(pending, BatchLimits())) == 1 and len(pending) == 1
+
+
+def test_packed_batches_fill_by_real_tokens_with_no_padding_rule():
+    pending = entries([300, 100, 40, 200])
+    # Padded: 40 next to 100 would be 140 real of 200 padded (0.7): apart.
+    assert sorted(e.length for e in take_batch(pending[:], BatchLimits(max_batch_tokens=400))) == [300]
+    batch = take_batch(pending, BatchLimits(max_batch_tokens=400, packed=True))
+    assert sorted(e.length for e in batch) == [40, 100, 200]  # 340 real tokens; + 300 would pass 400
+    assert [e.length for e in pending] == [300]
+
+
+def test_packed_batches_still_keep_far_apart_depths_apart():
+    pending = [_at_depth(300, 6), _at_depth(300, 33), _at_depth(100, 6)]
+    batch = take_batch(pending, BatchLimits(packed=True))
+    assert sorted(e.input.layers for e in batch) == [(6,), (6,)] and [e.input.layers for e in pending] == [(33,)]
