@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 # --cases: groups of the per-model cases, plus the --mfu-models and --rss-models runs.
 CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "hf", "mfu", "rss", "hol", "cache",
                "depth", "int8", "packed")
+SPEED_GROUPS = ("depth", "int8", "packed")  # bench/speedups.py: each a comparison of its own
 SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer", "hf"}  # the ones that need a server
 
 
@@ -80,7 +81,8 @@ def parse_args(argv):
         p.error(f"unknown --cases {', '.join(sorted(args.cases - set(CASE_GROUPS)))}; choose from {', '.join(CASE_GROUPS)}")
     if args.quick:
         args.models, args.mfu_models, args.rss_models = "tiny", "", ""
-        args.contacts_memory, args.contacts_shape = True, "tiny"
+        # The contacts memory smoke goes with the per-model cases, not with the speed cases alone.
+        args.contacts_memory, args.contacts_shape = not args.cases <= set(SPEED_GROUPS), "tiny"
         args.contacts_compare_length, args.contacts_serve_length = 100, 300
         args.sequences, args.repeats, args.latency_requests = 6, 1, 20
         args.hol_length = 300
