@@ -141,9 +141,6 @@ class ModelWorker:
         width = max(item.length for item in batch)
         if self.simulate_oom_above_tokens and width * len(batch) > self.simulate_oom_above_tokens:
             raise torch.OutOfMemoryError(f"simulated: {len(batch)} x {width} tokens")
-        tokens = torch.full((len(batch), width), loaded.alphabet.padding_idx, dtype=torch.int64)
-        for row, item in enumerate(batch):
-            tokens[row, : item.length] = torch.from_numpy(item.token_ids)
         plan = BatchPlan(
             layers=frozenset(layer for item in batch if output_kinds.per_layer(item.outputs) for layer in item.layers),
             outputs=frozenset().union(*(item.outputs for item in batch)),
@@ -157,6 +154,9 @@ class ModelWorker:
         with autocast:
             if self.packed and self.fast_attention and not plan.needs_maps:
                 return self._run_packed(loaded, batch, plan, between_layers)
+            tokens = torch.full((len(batch), width), loaded.alphabet.padding_idx, dtype=torch.int64)
+            for row, item in enumerate(batch):
+                tokens[row, : item.length] = torch.from_numpy(item.token_ids)
             out = forward(loaded.model, tokens.to(self.device), plan, between_layers)
         return [self._extract(out, row, item) for row, item in enumerate(batch)]
 
