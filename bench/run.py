@@ -244,7 +244,8 @@ def main(argv=None) -> int:
         checkpoint = checkpoint_for(shape, args.cache_dir)
         measurements += speedups.int8(served_name(shape), load(served_name(shape), checkpoint), checkpoint,
                                       tuple(shlex.split(args.server_args)),
-                                      mixed_workload(args.int8_sequences, args.seed, fixed=()), args.repeats)
+                                      mixed_workload(args.int8_sequences, args.seed, fixed=()), args.repeats,
+                                      budgets=(1024,) if args.quick else cases.PEER_BUDGETS["cpu"])
         checkpoint_results()
         gc.collect()
     for shape in shapes(args.packed_models) if "packed" in args.cases else ():

@@ -119,5 +119,5 @@ def test_quick_int8_case_compares_four_ways_in_pairs(tmp_path):
     for case in speedups.INT8_CASES:
         assert by_case[case]["seconds"] and by_case[case]["residues_per_s"] > 0, case
     assert set(by_case[speedups.INT8_SERVICE]["extra"]["paired_vs"]) == set(speedups.INT8_CASES[1:])
-    assert by_case[speedups.HF_FP32]["extra"]["toks_per_batch"] in (1024, 2048, 4096)
+    assert by_case[speedups.HF_FP32]["extra"]["toks_per_batch"] == 1024  # --quick sweeps one budget
     assert "int8 on CPU" in markdown_file.read_text()
