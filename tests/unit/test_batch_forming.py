@@ -93,9 +93,9 @@ def test_depth_and_padding_waste_count_together():
 
 
 def test_packed_batches_fill_by_real_tokens_with_no_padding_rule():
-    pending = entries([300, 100, 40, 200])
-    # Padded: 40 next to 100 would be 140 real of 200 padded (0.7): apart.
-    assert sorted(e.length for e in take_batch(pending[:], BatchLimits(max_batch_tokens=400))) == [300]
+    pending = entries([100, 300, 40, 200])  # anchored on 100, the oldest
+    # Padded: 40 next to 100 would be 140 real of 200 padded (0.7), 200 next to it 300 of 400: alone.
+    assert sorted(e.length for e in take_batch(pending[:], BatchLimits(max_batch_tokens=400))) == [100]
     batch = take_batch(pending, BatchLimits(max_batch_tokens=400, packed=True))
     assert sorted(e.length for e in batch) == [40, 100, 200]  # 340 real tokens; + 300 would pass 400
     assert [e.length for e in pending] == [300]
