@@ -40,7 +40,6 @@ class ModelSpec:
     device: str = "auto"
     precision: str = "fp32"
     attention: str = "fast"
-    layout: str = "padded"  # "packed": batches without attention maps run unpadded (service.models.packed)
     max_batch_tokens: str = "device"  # a number of tokens, "device" or "sweep" (service.models.batch_budget)
     # The scheduler's own defaults (service.engine.scheduler.BatchLimits explains each).
     max_batch_size: int = BatchLimits.max_batch_size
@@ -49,10 +48,11 @@ class ModelSpec:
     min_padding_efficiency: float = BatchLimits.min_padding_efficiency
     max_batch_token_pairs: int = BatchLimits.max_batch_token_pairs
     aging: float = BatchLimits.aging
+    layout: str = "padded"  # "packed": batches without attention maps run unpadded (service.models.packed)
 
 
-_TYPES = {"source": str, "device": str, "precision": str, "attention": str, "layout": str, "max_batch_tokens": (int, str),
-          "max_batch_size": int, "max_wait_ms": (int, float), "max_queue_items": int,
+_TYPES = {"source": str, "device": str, "precision": str, "attention": str, "max_batch_tokens": (int, str),
+          "layout": str, "max_batch_size": int, "max_wait_ms": (int, float), "max_queue_items": int,
           "min_padding_efficiency": (int, float), "max_batch_token_pairs": int, "aging": (int, float)}
 MODEL_KEYS = tuple(f.name for f in fields(ModelSpec) if f.name != "name")
 
