@@ -146,7 +146,8 @@ def markdown(measurements: list[Measurement]) -> list[str]:
                   "back to back in every repeat; ratio = median (min-max) of the per-repeat ratios):", "",
                   "| model | case | residues/s | packed / padded |", "|---|---|---|---|"]
         for m in packed_runs:
-            lines.append(f"| {m.model} | {m.case} | {m.residues_per_s:,.0f} | {_ratio_cell(m.extra['paired_vs_padded'])} |")
+            lines.append(f"| {m.model} | {m.case} | {m.residues_per_s:,.0f} "
+                         f"| {_ratio_cell(m.extra['paired_vs_padded'])} |")
     by_model: dict[str, dict[str, Measurement]] = {}
     for m in measurements:
         if m.case in INT8_CASES and m.seconds:

@@ -199,7 +199,8 @@ def take_batch(pending: list[QueueEntry], limits: BatchLimits, anchor: QueueEntr
             if neighbour is None:
                 continue
             grown_width, grown_tokens = max(width, neighbour.length), tokens + neighbour.length
-            computed = (grown_tokens if limits.packed else count * grown_width) * max(depth, neighbour.input.depth_share)
+            grown_depth = max(depth, neighbour.input.depth_share)
+            computed = (grown_tokens if limits.packed else count * grown_width) * grown_depth
             useful = real + neighbour.length * neighbour.input.depth_share
             if fits(count, grown_width, grown_tokens) and useful >= limits.min_padding_efficiency * computed:
                 options.append((computed - useful, side))
