@@ -76,6 +76,43 @@ def service_forward_pass(loaded, sequences, fast: bool, toks_per_batch: int = TO
     return time.perf_counter() - start
 
 
+def packed_batches(sequences, toks_per_batch: int) -> list[list[int]]:
+    """Sequence indexes, sorted by length, cut into batches of at most `toks_per_batch` real
+    tokens (BOS and EOS included; a longer sequence goes alone): how the packed path batches."""
+    batches, current, tokens = [], [], 0
+    for i in sorted(range(len(sequences)), key=lambda i: len(sequences[i])):
+        size = len(sequences[i]) + 2
+        if current and tokens + size > toks_per_batch:
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += size
+    return batches + ([current] if current else [])
+
+
+def service_packed_pass(loaded, sequences, toks_per_batch: int = TOKS_PER_BATCH,
+                        autocast: torch.dtype | None = None) -> float:
+    """Seconds for the service's packed forward (service.models.packed) over every sequence, mean of
+    the last layer, batches of `toks_per_batch` real tokens."""
+    from service.models.packed import pack, packed_forward
+
+    plan = BatchPlan(layers=frozenset({loaded.num_layers}))
+    device = _device(loaded.model)
+    precision = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    start = time.perf_counter()
+    for indices in packed_batches(sequences, toks_per_batch):
+        rows = [torch.tensor(loaded.tokenize(tuple(sequences[i])), dtype=torch.int64) for i in indices]
+        tokens, cu_seqlens = pack(rows)
+        with precision:
+            out = packed_forward(loaded.model, tokens.to(device, non_blocking=True), cu_seqlens, plan)
+        reps = out.representations[loaded.num_layers].float().cpu()
+        cu = cu_seqlens.tolist()
+        for i, (begin, end) in enumerate(zip(cu[:-1], cu[1:])):
+            reps[begin + 1 : end - 1].mean(0).clone()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
 def bare_model_seconds(loaded, sequence: str, repeats: int) -> float:
     """Median time of stock fair-esm on one sequence: the floor under any request's latency."""

@@ -4,9 +4,11 @@ one H100/H200).
 In-process, at the 650M and 3B shapes (random weights through the service's loader), over a
 log-normal mix: stock fair-esm fp32 and HF transformers sdpa (fp32 and bf16 autocast), each at
 the token budget its sweep in the run finds best, against the service's forward (fast path, SDPA)
-in fp32 and under bf16 and fp16 autocast at the same budgets, each budget warmed before it is
-timed; then the service's full request path (bench/gpu_service_path.py: server and gRPC clients,
-one sweep of items per request). MFU is against the bf16 matmul rate measured in the same run. `--device cpu --suite-models tiny` runs the same code on a CPU (a smoke
+in fp32 and under bf16 and fp16 autocast at the same budgets, and the service's packed forward
+(service.models.packed: no padding, varlen flash attention) under bf16 and fp16, each budget
+warmed before it is timed; then the service's full request path (bench/gpu_service_path.py:
+server and gRPC clients, one sweep of items per request). MFU is against the bf16 matmul rate
+measured in the same run. `--device cpu --suite-models tiny` runs the same code on a CPU (a smoke
 check of the harness, not a figure to publish).
 """
 
@@ -62,6 +64,9 @@ def run(args, run_info: dict, checkpoint_for) -> list[Measurement]:
             **{f"service forward, fast path (SDPA) {p}": (
                 lambda seqs, b, p=p: baseline.service_forward_pass(loaded, seqs, True, b, AUTOCASTS[p]))
                for p in AUTOCASTS},
+            **{f"service forward, packed (varlen) {p}": (
+                lambda seqs, b, p=p: baseline.service_packed_pass(loaded, seqs, b, AUTOCASTS[p]))
+               for p in ("bf16", "fp16")},
         }
         best = {}
         for case, runner in runners.items():  # each at its own best budget, swept on a quarter of the mix

@@ -9,6 +9,7 @@ service; `parity()` checks that it does.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +75,20 @@ class HfPeer:
             vocab = Path(tmp) / "vocab.txt"
             vocab.write_text("\n".join(loaded.alphabet.all_toks) + "\n")
             self.tokenizer = EsmTokenizer(str(vocab))
+
+    def quantized(self) -> "HfPeer":
+        """A copy whose encoder layers' Linear modules are int8, quantized exactly as the service's
+        `--precision int8` quantizes fair-esm's (service.models.quantize)."""
+        from service.models.quantize import quantize_linears
+
+        peer = copy.copy(self)
+        peer.mlm = copy.deepcopy(self.mlm)
+        names = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                 "intermediate.dense", "output.dense")
+        quantize_linears(peer.mlm, [f"esm.encoder.layer.{i}.{name}"
+                                    for i in range(len(peer.mlm.esm.encoder.layer)) for name in names])
+        peer.embedder = peer.mlm.esm
+        return peer
 
     def _batches(self, sequences, toks_per_batch):
         for indices in extract_batches(sequences, toks_per_batch):

@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench import scheduling
+from bench import scheduling, speedups
 from bench.cases import (
     BASELINE_CONTACTS,
     BASELINE_MEAN,
@@ -270,6 +270,7 @@ def markdown(run: dict, measurements: list[Measurement]) -> str:
         lines += ["", "Commands: " + "; ".join(f"`{r['esm_extract_command']}` vs `{r['esm2_embed_command']}`"
                                                for r in peers[:1]) + "."]
     lines += scheduling.markdown(measurements)
+    lines += speedups.markdown(measurements)
     checks = run.get("targets", [])
     if checks:
         lines += ["", "Targets checked in this run:", "", "| model | target | measured | target | met |", "|---|---|---|---|---|"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench import cases, machine, report, scheduling
+from bench import cases, machine, report, scheduling, speedups
 from bench.clients import drive, encode_requests
 from bench.workload import Workload, mixed_workload, write_fasta
 from service.models.checkpoints import load
@@ -23,7 +23,9 @@ from service.models.random_checkpoints import SHAPES, write_random_checkpoint
 log = logging.getLogger("bench")
 HERE = Path(__file__).resolve().parent
 # --cases: groups of the per-model cases, plus the --mfu-models and --rss-models runs.
-CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "hf", "mfu", "rss", "hol", "cache")
+CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "hf", "mfu", "rss", "hol", "cache",
+               "depth", "int8", "packed")
+SPEED_GROUPS = ("depth", "int8", "packed")  # bench/speedups.py: each a comparison of its own
 SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer", "hf"}  # the ones that need a server
 
 
@@ -38,6 +40,13 @@ def parse_args(argv):
     p.add_argument("--cases", default="all",
                    help=f"comma-separated subset of: {', '.join(CASE_GROUPS)} (default all); e.g. 'peer' times only "
                         "esm-extract vs esm2 embed on --models. mfu and rss are the --mfu-models/--rss-models runs")
+    p.add_argument("--depth-shape", default="650m",
+                   help="depth case: this shape asked for repr_layers [6] and [-1], same sequences")
+    p.add_argument("--depth-sequences", type=int, default=4, help="log-normal sequences of the depth case")
+    p.add_argument("--int8-models", default="35m,150m",
+                   help="int8 case: service int8 vs service fp32 vs HF sdpa fp32 (best budget) vs HF int8")
+    p.add_argument("--int8-sequences", type=int, default=16, help="log-normal sequences of the int8 case")
+    p.add_argument("--packed-models", default="8m,35m", help="packed case: packed vs padded forward, in-process")
     p.add_argument("--contacts-memory", action="store_true",
                    help="opt-in: stock vs ours contacts peak RSS, and a served long contacts request (slow)")
     p.add_argument("--contacts-shape", default="650m")
@@ -72,10 +81,14 @@ def parse_args(argv):
         p.error(f"unknown --cases {', '.join(sorted(args.cases - set(CASE_GROUPS)))}; choose from {', '.join(CASE_GROUPS)}")
     if args.quick:
         args.models, args.mfu_models, args.rss_models = "tiny", "", ""
-        args.contacts_memory, args.contacts_shape = True, "tiny"
+        # The contacts memory smoke goes with the per-model cases, not with the speed cases alone.
+        args.contacts_memory, args.contacts_shape = not args.cases <= set(SPEED_GROUPS), "tiny"
         args.contacts_compare_length, args.contacts_serve_length = 100, 300
         args.sequences, args.repeats, args.latency_requests = 6, 1, 20
         args.hol_length = 300
+        args.depth_shape, args.depth_sequences = "tiny", 4
+        args.int8_models, args.int8_sequences = "tiny", 8
+        args.packed_models = "tiny"
     return args
 
 
@@ -219,6 +232,26 @@ def main(argv=None) -> int:
         measurements += run_model(shape, args, small, small, full=False)
         checkpoint_results()
         gc.collect()
+    if "depth" in args.cases:
+        shape = args.depth_shape
+        layer = min(6, SHAPES[shape][0] - 1)
+        measurements += speedups.early_exit(served_name(shape), checkpoint_for(shape, args.cache_dir), args.device,
+                                            tuple(shlex.split(args.server_args)),
+                                            mixed_workload(args.depth_sequences, args.seed, fixed=()), args.repeats,
+                                            layer)
+        checkpoint_results()
+    for shape in shapes(args.int8_models) if "int8" in args.cases else ():
+        checkpoint = checkpoint_for(shape, args.cache_dir)
+        measurements += speedups.int8(served_name(shape), load(served_name(shape), checkpoint), checkpoint,
+                                      tuple(shlex.split(args.server_args)),
+                                      mixed_workload(args.int8_sequences, args.seed, fixed=()), args.repeats,
+                                      budgets=(1024,) if args.quick else cases.PEER_BUDGETS["cpu"])
+        checkpoint_results()
+        gc.collect()
+    for shape in shapes(args.packed_models) if "packed" in args.cases else ():
+        loaded = load(served_name(shape), checkpoint_for(shape, args.cache_dir))
+        measurements += speedups.packed(served_name(shape), loaded, workload, args.repeats)
+        checkpoint_results()
     rss_sample = Workload("8x300 + 1x2048", tuple(s for s in workload.sequences if len(s) in (300, 2048)))
     for shape in shapes(args.rss_models) if "rss" in args.cases else ():
         measurements.append(cases.server_rss_for(served_name(shape), checkpoint_for(shape, args.cache_dir), rss_sample))

@@ -61,3 +61,13 @@ def needs_maps(kinds: Iterable[OutputKind]) -> bool:
 
 def per_layer(kinds: Iterable[OutputKind]) -> bool:
     return any(kind.per_layer for kind in kinds)
+
+
+def layers_to_run(kinds: Iterable[OutputKind], kept_layers: Iterable[int], num_layers: int) -> int:
+    """How many of a model's `num_layers` transformer layers a forward pass must run to produce
+    `kinds` and keep the representations of `kept_layers` (non-negative): the deepest layer kept,
+    or every layer for logits and attention maps (they read the last layer or all of them)."""
+    kinds = frozenset(kinds)
+    if OutputKind.LOGITS in kinds or needs_maps(kinds):
+        return num_layers
+    return min(num_layers, max(kept_layers, default=0))

@@ -39,7 +39,7 @@ ENV_PREFIX = "ESM_"
 # grpc's own metadata limit (soft and hard alike): above everything a gateway forwards (Envoy's
 # default header limit is 60 KiB), so that RequestGuard, not grpc's RESOURCE_EXHAUSTED, answers.
 GRPC_METADATA_CEILING_BYTES = 256 << 10
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # service.models.precision resolves auto; AUTOCAST_DTYPES the rest
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")  # service.models.precision resolves auto; AUTOCAST_DTYPES the rest
 BATCH_TOKEN_MODES = ("device", "sweep")  # service.models.batch_budget says what each means
 
 
@@ -216,12 +216,17 @@ class ModelSettings(BaseModel):
 
     device: str = setting("auto", help="auto, cpu, cuda or cuda:N; a comma-separated list (cuda:0,cuda:1) "
                                        "runs one worker per device")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = setting(
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = setting(
         "auto", help="auto: bf16 on a CUDA device with native bf16 (compute capability 8.0+), else fp32; fp32 "
                      "(equal to fair-esm) or fp16/bf16 autocast; bf16/fp16 only where the device has native "
-                     "instructions for it (CPU bf16: AVX512_BF16 or AMX; CUDA bf16: capability 8.0+), else refused")
+                     "instructions for it (CPU bf16: AVX512_BF16 or AMX; CUDA bf16: capability 8.0+), else refused; "
+                     "int8 (CPU only, refused on GPUs): int8 Linear layers, faster, within BENCHMARKS.md's "
+                     "accuracy tables")
     attention: Literal["fast", "exact"] = setting(
         "fast", help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
+    layout: Literal["padded", "packed"] = setting(
+        "padded", help="padded (default; measured faster on CPU, BENCHMARKS.md) or packed: batches without "
+                       "attention maps run unpadded, attention per sequence (varlen flash attention on CUDA)")
     max_batch_tokens: str = setting(
         "device", metavar="N|device|sweep", help="padded tokens per batch: a number, 'device' (the measured default for the device "
                        "type, 1024 on CPU, 8192 on CUDA) or 'sweep' (time the candidates at start-up)")
@@ -233,7 +238,8 @@ class ModelSettings(BaseModel):
                                    help="queued items before RESOURCE_EXHAUSTED; at least --max-items")
     min_padding_efficiency: float | None = setting(
         None, ge=0, le=1,
-        help="a batch grows only while this share of its tokens are real residues (default per device: "
+        help="a batch grows only while this share of what it computes is useful: real residues, not padding, "
+             "through the layers each item needs (default per device: "
              f"{_device_default('min_padding_efficiency')})")
     max_batch_token_pairs: int | None = setting(
         None, ge=1,
@@ -259,7 +265,7 @@ class ModelSettings(BaseModel):
                                     else self.min_padding_efficiency),
             max_batch_token_pairs=(defaults.max_batch_token_pairs if self.max_batch_token_pairs is None
                                    else self.max_batch_token_pairs),
-            aging=self.aging)
+            aging=self.aging, packed=self.layout == "packed")
 
 
 MODEL_KEYS = ("source", *ModelSettings.model_fields)  # a models file's keys

@@ -154,7 +154,7 @@ def cache_scope(model: ServedModel) -> str:
     path = model.loaded.checkpoint
     files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
     weights = ";".join(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}" for f in files for stat in [f.stat()])
-    return f"{model.name}|{weights}|{model.precision}|{model.spec.attention}"
+    return f"{model.name}|{weights}|{model.precision}|{model.spec.attention}|{model.spec.layout}"
 
 
 def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
@@ -167,7 +167,7 @@ def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
         spec = model.spec
         workers = [
             ModelWorker(copy, device, spec.precision, spec.attention == "fast", args.simulate_oom_above_tokens,
-                        faults.FaultHook.armed(args.fault_file))
+                        faults.FaultHook.armed(args.fault_file), packed=spec.layout == "packed")
             for copy, device in zip(replicate({name: model.loaded}, model.devices), model.devices)
         ]
         first = workers[0]

@@ -13,8 +13,8 @@ import sys
 import pytest
 from support import REPO
 
-from bench import cases, scheduling
-from bench.run import CASE_GROUPS
+from bench import cases, scheduling, speedups
+from bench.run import CASE_GROUPS, SPEED_GROUPS
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def _quick_run(tmp_path, groups):
 
 
 def test_quick_bench_writes_a_complete_report(tmp_path):
-    run, markdown_file = _quick_run(tmp_path, [g for g in CASE_GROUPS if g not in SCHEDULER_GROUPS])
+    run, markdown_file = _quick_run(tmp_path, [g for g in CASE_GROUPS if g not in SCHEDULER_GROUPS + SPEED_GROUPS])
 
     assert run["machine"]["cpu_cores"] >= 1 and run["machine"]["torch"]
     assert run["matmul_flops_per_s"] > 0
@@ -101,3 +101,27 @@ def test_quick_scheduler_cases_report_both_policies_and_the_cache(tmp_path):
     assert repeats["latency"]["miss_over_hit_p50"] > 0 and repeats["fasta_twice_gain"] > 0
     report = markdown_file.read_text()
     assert "Head-of-line blocking" in report and "Repeats: the result cache" in report
+
+
+def test_quick_depth_and_packed_cases_report_paired_ratios(tmp_path):
+    """Early exit and packed: each case ran, and each ratio comes from back-to-back pairs."""
+    run, markdown_file = _quick_run(tmp_path, ("depth", "packed"))
+    by_case = {m["case"]: m for m in run["measurements"] if m["model"] == "esm2-tiny"}
+    shallow = by_case[speedups.depth_case(1)]
+    assert shallow["seconds"] and by_case[speedups.depth_case(-1)]["seconds"]
+    assert len(shallow["extra"]["paired_speedup_vs_last_layer"]) == len(shallow["seconds"])
+    packed = by_case[speedups.PACKED.format(budget=1024)]
+    assert packed["seconds"] and len(packed["extra"]["paired_vs_padded"]) == len(packed["seconds"])
+    report = markdown_file.read_text()
+    assert "Stopping at the deepest layer asked for" in report and "Packed vs padded forward" in report
+
+
+def test_quick_int8_case_compares_four_ways_in_pairs(tmp_path):
+    """int8: service int8 and fp32, HF fp32 at its best budget and HF int8, each ratio from pairs."""
+    run, markdown_file = _quick_run(tmp_path, ("int8",))
+    by_case = {m["case"]: m for m in run["measurements"] if m["model"] == "esm2-tiny"}
+    for case in speedups.INT8_CASES:
+        assert by_case[case]["seconds"] and by_case[case]["residues_per_s"] > 0, case
+    assert set(by_case[speedups.INT8_SERVICE]["extra"]["paired_vs"]) == set(speedups.INT8_CASES[1:])
+    assert by_case[speedups.HF_FP32]["extra"]["toks_per_batch"] == 1024  # --quick sweeps one budget
+    assert "int8 on CPU" in markdown_file.read_text()

@@ -55,3 +55,15 @@ def test_kernel_profile_splits_both_programs_time(tmp_path):
         wall, gemm, attention, other = map(float, row[2:6])
         share = float(row[6].strip().rstrip("%"))
         assert wall > 0 and gemm > 0 and attention > 0 and other >= 0 and 0 < share <= 100
+
+
+def test_accuracy_report_compares_int8_with_fp32_for_every_output(tmp_path):
+    out = _run("bench.accuracy", "--models", "tiny", "--precision", "int8", "--sequences", "2", "--max-length", "300",
+               "--cache-dir", str(tmp_path), "--markdown")
+    (report,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert report["precision"] == "int8" and 0 < report["embeddings_max_rel_diff"] < 0.1
+    for kind in ("mean", "bos"):
+        assert report[f"{kind}_embedding_cosine_min"] >= 0.99 and 0 < report[f"{kind}_embedding_rel_error_max"] < 0.1
+    assert 0 < report["per_token_rel_error_max"] < 0.1 and report["logits_top1_agreement"] >= 0.9
+    assert 0 <= report["contacts_topL_agreement"] <= 1
+    assert "| esm2-tiny | int8 |" in out

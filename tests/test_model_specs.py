@@ -46,7 +46,7 @@ def test_flags_alone_describe_the_one_or_several_models(monkeypatch):
     ('[models.a]\nmax_batch_tokens = 1.5\n', "[models.a]: max_batch_tokens = 1.5: has the wrong type"),
     ('[models.a]\nmax_batch_size = "8"\n', "[models.a]: max_batch_size = '8': Input should be a valid integer"),
     ('[models.a]\nmax_wait_ms = true\n', "[models.a]: max_wait_ms = True: Input should be a valid number"),
-    ('[models.a]\nprecision = "fp8"\n', "[models.a]: precision = 'fp8': Input should be 'auto', 'fp32', 'fp16' or 'bf16'"),
+    ('[models.a]\nprecision = "fp8"\n', "[models.a]: precision = 'fp8': Input should be 'auto', 'fp32', 'fp16', 'bf16' or 'int8'"),
     ('[models.a]\naging = -1\n', "[models.a]: aging = -1: Input should be greater than or equal to 0"),
     ('[models.a]\nmax_batch_token_pairs = 0\n',
      "[models.a]: max_batch_token_pairs = 0: Input should be greater than or equal to 1"),

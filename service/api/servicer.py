@@ -191,7 +191,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def _submit(self, job: Job, context) -> list[asyncio.Future]:
         tokenize = job.model.loaded.tokenize
         tenant = self.tenancy.of(context.invocation_metadata())
-        inputs = [ModelInput(job.model.name, tokenize(item.tokens), job.outputs, job.layers, tenant)
+        num_layers = job.model.loaded.num_layers  # the work estimate counts only the layers an item needs
+        inputs = [ModelInput(job.model.name, tokenize(item.tokens), job.outputs, job.layers, tenant, num_layers)
                   for item in job.items]
         request = request_context.current()
         if request is not None:

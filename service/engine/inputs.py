@@ -26,6 +26,7 @@ class ModelInput:
     # are neither merged nor answered from each other's cache entries, so that the time of an
     # answer tells no caller what another one asked. "": the one shared tenant.
     tenant: str = ""
+    num_layers: int = 0  # the model's transformer layers; 0: unknown (its work is then counted as a full pass)
 
     @property
     def length(self) -> int:  # tokens, BOS and EOS included
@@ -34,3 +35,13 @@ class ModelInput:
     @property
     def needs_maps(self) -> bool:
         return output_kinds.needs_maps(self.outputs)
+
+    @property
+    def depth_share(self) -> float:
+        """The share of a full forward pass this item needs: its layers to run, plus one for the
+        embedding and the head, over the model's layers plus one (the work estimate's depth factor)."""
+        if not self.num_layers:
+            return 1.0
+        kept = self.layers if output_kinds.per_layer(self.outputs) else ()
+        run = output_kinds.layers_to_run(self.outputs, kept, self.num_layers)
+        return (run + 1) / (self.num_layers + 1)

@@ -49,7 +49,7 @@ class QueueEntry:
 
     @property
     def work(self) -> float:
-        return work(self.input.length, self.input.needs_maps)
+        return work(self.input.length, self.input.needs_maps, depth_share=self.input.depth_share)
 
     @property
     def batch_key(self) -> tuple[str, bool]:

@@ -8,11 +8,20 @@ huge one for the huge one's whole run; long work is never starved, since everyth
 arrives after its due time is due after it.
 
 A batch holds entries of one model and one attention mode (entries that need attention maps
-take the slower exact path, so they are not mixed with the rest), of similar lengths, under a
-padded-token budget, a padded-token-pair budget (the attention's quadratic work, so that a
+take the slower exact path, so they are not mixed with the rest), of similar lengths and depths,
+under a padded-token budget (real tokens when the worker runs batches packed), a padded-token-pair budget (the attention's quadratic work, so that a
 full-length sequence runs alone) and a size cap. `budget_uses` states that budget once; both
 "may this batch grow" (`take_batch`) and "is the queue's batch already full" (the scheduler's
 fill window) read it.
+
+Depth: an entry that asks only for representations up to layer k needs k layers, not all (the
+forward stops at the batch's deepest item), and its work estimate says so. Entries of different
+depths share a batch only where that wastes little: a batch grows only while its useful work
+(each entry's tokens x its layers) stays at least `min_padding_efficiency` of the work it
+computes (rows x longest entry x deepest entry; packed: real tokens x deepest entry). On CPU a
+batch of a few hundred tokens already runs near full speed, so running entries apart costs
+nothing but the waste they would add: the bound that limits padding limits depth waste too.
+(So a layer-6 and a layer-33 request run apart; layers 32 and 33 may share.)
 """
 
 from __future__ import annotations
@@ -66,9 +75,16 @@ def device_defaults(device_type: str) -> DeviceDefaults:
     return DEVICE_DEFAULTS.get(device_type, DEVICE_DEFAULTS["cpu"])
 
 
-def work(length: int, needs_maps: bool, count: int = 1) -> float:
-    """Estimated work of `count` rows of `length` tokens (padding included)."""
-    return count * length * (1 + length / QUADRATIC_TOKENS) * (MAPS_FACTOR if needs_maps else 1.0)
+def work(length: int, needs_maps: bool, count: int = 1, depth_share: float = 1.0) -> float:
+    """Estimated work of `count` rows of `length` tokens (padding included), through
+    `depth_share` of the model's layers (ModelInput.depth_share)."""
+    return count * length * (1 + length / QUADRATIC_TOKENS) * (MAPS_FACTOR if needs_maps else 1.0) * depth_share
+
+
+def batch_work(batch: list[ModelInput]) -> float:
+    """Estimated work of a batch: every row as wide as its longest item, as deep as its deepest."""
+    return work(max(item.length for item in batch), batch[0].needs_maps, len(batch),
+                max(item.depth_share for item in batch))
 
 
 @dataclass(frozen=True)
@@ -82,26 +98,31 @@ class BatchLimits:
     # attention's work; an item over it runs alone
     max_batch_token_pairs: int = 2048 * 2048
     aging: float = 4.0  # an item is due at arrival + aging x its estimated run time
+    # The worker runs batches unpadded (service.models.packed): max_batch_tokens counts real tokens,
+    # and the efficiency bound sees no padding, only layers an entry did not ask for.
+    packed: bool = False
 
 
-def budget_uses(rows: int, width: int, needs_maps: bool, limits: BatchLimits) -> tuple[tuple[float, int], ...]:
-    """The batch budget, written once: for each bound, (what a batch of `rows` rows padded to
-    `width` tokens uses of it, the bound)."""
+def budget_uses(rows: int, width: int, tokens: int, needs_maps: bool,
+                limits: BatchLimits) -> tuple[tuple[float, int], ...]:
+    """The batch budget, written once: for each bound, (what a batch of `rows` rows of `tokens`
+    real tokens, padded to `width` tokens, uses of it, the bound). The token bound counts padded
+    tokens, or real ones where the worker runs batches packed."""
     pair_weight = MAPS_FACTOR if needs_maps else 1.0
     return ((rows, limits.max_batch_size),
-            (width * rows, limits.max_batch_tokens),
+            (tokens if limits.packed else width * rows, limits.max_batch_tokens),
             (width * width * rows * pair_weight, limits.max_batch_token_pairs))
 
 
-def fits_budget(rows: int, width: int, needs_maps: bool, limits: BatchLimits) -> bool:
+def fits_budget(rows: int, width: int, tokens: int, needs_maps: bool, limits: BatchLimits) -> bool:
     """A batch of this shape stays within every bound."""
-    return all(use <= bound for use, bound in budget_uses(rows, width, needs_maps, limits))
+    return all(use <= bound for use, bound in budget_uses(rows, width, tokens, needs_maps, limits))
 
 
-def fills_budget(rows: int, width: int, needs_maps: bool, limits: BatchLimits) -> bool:
+def fills_budget(rows: int, width: int, tokens: int, needs_maps: bool, limits: BatchLimits) -> bool:
     """A batch of this shape reaches a bound: one more row of this width could not join it, so
     waiting for more work gains nothing."""
-    return any(use >= bound for use, bound in budget_uses(rows, width, needs_maps, limits))
+    return any(use >= bound for use, bound in budget_uses(rows, width, tokens, needs_maps, limits))
 
 
 class CostModel:
@@ -119,14 +140,13 @@ class CostModel:
         return entry.work * self.rate(*entry.batch_key)
 
     def batch_seconds(self, batch: list[QueueEntry]) -> float:
-        return self.rate(*batch[0].batch_key) * work(max(e.length for e in batch), batch[0].input.needs_maps,
-                                                     len(batch))
+        return self.rate(*batch[0].batch_key) * batch_work([entry.input for entry in batch])
 
     def observe(self, batch: list[ModelInput], seconds: float) -> None:
         if not self.learn:
             return
         key = batch[0].model, batch[0].needs_maps
-        rate = seconds / work(max(item.length for item in batch), batch[0].needs_maps, len(batch))
+        rate = seconds / batch_work(batch)
         old = self.rates.get(key)
         self.rates[key] = rate if old is None else (1 - RATE_SMOOTHING) * old + RATE_SMOOTHING * rate
 
@@ -144,7 +164,8 @@ def next_anchor(pending: list[QueueEntry], limits: BatchLimits, cost: CostModel)
 def batch_is_full(pending: list[QueueEntry], anchor: QueueEntry, limits: BatchLimits) -> bool:
     """Every queued peer of `anchor`, padded to the longest, already reaches a bound."""
     same = [it for it in pending if it.batch_key == anchor.batch_key]
-    return fills_budget(len(same), max(it.length for it in same), anchor.input.needs_maps, limits)
+    return fills_budget(len(same), max(it.length for it in same), sum(it.length for it in same),
+                        anchor.input.needs_maps, limits)
 
 
 def runs_between_layers(anchor: QueueEntry, running_due: float, running_seconds: float,
@@ -157,38 +178,45 @@ def runs_between_layers(anchor: QueueEntry, running_due: float, running_seconds:
 
 
 def take_batch(pending: list[QueueEntry], limits: BatchLimits, anchor: QueueEntry | None = None) -> list[QueueEntry]:
-    """Remove and return the next batch: `anchor` (default: the oldest entry) plus its nearest-length peers."""
+    """Remove and return the next batch: `anchor` (default: the oldest entry) plus its nearest peers
+    in depth, then length."""
     anchor = pending[0] if anchor is None else anchor
-    peers = sorted((it for it in pending if it.batch_key == anchor.batch_key), key=lambda it: it.length)
+    peers = sorted((it for it in pending if it.batch_key == anchor.batch_key),
+                   key=lambda it: (it.input.depth_share, it.length))
     lo = hi = peers.index(anchor)
-    width = real = anchor.length  # real: tokens that are not padding
+    width, depth, tokens = anchor.length, anchor.input.depth_share, anchor.length  # tokens: not padding
+    useful = anchor.length * depth  # real tokens x the layers each entry needs
     needs_maps = anchor.input.needs_maps
 
     while True:
         count = hi - lo + 2
-        # Each neighbour that keeps the batch within budget and padding target, with the padding it adds:
-        # a shorter item pads itself; a longer one widens every row. On CPU a batch of a few
-        # hundred tokens already runs near full speed, so padding is pure waste.
+        # Each neighbour that keeps the batch within budget and efficiency target, with the waste it
+        # leaves (computed work that is padding or layers an entry did not ask for): a shorter entry
+        # pads itself; a longer one widens every row; a deeper one deepens every row. On CPU a batch
+        # of a few hundred tokens already runs near full speed, so waste is all that sharing costs.
         options = []
-        if lo > 0:
-            shorter = peers[lo - 1]
-            if fits_budget(count, width, needs_maps, limits) and \
-                    real + shorter.length >= limits.min_padding_efficiency * width * count:
-                options.append((width - shorter.length, -1))
-        if hi + 1 < len(peers):
-            longer = peers[hi + 1]
-            if fits_budget(count, longer.length, needs_maps, limits) and \
-                    real + longer.length >= limits.min_padding_efficiency * longer.length * count:
-                options.append(((longer.length - width) * (count - 1), 1))
+        for side, neighbour in ((-1, peers[lo - 1] if lo > 0 else None),
+                                (1, peers[hi + 1] if hi + 1 < len(peers) else None)):
+            if neighbour is None:
+                continue
+            grown_width, grown_tokens = max(width, neighbour.length), tokens + neighbour.length
+            grown_depth = max(depth, neighbour.input.depth_share)
+            computed = (grown_tokens if limits.packed else count * grown_width) * grown_depth
+            grown_useful = useful + neighbour.length * neighbour.input.depth_share
+            if fits_budget(count, grown_width, grown_tokens, needs_maps, limits) and \
+                    grown_useful >= limits.min_padding_efficiency * computed:
+                options.append((computed - grown_useful, side))
         if not options:
             break
-        if min(options)[1] < 0:
+        side = min(options)[1]
+        if side < 0:
             lo -= 1
-            real += peers[lo].length
         else:
             hi += 1
-            width = peers[hi].length
-            real += width
+        joined = peers[lo if side < 0 else hi]
+        width, depth = max(width, joined.length), max(depth, joined.input.depth_share)
+        useful += joined.length * joined.input.depth_share
+        tokens += joined.length
     batch = peers[lo : hi + 1]
     chosen = set(map(id, batch))
     pending[:] = [it for it in pending if id(it) not in chosen]

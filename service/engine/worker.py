@@ -27,7 +27,9 @@ from service.engine.dispatch import RunAfterRunningBatch
 from service.engine.faults import FaultHook
 from service.engine.inputs import ModelInput
 from service.models.forward import BatchOutput, BatchPlan, LayerHook, forward
+from service.models.packed import pack, packed_forward, unpack
 from service.models.precision import AUTOCAST_DTYPES
+from service.models.quantize import quantize_layers
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +144,14 @@ class ModelWorker:
         fast_attention: bool = True,
         simulate_oom_above_tokens: int = 0,
         faults: FaultHook | None = None,
+        packed: bool = False,
     ):
         self.models = models
         self.device = device
         self.precision = precision
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.fast_attention = fast_attention
+        self.packed = packed  # batches that need no attention maps take the packed path (service.models.packed)
         # Testing aid: behave as if the device ran out of memory on larger batches.
         self.simulate_oom_above_tokens = simulate_oom_above_tokens
         self.faults = faults  # None unless armed at start-up (service.engine.faults)
@@ -161,6 +165,8 @@ class ModelWorker:
         self.progress = Progress()
         for loaded in models.values():
             loaded.model.to(device)  # a no-op after replicate()
+            if precision == "int8":  # this worker's own copy (replicate), quantized once here
+                quantize_layers(loaded.model)
 
     def bind_thread(self) -> None:
         """Run once on the worker's thread (its executor's initializer): make the worker's device
@@ -233,10 +239,6 @@ class ModelWorker:
         width = max(item.length for item in batch)
         if self.simulate_oom_above_tokens and width * len(batch) > self.simulate_oom_above_tokens:
             raise torch.OutOfMemoryError(f"simulated: {len(batch)} x {width} tokens")
-        tokens = torch.full((len(batch), width), loaded.alphabet.padding_idx, dtype=torch.int64,
-                            pin_memory=self.stream is not None)
-        for row, item in enumerate(batch):
-            tokens[row, : item.length] = torch.from_numpy(item.token_ids)
         plan = BatchPlan(
             layers=frozenset(layer for item in batch if output_kinds.per_layer(item.outputs) for layer in item.layers),
             outputs=frozenset().union(*(item.outputs for item in batch)),
@@ -249,12 +251,31 @@ class ModelWorker:
         )
         started_ns = time.time_ns()
         with autocast:
-            out = forward(loaded.model, tokens.to(self.device, non_blocking=True), plan,
-                          self.progress.hook(hook))
+            if self.packed and self.fast_attention and not plan.needs_maps:
+                out = self._forward_packed(loaded, batch, plan, hook)
+            else:
+                out = self._forward_padded(loaded, batch, plan, hook, width)
         self.last_forward_ns = (started_ns, time.time_ns())  # on CUDA: until the last layer was queued
         host = to_host(out, batch, self.device)
         del out  # the device's copies go before the items are sliced
         return [self._extract(host, row, item) for row, item in enumerate(batch)]
+
+    def _forward_padded(self, loaded, batch: list[ModelInput], plan: BatchPlan, hook: LayerHook | None,
+                        width: int) -> BatchOutput:
+        tokens = torch.full((len(batch), width), loaded.alphabet.padding_idx, dtype=torch.int64,
+                            pin_memory=self.stream is not None)
+        for row, item in enumerate(batch):
+            tokens[row, : item.length] = torch.from_numpy(item.token_ids)
+        return forward(loaded.model, tokens.to(self.device, non_blocking=True), plan, self.progress.hook(hook))
+
+    def _forward_packed(self, loaded, batch: list[ModelInput], plan: BatchPlan,
+                        hook: LayerHook | None) -> BatchOutput:
+        tokens, cu_seqlens = pack([torch.from_numpy(item.token_ids) for item in batch])
+        if self.stream is not None:
+            tokens = tokens.pin_memory()
+        out = packed_forward(loaded.model, tokens.to(self.device, non_blocking=True), cu_seqlens, plan,
+                             self.progress.hook(hook))
+        return unpack(out, cu_seqlens)
 
     @staticmethod
     def _extract(host: HostOutput, row: int, item: ModelInput) -> ItemResult:

@@ -1,12 +1,15 @@
 """One ESM-2 forward pass over a padded batch, computing only what was asked for.
 
 Mirrors fair-esm's `ESM2.forward` (esm/model/esm2.py) over the model's own modules,
-with two changes that leave the numbers equal to stock within float rounding:
+with three changes that leave the numbers equal to stock within float rounding:
 - batches that need no attention maps may use PyTorch's fused
   `scaled_dot_product_attention` instead of fair-esm's explicit softmax(QK^T)V;
 - attention maps are reduced layer by layer (into the head/layer mean and into the
   contact head's logistic-regression sum) instead of stacking every layer's maps,
-  so peak memory grows with one layer's maps, not all of them.
+  so peak memory grows with one layer's maps, not all of them;
+- a batch that asks only for representations up to layer k runs k layers, not all of them
+  (every layer's output is what the full pass computes there; fair-esm's final layer norm
+  is applied only to the last layer's representation, so it runs only when that is asked).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ class BatchPlan:
     @property
     def needs_maps(self) -> bool:
         return output_kinds.needs_maps(self.outputs)
+
+    def depth(self, num_layers: int) -> int:
+        """Transformer layers to run: the deepest representation kept, or all for logits and maps."""
+        return output_kinds.layers_to_run(self.outputs, self.layers, num_layers)
 
     @property
     def logits(self) -> bool:
@@ -163,7 +170,8 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None
         attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
     else:  # fair-esm's own layers, [T, B, E]
         x = x.transpose(0, 1)
-    for index, layer in enumerate(model.layers):
+    depth = plan.depth(model.num_layers)
+    for index, layer in enumerate(model.layers[:depth]):
         if hook is not None and index:
             hook.between_layers()
         if fast:
@@ -184,6 +192,8 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None
             contact_logits = layer_logits if contact_logits is None else contact_logits + layer_logits
         del maps
 
+    if depth < model.num_layers:  # stopped early: only inner layers were asked for, and kept above
+        return out
     x = model.emb_layer_norm_after(x if fast else x.transpose(0, 1))  # [B, T, E]
     if model.num_layers in plan.layers:
         out.representations[model.num_layers] = x

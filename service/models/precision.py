@@ -13,6 +13,10 @@ instructions, oneDNN emulates them through fp32 conversions: slower than fp32 an
 accurate, so the server refuses at start-up rather than serve something worse than its
 default. A GPU before compute capability 8.0 (V100, T4) emulates bf16 too, and is refused
 it the same way (it has fp16).
+
+int8 (CPU only; refused on a GPU, which has bf16/fp16 for this) quantizes the transformer layers'
+Linear modules (service.models.quantize) and computes the rest in fp32, without autocast. It is
+never chosen by `auto`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16,
+                   "int8": None}  # int8: no autocast; int8 Linear layers, the rest fp32
 CUDA_NATIVE_BF16 = (8, 0)  # compute capability from which bf16 has tensor-core instructions (Ampere)
 
 
@@ -58,6 +63,15 @@ def check(precision: str, device: torch.device, cpu_native_override: bool | None
     `cpu_native_override` replaces the CPU probe: the server's hidden testing flag sets it to
     check the refusal (or the reduced-precision path) on any machine."""
     if precision == "fp32":
+        return
+    if precision == "int8":
+        if device.type != "cpu":
+            raise PrecisionUnsupported(f"--precision int8 is for CPUs (dynamic int8 quantization); on {device} "
+                                       "use --precision bf16 or fp16")
+        from service.models import quantize
+
+        if quantize.engine() is None:
+            raise PrecisionUnsupported("--precision int8: this torch build has no quantized CPU engine")
         return
     if device.type == "cpu":
         native = cpu_native(precision) if cpu_native_override is None else cpu_native_override

@@ -8,6 +8,9 @@ from fakes import RATE, entries, entry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from esm2_wire.output_kinds import OutputKind
+from service.engine.inputs import ModelInput
+from service.engine.intake import QueueEntry
 from service.engine.policy import BatchLimits, CostModel, batch_is_full, next_anchor, take_batch
 
 
@@ -131,3 +134,58 @@ def test_a_queue_the_fill_window_calls_full_cannot_grow_by_waiting(lengths, maps
     if batch_is_full(pending, anchor, limits):
         pending.append(entry(max(lengths), maps=maps))
         assert len(take_batch(pending, limits, anchor)) < len(lengths) + 1
+
+
+# ---- depth (early exit) and the packed layout ------------------------------------------
+def _at_depth(length: int, layer: int, num_layers: int = 33) -> QueueEntry:
+    """An entry that asks for the mean of `layer` of a `num_layers`-layer model."""
+    item = ModelInput("m", np.zeros(length, dtype=np.int64), frozenset({OutputKind.MEAN}), (layer,),
+                      num_layers=num_layers)
+    return QueueEntry(item)
+
+
+def test_the_work_estimate_counts_only_the_layers_an_item_needs():
+    shallow, deep = _at_depth(300, 6), _at_depth(300, 33)
+    assert shallow.work == pytest.approx(deep.work * 7 / 34)  # 6 layers + embedding/head, of 33 + 1
+
+
+def test_items_of_far_apart_depths_run_apart_and_near_depths_share():
+    # Same lengths: only depth differs. Layer 6 with layer 33 would waste most of the pass.
+    pending = [_at_depth(300, 6), _at_depth(300, 33), _at_depth(300, 6), _at_depth(300, 33)]
+    first = take_batch(pending, BatchLimits())
+    assert [e.input.layers for e in first] == [(6,), (6,)]
+    assert [e.input.layers for e in take_batch(pending, BatchLimits())] == [(33,), (33,)]
+    # Layers 32 and 33 (33/34 and 34/34 of a pass): the waste is under the padding target's.
+    pending = [_at_depth(300, 32), _at_depth(300, 33)]
+    assert len(take_batch(pending, BatchLimits())) == 2 and not pending
+
+
+def test_depth_and_padding_waste_count_together():
+    # 270 at layer 32 next to 300 at 33: 270*33 + 300*34 = 19110 useful of 2*300*34 = 20400 (0.937): shares.
+    pending = [_at_depth(300, 33), _at_depth(270, 32)]
+    assert len(take_batch(pending, BatchLimits())) == 2
+    # 260 at layer 31: 260*32 + 300*34 = 18520 of 20400 (0.908 < 0.92): apart.
+    pending = [_at_depth(300, 33), _at_depth(260, 31)]
+    assert len(take_batch(pending, BatchLimits())) == 1 and len(pending) == 1
+
+
+def test_packed_batches_fill_by_real_tokens_with_no_padding_rule():
+    pending = entries([100, 300, 40, 200])  # anchored on 100, the oldest
+    # Padded: 40 next to 100 would be 140 real of 200 padded (0.7), 200 next to it 300 of 400: alone.
+    assert _lengths_of(take_batch(pending[:], BatchLimits(max_batch_tokens=400))) == [100]
+    batch = take_batch(pending, BatchLimits(max_batch_tokens=400, packed=True))
+    assert sorted(_lengths_of(batch)) == [40, 100, 200]  # 340 real tokens; + 300 would pass 400
+    assert _lengths_of(pending) == [300]
+
+
+def test_packed_batches_still_keep_far_apart_depths_apart():
+    pending = [_at_depth(300, 6), _at_depth(300, 33), _at_depth(100, 6)]
+    batch = take_batch(pending, BatchLimits(packed=True))
+    assert sorted(e.input.layers for e in batch) == [(6,), (6,)] and [e.input.layers for e in pending] == [(33,)]
+
+
+def test_the_fill_window_counts_real_tokens_when_batches_run_packed():
+    # 40 + 300 real tokens: padded to 300 they fill a 600-token budget, packed they leave room.
+    pending = entries([40, 300])
+    assert batch_is_full(pending, pending[0], BatchLimits(max_batch_tokens=600))
+    assert not batch_is_full(pending, pending[0], BatchLimits(max_batch_tokens=600, packed=True))

@@ -91,7 +91,7 @@ def test_flag_only_settings_ignore_the_environment(monkeypatch, tmp_path):
     (["--max-batch-token-pairs", "0"], "--max-batch-token-pairs (ESM_MAX_BATCH_TOKEN_PAIRS) = '0': Input should be greater"),
     (["--min-padding-efficiency", "1.5"], "--min-padding-efficiency (ESM_MIN_PADDING_EFFICIENCY) = '1.5'"),
     (["--max-batch-tokens", "lots"], "--max-batch-tokens (ESM_MAX_BATCH_TOKENS) = 'lots': expected a number of tokens"),
-    (["--precision", "fp8"], "--precision (ESM_PRECISION) = 'fp8': Input should be 'auto', 'fp32', 'fp16' or 'bf16'"),
+    (["--precision", "fp8"], "--precision (ESM_PRECISION) = 'fp8': Input should be 'auto', 'fp32', 'fp16', 'bf16' or 'int8'"),
     (["--max-items", "x"], "--max-items (ESM_MAX_ITEMS) = 'x': Input should be a valid integer"),
 ])
 def test_a_value_out_of_bounds_stops_start_up_naming_the_setting(capsys, argv, named):
@@ -121,7 +121,8 @@ def test_models_file_keys_are_the_per_model_settings():
 
 
 def test_every_per_model_setting_is_read_from_the_file_and_bounded_as_the_flag_is(tmp_path, capsys):
-    values = {"device": '"cpu"', "precision": '"fp16"', "attention": '"exact"', "max_batch_tokens": "512",
+    values = {"device": '"cpu"', "precision": '"fp16"', "attention": '"exact"', "layout": '"packed"',
+              "max_batch_tokens": "512",
               "max_batch_size": "3", "max_wait_ms": "7", "max_queue_items": "300", "min_padding_efficiency": "0.5",
               "max_batch_token_pairs": "9999", "aging": "1.5"}
     assert set(values) == set(ModelSettings.model_fields)
@@ -129,7 +130,7 @@ def test_every_per_model_setting_is_read_from_the_file_and_bounded_as_the_flag_i
     models.write_text("[models.a]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
     [spec] = parse_args(["--models-file", str(models)]).specs
     assert spec.model_dump(exclude={"name", "source"}) == {
-        "device": "cpu", "precision": "fp16", "attention": "exact", "max_batch_tokens": "512", "max_batch_size": 3,
+        "device": "cpu", "precision": "fp16", "attention": "exact", "layout": "packed", "max_batch_tokens": "512", "max_batch_size": 3,
         "max_wait_ms": 7.0, "max_queue_items": 300, "min_padding_efficiency": 0.5, "max_batch_token_pairs": 9999,
         "aging": 1.5}
     for key, bad in [("max_wait_ms", "-1"), ("min_padding_efficiency", "2"), ("max_batch_size", "0")]:
