@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from service.engine.interleaving import RunAfterRunningBatch
+
 from esm2_wire.item_result import ItemResult
 from service import metrics, tracing
 from service.engine.inputs import ModelInput
@@ -34,12 +36,6 @@ if TYPE_CHECKING:  # the worker imports torch; dispatch only hands it batches
 
 log = logging.getLogger(__name__)
 WORKER_LOST = "the model worker failed and this server is restarting; retry the request"
-
-
-class RunAfterRunningBatch(Exception):
-    """Raised by a worker when a batch run between another's layers runs out of memory: the
-    running batch's activations still hold the device's memory, so the Interleaver runs it again
-    (whole, or halved as usual) once that batch has ended, instead of halving it now."""
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,30 @@ nothing but the waste they would add: the bound that limits padding limits depth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-if TYPE_CHECKING:  # entries are built by the intake; the policy only reads them
+if TYPE_CHECKING:
     from service.engine.inputs import ModelInput
-    from service.engine.intake import QueueEntry
+
+
+class Entry(Protocol):
+    """What the policy reads of a queued item. service.engine.intake.QueueEntry is one; the
+    policy names only this, so that the intake depends on the policy and not the other way."""
+
+    input: ModelInput
+    enqueued_at: float
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def work(self) -> float: ...
+
+    @property
+    def batch_key(self) -> tuple[str, bool]: ...
+
+    @property
+    def work_until_done(self) -> float: ...
 
 # Work estimate of one item, in token units: linear in its tokens, plus the attention's
 # quadratic term (about equal to the linear work at this many tokens, for the 8M-650M
@@ -136,10 +155,10 @@ class CostModel:
     def rate(self, model: str, needs_maps: bool) -> float:
         return self.rates.get((model, needs_maps), self.initial)
 
-    def seconds(self, entry: QueueEntry) -> float:
+    def seconds(self, entry: Entry) -> float:
         return entry.work * self.rate(*entry.batch_key)
 
-    def batch_seconds(self, batch: list[QueueEntry]) -> float:
+    def batch_seconds(self, batch: list[Entry]) -> float:
         return self.rate(*batch[0].batch_key) * batch_work([entry.input for entry in batch])
 
     def observe(self, batch: list[ModelInput], seconds: float) -> None:
@@ -151,24 +170,24 @@ class CostModel:
         self.rates[key] = rate if old is None else (1 - RATE_SMOOTHING) * old + RATE_SMOOTHING * rate
 
 
-def due(entry: QueueEntry, limits: BatchLimits, cost: CostModel) -> float:
+def due(entry: Entry, limits: BatchLimits, cost: CostModel) -> float:
     """Arrival + aging x the estimated run time of its request's work up to this entry."""
     return entry.enqueued_at + limits.aging * entry.work_until_done * cost.rate(*entry.batch_key)
 
 
-def next_anchor(pending: list[QueueEntry], limits: BatchLimits, cost: CostModel) -> QueueEntry:
+def next_anchor(pending: list[Entry], limits: BatchLimits, cost: CostModel) -> Entry:
     """The entry due first (the oldest among equals)."""
     return min(pending, key=lambda entry: due(entry, limits, cost))
 
 
-def batch_is_full(pending: list[QueueEntry], anchor: QueueEntry, limits: BatchLimits) -> bool:
+def batch_is_full(pending: list[Entry], anchor: Entry, limits: BatchLimits) -> bool:
     """Every queued peer of `anchor`, padded to the longest, already reaches a bound."""
     same = [it for it in pending if it.batch_key == anchor.batch_key]
     return fills_budget(len(same), max(it.length for it in same), sum(it.length for it in same),
                         anchor.input.needs_maps, limits)
 
 
-def runs_between_layers(anchor: QueueEntry, running_due: float, running_seconds: float,
+def runs_between_layers(anchor: Entry, running_due: float, running_seconds: float,
                         limits: BatchLimits, cost: CostModel) -> bool:
     """`anchor` may run between the layers of a running batch: the batch is long, the anchor is
     due before it, and short beside it."""
@@ -177,7 +196,7 @@ def runs_between_layers(anchor: QueueEntry, running_due: float, running_seconds:
             and cost.seconds(anchor) <= INTERLEAVE_MAX_SHARE * running_seconds)
 
 
-def take_batch(pending: list[QueueEntry], limits: BatchLimits, anchor: QueueEntry | None = None) -> list[QueueEntry]:
+def take_batch(pending: list[Entry], limits: BatchLimits, anchor: Entry | None = None) -> list[Entry]:
     """Remove and return the next batch: `anchor` (default: the oldest entry) plus its nearest peers
     in depth, then length."""
     anchor = pending[0] if anchor is None else anchor

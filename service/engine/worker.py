@@ -23,7 +23,7 @@ from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from service.models.checkpoints import LoadedModel
 from service.errors import Internal, OutOfMemory, ServiceError
-from service.engine.dispatch import RunAfterRunningBatch
+from service.engine.interleaving import RunAfterRunningBatch
 from service.engine.faults import FaultHook
 from service.engine.inputs import ModelInput
 from service.models.forward import BatchOutput, BatchPlan, LayerHook, forward

@@ -27,7 +27,7 @@ ALLOWED = {
 }
 # Modules of the engine that never touch a tensor: they must not pull torch in.
 TORCH_FREE = ["service.engine.inputs", "service.engine.policy", "service.engine.intake",
-              "service.engine.dispatch", "service.engine.scheduler", "service.engine.router",
+              "service.engine.dispatch", "service.engine.interleaving", "service.engine.scheduler", "service.engine.router",
               "service.engine.result_cache", "service.api.validation", "service.api.json_body",
               "service.api.request_schema", "service.api.json_limits", "service.errors", "service.metrics",
               "service.config", "service.request_context", "service.tracing", "service.logs"]  # the gateway reads the settings' declaration too
