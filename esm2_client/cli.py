@@ -62,6 +62,37 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+class _Interrupts:
+    """Ctrl-C and SIGTERM during a run: KeyboardInterrupt at once while the run waits for the
+    server, but only after the item being written is whole. Raised in the middle of a write, the
+    interrupt can land in a finalizer of h5py's, where Python prints and drops it, and the run then
+    goes on waiting for a server that may never answer; `requested` also ends the run at the next
+    item if an interrupt was dropped anywhere else."""
+
+    def __init__(self):
+        self.requested = False
+        self._writing = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        if not self._writing:
+            raise KeyboardInterrupt
+
+    def write(self, add, *args) -> None:
+        """add(*args) with interrupts held back; then KeyboardInterrupt if one came meanwhile."""
+        self._writing = True
+        try:
+            add(*args)
+        finally:
+            self._writing = False
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 # ---- embed -----------------------------------------------------------------------
 def _fit_lengths(records: list[Record], limit: int, truncate: int | None, model: str) -> list[Record]:
     if truncate is not None:
@@ -95,13 +126,14 @@ def cmd_embed(args) -> int:
         done = store.open()
         todo = [r for r in records if r.id not in done]
         written = 0
-        _interrupt_on_sigterm()
+        interrupts = _Interrupts()
+        interrupts.install()
         # The bar starts with the first result, so that a request refused outright
         # (wrong key, bad input) leaves only its one error line.
         bar = None
         try:
             for index, outputs in client.encode_iter([r.sequence for r in todo], args.model, include, layers):
-                store.add(todo[index].id, output_arrays(outputs, kinds))
+                interrupts.write(store.add, todo[index].id, output_arrays(outputs, kinds))
                 written += 1
                 if bar is None:
                     bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="seq", desc="embed",
