@@ -56,12 +56,6 @@ def _open_csv(path: Path | None):
     return open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
 
 
-def _interrupt_on_sigterm() -> None:
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
-
-
 class _Interrupts:
     """Ctrl-C and SIGTERM during a run: KeyboardInterrupt at once while the run waits for the
     server, but only after the item being written is whole. Raised in the middle of a write, the
@@ -182,12 +176,14 @@ def cmd_contacts(args) -> int:
         info = client.model_info(args.model)
         records = _fit_lengths(records, info.max_sequence_length, args.truncate, args.model)
         names = _png_names(records)
-        _interrupt_on_sigterm()
+        interrupts = _Interrupts()
+        interrupts.install()
         with tqdm(total=len(records), unit="seq", desc="contacts", disable=args.quiet, file=sys.stderr,
                   dynamic_ncols=True) as bar:
             for index, outputs in client.encode_iter([r.sequence for r in records], args.model, include):
-                contact_plot.draw(args.png / names[index], records[index].id, outputs.get(OutputKind.CONTACTS),
-                                  outputs.get(OutputKind.ATTENTIONS) if args.attention else None)
+                interrupts.write(contact_plot.draw, args.png / names[index], records[index].id,
+                                 outputs.get(OutputKind.CONTACTS),
+                                 outputs.get(OutputKind.ATTENTIONS) if args.attention else None)
                 bar.update()
     print(f"esm2: drew {len(records)} contact maps in {args.png}", file=sys.stderr)
     return 0
