@@ -202,8 +202,11 @@ def _connection_manager(**fields) -> dict:
 # ---- the JSON and gRPC listener ------------------------------------------------------
 # HTTP/JSON on the listener is transcoded to gRPC calls on the servers; gRPC callers use the
 # same port (h2c), their requests pass through untouched.
+# upstream= is the replica of the last try and tries= how many there were: a failure after retries
+# says which replica each caller's answer came from (or failed on).
 ACCESS_LOG_FORMAT = ('[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" %RESPONSE_CODE% '
-                     "%RESPONSE_FLAGS% in=%BYTES_RECEIVED% out=%BYTES_SENT% %DURATION%ms id=%REQ(X-REQUEST-ID)%\n")
+                     "%RESPONSE_FLAGS% in=%BYTES_RECEIVED% out=%BYTES_SENT% %DURATION%ms id=%REQ(X-REQUEST-ID)% "
+                     "upstream=%UPSTREAM_HOST% tries=%UPSTREAM_REQUEST_ATTEMPT_COUNT%\n")
 
 
 def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Path) -> dict:

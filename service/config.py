@@ -224,9 +224,10 @@ class ModelSettings(BaseModel):
                      "accuracy tables")
     attention: Literal["fast", "exact"] = setting(
         "fast", help="fast: fused SDPA when no attention maps are needed; exact: fair-esm's own attention")
-    layout: Literal["padded", "packed"] = setting(
-        "padded", help="padded (default; measured faster on CPU, BENCHMARKS.md) or packed: batches without "
-                       "attention maps run unpadded, attention per sequence (varlen flash attention on CUDA)")
+    layout: Literal["auto", "padded", "packed"] = setting(
+        "auto", help="packed: batches without attention maps run unpadded, attention per sequence (varlen flash "
+                     "attention on CUDA); padded: rows padded to the batch's longest; auto (default): packed on "
+                     "CPUs, where it measured faster, padded on GPUs, where packed is not measured yet (BENCHMARKS.md)")
     max_batch_tokens: str = setting(
         "device", metavar="N|device|sweep", help="padded tokens per batch: a number, 'device' (the measured default for the device "
                        "type, 1024 on CPU, 8192 on CUDA) or 'sweep' (time the candidates at start-up)")
@@ -265,7 +266,16 @@ class ModelSettings(BaseModel):
                                     else self.min_padding_efficiency),
             max_batch_token_pairs=(defaults.max_batch_token_pairs if self.max_batch_token_pairs is None
                                    else self.max_batch_token_pairs),
-            aging=self.aging, packed=self.layout == "packed")
+            aging=self.aging, packed=resolve_layout(self.layout, device_type) == "packed")
+
+
+def resolve_layout(layout: str, device_type: str) -> str:
+    """The batch layout a model runs with on a device type: `auto` is packed on CPUs (the quiet
+    run in BENCHMARKS.md, "Packed vs padded forward": 1.03-1.10x the padded path there) and padded
+    on GPUs until packed is measured on one; an explicit choice is kept."""
+    if layout != "auto":
+        return layout
+    return "packed" if device_type == "cpu" else "padded"
 
 
 MODEL_KEYS = ("source", *ModelSettings.model_fields)  # a models file's keys

@@ -186,7 +186,8 @@ def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
 def choose_precisions(args) -> None:
     """Before the slow part, so that a refusal comes fast: each model's precision on its devices
     (`auto` resolved: service.models.precision), checked to be native there; TF32 for what stays
-    fp32 on CUDA unless a model there asked for fp32. The specs then carry the resolved choice."""
+    fp32 on CUDA unless a model there asked for fp32. The specs then carry the resolved choice,
+    and the resolved layout (config.resolve_layout, by the type of the model's first device)."""
     simulated = {"present": True, "absent": False}.get(args.simulate_cpu_native)
     chosen, requested = [], []
     for spec in args.specs:
@@ -195,7 +196,8 @@ def choose_precisions(args) -> None:
         for device in devices:
             precision.check(resolved, device, simulated)
             requested.append((spec.precision, device))
-        chosen.append(spec.model_copy(update={"precision": resolved}))
+        layout = config.resolve_layout(spec.layout, devices[0].type if devices else "cpu")
+        chosen.append(spec.model_copy(update={"precision": resolved, "layout": layout}))
     args.specs = chosen
     if precision.use_tf32(requested):
         log.info("CUDA: fp32 matmuls use TF32")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -303,6 +304,16 @@ def _clusters(admin: Path) -> str:
     return ""
 
 
+def _retry_stats(admin: Path, model: str) -> dict[str, int]:
+    """The pool's retry counters: retried, given up after every retry, refused by the retry budget."""
+    with contextlib.suppress(OSError):
+        counters = f"cluster.pool_{re.escape(model)}.upstream_(rq_retry|cx_connect_fail)"
+        text = envoy_admin_get(admin, f"/stats?filter={counters}", timeout=5)
+        return {line.split(":")[0].rsplit(".", 1)[-1]: int(line.split(":")[1]) for line in text.splitlines()
+                if ":" in line and line.split(":")[1].strip().isdigit()}
+    return {}
+
+
 def _wait_pool_healthy(launcher, admin: Path, model: str, ports, log: Path) -> None:
     def healthy() -> bool:
         assert launcher.poll() is None, log.read_text()[-3000:]
@@ -327,9 +338,15 @@ def test_launcher_outlives_a_killed_replica(tmp_path, tiny_checkpoint, expected)
             ejected = time.monotonic()
             load.more(80)
             assert launcher.poll() is None, "the launcher stopped when one replica died"
+            retries = _retry_stats(admin, TINY)
         # Retries carry the killed replica's in-flight requests to the others: nothing fails, not even
-        # in the window between the kill and the ejection (reported below).
-        assert not load.failures, f"{len(load.failures)} of {load.done} failed: {[t for _, t in load.failures[:5]]}"
+        # in the window between the kill and the ejection (reported below). On a failure the message
+        # says which replica each failed request last tried, how many tries it had, and whether the
+        # retry budget overflowed.
+        failed_lines = [line for line in (tmp_path / "launch.log").read_text().splitlines()
+                        if "tries=" in line and '" 200 ' not in line]
+        assert not load.failures, (f"{len(load.failures)} of {load.done} failed: {[t for _, t in load.failures[:5]]}; "
+                                   f"killed at {killed:.3f}; Envoy: {retries}; access log: {failed_lines[:10]}")
         print(f"ejection window: {ejected - killed:.2f}s from SIGKILL to Envoy marking the host unhealthy")
         log = (tmp_path / "launch.log").read_text()
         assert f"replica 127.0.0.1:{ports[1]} (pid {victim}) exited with -9; 2 of 3 replicas left" in log, log[-3000:]

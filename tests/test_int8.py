@@ -16,7 +16,8 @@ from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb
 from service.models import precision
 from service.models.forward import BatchPlan, forward
-from service.models.quantize import LAYER_LINEARS, is_quantized, quantize_layers
+from service.models.quantize import (ACTIVATION_LEVELS, LAYER_LINEARS, Int8Linear, _quantize_activation,
+                                     is_quantized, quantize_layers)
 from support import ServerProcess, encode_request
 
 SEQUENCES = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ" * 4, "GSHMSLFDFFKNKGSAAATPAPEPSEKDIL", "ACDEFGHIKLMNPQRSTVWY"]
@@ -48,6 +49,38 @@ def test_only_the_layers_linear_modules_are_quantized(int8_8m):
     assert not is_quantized(int8_8m.contact_head.regression)
     assert int8_8m.embed_tokens.weight.dtype == torch.float32
     assert sum(map(is_quantized, int8_8m.modules())) == len(LAYER_LINEARS) * int8_8m.num_layers
+
+
+def test_activations_are_quantized_to_7_bits_with_zero_exact():
+    """7-bit codes (0..127: no int16 overflow in AVX2's u8 x s8 pair sums), one scale for the
+    whole tensor, every value within half a step of its code, and 0.0 (padding) exact."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 40) * 3 + 1
+    x[0, :5] = 0.0
+    codes, scale, zero_point = _quantize_activation(x)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    assert int(codes.max()) <= ACTIVATION_LEVELS and 0 <= zero_point <= ACTIVATION_LEVELS
+    dequantized = (codes.float() - zero_point) * scale
+    assert (dequantized - x).abs().max() <= scale / 2 + 1e-6
+    assert torch.equal(dequantized[0, :5], torch.zeros(5, 40))
+    assert abs(scale - (x.max() - x.min()).item() / ACTIVATION_LEVELS) < 1e-6
+
+
+def test_int8_linear_and_its_fused_forms():
+    """Int8Linear is within int8's distance of the fp32 Linear; its GELU and residual forms equal
+    the unfused arithmetic over the same int8 matmul, and the residual is left as it was."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 160)
+    int8 = Int8Linear(linear)
+    x, residual = torch.randn(2, 33, 96), torch.randn(2, 33, 160)
+    kept = residual.clone()
+    with torch.inference_mode():
+        exact, low = linear(x), int8(x)
+        assert not torch.allclose(exact, low, atol=1e-4), "the layer did not compute in int8"
+        assert (low - exact).abs().max() <= INT8_REL_TOLERANCE * exact.abs().max()
+        torch.testing.assert_close(int8.gelu(x), torch.nn.functional.gelu(low), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(int8.add_to(residual, x), residual + low, rtol=1e-5, atol=1e-5)
+    assert torch.equal(residual, kept)
 
 
 def test_int8_forward_equals_fair_esm_over_the_same_quantized_layers(reference_models, int8_8m):
@@ -110,6 +143,7 @@ def test_a_models_file_opts_one_model_into_int8(tmp_path, checkpoint_dir, tiny_c
     finally:
         server.stop()
     assert info["esm2-8m"].precision == "int8" and info["esm2-tiny"].precision == "fp32"
+    assert info["esm2-8m"].parameters == reference_models["esm2-8m"].parameters  # the packed weights count
     for sequence, result in zip(SEQUENCES, int8.results):
         ref = reference(reference_models["esm2-8m"], sequence)
         mean = np.asarray(result.embeddings[0].embedding)

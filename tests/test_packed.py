@@ -83,8 +83,19 @@ def test_attention_maps_keep_the_padded_path(reference_models):
     assert torch.equal(cu_seqlens, torch.tensor([0, 24, 51], dtype=torch.int32))
 
 
-def test_a_server_with_the_packed_layout_answers_as_fair_esm(tmp_path, checkpoint_dir, reference_models):
-    """--layout packed: every output equals fair-esm's; contacts and attentions take the exact path."""
+def test_the_default_layout_is_packed_on_cpus_and_padded_on_gpus():
+    from service.config import ServerSettings, resolve_layout
+
+    assert ServerSettings.model_fields["layout"].default == "auto"
+    assert resolve_layout("auto", "cpu") == "packed" and resolve_layout("auto", "cuda") == "padded"
+    assert [resolve_layout(choice, device) for choice in ("padded", "packed") for device in ("cpu", "cuda")] == \
+        ["padded", "padded", "packed", "packed"]
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_a_server_with_either_layout_answers_as_fair_esm(tmp_path, checkpoint_dir, reference_models, layout):
+    """--layout packed (what auto picks on a CPU) and padded: every output equals fair-esm's;
+    contacts and attentions take the exact path."""
     from reference import INCLUDE_ALL, check_result, matrix
     from support import ServerProcess, encode_request
 
@@ -93,7 +104,7 @@ def test_a_server_with_the_packed_layout_answers_as_fair_esm(tmp_path, checkpoin
     encodable = [s for s in SEQUENCES if "<mask>" not in s]
     masked = [s for s in SEQUENCES if "<mask>" in s]
     server = ServerProcess(tmp_path, "--models", "esm2-8m", "--model-dir", str(checkpoint_dir),
-                           "--layout", "packed").wait_ready()
+                           "--layout", layout).wait_ready()
     try:
         served = server.stub.Encode(encode_request("esm2-8m", encodable, ["mean", "per_token", "bos", "logits"],
                                                    [0, 3, -1]))

@@ -113,7 +113,9 @@ class LoadedModel:
 
     @property
     def parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        # int8 layers (service.models.quantize) hold theirs packed, outside parameters().
+        packed = sum(getattr(module, "quantized_parameters", 0) for module in self.model.modules())
+        return sum(p.numel() for p in self.model.parameters()) + packed
 
     def tokenize(self, tokens: tuple[str, ...]) -> np.ndarray:
         """int64 [BOS, residues..., EOS] for validated tokens (letters and `<mask>`).

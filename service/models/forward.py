@@ -118,8 +118,21 @@ def _fast_layer(layer, x: torch.Tensor, attend: torch.Tensor | None, rotary) -> 
     q = _rotate(heads(mha.q_proj(h)), *rotary)
     k = _rotate(heads(mha.k_proj(h)), *rotary)
     out = F.scaled_dot_product_attention(q, k, heads(mha.v_proj(h)), attn_mask=attend, scale=mha.scaling)
-    x = x + mha.out_proj(out.transpose(1, 2).reshape(B, T, E))
-    return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))  # fair-esm's gelu is erf-exact
+    x = _plus_linear(x, mha.out_proj, out.transpose(1, 2).reshape(B, T, E))
+    return _plus_linear(x, layer.fc2, _linear_gelu(layer.fc1, layer.final_layer_norm(x)))
+
+
+def _linear_gelu(linear, x: torch.Tensor) -> torch.Tensor:
+    """gelu(linear(x)), fair-esm's erf-exact GELU; int8 layers (service.models.quantize) do it
+    inside their matmul."""
+    fused = getattr(linear, "gelu", None)
+    return fused(x) if fused is not None else F.gelu(linear(x))
+
+
+def _plus_linear(residual: torch.Tensor, linear, x: torch.Tensor) -> torch.Tensor:
+    """residual + linear(x), as a new tensor; int8 layers add inside their matmul."""
+    fused = getattr(linear, "add_to", None)
+    return fused(residual, x) if fused is not None else residual + linear(x)
 
 
 def _full_precision(device: torch.device):

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from service.models.forward import BatchOutput, BatchPlan, LayerHook, _rotary_tables, _rotate, amino_acid_columns
+from service.models.forward import (BatchOutput, BatchPlan, LayerHook, _linear_gelu, _plus_linear, _rotary_tables, _rotate,
+                                    amino_acid_columns)
 
 
 @dataclass
@@ -70,8 +71,8 @@ def _packed_layer(layer, x: torch.Tensor, rotary, cu: list[int], cu_seqlens, max
     k = _rotate(mha.k_proj(h).view(N, H, hd), *rotary)
     v = mha.v_proj(h).view(N, H, hd)
     out = _attention(q, k, v, cu, cu_seqlens, max_len, mha.scaling)
-    x = x + mha.out_proj(out.reshape(N, E))
-    return x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
+    x = _plus_linear(x, mha.out_proj, out.reshape(N, E))
+    return _plus_linear(x, layer.fc2, _linear_gelu(layer.fc1, layer.final_layer_norm(x)))
 
 
 def unpack(out: PackedOutput, cu_seqlens: torch.Tensor) -> BatchOutput:

@@ -71,7 +71,7 @@ def check(precision: str, device: torch.device, cpu_native_override: bool | None
         from service.models import quantize
 
         if quantize.engine() is None:
-            raise PrecisionUnsupported("--precision int8: this torch build has no quantized CPU engine")
+            raise PrecisionUnsupported("--precision int8: this torch build has no oneDNN int8 CPU kernels")
         return
     if device.type == "cpu":
         native = cpu_native(precision) if cpu_native_override is None else cpu_native_override
