@@ -266,7 +266,8 @@ class ModelSettings(BaseModel):
                                     else self.min_padding_efficiency),
             max_batch_token_pairs=(defaults.max_batch_token_pairs if self.max_batch_token_pairs is None
                                    else self.max_batch_token_pairs),
-            aging=self.aging, packed=resolve_layout(self.layout, device_type) == "packed")
+            # The packed forward is the fast path's: with exact attention every batch runs padded.
+            aging=self.aging, packed=resolve_layout(self.layout, device_type) == "packed" and self.attention == "fast")
 
 
 def resolve_layout(layout: str, device_type: str) -> str:

@@ -118,18 +118,24 @@ class BatchLimits:
     max_batch_token_pairs: int = 2048 * 2048
     aging: float = 4.0  # an item is due at arrival + aging x its estimated run time
     # The worker runs batches unpadded (service.models.packed): max_batch_tokens counts real tokens,
-    # and the efficiency bound sees no padding, only layers an entry did not ask for.
+    # and the efficiency bound sees no padding, only layers an entry did not ask for. Batches that
+    # make attention maps run padded whatever the layout (runs_packed), and are planned as padded.
     packed: bool = False
+
+
+def runs_packed(needs_maps: bool, limits: BatchLimits) -> bool:
+    """Whether a batch runs unpadded: in the packed layout, unless it makes attention maps."""
+    return limits.packed and not needs_maps
 
 
 def budget_uses(rows: int, width: int, tokens: int, needs_maps: bool,
                 limits: BatchLimits) -> tuple[tuple[float, int], ...]:
     """The batch budget, written once: for each bound, (what a batch of `rows` rows of `tokens`
     real tokens, padded to `width` tokens, uses of it, the bound). The token bound counts padded
-    tokens, or real ones where the worker runs batches packed."""
+    tokens, or real ones where the batch runs packed (runs_packed)."""
     pair_weight = MAPS_FACTOR if needs_maps else 1.0
     return ((rows, limits.max_batch_size),
-            (tokens if limits.packed else width * rows, limits.max_batch_tokens),
+            (tokens if runs_packed(needs_maps, limits) else width * rows, limits.max_batch_tokens),
             (width * width * rows * pair_weight, limits.max_batch_token_pairs))
 
 
@@ -220,7 +226,7 @@ def take_batch(pending: list[Entry], limits: BatchLimits, anchor: Entry | None =
                 continue
             grown_width, grown_tokens = max(width, neighbour.length), tokens + neighbour.length
             grown_depth = max(depth, neighbour.input.depth_share)
-            computed = (grown_tokens if limits.packed else count * grown_width) * grown_depth
+            computed = (grown_tokens if runs_packed(needs_maps, limits) else count * grown_width) * grown_depth
             grown_useful = useful + neighbour.length * neighbour.input.depth_share
             if fits_budget(count, grown_width, grown_tokens, needs_maps, limits) and \
                     grown_useful >= limits.min_padding_efficiency * computed:

@@ -178,6 +178,16 @@ def test_packed_batches_fill_by_real_tokens_with_no_padding_rule():
     assert _lengths_of(pending) == [300]
 
 
+def test_in_the_packed_layout_batches_that_make_attention_maps_are_planned_padded():
+    """They run padded (the packed forward makes no maps), so the padding rule and padded token
+    budget still hold for them."""
+    limits = BatchLimits(max_batch_tokens=400, packed=True)
+    pending = entries([100, 300, 40, 200], maps=True)
+    assert _lengths_of(take_batch(pending, limits)) == [100]  # as padded: 40 or 200 beside it waste too much
+    pending = entries([40, 300], maps=True)
+    assert batch_is_full(pending, pending[0], BatchLimits(max_batch_tokens=600, packed=True))
+
+
 def test_packed_batches_still_keep_far_apart_depths_apart():
     pending = [_at_depth(300, 6), _at_depth(300, 33), _at_depth(100, 6)]
     batch = take_batch(pending, BatchLimits(packed=True))
