@@ -305,9 +305,10 @@ def _clusters(admin: Path) -> str:
 
 
 def _retry_stats(admin: Path, model: str) -> dict[str, int]:
-    """The pool's retry counters: retried, given up after every retry, refused by the retry budget."""
+    """The pool's retry counters (retried, given up after every retry, refused by the retry budget),
+    connection failures and outlier ejections by reason."""
     with contextlib.suppress(OSError):
-        counters = f"cluster.pool_{re.escape(model)}.upstream_(rq_retry|cx_connect_fail)"
+        counters = f"cluster.pool_{re.escape(model)}.(upstream_(rq_retry|cx_connect_fail)|outlier_detection.ejections)"
         text = envoy_admin_get(admin, f"/stats?filter={counters}", timeout=5)
         return {line.split(":")[0].rsplit(".", 1)[-1]: int(line.split(":")[1]) for line in text.splitlines()
                 if ":" in line and line.split(":")[1].strip().isdigit()}
