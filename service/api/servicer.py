@@ -76,34 +76,6 @@ def _writes_itself(handler):
     return generator
 
 
-class JsonMessages:
-    """A JSON body cut into messages of exactly `size` bytes, the last one shorter: `add` each
-    rendered piece, send what it returns, then send `rest()` unless it is empty. Holds less than
-    `size` bytes of its own; large pieces are sliced, not copied whole."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._pending = b""
-
-    def add(self, piece: bytes):
-        view = memoryview(piece)
-        if self._pending:
-            need = self.size - len(self._pending)
-            if len(view) < need:
-                self._pending += piece
-                return
-            yield self._pending + bytes(view[:need])
-            self._pending, view = b"", view[need:]
-        while len(view) >= self.size:
-            yield bytes(view[: self.size])
-            view = view[self.size :]
-        self._pending = bytes(view)
-
-    def rest(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        return rest
-
-
 class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
     def __init__(
         self, models: dict[str, ServedModel], router: ModelRouter, limits: Limits,
@@ -390,14 +362,6 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             # A JSON caller that reads nothing for STALL_SECONDS is not waited for: its budget share is
             # another caller's (per-stream bound 0).
             with HeldResponse(self.memory, per_stream_bytes=0) as held, tracing.span("render"):
-                # In messages of exactly 1 MiB, the last one shorter: the slow-reader watch times each
-                # write, and a caller reading at a modest rate takes 1 MiB well within STALL_SECONDS (a
-                # 55 MB result not). A body under 1 MiB (nearly every one) is a single message written
-                # just before the call ends: once its first message has left, Envoy can no longer
-                # retry the call on another replica, so a replica that dies between the messages of a
-                # body cuts it short. Writing the first message only when the body is complete keeps
-                # that window to the one between the last message and the status.
-                messages = JsonMessages(JSON_MESSAGE_BYTES)
                 last = len(results) - 1
                 for index, result in enumerate(results):
                     if context.cancelled():
@@ -405,15 +369,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                     piece = await asyncio.to_thread(
                         lambda: rendering.json_piece(render(index, result), first=index == 0, last=index == last))
                     held.take(len(piece))
-                    for message in messages.add(piece):
-                        await held.send(context, httpbody_pb2.HttpBody(content_type="application/json", data=message))
-                        held.give_back(len(message))
+                    # In messages of at most 1 MiB: the slow-reader watch times each write, and a caller
+                    # reading at a modest rate takes 1 MiB well within STALL_SECONDS (a 55 MB result not).
+                    for start in range(0, len(piece), JSON_MESSAGE_BYTES):
+                        await held.send(context, httpbody_pb2.HttpBody(
+                            content_type="application/json", data=piece[start:start + JSON_MESSAGE_BYTES]))
+                    held.give_back(len(piece))
                 if not results:
-                    messages.add(rendering.json_piece(None, True, True))
-                rest = messages.rest()
-                if rest:
-                    await held.send(context, httpbody_pb2.HttpBody(content_type="application/json", data=rest))
-                    held.give_back(len(rest))
+                    await held.send(context, httpbody_pb2.HttpBody(content_type="application/json",
+                                                                   data=rendering.json_piece(None, True, True)))
 
     async def _body(self, request, context, action: str):
         """The parsed body, read off the event loop (up to 4 MiB of JSON)."""
