@@ -127,3 +127,11 @@ def envoy_admin_get(socket_path, path: str, timeout: float = 10) -> str:
         return connection.getresponse().read().decode()
     finally:
         connection.close()
+
+
+def envoy_counters(socket_path, pattern: str, timeout: float = 10) -> dict[str, int]:
+    """Envoy's counters and gauges whose names match the regex `pattern`, by full name (histograms,
+    whose values are not integers, are left out)."""
+    text = envoy_admin_get(socket_path, f"/stats?filter={pattern}", timeout)
+    pairs = (line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    return {name: int(value) for name, value in pairs if value.strip().isdigit()}

@@ -23,7 +23,7 @@ import grpc
 import pytest
 import requests
 from reference import assert_close, reference
-from support import REPO, ServerProcess, envoy_admin_get, free_port, wait_for
+from support import REPO, ServerProcess, envoy_admin_get, envoy_counters, free_port, wait_for
 
 from esm2_wire.proto import MODEL_HEADER, pb, pb_grpc
 from gateway.envoy_config import HEALTH_CHECK_INTERVAL_S, GatewayConfig, Pool
@@ -308,10 +308,8 @@ def _retry_stats(admin: Path, model: str) -> dict[str, int]:
     """The pool's retry counters (retried, given up after every retry, refused by the retry budget),
     connection failures and outlier ejections by reason."""
     with contextlib.suppress(OSError):
-        counters = f"cluster.pool_{re.escape(model)}.(upstream_(rq_retry|cx_connect_fail)|outlier_detection.ejections)"
-        text = envoy_admin_get(admin, f"/stats?filter={counters}", timeout=5)
-        return {line.split(":")[0].rsplit(".", 1)[-1]: int(line.split(":")[1]) for line in text.splitlines()
-                if ":" in line and line.split(":")[1].strip().isdigit()}
+        pattern = f"cluster.pool_{re.escape(model)}.(upstream_(rq_retry|cx_connect_fail)|outlier_detection.ejections)"
+        return {name.rsplit(".", 1)[-1]: value for name, value in envoy_counters(admin, pattern, timeout=5).items()}
     return {}
 
 
@@ -344,12 +342,11 @@ def test_launcher_outlives_a_killed_replica(tmp_path, tiny_checkpoint, expected)
         # in the window between the kill and the ejection (reported below). On a failure the message
         # says which replica each failed request last tried, how many tries it had, and whether the
         # retry budget overflowed.
-        failed_lines = [line for line in (tmp_path / "launch.log").read_text().splitlines()
-                        if "tries=" in line and '" 200 ' not in line]
+        log = (tmp_path / "launch.log").read_text()
+        failed_lines = [line for line in log.splitlines() if "tries=" in line and '" 200 ' not in line]
         assert not load.failures, (f"{len(load.failures)} of {load.done} failed: {[t for _, t in load.failures[:5]]}; "
                                    f"killed at {killed:.3f}; Envoy: {retries}; access log: {failed_lines[:10]}")
         print(f"ejection window: {ejected - killed:.2f}s from SIGKILL to Envoy marking the host unhealthy")
-        log = (tmp_path / "launch.log").read_text()
         assert f"replica 127.0.0.1:{ports[1]} (pid {victim}) exited with -9; 2 of 3 replicas left" in log, log[-3000:]
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(FLEET_DRAIN_SECONDS + 60) == 0

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 import requests
-from support import REPO, ServerProcess, envoy_admin_get, free_port, wait_for
+from support import REPO, ServerProcess, envoy_admin_get, envoy_counters, free_port, wait_for
 from reference import assert_close, reference
 
 from esm2_client import Esm2Client
@@ -70,8 +70,7 @@ class Fleet:
     def health_check_failures(self, model: str) -> int:
         """Envoy's count of failed active health checks in `model`'s pool."""
         name = f"cluster.pool_{model}.health_check.failure"
-        text = envoy_admin_get(self.envoy.config.admin_socket, f"/stats?filter={name}")
-        return sum(int(line.split(": ")[1]) for line in text.splitlines() if line.startswith(name + ": "))
+        return envoy_counters(self.envoy.config.admin_socket, name).get(name, 0)
 
     def wait_host(self, server, flags: str, timeout: float = 60) -> None:
         wait_for(lambda: self.host_flags(server) == flags,
