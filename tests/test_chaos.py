@@ -304,6 +304,15 @@ def _clusters(admin: Path) -> str:
     return ""
 
 
+def _answered_by_replica(admin: Path, model: str, ports) -> dict[int, int]:
+    """Calls each replica has answered, from the pool's per-host rq_success in /clusters."""
+    clusters = _clusters(admin)
+    def answered(port: int) -> int:
+        found = re.search(rf"^pool_{re.escape(model)}::127\.0\.0\.1:{port}::rq_success::(\d+)$", clusters, re.M)
+        return int(found.group(1)) if found else 0
+    return {port: answered(port) for port in ports}
+
+
 def _retry_stats(admin: Path, model: str) -> dict[str, int]:
     """The pool's retry counters (retried, given up after every retry, refused by the retry budget),
     connection failures and outlier ejections by reason."""
@@ -329,6 +338,13 @@ def test_launcher_outlives_a_killed_replica(tmp_path, tiny_checkpoint, expected)
         _wait_pool_healthy(launcher, admin, TINY, ports, tmp_path / "launch.log")
         with SteadyLoad(url, expected) as load:
             load.wait_for(30)
+            # The victim dies within about a second of the pool turning healthy, as in a rolling
+            # restart. Every replica /clusters calls healthy must already be in the balancer's
+            # rotation: with Envoy's default 1 s update_merge_window the first healthy replica took
+            # every call, the victim was killed while the balancer knew no other, and ~40% of the
+            # calls in the next 0.6 s failed.
+            answered = _answered_by_replica(admin, TINY, ports)
+            assert all(answered.values()), f"replicas healthy in /clusters but not answering: {answered}"
             victim = _replica_pid(launcher, ports[1])
             killed = time.monotonic()
             os.kill(victim, signal.SIGKILL)
