@@ -6,6 +6,7 @@ a prompt JSON 503.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -220,38 +221,45 @@ def test_requests_land_on_their_own_pool(fleet, solo):
     assert response.status_code == 404 and "esm2-nope" in response.json()["message"]
 
 
+@contextlib.contextmanager
+def replica_back_afterwards(fleet, index: int):
+    """Start replica `index` again when the test ends, failed or not: the fleet is shared by the
+    module, and the next test must find every replica serving."""
+    try:
+        yield fleet.replicas[index]
+    finally:
+        fleet.replicas[index].stop()
+        fleet.restart(index)  # back in the pool once it answers health checks
+
+
 def test_sigkill_of_a_replica_under_load_loses_nothing(fleet, solo):
-    victim = fleet.replicas[1]
-    with Load(fleet, solo) as load:
-        load.wait_for(MIN_REQUESTS // 3)
-        victim.proc.kill()  # SIGKILL: in-flight requests die with it; Envoy retries them elsewhere
-        victim.proc.wait()
-        load.wait_for(load.done + MIN_REQUESTS // 2)
-    assert not load.failures, f"{len(load.failures)} of {load.done} failed: {load.failures[:5]}"
-    assert load.done >= MIN_REQUESTS
-    fleet.wait_host(victim, "/failed_active_hc")  # ejected, and stays out while down:
-    failed = fleet.health_check_failures(TINY)  # only the victim fails its checks
-    wait_for(lambda: fleet.health_check_failures(TINY) >= failed + 2, "two more failed health checks of the victim")
-    assert fleet.host_flags(victim) != "healthy"
-    victim.stop()
-    fleet.restart(1)  # back in the pool once it answers health checks
+    with replica_back_afterwards(fleet, 1) as victim:
+        with Load(fleet, solo) as load:
+            load.wait_for(MIN_REQUESTS // 3)
+            victim.proc.kill()  # SIGKILL: in-flight requests die with it; Envoy retries them elsewhere
+            victim.proc.wait()
+            load.wait_for(load.done + MIN_REQUESTS // 2)
+        assert not load.failures, f"{len(load.failures)} of {load.done} failed: {load.failures[:5]}"
+        assert load.done >= MIN_REQUESTS
+        fleet.wait_host(victim, "/failed_active_hc")  # ejected, and stays out while down:
+        failed = fleet.health_check_failures(TINY)  # only the victim fails its checks
+        wait_for(lambda: fleet.health_check_failures(TINY) >= failed + 2, "two more failed health checks of the victim")
+        assert fleet.host_flags(victim) != "healthy"
 
 
 def test_sigterm_reports_not_serving_at_once_and_serves_through_the_drain_window(fleet, solo):
-    replica = fleet.replicas[0]
-    health = health_pb2_grpc.HealthStub(replica.channel)
-    replica.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service=TINY), timeout=10).status
-             == health_pb2.HealthCheckResponse.NOT_SERVING, "NOT_SERVING after SIGTERM", timeout=10)
-    # NOT_SERVING, yet still answering (directly, not through Envoy) inside the window.
-    response = replica.stub.Encode(pb.EncodeRequest(model=TINY, items=[pb.SequenceItem(sequence=SEQUENCES[0])]),
-                                   timeout=30)
-    assert_close(response.results[0].embeddings[0].embedding, solo[TINY][SEQUENCES[0]][LAYER], SEQUENCES[0])
-    assert replica.proc.poll() is None
-    fleet.wait_host(replica, "/failed_active_hc")  # Envoy moved traffic away before the server stops
-    assert replica.proc.wait(60) == 0
-    replica.stop()
-    fleet.restart(0)
+    with replica_back_afterwards(fleet, 0) as replica:
+        health = health_pb2_grpc.HealthStub(replica.channel)
+        replica.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service=TINY), timeout=10).status
+                 == health_pb2.HealthCheckResponse.NOT_SERVING, "NOT_SERVING after SIGTERM", timeout=10)
+        # NOT_SERVING, yet still answering (directly, not through Envoy) inside the window.
+        response = replica.stub.Encode(pb.EncodeRequest(model=TINY, items=[pb.SequenceItem(sequence=SEQUENCES[0])]),
+                                       timeout=30)
+        assert_close(response.results[0].embeddings[0].embedding, solo[TINY][SEQUENCES[0]][LAYER], SEQUENCES[0])
+        assert replica.proc.poll() is None
+        fleet.wait_host(replica, "/failed_active_hc")  # Envoy moved traffic away before the server stops
+        assert replica.proc.wait(60) == 0
 
 
 def test_rolling_restart_under_load_loses_nothing(fleet, solo):

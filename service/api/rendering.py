@@ -118,6 +118,37 @@ def json_body(results: list[dict]) -> bytes:
     return b"".join(json_piece(r, first=i == 0, last=i == last) for i, r in enumerate(results))
 
 
+class JsonMessages:
+    """A JSON body cut into messages of exactly `size` bytes as its pieces arrive, the rest last.
+
+    `add` returns the messages each piece completes; `rest()` is the last, shorter one. A body
+    under `size` bytes, nearly every one, therefore leaves as one message once it is complete.
+    Holds under `size` bytes of its own: a large piece is sliced, not copied whole."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._pending = b""
+
+    def add(self, piece: bytes) -> list[bytes]:
+        view, messages = memoryview(piece), []
+        if self._pending:
+            need = self.size - len(self._pending)
+            if len(view) < need:
+                self._pending += piece
+                return messages
+            messages.append(self._pending + view[:need])
+            self._pending, view = b"", view[need:]
+        while len(view) >= self.size:
+            messages.append(bytes(view[:self.size]))
+            view = view[self.size:]
+        self._pending = bytes(view)
+        return messages
+
+    def rest(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+
 def log_prob_json(values: list[float]) -> bytes:
     """BioLM's log_prob response: `{"results": [{"log_prob": ...}, ...]}`, in request order."""
     return orjson.dumps({"results": [{"log_prob": value} for value in values]})

@@ -362,6 +362,12 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             # A JSON caller that reads nothing for STALL_SECONDS is not waited for: its budget share is
             # another caller's (per-stream bound 0).
             with HeldResponse(self.memory, per_stream_bytes=0) as held, tracing.span("render"):
+                # In messages of exactly 1 MiB, the rest last. The slow-reader watch times each write,
+                # and a caller reading at a modest rate takes 1 MiB well within STALL_SECONDS (a 55 MB
+                # result not). Once a body's first message has left, Envoy can no longer retry the
+                # call on another replica, so a replica that dies between two messages cuts the body
+                # short: a body under 1 MiB, nearly every one, is written whole just before the status.
+                messages = rendering.JsonMessages(JSON_MESSAGE_BYTES)
                 last = len(results) - 1
                 for index, result in enumerate(results):
                     if context.cancelled():
@@ -369,15 +375,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                     piece = await asyncio.to_thread(
                         lambda: rendering.json_piece(render(index, result), first=index == 0, last=index == last))
                     held.take(len(piece))
-                    # In messages of at most 1 MiB: the slow-reader watch times each write, and a caller
-                    # reading at a modest rate takes 1 MiB well within STALL_SECONDS (a 55 MB result not).
-                    for start in range(0, len(piece), JSON_MESSAGE_BYTES):
-                        await held.send(context, httpbody_pb2.HttpBody(
-                            content_type="application/json", data=piece[start:start + JSON_MESSAGE_BYTES]))
-                    held.give_back(len(piece))
+                    for message in messages.add(piece):
+                        await held.send(context, httpbody_pb2.HttpBody(content_type="application/json", data=message))
+                        held.give_back(len(message))
                 if not results:
-                    await held.send(context, httpbody_pb2.HttpBody(content_type="application/json",
-                                                                   data=rendering.json_piece(None, True, True)))
+                    messages.add(rendering.json_piece(None, True, True))
+                rest = messages.rest()
+                if rest:
+                    await held.send(context, httpbody_pb2.HttpBody(content_type="application/json", data=rest))
+                    held.give_back(len(rest))
 
     async def _body(self, request, context, action: str):
         """The parsed body, read off the event loop (up to 4 MiB of JSON)."""
