@@ -266,8 +266,13 @@ class ModelSettings(BaseModel):
                                     else self.min_padding_efficiency),
             max_batch_token_pairs=(defaults.max_batch_token_pairs if self.max_batch_token_pairs is None
                                    else self.max_batch_token_pairs),
-            # The packed forward is the fast path's: with exact attention every batch runs padded.
-            aging=self.aging, packed=resolve_layout(self.layout, device_type) == "packed" and self.attention == "fast")
+            aging=self.aging, packed=self.packed_layout(device_type))
+
+    def packed_layout(self, device_type: str) -> bool:
+        """Whether batches without attention maps run unpadded on this device type: read by the
+        scheduler (BatchLimits.packed) and the worker alike. The packed forward is the fast
+        attention path's: with exact attention every batch runs padded."""
+        return resolve_layout(self.layout, device_type) == "packed" and self.attention == "fast"
 
 
 def resolve_layout(layout: str, device_type: str) -> str:

@@ -167,7 +167,7 @@ def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
         spec = model.spec
         workers = [
             ModelWorker(copy, device, spec.precision, spec.attention == "fast", args.simulate_oom_above_tokens,
-                        faults.FaultHook.armed(args.fault_file), packed=spec.layout == "packed")
+                        faults.FaultHook.armed(args.fault_file), packed=spec.packed_layout(device.type))
             for copy, device in zip(replicate({name: model.loaded}, model.devices), model.devices)
         ]
         first = workers[0]

@@ -123,9 +123,10 @@ class BatchLimits:
     packed: bool = False
 
 
-def runs_packed(needs_maps: bool, limits: BatchLimits) -> bool:
-    """Whether a batch runs unpadded: in the packed layout, unless it makes attention maps."""
-    return limits.packed and not needs_maps
+def runs_packed(needs_maps: bool, packed_layout: bool) -> bool:
+    """Whether a batch runs unpadded: in the packed layout, unless it makes attention maps. The
+    scheduler plans batches by it and the worker runs them by it."""
+    return packed_layout and not needs_maps
 
 
 def budget_uses(rows: int, width: int, tokens: int, needs_maps: bool,
@@ -135,7 +136,7 @@ def budget_uses(rows: int, width: int, tokens: int, needs_maps: bool,
     tokens, or real ones where the batch runs packed (runs_packed)."""
     pair_weight = MAPS_FACTOR if needs_maps else 1.0
     return ((rows, limits.max_batch_size),
-            (tokens if runs_packed(needs_maps, limits) else width * rows, limits.max_batch_tokens),
+            (tokens if runs_packed(needs_maps, limits.packed) else width * rows, limits.max_batch_tokens),
             (width * width * rows * pair_weight, limits.max_batch_token_pairs))
 
 
@@ -226,7 +227,7 @@ def take_batch(pending: list[Entry], limits: BatchLimits, anchor: Entry | None =
                 continue
             grown_width, grown_tokens = max(width, neighbour.length), tokens + neighbour.length
             grown_depth = max(depth, neighbour.input.depth_share)
-            computed = (grown_tokens if runs_packed(needs_maps, limits) else count * grown_width) * grown_depth
+            computed = (grown_tokens if runs_packed(needs_maps, limits.packed) else count * grown_width) * grown_depth
             grown_useful = useful + neighbour.length * neighbour.input.depth_share
             if fits_budget(count, grown_width, grown_tokens, needs_maps, limits) and \
                     grown_useful >= limits.min_padding_efficiency * computed:

@@ -26,6 +26,7 @@ from service.errors import Internal, OutOfMemory, ServiceError
 from service.engine.interleaving import RunAfterRunningBatch
 from service.engine.faults import FaultHook
 from service.engine.inputs import ModelInput
+from service.engine.policy import runs_packed
 from service.models.forward import BatchOutput, BatchPlan, LayerHook, forward
 from service.models.packed import pack, packed_forward, unpack
 from service.models.precision import AUTOCAST_DTYPES
@@ -151,7 +152,9 @@ class ModelWorker:
         self.precision = precision
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.fast_attention = fast_attention
-        self.packed = packed  # batches that need no attention maps take the packed path (service.models.packed)
+        # The packed layout (ModelSettings.packed_layout): batches that need no attention maps take
+        # the packed path (service.models.packed).
+        self.packed = packed
         # Testing aid: behave as if the device ran out of memory on larger batches.
         self.simulate_oom_above_tokens = simulate_oom_above_tokens
         self.faults = faults  # None unless armed at start-up (service.engine.faults)
@@ -251,7 +254,7 @@ class ModelWorker:
         )
         started_ns = time.time_ns()
         with autocast:
-            if self.packed and self.fast_attention and not plan.needs_maps:
+            if runs_packed(plan.needs_maps, self.packed):
                 out = self._forward_packed(loaded, batch, plan, hook)
             else:
                 out = self._forward_padded(loaded, batch, plan, hook, width)
