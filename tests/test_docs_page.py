@@ -49,6 +49,24 @@ def test_the_page_and_its_files_come_through_envoy_with_a_content_security_polic
     assert unknown.status_code == 404 and "does not exist" in unknown.json()["detail"]
 
 
+API_KEY = "docs-page-key-7f3a"
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(tmp_path_factory, tiny_checkpoint):
+    """The same, with the server requiring an API key."""
+    tmp = tmp_path_factory.mktemp("docs-keys")
+    keys = tmp / "keys.txt"
+    keys.write_text(API_KEY + "\n")
+    server = ServerProcess(tmp, "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}",
+                           "--api-keys-file", str(keys)).wait_ready()
+    envoy = EnvoyProcess(GatewayConfig(http_host="127.0.0.1", http_port=free_port(), upstream_port=server.port),
+                         log_path=tmp / "envoy.log").wait_listening()
+    yield envoy
+    envoy.stop()
+    server.stop()
+
+
 @pytest.fixture
 def browser(tmp_path):
     from selenium import webdriver
@@ -70,6 +88,19 @@ def _wait(driver, condition, timeout: float = 60):
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+
+
+def _open_encode(driver):
+    """The docs page with the encode operation open, in "Try it out", its model filled in."""
+    from selenium.webdriver.common.by import By
+
+    _wait(driver, lambda d: d.find_elements(By.ID, "operations-default-encode"))
+    encode = driver.find_element(By.ID, "operations-default-encode")
+    encode.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    _wait(driver, lambda d: encode.find_elements(By.CSS_SELECTOR, "button.try-out__btn"))[0].click()
+    model = _wait(driver, lambda d: encode.find_elements(By.CSS_SELECTOR, "tr[data-param-name='model'] input"))[0]
+    model.send_keys("esm2-tiny")
+    return encode
 
 
 def _execute(driver, operation, body: str):
@@ -101,11 +132,7 @@ def test_try_it_out_in_a_real_browser(gateway, browser, tmp_path):
     listed = browser.find_element(By.CSS_SELECTOR, ".swagger-ui").text
     assert "/api/v3/{model}/encode/" in listed and "/api/v3/{model}/predict/" in listed
 
-    encode = browser.find_element(By.ID, "operations-default-encode")
-    encode.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
-    _wait(browser, lambda d: encode.find_elements(By.CSS_SELECTOR, "button.try-out__btn"))[0].click()
-    model = _wait(browser, lambda d: encode.find_elements(By.CSS_SELECTOR, "tr[data-param-name='model'] input"))[0]
-    model.send_keys("esm2-tiny")
+    encode = _open_encode(browser)
 
     status, shown = _execute(browser, encode, '{"items": [{"sequence": "MKTAYIAKQR"}]}')
     assert status == "200", shown
@@ -122,3 +149,30 @@ def test_try_it_out_in_a_real_browser(gateway, browser, tmp_path):
     # The page ran under the policy without breaking it (Chromium logs every violation).
     violations = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not violations, violations
+
+
+@needs_browser
+def test_the_authorize_button_sends_the_api_key(keyed_gateway, browser, tmp_path):
+    """Before: the document declared no security scheme, so with API keys on, "Try it out" could only
+    get 401s. Now Authorize takes the key and Execute sends it."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(keyed_gateway.url + "/api/v3/docs")
+    encode = _open_encode(browser)
+    status, shown = _execute(browser, encode, '{"items": [{"sequence": "MKTAYIAKQR"}]}')
+    assert status == "401", shown
+
+    browser.find_element(By.CSS_SELECTOR, ".auth-wrapper button.authorize").click()
+    modal = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".modal-ux"))[0]
+    _wait(browser, lambda d: modal.find_elements(By.CSS_SELECTOR, "input"))[0].send_keys(API_KEY)
+    modal.find_element(By.CSS_SELECTOR, ".auth-btn-wrapper button.authorize").click()
+    _wait(browser, lambda d: modal.find_elements(By.CSS_SELECTOR, "button[aria-label='Remove authorization']"))
+    modal.find_element(By.CSS_SELECTOR, ".auth-btn-wrapper button.btn-done").click()
+    _wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, ".modal-ux"))
+
+    status, shown = _execute(browser, encode, '{"items": [{"sequence": "MKTAYIAKQR"}]}')
+    assert status == "200", shown
+    assert '"embeddings"' in shown
+    curl = browser.find_element(By.CSS_SELECTOR, ".curl-command").text
+    assert f"Authorization: Bearer {API_KEY}" in curl, curl
+    browser.save_screenshot(str(tmp_path / "docs-page-authorized-200.png"))

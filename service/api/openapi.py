@@ -143,6 +143,18 @@ ALL_CODES = ("400", "401", "404", "413", "414", "415", "429", "431", "503", "504
 GET_CODES = ("400", "404", "414", "431", "503", "504")
 
 
+# The actions take an API key when the server has any (--api-keys-file / ESM_API_KEYS); the
+# schema, model list, this document and health stay open (service.api.auth.OPEN_METHODS).
+# As HTTP bearer, Swagger UI's Authorize button sends `Authorization: Bearer <key>`, which the
+# server takes as it takes BioLM's `Token <key>`.
+API_KEY = "apiKey"
+SECURITY_SCHEMES = {API_KEY: {
+    "type": "http", "scheme": "bearer",
+    "description": "Only where the server has API keys: `Authorization: Bearer <key>`, or BioLM's "
+                   "`Authorization: Token <key>`. Without a valid key the actions answer 401.",
+}}
+
+
 def _action(action: str, result: dict, limits: Limits) -> dict:
     body = request_schema("{model}", action, limits)
     del body["$schema"], body["title"]
@@ -156,6 +168,8 @@ def _action(action: str, result: dict, limits: Limits) -> dict:
             "responses": _responses({"type": "object", "required": ["results"], "additionalProperties": False,
                                      "properties": {"results": {"type": "array", "items": result}}},
                                     "One result per item, in request order", ALL_CODES),
+            # An API key where the server requires them; none where it does not ({}).
+            "security": [{API_KEY: []}, {}],
         }
     }
 
@@ -206,7 +220,7 @@ def document(limits: Limits = Limits()) -> dict:
                 }
             },
         },
-        "components": {"schemas": {"Error": ERROR}},
+        "components": {"schemas": {"Error": ERROR}, "securitySchemes": SECURITY_SCHEMES},
     }
 
 
