@@ -129,6 +129,18 @@ def envoy_admin_get(socket_path, path: str, timeout: float = 10) -> str:
         connection.close()
 
 
+def envoy_hosts(socket_path, timeout: float = 10) -> dict[str, dict[str, str]]:
+    """Envoy's per-host stats from /clusters ("cluster::address::stat::value" lines), by address
+    ("127.0.0.1:50051") then stat ("health_flags", "rq_success", ...); a host in two clusters
+    shows its first cluster's."""
+    hosts: dict[str, dict[str, str]] = {}
+    for line in envoy_admin_get(socket_path, "/clusters", timeout).splitlines():
+        parts = line.split("::")
+        if len(parts) == 4:
+            hosts.setdefault(parts[1], {}).setdefault(parts[2], parts[3])
+    return hosts
+
+
 def envoy_counters(socket_path, pattern: str, timeout: float = 10) -> dict[str, int]:
     """Envoy's counters and gauges whose names match the regex `pattern`, by full name (histograms,
     whose values are not integers, are left out)."""

@@ -23,7 +23,7 @@ import grpc
 import pytest
 import requests
 from reference import assert_close, reference
-from support import REPO, ServerProcess, envoy_admin_get, envoy_counters, free_port, wait_for
+from support import REPO, ServerProcess, envoy_admin_get, envoy_counters, envoy_hosts, free_port, wait_for
 
 from esm2_wire.proto import MODEL_HEADER, pb, pb_grpc
 from gateway.envoy_config import HEALTH_CHECK_INTERVAL_S, GatewayConfig, Pool
@@ -137,10 +137,8 @@ class Pool3:
 
     def host_flags(self, replica) -> str:
         """Envoy's health flags of one host ("healthy", "/failed_active_hc", ...)."""
-        for line in envoy_admin_get(self.envoy.config.admin_socket, "/clusters").splitlines():
-            if f"::127.0.0.1:{replica.port}::health_flags::" in line:
-                return line.rsplit("::", 1)[1]
-        return "absent"
+        host = envoy_hosts(self.envoy.config.admin_socket).get(f"127.0.0.1:{replica.port}", {})
+        return host.get("health_flags", "absent")
 
     def wait_host(self, replica, flags: str, timeout: float = 60) -> None:
         wait_for(lambda: self.host_flags(replica) == flags, timeout=timeout)
@@ -304,13 +302,10 @@ def _clusters(admin: Path) -> str:
     return ""
 
 
-def _answered_by_replica(admin: Path, model: str, ports) -> dict[int, int]:
-    """Calls each replica has answered, from the pool's per-host rq_success in /clusters."""
-    clusters = _clusters(admin)
-    def answered(port: int) -> int:
-        found = re.search(rf"^pool_{re.escape(model)}::127\.0\.0\.1:{port}::rq_success::(\d+)$", clusters, re.M)
-        return int(found.group(1)) if found else 0
-    return {port: answered(port) for port in ports}
+def _answered_by_replica(admin: Path, ports) -> dict[int, int]:
+    """Calls each replica has answered (its rq_success in /clusters)."""
+    hosts = envoy_hosts(admin)
+    return {port: int(hosts.get(f"127.0.0.1:{port}", {}).get("rq_success", 0)) for port in ports}
 
 
 def _retry_stats(admin: Path, model: str) -> dict[str, int]:
@@ -343,7 +338,7 @@ def test_launcher_outlives_a_killed_replica(tmp_path, tiny_checkpoint, expected)
             # rotation: with Envoy's default 1 s update_merge_window the first healthy replica took
             # every call, the victim was killed while the balancer knew no other, and ~40% of the
             # calls in the next 0.6 s failed.
-            answered = _answered_by_replica(admin, TINY, ports)
+            answered = _answered_by_replica(admin, ports)
             assert all(answered.values()), f"replicas healthy in /clusters but not answering: {answered}"
             victim = _replica_pid(launcher, ports[1])
             killed = time.monotonic()

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 import requests
-from support import REPO, ServerProcess, envoy_admin_get, envoy_counters, free_port, wait_for
+from support import REPO, ServerProcess, envoy_admin_get, envoy_counters, envoy_hosts, free_port, wait_for
 from reference import assert_close, reference
 
 from esm2_client import Esm2Client
@@ -62,11 +62,8 @@ class Fleet:
 
     def host_flags(self, server) -> str:
         """Envoy's health flags of one upstream host ("healthy", "/failed_active_hc", ...)."""
-        text = envoy_admin_get(self.envoy.config.admin_socket, "/clusters")
-        for line in text.splitlines():
-            if f"::127.0.0.1:{server.port}::health_flags::" in line:
-                return line.rsplit("::", 1)[1]
-        return "absent"
+        host = envoy_hosts(self.envoy.config.admin_socket).get(f"127.0.0.1:{server.port}", {})
+        return host.get("health_flags", "absent")
 
     def health_check_failures(self, model: str) -> int:
         """Envoy's count of failed active health checks in `model`'s pool."""
