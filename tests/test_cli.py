@@ -37,6 +37,11 @@ def esm2(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+# A run's provenance as the CLI takes it from ListModels (esm2_wire.provenance).
+PROVENANCE = {"model": "esm2-tiny", "weights_fingerprint": "sha256:" + "0" * 64, "random_weights": True,
+              "precision": "fp32", "server_version": "0.1.0"}
+
+
 def write_fasta(path: Path, records: dict[str, str], gzipped: bool = False) -> Path:
     text = "".join(f">{name}\n{seq[i:i + 60]}\n" if i == 0 else f"{seq[i:i + 60]}\n"
                    for name, seq in records.items() for i in range(0, len(seq), 60))
@@ -162,7 +167,7 @@ class _InterruptedArrays(dict):
 def test_a_sequence_cut_short_is_neither_published_nor_resumed_from(tmp_path, suffix):
     out = tmp_path / f"out{suffix}"
     settings = {"model": "esm2-tiny", "include": ["mean"], "repr_layers": [1], "truncate": None}
-    store = EmbeddingStore(out, settings)
+    store = EmbeddingStore(out, settings, PROVENANCE)
     assert store.open() == set()
     store.add("a", {"mean/1": np.ones(4, np.float32)})
     with pytest.raises(KeyboardInterrupt):
@@ -178,7 +183,7 @@ def test_a_sequence_cut_short_is_neither_published_nor_resumed_from(tmp_path, su
     else:
         arrays = dict(np.load(out)) if suffix == ".npz" else safetensors.numpy.load_file(out)
         assert sorted(k for k in arrays if not k.startswith("__")) == ["a/mean/1"]
-    resumed = EmbeddingStore(out, settings)
+    resumed = EmbeddingStore(out, settings, PROVENANCE)
     assert resumed.open() == {"a"}  # b and c are written again by the re-run
     resumed.publish()
 
@@ -199,13 +204,13 @@ def test_other_settings_leave_no_work_file_behind(server, tmp_path):
 def test_other_settings_in_the_work_file_name_it(tmp_path):
     out = tmp_path / "out.h5"
     work = tmp_path / "out.h5.partial.h5"
-    store = EmbeddingStore(out, {"include": ["mean"]})
+    store = EmbeddingStore(out, {"include": ["mean"]}, PROVENANCE)
     store.open()
     store.add("a", {"mean/1": np.ones(4, np.float32)})
     store.publish()
     os.replace(out, work)  # what a killed run leaves: work, no output
     with pytest.raises(OutputError, match=f"{re.escape(str(work))} was written with other settings.*delete {re.escape(str(work))}"):
-        EmbeddingStore(out, {"include": ["bos"]}).open()
+        EmbeddingStore(out, {"include": ["bos"]}, PROVENANCE).open()
     assert work.exists()  # another run's work: the user decides
 
 
