@@ -19,40 +19,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from support import REPO, free_port, start_server
+from support import ESM2_COMMAND, PROVENANCE, REPO, esm2, free_port, start_server, write_fasta
 from reference import STANDARD_ORDER, assert_close, reference
 
 from bench import esm_extract
 from esm2_client.embedding_store import EmbeddingStore, OutputError
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
-ESM2 = Path(sys.executable).with_name("esm2")
-ESM2_COMMAND = [str(ESM2)] if ESM2.exists() else [sys.executable, "-m", "esm2_client.cli"]
-
-
-def esm2(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([*ESM2_COMMAND, *map(str, args)], capture_output=True, text=True, timeout=120, **kwargs)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-# A run's provenance as the CLI takes it from ListModels (esm2_wire.provenance).
-PROVENANCE = {"model": "esm2-tiny", "weights_fingerprint": "sha256:" + "0" * 64, "random_weights": True,
-              "precision": "fp32", "server_version": "0.1.0"}
-
-
-def write_fasta(path: Path, records: dict[str, str], gzipped: bool = False) -> Path:
-    text = "".join(f">{name}\n{seq[i:i + 60]}\n" if i == 0 else f"{seq[i:i + 60]}\n"
-                   for name, seq in records.items() for i in range(0, len(seq), 60))
-    if gzipped:
-        with gzip.open(path, "wt") as handle:
-            handle.write(text)
-    else:
-        path.write_text(text)
-    return path
-
-
 def random_records(count: int, low: int, high: int, seed: int) -> dict[str, str]:
     rng = random.Random(seed)
     return {f"p{i}|x": "".join(rng.choice(AMINO) for _ in range(rng.randint(low, high))) for i in range(count)}

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import requests
-from support import REPO, body, encode_request, post
+from support import REPO, body, encode_request, esm2, post, write_fasta
 
 from esm2_client.embedding_store import EmbeddingStore, OutputError
 from esm2_wire.proto import pb
@@ -24,7 +24,6 @@ from esm2_wire.provenance import HEADERS, Provenance
 from service.models import fingerprint, sources
 from service.models.checkpoints import load
 from service.models.random_checkpoints import demo_stem, write_random_checkpoint
-from test_cli import esm2, write_fasta
 
 
 def _load(path: Path):
