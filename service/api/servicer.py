@@ -31,7 +31,7 @@ from service.api.response_memory import (
     DEFAULT_MAX_HELD_RESPONSE_MB, DEFAULT_MAX_STREAM_HELD_MB, HeldResponse, ResponseMemory,
 )
 from service.models.checkpoints import FAIR_ESM, HUGGING_FACE
-from service.models.served import ServedModel
+from service.models.served import SERVER_VERSION, ServedModel
 from service.errors import (
     FailedPrecondition, InvalidRequest, NotFound, Problem, ResponseBudgetFull, UnknownModel, echo,
 )
@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 JSON_MESSAGE_BYTES = chunks.DEFAULT_CHUNK_BYTES  # the JSON body goes to the gateway in messages of this size
 # Passes of log_prob and Score: logits only, so that they batch and cache with predict's.
 LOGITS_ONLY = frozenset({OutputKind.LOGITS})
+# Envoy's router tells the upstream how long it will wait for the call (on by default; the Router
+# filter's suppress_envoy_headers would turn it off): admission reads it as the deadline of calls
+# that come through the gateway, JSON ones included, which carry no gRPC deadline.
+GATEWAY_TIMEOUT_HEADER = "x-envoy-expected-rq-timeout-ms"
+# What a refusal by estimated work names instead of a request that cannot finish in time.
+SCORE_STREAM_ALTERNATIVE = "the streaming RPC esm.v1.Esm2Service/ScoreStream"
 
 
 @dataclass
@@ -185,10 +191,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     @staticmethod
     def _deadline(context) -> float | None:
+        """When the caller stops waiting (time.monotonic, the scheduler's clock): its gRPC deadline, or
+        through Envoy the time the gateway gives the call (GATEWAY_TIMEOUT_HEADER), whichever is first."""
         remaining = context.time_remaining()
+        gateway = gateway_timeout_s(context)
+        if gateway is not None:
+            remaining = gateway if remaining is None else min(remaining, gateway)
         return None if remaining is None else time.monotonic() + remaining
 
-    def _submit(self, job: Job, context) -> list[asyncio.Future]:
+    def _submit(self, job: Job, context, alternative: str = "") -> list[asyncio.Future]:
         tokenize = job.model.loaded.tokenize
         tenant = self.tenancy.of(context.invocation_metadata())
         num_layers = job.model.loaded.num_layers  # the work estimate counts only the layers an item needs
@@ -198,7 +209,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if request is not None:
             request.items, request.residues = len(job.items), sum(len(item.tokens) for item in job.items)
             request.submitted()
-        return self.router.submit(inputs, self._deadline(context), request)
+        return self.router.submit(inputs, self._deadline(context), request, alternative)
 
     async def _log_probs(self, job: Job, context) -> list[float]:
         results = await self._results(job, context)
@@ -224,7 +235,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             request.items, request.residues = len(inputs), sum(item.length - 2 for item in inputs)
             request.submitted()
         # Each pass's [L, 20] logits are let go once its rows are read: up to --max-score-passes of them.
-        waiting = collections.deque(self.router.submit(inputs, self._deadline(context), request) if inputs else ())
+        waiting = collections.deque(
+            self.router.submit(inputs, self._deadline(context), request, SCORE_STREAM_ALTERNATIVE) if inputs else ())
         rows = PassRows(plan)
         try:
             for index in range(len(waiting)):
@@ -235,8 +247,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         columns = {token: i for i, token in enumerate(served.vocabulary)}
         return await asyncio.to_thread(scoring.item_scores, rows, columns)
 
-    async def _results(self, job: Job, context) -> list[ItemResult]:
-        futures = self._submit(job, context)
+    async def _results(self, job: Job, context, alternative: str = "") -> list[ItemResult]:
+        futures = self._submit(job, context, alternative)
         try:
             return await asyncio.gather(*futures)
         finally:
@@ -280,7 +292,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             logs.access_line(request, code.name)
         if code is not grpc.StatusCode.OK:
             await context.abort(code, message, trailers)
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, request.request_id),))
+        served = self.models.get(model)
+        context.set_trailing_metadata(
+            ((REQUEST_ID_HEADER, request.request_id), *(served.provenance.metadata() if served else ())))
 
     # ---- unary ---------------------------------------------------------------
     async def Encode(self, request, context):
@@ -312,7 +326,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if estimate > limit:
             raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc,
                                                        unary=True))
-        results = await self._results(job, context)
+        results = await self._results(job, context, f"the streaming RPC esm.v1.Esm2Service/{stream_rpc}")
         with HeldResponse(self.memory) as held, tracing.span("render"):
             pieces = await _render_pieces(context, render, results, held, lambda piece: piece.ByteSize())
             return await asyncio.to_thread(response_type, results=pieces)
@@ -358,7 +372,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if estimate > limit:
             raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc))
         with self._json_budget(estimate, stream_rpc):
-            results = await self._results(job, context)
+            results = await self._results(job, context, f"the streaming gRPC RPC esm.v1.Esm2Service/{stream_rpc}")
+            await _send_provenance(context, job.model)
             # A JSON caller that reads nothing for STALL_SECONDS is not waited for: its budget share is
             # another caller's (per-stream bound 0).
             with HeldResponse(self.memory, per_stream_bytes=0) as held, tracing.span("render"):
@@ -422,6 +437,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             served = self._model(request.model)
             body = await self._body(request, context, "log_prob")
             values = await self._log_probs(self._log_prob_job(served.name, body.sequences), context)
+            await _send_provenance(context, served)
             return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.log_prob_json(values))
 
     async def ScoreJson(self, request, context):
@@ -429,7 +445,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             served = self._model(request.model)
             body = await self._body(request, context, "score")
             scores = await self._scores(served.name, body.method, body.sequences, body.variants, context)
-            return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.score_json(scores))
+            await _send_provenance(context, served)
+            return httpbody_pb2.HttpBody(content_type="application/json",
+                                         data=rendering.score_json(scores, served.provenance))
 
     async def GetRequestSchema(self, request, context):
         async with self._rpc("GetRequestSchema", context, request.model, gateway=True):
@@ -526,6 +544,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             precision=served.precision,
             max_score_passes=min(self.score_limits.max_passes, served.spec.max_queue_items),
             max_score_mutations=self.score_limits.max_mutations,
+            weights_fingerprint=m.weights_fingerprint, server_version=SERVER_VERSION,
         )
 
 
@@ -548,11 +567,28 @@ _SOURCE_FORMATS = {
 }
 
 
+async def _send_provenance(context, served: ServedModel) -> None:
+    """A JSON result's provenance as response headers: Envoy's transcoder turns a reply's initial
+    metadata into HTTP headers. Sent only once the results are in hand, just before the body, so
+    that a failure before it still answers trailers-only, which the gateway maps to its JSON error."""
+    await context.send_initial_metadata(served.provenance.metadata())
+
+
 def _trace_queue_wait(request: RequestContext | None) -> None:
     """The request's `queue wait` span: from its items' arrival to the first batch that ran one."""
     if request is not None and request.first_batch_ns:
         tracing.record("queue wait", request.span, request.submitted_ns, request.first_batch_ns,
                        **{"esm.queue_wait_max_s": request.queue_wait_s or 0.0})
+
+
+def gateway_timeout_s(context) -> float | None:
+    """The time Envoy gives this call (GATEWAY_TIMEOUT_HEADER, in ms: its route timeout, or the per-try
+    timeout of a unary route), in seconds; None when absent or not a plain number. A direct caller who
+    sends it only shortens its own deadline."""
+    value = dict(context.invocation_metadata() or ()).get(GATEWAY_TIMEOUT_HEADER, "")
+    if not value.isascii() or not value.isdigit() or len(value) > 10:
+        return None
+    return int(value) / 1000
 
 
 async def _render_pieces(context, render, results, held: HeldResponse, size) -> list:
