@@ -57,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--mfu-sequences", type=int, default=8)
     p.add_argument("--contacts-max-length", type=int, default=512,
                    help="contacts cases use the mix's sequences up to this length (stock stacks every layer's maps)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 3; --gpu-suite: 1)")
     p.add_argument("--clients", default="1,8,32")
     p.add_argument("--items", default="8,1")
     p.add_argument("--latency-requests", type=int, default=100)
@@ -79,6 +79,8 @@ def parse_args(argv):
     p.add_argument("--cache-dir", type=Path, default=HERE / ".cache", help="random-weight checkpoints")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.gpu_suite else 3  # the GPU suite's budget: 4 minutes on one H100
     args.cases = set(CASE_GROUPS) if args.cases == "all" else {c.strip() for c in args.cases.split(",") if c.strip()}
     if args.cases - set(CASE_GROUPS):
         p.error(f"unknown --cases {', '.join(sorted(args.cases - set(CASE_GROUPS)))}; choose from {', '.join(CASE_GROUPS)}")
