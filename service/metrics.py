@@ -39,6 +39,10 @@ RESPONSE_BYTES_HELD = Gauge("esm_response_bytes_held",
 REFUSED_UNDECODED = Counter(
     "esm_refused_undecoded_total", "Calls refused before their message was decoded (service.api.request_guard)", ["reason"]
 )
+IGNORED_TRACE_HEADERS = Counter(
+    "esm_ignored_trace_headers_total",
+    "Callers' W3C trace headers ignored (tracing on): a traceparent too long, malformed, of version ff or with a zero "
+    "id starts a new trace; a tracestate too long is dropped (service/tracing.py)", ["reason"])
 # The autoscaling signal (see README, Deploy): how long work waits for the model, which grows
 # with load before latency targets are missed, whatever the sequence lengths.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

@@ -454,3 +454,13 @@ def test_contacts_without_matplotlib_is_one_line_before_any_work(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert_one_error_line(result, "needs matplotlib", "esm2-service[plot]")
     assert not (tmp_path / "maps").exists()
+
+
+def test_score_refuses_variants_outside_the_strict_grammar_before_sending(tmp_path, server):
+    """Issue 32: the CLI reads variants with the server's grammar (esm2_wire.variants), so a
+    table with whitespace or another script's digits is named row by row, not sent."""
+    table = tmp_path / "variants.csv"
+    table.write_text("name,mutant\nv1,K2A\nv2, K2A\nv3,K\u0662A\nv4,K2A\t:T3G\n", encoding="utf-8")
+    assert_one_error_line(esm2("score", "--sequence", "MKTAY", "--mutations-csv", table, "-m", "esm2-tiny",
+                               "--server", server.target, check=False),
+                          "3 invalid mutations", "row 2: ' K2A'", "row 3: 'K\\u0662A'", "row 4: 'K2A\\t:T3G'")

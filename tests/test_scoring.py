@@ -243,6 +243,40 @@ def test_score_json_equals_grpc_and_names_problems(gateway, stub):
     assert schema["properties"]["params"]["properties"]["method"]["enum"] == ["masked_marginal", "wt_marginal", "pll"]
 
 
+# Text outside the grammar (ASCII capitals and digits, ':' between mutations) that scored as
+# K2A or K2A:T3G before issue 32: other scripts' digits, and whitespace.
+OUTSIDE_THE_GRAMMAR = ["K\u0662A", "K\uff12A", "K\u09e8A", " K2A", "K2A : T3G", "K2A\t:T3G"]
+
+
+def test_variants_outside_the_grammar_are_refused_naming_variant_and_index(gateway, stub):
+    variants = ["K2A", *OUTSIDE_THE_GRAMMAR]
+    wanted = [(f"items[0].variants[{number}]", f"{ascii(text)}: ") for number, text in enumerate(variants) if number]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Score(score_request("esm2-8m", [("MKTAY", variants)]))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    for field, shown in wanted:
+        assert f"{field}: {shown}" in caught.value.details()
+    response = requests.post(gateway.url + "/api/v3/esm2-8m/score/", timeout=60,
+                             json={"items": [{"sequence": "MKTAY", "variants": variants}]})
+    assert response.status_code == 400
+    errors = response.json()["errors"]
+    assert [(e["field"], e["index"]) for e in errors] == [(field, 0) for field, _ in wanted]
+    assert all(e["detail"].startswith(shown) and "is not a mutation like A23G" in e["detail"]
+               for e, (_, shown) in zip(errors, wanted))
+
+
+def test_a_hostile_body_of_variants_is_refused_by_its_mutation_count(gateway):
+    """Issue 32's request: 280 variants of 2,048 mutations each, 3.7 MB; refused by counting, as
+    tests/unit/test_variant_bounds.py shows without parsing any variant."""
+    wild_type = (AMINO * 103)[:2048]
+    variant = ":".join(f"{a}{p}{'A' if a != 'A' else 'C'}" for p, a in enumerate(wild_type, start=1))
+    body = {"params": {"method": "wt_marginal"}, "items": [{"sequence": wild_type, "variants": [variant] * 280}]}
+    response = requests.post(gateway.url + "/api/v3/esm2-8m/score/", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == ("items: 573440 mutations in one request; at most 10000 are allowed "
+                                         "(--max-score-mutations): split the variants over several requests")
+
+
 # ---- bounds -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bounded(tmp_path_factory, tiny_checkpoint):
@@ -283,7 +317,7 @@ def test_score_bounds_are_refused_naming_them(bounded, tmp_path):
         response = requests.post(envoy.url + "/api/v3/esm2-tiny/score/", timeout=60, json={
             "items": [{"sequence": "MKTAY", "variants": ["K2A"] * 4}, {"sequence": "MKTAY", "variants": ["K2A"] * 3}]})
         assert response.status_code == 400
-        assert "7 variants in one request; at most 6 mutations are allowed (--max-score-mutations)" in \
+        assert "7 mutations in one request; at most 6 are allowed (--max-score-mutations)" in \
             response.json()["detail"]
         schema = requests.get(envoy.url + "/api/v3/schema/esm2-tiny/score/", timeout=60).json()
         assert schema["properties"]["items"]["items"]["properties"]["variants"]["maxItems"] == 6

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from esm2_wire.variants import Mutation, Variant, parse_variant
+from esm2_wire.variants import Mutation, Variant, mutations_in, oversized, parse_variant
 from esm2_wire.vocabulary import MASK, STANDARD_AMINO_ACIDS, Limits
 from service.errors import InvalidRequest, Problem, echo
 from service.api.validation import parse_items
@@ -95,14 +95,36 @@ def parse_method(method: str) -> str:
     return method
 
 
+def check_variant_bounds(variants: list[list], score_limits: ScoreLimits) -> None:
+    """The request's mutations counted (`:`-separated) and each variant's length checked against
+    its count, before any variant is parsed: a 3.7 MB body of long variants is refused after a
+    str.count over it, not after parsing 573,440 mutations. Entries that are not text count as
+    one mutation each; their type is the validator's to name."""
+    given = sum(map(len, variants))
+    if given > score_limits.max_mutations:  # each variant holds at least one mutation: refuse before counting
+        raise _too_many_mutations(given, score_limits)
+    mutations, problems = 0, []
+    for index, texts in enumerate(variants):
+        for number, text in enumerate(texts):
+            if not isinstance(text, str):
+                mutations += 1
+                continue
+            mutations += mutations_in(text)
+            if (why := oversized(text)) is not None:
+                problems.append(Problem(f"items[{index}].variants[{number}]", index, why))
+    if mutations > score_limits.max_mutations:
+        raise _too_many_mutations(mutations, score_limits)
+    if problems:
+        raise InvalidRequest.of(*problems)
+
+
 def parse_score_items(sequences: list[str], variants: list[list[str]], limits: Limits,
                       score_limits: ScoreLimits) -> list[ScoreItem]:
-    """Wild types checked as encode checks sequences, then every variant against its wild type."""
-    given = sum(map(len, variants))
-    if given > score_limits.max_mutations:  # each variant holds at least one mutation: refuse before reading
-        raise _too_many_mutations(given, score_limits)
+    """Wild types checked as encode checks sequences, then every variant against its wild type,
+    once the request's variants are within their bounds (check_variant_bounds)."""
+    check_variant_bounds(variants, score_limits)
     parsed = parse_items(sequences, predict=False, limits=limits)
-    items, problems, mutations = [], [], 0
+    items, problems = [], []
     for index, (item, texts) in enumerate(zip(parsed, variants)):
         wild_type = "".join(item.tokens)
         read: list[Variant] = []
@@ -111,13 +133,9 @@ def parse_score_items(sequences: list[str], variants: list[list[str]], limits: L
                 read.append(parse_variant(text, wild_type))
             except ValueError as exc:
                 problems.append(Problem(f"items[{index}].variants[{number}]", index, str(exc)))
-                continue
-            mutations += len(read[-1])
         items.append(ScoreItem(item.tokens, tuple(read)))
     if problems:
         raise InvalidRequest.of(*problems)
-    if mutations > score_limits.max_mutations:
-        raise _too_many_mutations(mutations, score_limits)
     return items
 
 

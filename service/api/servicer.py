@@ -274,7 +274,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             if not isinstance(exc, errors.ServiceError):  # a bug, not the caller's fault: log it, say only where
                 log.exception("%s failed", method)
             if isinstance(exc, UnknownModel):  # behind a gateway: name the models of its other pools too
-                exc = exc.also_served(fleet_models(context))
+                exc = exc.behind_gateway(fleet_models(context))
             code, message, trailers = failure(exc, method, gateway, request.request_id)
         metrics.REQUESTS.labels(method, code.name).inc()
         if model in self.models:  # a label per served model only: callers cannot grow the label set
