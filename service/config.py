@@ -383,6 +383,9 @@ class ServerSettings(Declared, ModelSettings, JsonEdgeLimits):
     port_file: Path | None = setting(None, env=False, metavar="PATH", help="write the bound port here once ready")
     fault_file: Path | None = setting(
         None, flag=None, help="tests only: arm fault injection from this file (service.engine.faults)")
+    device_plugin: Path | None = setting(
+        None, flag=None, help="tests only: a Python file whose cuda_runtime() stands in for the CUDA runtime "
+                              "(tests/simulated_cuda.py; service.platforms)")
     # Testing aids, hidden from --help and the README.
     simulate_oom_above_tokens: int = setting(0, env=False, hidden=True, ge=0, help="testing: fake OOM")
     simulate_cpu_native: Literal["present", "absent"] | None = setting(

@@ -39,7 +39,9 @@ from service.engine import result_cache
 from service.api.auth import Tenancy, load_keys
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
-from service.engine.worker import ModelWorker, replicate, resolve_devices
+from service.engine.worker import ModelWorker, replicate
+from service import platforms
+from service.platforms import resolve_devices
 from service.engine.policy import CostModel, device_defaults
 from service.engine.scheduler import Scheduler
 from service.api.response_memory import ResponseMemory
@@ -171,7 +173,7 @@ def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
             for copy, device in zip(replicate({name: model.loaded}, model.devices), model.devices)
         ]
         first = workers[0]
-        model.budget = batch_budget.for_model(spec.max_batch_tokens, first.models[name], first.device,
+        model.budget = batch_budget.for_model(spec.max_batch_tokens, first.models[name], first.platform, first.stream,
                                               first.autocast_dtype, args.batch_sweep_seconds)
         log.info("%s: batch budget %s; precision %s", name, model.budget.describe(), spec.precision)
         schedulers[name] = Scheduler(
@@ -227,6 +229,7 @@ async def watch_liveness(router: ModelRouter, health_servicer, bound_s: float) -
 async def serve(args) -> int:
     # Before the slow part: a missing otel extra stops start-up at once.
     tracing_interceptors = [tracing.setup(args.otlp_endpoint)] if args.otlp_endpoint else []
+    platforms.load_plugin(args.device_plugin)  # tests only (ESM_DEVICE_PLUGIN): the simulated CUDA device
     choose_precisions(args)
     models = load_models(args)
     router = build_schedulers(models, args)
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = asyncio.run(serve(args))
     except (checkpoints.CheckpointNotFound, checkpoints.BadCheckpoint, memory_budget.DoesNotFit, AddressInUse,
-            precision.PrecisionUnsupported, tracing.TracingUnavailable) as exc:
+            precision.PrecisionUnsupported, tracing.TracingUnavailable, platforms.DeviceUnavailable) as exc:
         log.error("%s", exc)
         return 2
     finally:

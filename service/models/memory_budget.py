@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from service import platforms
+
 GIB = 1 << 30
 BYTES_PER_WEIGHT = 4  # float32
 WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}  # of the cast Linear layers (precision.cast_weights)
@@ -71,8 +73,7 @@ def available_bytes(device: torch.device, assume_gib: float | None = None) -> in
     if assume_gib is not None:
         return int(assume_gib * GIB)
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free
+        return platforms.of(device).free_bytes()
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:

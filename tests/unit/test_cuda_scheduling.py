@@ -15,7 +15,8 @@ from service.config import ModelSettings
 from service.engine.dispatch import Batch, BatchDone, Interleaver
 from service.engine.intake import QueueEntry
 from service.engine.policy import DEVICE_DEFAULTS
-from service.engine.worker import ModelWorker, _out_of_memory
+from service.engine.worker import ModelWorker
+from service.platforms.base import is_out_of_memory
 from service.models.checkpoints import load
 from service.models.random_checkpoints import write_random_checkpoint
 
@@ -68,8 +69,8 @@ def test_out_of_memory_between_layers_runs_again_after_the_running_batch(tmp_pat
     "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes",
 ])
 def test_allocation_failures_of_cublas_and_cudnn_count_as_out_of_memory(message):
-    assert _out_of_memory(RuntimeError(message))
-    assert not _out_of_memory(RuntimeError("CUDA error: device-side assert triggered"))
+    assert is_out_of_memory(RuntimeError(message))
+    assert not is_out_of_memory(RuntimeError("CUDA error: device-side assert triggered"))
 
 
 def test_scheduling_defaults_follow_the_device_type_unless_set():

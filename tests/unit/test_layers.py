@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICE = REPO / "service"
 
 # What each part of the package may import from the rest of it.
-BASE = ("service.errors", "service.metrics", "service.request_context", "service.tracing", "service.logs")
+BASE = ("service.errors", "service.metrics", "service.request_context", "service.tracing", "service.logs",
+        "service.platforms")
 ALLOWED = {
     "service.api": {"service.api", "service.engine", "service.models", *BASE},
     "service.engine": {"service.engine", "service.models", *BASE},
@@ -24,6 +25,8 @@ ALLOWED = {
     "service.request_context": set(),
     "service.tracing": {"service.metrics"},  # it counts the trace headers it ignores
     "service.logs": {"service.request_context"},
+    # The device seam: the only caller of torch.cuda (README, "Running on GPUs").
+    "service.platforms": {"service.platforms"},
 }
 # Modules of the engine that never touch a tensor: they must not pull torch in.
 TORCH_FREE = ["service.engine.inputs", "service.engine.policy", "service.engine.intake",
