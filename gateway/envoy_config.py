@@ -461,9 +461,12 @@ def admin_cluster(config: GatewayConfig) -> dict:
 
 
 # ---- routes -------------------------------------------------------------------------
-# gRPC statuses (and transport failures) that say "this replica could not take it, another may":
-# all our RPCs are idempotent reads of a model, so a retry never duplicates an effect.
-RETRY_ON = "unavailable,resource-exhausted,cancelled,reset,connect-failure,refused-stream"
+# What a retry on another replica can fix: the replica is gone or going (connect failure, reset,
+# refused stream; UNAVAILABLE from a draining server or a lost worker; CANCELLED when a stopping
+# server cuts its calls). All our RPCs are idempotent reads of a model, so a retry never
+# duplicates an effect. Not RESOURCE_EXHAUSTED (HTTP 429): a full queue or response budget is
+# load, which retries only add to; the caller gets it at once, with its Retry-After.
+RETRY_ON = "unavailable,cancelled,reset,connect-failure,refused-stream"
 
 
 def retry_policy(config: GatewayConfig, per_try_timeout: bool) -> dict:
@@ -474,10 +477,9 @@ def retry_policy(config: GatewayConfig, per_try_timeout: bool) -> dict:
         policy["per_try_timeout"] = _seconds(config.per_try_timeout_s)
     return {
         **policy,
+        # A retry goes to another replica, so it need not wait out a retry-after (a lost worker's
+        # UNAVAILABLE carries one, meant for the caller).
         "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
-        # The server's queue-full answer carries retry-after (seconds).
-        "rate_limited_retry_back_off": {"reset_headers": [{"name": "retry-after", "format": "SECONDS"}],
-                                        "max_interval": "1s"},
         # Every retry goes to a replica this request has not tried yet.
         "retry_host_predicate": [{
             "name": "envoy.retry_host_predicates.previous_hosts",

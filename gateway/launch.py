@@ -9,7 +9,8 @@ Gateway flags are listed below; every other flag goes to `python -m service.serv
 The launcher outlives its replicas: one that exits is logged, and Envoy's health checks keep
 traffic on the others. It restarts nothing (that is a supervisor's job: deploy/compose.yaml,
 Kubernetes). It exits non-zero when Envoy exits, or when every replica has; on SIGTERM/SIGINT it
-stops the servers (they drain) and then Envoy, and exits 0 if they stopped cleanly.
+stops the servers (they drain) and then Envoy, and exits 0 if they stopped cleanly. Its children
+never outlive it: killed (SIGKILL, the OOM killer), it takes them with it (on Linux; start_child).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from gateway.envoy_config import (
     config_from_args,
     render,
 )
-from gateway.processes import free_port, stop_process, stop_processes
+from gateway.processes import free_port, start_child, stop_process, stop_processes
 from service.config import from_flags, parser_for, setting
 
 log = logging.getLogger("gateway")
@@ -82,7 +83,7 @@ class EnvoyProcess:
         self.config_path.write_text(render(config))
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else None
-        self.proc = subprocess.Popen(
+        self.proc = start_child(  # ends with this process, however it ends
             [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", *log_flags(log_level)],
             stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,  # signals come from whoever owns this object, in order
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                           args.max_request_bytes,
                                                                           args.otlp_endpoint):
                 # Own session: a terminal's Ctrl-C reaches only this launcher, which stops the children in order.
-                servers.append(subprocess.Popen([sys.executable, "-m", "service.server", *replica_argv], cwd=PACKAGES_ROOT,
+                # Started from this (main) thread, so they die with the launcher (start_child).
+                servers.append(start_child([sys.executable, "-m", "service.server", *replica_argv], cwd=PACKAGES_ROOT,
                                                 start_new_session=True))
                 addresses.append((host, port))
                 grace = server_args.drain_seconds + server_args.grace_seconds

@@ -39,9 +39,8 @@ def limited(tmp_path_factory, checkpoint_dir):
     tmp = tmp_path_factory.mktemp("limited")
     with start_server(tmp, "--max-json-response-mb", "1", "--max-queue-items", "8", "--max-batch-size", "1",
                       models={"esm2-8m": None}, model_dir=checkpoint_dir) as proc:
-        # No retries: a fleet's Envoy retries queue-full on another replica after Retry-After; with one
-        # replica the caller should see the 429 itself.
-        envoy = start_gateway(tmp, proc.port, max_json_response_mb=1, retries=0)
+        # The default retry policy (3 retries): a refusal must not be retried.
+        envoy = start_gateway(tmp, proc.port, max_json_response_mb=1)
         yield envoy, proc
         envoy.stop()
 
@@ -282,12 +281,18 @@ def test_full_queue_is_429_with_retry_after(limited):
     # the first request's items wait behind one running item
     wait_for(lambda: proc.metric("esm_queue_items") > 0 or not worker.is_alive(), "queued items", timeout=30)
     assert worker.is_alive(), first
-    busy = post(envoy, "/api/v3/esm2-8m/encode", body([("MKTAYIAKQR" * 100)[:-1] + c for c in "KLMNPQRS"]))
+    busy = post(envoy, "/api/v3/esm2-8m/encode", body([("MKTAYIAKQR" * 100)[:-1] + c for c in "KLMNPQRS"]),
+                headers={"x-request-id": "refused-once"})
     worker.join()
     assert first[0].status_code == 200
     assert busy.status_code == 429, busy.text
     assert busy.headers["retry-after"] == "1"
     assert "busy" in busy.json()["message"]
+    # Answered from its one try. Before, Envoy retried RESOURCE_EXHAUSTED: tries=4 after 4 s of back-off
+    # on the same full queue (or a 200 once it had drained), and the caller never saw the 429 at once.
+    wait_for(lambda: "id=refused-once " in envoy.log(), "the refused request's access log line", timeout=10)
+    line = next(line for line in envoy.log().splitlines() if "id=refused-once " in line)
+    assert '" 429 ' in line and line.endswith(" tries=1"), line
 
 
 def test_upstream_down_is_503_json(gateway_factory):
