@@ -190,6 +190,9 @@ def _seconds(value: float) -> str:
 
 
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+# Envoy's headers stay on (no suppress_envoy_headers): the servers read x-envoy-expected-rq-timeout-ms,
+# the route's timeout or a unary route's per-try timeout, as the deadline of a call that has no gRPC
+# deadline (every JSON call), and refuse at once what cannot finish before it (README, "Admission").
 ROUTER_FILTER = {"name": "envoy.filters.http.router",
                  "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
 

@@ -49,6 +49,12 @@ log = logging.getLogger(__name__)
 JSON_MESSAGE_BYTES = chunks.DEFAULT_CHUNK_BYTES  # the JSON body goes to the gateway in messages of this size
 # Passes of log_prob and Score: logits only, so that they batch and cache with predict's.
 LOGITS_ONLY = frozenset({OutputKind.LOGITS})
+# Envoy's router tells the upstream how long it will wait for the call (on by default; the Router
+# filter's suppress_envoy_headers would turn it off): admission reads it as the deadline of calls
+# that come through the gateway, JSON ones included, which carry no gRPC deadline.
+GATEWAY_TIMEOUT_HEADER = "x-envoy-expected-rq-timeout-ms"
+# What a refusal by estimated work names instead of a request that cannot finish in time.
+SCORE_STREAM_ALTERNATIVE = "the streaming RPC esm.v1.Esm2Service/ScoreStream"
 
 
 @dataclass
@@ -188,10 +194,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     @staticmethod
     def _deadline(context) -> float | None:
+        """When the caller stops waiting (time.monotonic, the scheduler's clock): its gRPC deadline, or
+        through Envoy the time the gateway gives the call (GATEWAY_TIMEOUT_HEADER), whichever is first."""
         remaining = context.time_remaining()
+        gateway = gateway_timeout_s(context)
+        if gateway is not None:
+            remaining = gateway if remaining is None else min(remaining, gateway)
         return None if remaining is None else time.monotonic() + remaining
 
-    def _submit(self, job: Job, context) -> list[asyncio.Future]:
+    def _submit(self, job: Job, context, alternative: str = "") -> list[asyncio.Future]:
         tokenize = job.model.loaded.tokenize
         tenant = self.tenancy.of(context.invocation_metadata())
         num_layers = job.model.loaded.num_layers  # the work estimate counts only the layers an item needs
@@ -201,7 +212,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if request is not None:
             request.items, request.residues = len(job.items), sum(len(item.tokens) for item in job.items)
             request.submitted()
-        return self.router.submit(inputs, self._deadline(context), request)
+        return self.router.submit(inputs, self._deadline(context), request, alternative)
 
     async def _log_probs(self, job: Job, context) -> list[float]:
         results = await self._results(job, context)
@@ -227,7 +238,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             request.items, request.residues = len(inputs), sum(item.length - 2 for item in inputs)
             request.submitted()
         # Each pass's [L, 20] logits are let go once its rows are read: up to --max-score-passes of them.
-        waiting = collections.deque(self.router.submit(inputs, self._deadline(context), request) if inputs else ())
+        waiting = collections.deque(
+            self.router.submit(inputs, self._deadline(context), request, SCORE_STREAM_ALTERNATIVE) if inputs else ())
         rows = PassRows(plan)
         try:
             for index in range(len(waiting)):
@@ -238,8 +250,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         columns = {token: i for i, token in enumerate(served.vocabulary)}
         return await asyncio.to_thread(scoring.item_scores, rows, columns)
 
-    async def _results(self, job: Job, context) -> list[ItemResult]:
-        futures = self._submit(job, context)
+    async def _results(self, job: Job, context, alternative: str = "") -> list[ItemResult]:
+        futures = self._submit(job, context, alternative)
         try:
             return await asyncio.gather(*futures)
         finally:
@@ -315,7 +327,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if estimate > limit:
             raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc,
                                                        unary=True))
-        results = await self._results(job, context)
+        results = await self._results(job, context, f"the streaming RPC esm.v1.Esm2Service/{stream_rpc}")
         with HeldResponse(self.memory) as held, tracing.span("render"):
             pieces = await _render_pieces(context, render, results, held, lambda piece: piece.ByteSize())
             return await asyncio.to_thread(response_type, results=pieces)
@@ -361,7 +373,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if estimate > limit:
             raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc))
         with self._json_budget(estimate, stream_rpc):
-            results = await self._results(job, context)
+            results = await self._results(job, context, f"the streaming gRPC RPC esm.v1.Esm2Service/{stream_rpc}")
             # A JSON caller that reads nothing for STALL_SECONDS is not waited for: its budget share is
             # another caller's (per-stream bound 0).
             with HeldResponse(self.memory, per_stream_bytes=0) as held, tracing.span("render"):
@@ -564,6 +576,16 @@ def _trace_queue_wait(request: RequestContext | None) -> None:
     if request is not None and request.first_batch_ns:
         tracing.record("queue wait", request.span, request.submitted_ns, request.first_batch_ns,
                        **{"esm.queue_wait_max_s": request.queue_wait_s or 0.0})
+
+
+def gateway_timeout_s(context) -> float | None:
+    """The time Envoy gives this call (GATEWAY_TIMEOUT_HEADER, in ms: its route timeout, or the per-try
+    timeout of a unary route), in seconds; None when absent or not a plain number. A direct caller who
+    sends it only shortens its own deadline."""
+    value = dict(context.invocation_metadata() or ()).get(GATEWAY_TIMEOUT_HEADER, "")
+    if not value.isascii() or not value.isdigit() or len(value) > 10:
+        return None
+    return int(value) / 1000
 
 
 async def _render_pieces(context, render, results, held: HeldResponse, size) -> list:
