@@ -36,6 +36,7 @@ from esm2_client.embedding_store import (
 from esm2_wire import output_kinds
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb
+from esm2_wire.provenance import Provenance
 from esm2_wire.variants import parse_variant
 from esm2_wire.vocabulary import MASK
 
@@ -116,7 +117,7 @@ def cmd_embed(args) -> int:
             raise UsageError(f"--repr-layers {bad_layers}: {args.model} has {n} layers; allowed: {-(n + 1)} to {n}")
         layers = list(dict.fromkeys(layer % (n + 1) for layer in args.repr_layers))
         settings = {"model": args.model, "include": include, "repr_layers": layers, "truncate": args.truncate}
-        store = EmbeddingStore(args.output, settings)
+        store = EmbeddingStore(args.output, settings, Provenance.of_model_info(info).as_dict())
         done = store.open()
         todo = [r for r in records if r.id not in done]
         written = 0
@@ -174,6 +175,7 @@ def cmd_contacts(args) -> int:
     include = ["contacts", "attentions"] if args.attention else ["contacts"]
     with _client(args) as client:
         info = client.model_info(args.model)
+        provenance = Provenance.of_model_info(info)
         records = _fit_lengths(records, info.max_sequence_length, args.truncate, args.model)
         names = _png_names(records)
         interrupts = _Interrupts()
@@ -183,7 +185,7 @@ def cmd_contacts(args) -> int:
             for index, outputs in client.encode_iter([r.sequence for r in records], args.model, include):
                 interrupts.write(contact_plot.draw, args.png / names[index], records[index].id,
                                  outputs.get(OutputKind.CONTACTS),
-                                 outputs.get(OutputKind.ATTENTIONS) if args.attention else None)
+                                 outputs.get(OutputKind.ATTENTIONS) if args.attention else None, provenance)
                 bar.update()
     print(f"esm2: drew {len(records)} contact maps in {args.png}", file=sys.stderr)
     return 0

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from esm2_client.streams import ItemOutputs, StreamAssembler
 from esm2_wire.proto import MODEL_HEADER, pb, pb_grpc
+from esm2_wire.provenance import Provenance
 
 DEFAULT_TARGET = "localhost:50051"
 # Finished requests held while an earlier one still runs, per max_in_flight slot: bounds
@@ -231,6 +232,11 @@ class Esm2Client(_Base):
     def model_info(self, model: str, timeout: float | None = None) -> pb.ModelInfo:
         return self._models.get(model) or self._pick(self.list_models(timeout, model), model)
 
+    def provenance(self, model: str, timeout: float | None = None) -> Provenance:
+        """Where `model`'s results come from: its weights fingerprint, random_weights, precision and
+        the server's version (every result's trailing metadata carries the same)."""
+        return Provenance.of_model_info(self.model_info(model, timeout))
+
     def health(self, service: str = "", timeout: float | None = 10) -> str:
         """The standard gRPC health status of `service` ("" = the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
@@ -399,6 +405,9 @@ class AsyncEsm2Client(_Base):
 
     async def model_info(self, model: str, timeout: float | None = None) -> pb.ModelInfo:
         return self._models.get(model) or self._pick(await self.list_models(timeout, model), model)
+
+    async def provenance(self, model: str, timeout: float | None = None) -> Provenance:
+        return Provenance.of_model_info(await self.model_info(model, timeout))
 
     async def health(self, service: str = "", timeout: float | None = 10) -> str:
         request = health_pb2.HealthCheckRequest(service=service)

@@ -16,7 +16,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, field_validator
 from pydantic_settings import NoDecode
@@ -108,6 +108,10 @@ class EnvoySettings(JsonEdgeLimits):
         None, metavar="HOST:PORT",
         help="turn on OpenTelemetry tracing: Envoy starts a trace per request and sends its spans to this "
              "OTLP/gRPC collector; servers started by gateway.launch send theirs there too")
+    log_format: Literal["text", "json"] = setting(
+        "text", help="text, or json: Envoy's access log and its own log one JSON object per line (time, level, "
+                     "logger, message, request_id; access lines add method, path, http_status, ...); "
+                     "gateway.launch's lines and the servers' it starts too")
 
     @field_validator("otlp_endpoint", mode="after")
     @classmethod
@@ -207,9 +211,34 @@ def _connection_manager(**fields) -> dict:
 # same port (h2c), their requests pass through untouched.
 # upstream= is the replica of the last try and tries= how many there were: a failure after retries
 # says which replica each caller's answer came from (or failed on).
-ACCESS_LOG_FORMAT = ('[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" %RESPONSE_CODE% '
+# The method and path are the client's, as edge.lua recorded them (percent-encoded where a byte
+# could break the quoted field); a request Envoy answers before edge.lua is logged as it came.
+ACCESS_LOG_FORMAT = ('[%START_TIME%] "%REQ(X-ESM-CLIENT-METHOD?:METHOD)% %REQ(X-ESM-CLIENT-PATH?:PATH)%" %RESPONSE_CODE% '
                      "%RESPONSE_FLAGS% in=%BYTES_RECEIVED% out=%BYTES_SENT% %DURATION%ms id=%REQ(X-REQUEST-ID)% "
                      "upstream=%UPSTREAM_HOST% tries=%UPSTREAM_REQUEST_ATTEMPT_COUNT%\n")
+
+
+# --log-format json: the same facts as one JSON object per line, in the server's field names
+# (service/logs.py: time, level, logger, message, request_id); Envoy escapes every value.
+_CLIENT_REQUEST = "%REQ(X-ESM-CLIENT-METHOD?:METHOD)% %REQ(X-ESM-CLIENT-PATH?:PATH)%"
+ACCESS_LOG_JSON = {
+    "time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%", "level": "INFO", "logger": "envoy.access",
+    "message": f"{_CLIENT_REQUEST} %RESPONSE_CODE%", "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(X-ESM-CLIENT-METHOD?:METHOD)%", "path": "%REQ(X-ESM-CLIENT-PATH?:PATH)%",
+    "http_status": "%RESPONSE_CODE%", "response_flags": "%RESPONSE_FLAGS%", "bytes_in": "%BYTES_RECEIVED%",
+    "bytes_out": "%BYTES_SENT%", "duration_ms": "%DURATION%", "upstream": "%UPSTREAM_HOST%",
+    "tries": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+}
+# Envoy's own log lines under --log-format json (its --log-format flag: %j is the message, JSON-escaped).
+# A command-line flag rather than the bootstrap's application_log_config, which takes effect only
+# once the config is read: the lines before it would still be text.
+ENVOY_JSON_LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","logger":"envoy.%n","message":"%j","request_id":"-"}'
+
+
+def access_log_format(config: GatewayConfig) -> dict:
+    if config.log_format == "json":
+        return {"json_format": ACCESS_LOG_JSON}
+    return {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}
 
 
 def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Path) -> dict:
@@ -240,7 +269,7 @@ def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Pa
             access_log=[{
                 "name": "envoy.access_loggers.stdout",
                 "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                                       log_format={"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}),
+                                       log_format=access_log_format(config)),
             }],
             route_config={"name": "esm2", "virtual_hosts": [{
                 "name": "esm2",
@@ -297,6 +326,9 @@ def request_id_settings() -> dict:
             "typed_config": _typed(
                 "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
                 mutations=[
+                    # edge.lua's record of the client's method and path (the access log's): never a caller's.
+                    {"remove": "x-esm-client-method"},
+                    {"remove": "x-esm-client-path"},
                     {"remove": CALLER_REQUEST_ID_HEADER},
                     {"append": {"header": {"key": CALLER_REQUEST_ID_HEADER, "value": "%REQ(x-request-id)%"},
                                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from gateway.envoy_config import (
+    ENVOY_JSON_LOG_FORMAT,
     HEALTH_CHECK_INTERVAL_S,
     UNHEALTHY_THRESHOLD,
     GatewayConfig,
@@ -38,6 +39,7 @@ from gateway.envoy_config import (
     render,
 )
 from gateway.processes import free_port, start_child, stop_process, stop_processes
+from service import logs
 from service.config import from_flags, parser_for, setting
 
 log = logging.getLogger("gateway")
@@ -83,8 +85,9 @@ class EnvoyProcess:
         self.config_path.write_text(render(config))
         self.log_path = log_path
         self._log = open(log_path, "wb") if log_path else None
+        json_lines = ["--log-format", ENVOY_JSON_LOG_FORMAT] if config.log_format == "json" else []
         self.proc = start_child(  # ends with this process, however it ends
-            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", *log_flags(log_level)],
+            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", *log_flags(log_level), *json_lines],
             stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
             start_new_session=True,  # signals come from whoever owns this object, in order
         )
@@ -119,9 +122,9 @@ class EnvoyProcess:
 
 
 def server_commands(server_argv: list[str], replicas: int, max_json_response_mb: int, max_request_bytes: int,
-                    otlp_endpoint: str | None = None):
+                    otlp_endpoint: str | None = None, log_format: str = "text"):
     """(host, port, argv) of each replica: distinct gRPC and metrics ports, the fleet's drain window,
-    the gateway's trace collector."""
+    the gateway's trace collector and log format."""
     from service.server import parse_args as parse_server_args  # validates the server flags up front
 
     if "--host" not in server_argv and "ESM_HOST" not in os.environ:
@@ -129,7 +132,8 @@ def server_commands(server_argv: list[str], replicas: int, max_json_response_mb:
         server_argv = [*server_argv, "--host", "127.0.0.1"]
     args = parse_server_args(server_argv)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    extra = ["--max-json-response-mb", str(max_json_response_mb), "--max-request-bytes", str(max_request_bytes)]
+    extra = ["--max-json-response-mb", str(max_json_response_mb), "--max-request-bytes", str(max_request_bytes),
+             "--log-format", log_format]  # one format for every line the launcher writes
     if otlp_endpoint:  # one setting traces the whole path: Envoy's spans and the servers'
         extra += ["--otlp-endpoint", otlp_endpoint]
     if replicas > 1 and args.drain_seconds == 0:
@@ -157,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                         allow_abbrev=False)
     namespace, server_argv = parser.parse_known_args(argv)
     args = from_flags(LaunchSettings, namespace, parser)
+    # --log-format is the launcher's: its own lines, Envoy's (access log and application log) and
+    # the servers' it starts, so that under json every line on its output is one JSON object.
+    logs.setup(args.log_format)
 
     stop = threading.Event()  # set by SIGTERM/SIGINT, installed before any child starts
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             for host, port, replica_argv, server_args in server_commands(server_argv, args.replicas,
                                                                           args.max_json_response_mb,
                                                                           args.max_request_bytes,
-                                                                          args.otlp_endpoint):
+                                                                          args.otlp_endpoint, args.log_format):
                 # Own session: a terminal's Ctrl-C reaches only this launcher, which stops the children in order.
                 # Started from this (main) thread, so they die with the launcher (start_child).
                 servers.append(start_child([sys.executable, "-m", "service.server", *replica_argv], cwd=PACKAGES_ROOT,

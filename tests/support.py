@@ -3,7 +3,10 @@ request builders. Test modules import this (and reference.py), never one another
 
 from __future__ import annotations
 
+import gzip
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,8 +20,9 @@ from gateway.launch import EnvoyProcess
 from harness import server_process
 from harness.server_process import REPO, free_port
 
-__all__ = ["REPO", "ServerProcess", "body", "browser_wait", "chromium", "encode_request", "envoy_admin_get", "free_port",
-           "needs_browser", "post", "start_gateway", "start_server", "wait_for"]
+__all__ = ["ESM2_COMMAND", "PROVENANCE", "REPO", "ServerProcess", "body", "browser_wait", "chromium", "encode_request",
+           "envoy_admin_get", "esm2", "free_port", "needs_browser", "post", "start_gateway", "start_server", "wait_for",
+           "write_fasta"]
 
 
 class ServerProcess(server_process.ServerProcess):
@@ -149,6 +153,34 @@ def envoy_counters(socket_path, pattern: str, timeout: float = 10) -> dict[str, 
     text = envoy_admin_get(socket_path, f"/stats?filter={pattern}", timeout)
     pairs = (line.split(": ", 1) for line in text.splitlines() if ": " in line)
     return {name: int(value) for name, value in pairs if value.strip().isdigit()}
+
+
+# ---- the esm2 command line ----------------------------------------------------------------
+ESM2 = Path(sys.executable).with_name("esm2")
+ESM2_COMMAND = [str(ESM2)] if ESM2.exists() else [sys.executable, "-m", "esm2_client.cli"]
+
+
+def esm2(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([*ESM2_COMMAND, *map(str, args)], capture_output=True, text=True, timeout=120, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+# A run's provenance as the CLI takes it from ListModels (esm2_wire.provenance).
+PROVENANCE = {"model": "esm2-tiny", "weights_fingerprint": "sha256:" + "0" * 64, "random_weights": True,
+              "precision": "fp32", "server_version": "0.1.0"}
+
+
+def write_fasta(path: Path, records: dict[str, str], gzipped: bool = False) -> Path:
+    text = "".join(f">{name}\n{seq[i:i + 60]}\n" if i == 0 else f"{seq[i:i + 60]}\n"
+                   for name, seq in records.items() for i in range(0, len(seq), 60))
+    if gzipped:
+        with gzip.open(path, "wt") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text)
+    return path
 
 
 # ---- headless Chromium (the docs page and the playground) ----------------------------------

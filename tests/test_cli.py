@@ -19,35 +19,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from support import REPO, free_port, start_server
+from support import ESM2_COMMAND, PROVENANCE, REPO, esm2, free_port, start_server, write_fasta
 from reference import STANDARD_ORDER, assert_close, reference
 
 from bench import esm_extract
 from esm2_client.embedding_store import EmbeddingStore, OutputError
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
-ESM2 = Path(sys.executable).with_name("esm2")
-ESM2_COMMAND = [str(ESM2)] if ESM2.exists() else [sys.executable, "-m", "esm2_client.cli"]
-
-
-def esm2(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([*ESM2_COMMAND, *map(str, args)], capture_output=True, text=True, timeout=120, **kwargs)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def write_fasta(path: Path, records: dict[str, str], gzipped: bool = False) -> Path:
-    text = "".join(f">{name}\n{seq[i:i + 60]}\n" if i == 0 else f"{seq[i:i + 60]}\n"
-                   for name, seq in records.items() for i in range(0, len(seq), 60))
-    if gzipped:
-        with gzip.open(path, "wt") as handle:
-            handle.write(text)
-    else:
-        path.write_text(text)
-    return path
-
-
 def random_records(count: int, low: int, high: int, seed: int) -> dict[str, str]:
     rng = random.Random(seed)
     return {f"p{i}|x": "".join(rng.choice(AMINO) for _ in range(rng.randint(low, high))) for i in range(count)}
@@ -162,7 +140,7 @@ class _InterruptedArrays(dict):
 def test_a_sequence_cut_short_is_neither_published_nor_resumed_from(tmp_path, suffix):
     out = tmp_path / f"out{suffix}"
     settings = {"model": "esm2-tiny", "include": ["mean"], "repr_layers": [1], "truncate": None}
-    store = EmbeddingStore(out, settings)
+    store = EmbeddingStore(out, settings, PROVENANCE)
     assert store.open() == set()
     store.add("a", {"mean/1": np.ones(4, np.float32)})
     with pytest.raises(KeyboardInterrupt):
@@ -178,7 +156,7 @@ def test_a_sequence_cut_short_is_neither_published_nor_resumed_from(tmp_path, su
     else:
         arrays = dict(np.load(out)) if suffix == ".npz" else safetensors.numpy.load_file(out)
         assert sorted(k for k in arrays if not k.startswith("__")) == ["a/mean/1"]
-    resumed = EmbeddingStore(out, settings)
+    resumed = EmbeddingStore(out, settings, PROVENANCE)
     assert resumed.open() == {"a"}  # b and c are written again by the re-run
     resumed.publish()
 
@@ -199,13 +177,13 @@ def test_other_settings_leave_no_work_file_behind(server, tmp_path):
 def test_other_settings_in_the_work_file_name_it(tmp_path):
     out = tmp_path / "out.h5"
     work = tmp_path / "out.h5.partial.h5"
-    store = EmbeddingStore(out, {"include": ["mean"]})
+    store = EmbeddingStore(out, {"include": ["mean"]}, PROVENANCE)
     store.open()
     store.add("a", {"mean/1": np.ones(4, np.float32)})
     store.publish()
     os.replace(out, work)  # what a killed run leaves: work, no output
     with pytest.raises(OutputError, match=f"{re.escape(str(work))} was written with other settings.*delete {re.escape(str(work))}"):
-        EmbeddingStore(out, {"include": ["bos"]}).open()
+        EmbeddingStore(out, {"include": ["bos"]}, PROVENANCE).open()
     assert work.exists()  # another run's work: the user decides
 
 

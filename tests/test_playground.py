@@ -13,13 +13,12 @@ import json
 import random
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from support import ServerProcess, browser_wait, chromium, free_port, needs_browser
+from support import ESM2_COMMAND, ServerProcess, browser_wait, chromium, free_port, needs_browser
 
 from gateway.envoy_config import DOCS_CONTENT_SECURITY_POLICY, GatewayConfig
 from gateway.launch import EnvoyProcess
@@ -27,8 +26,6 @@ from gateway.launch import EnvoyProcess
 MODEL = "esm2-tiny"
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # the page's heatmap rows, top to bottom
 SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQ"
-ESM2 = Path(sys.executable).with_name("esm2")
-ESM2_COMMAND = [str(ESM2)] if ESM2.exists() else [sys.executable, "-m", "esm2_client.cli"]
 
 
 def _gateway(tmp: Path, tiny_checkpoint: Path, *server_args: str):

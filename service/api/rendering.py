@@ -16,6 +16,7 @@ from esm2_wire.chunks import tensor_chunks
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb
+from esm2_wire.provenance import Provenance
 from service.api.scoring import ItemScores
 
 # The order outputs take in a stream: per-layer kinds first, each layer in request order.
@@ -166,9 +167,12 @@ def score_result(index: int, scores: ItemScores) -> pb.ScoreResult:
     return pb.ScoreResult(sequence_index=index, **_score_fields(scores))
 
 
-def score_json(items: list[ItemScores]) -> bytes:
-    """Score's response as JSON, the ScoreResponse's fields by their proto names."""
-    return json_body([{"sequence_index": i, **_score_fields(s)} for i, s in enumerate(items)])
+def score_json(items: list[ItemScores], provenance: Provenance) -> bytes:
+    """Score's response as JSON, the ScoreResponse's fields by their proto names, and, since score is
+    our extension rather than a BioLM action, its provenance in the body too (BioLM's actions carry
+    it only in headers: their bodies keep BioLM's shape)."""
+    results = [{"sequence_index": i, **_score_fields(s)} for i, s in enumerate(items)]
+    return orjson.dumps({"results": results, "provenance": provenance.as_dict()}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def encode_stream_chunks(index: int, result: ItemResult, data_type: int, max_chunk_bytes: int) -> Iterator[pb.TensorChunk]:

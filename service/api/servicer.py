@@ -31,7 +31,7 @@ from service.api.response_memory import (
     DEFAULT_MAX_HELD_RESPONSE_MB, DEFAULT_MAX_STREAM_HELD_MB, HeldResponse, ResponseMemory,
 )
 from service.models.checkpoints import FAIR_ESM, HUGGING_FACE
-from service.models.served import ServedModel
+from service.models.served import SERVER_VERSION, ServedModel
 from service.errors import (
     FailedPrecondition, InvalidRequest, NotFound, Problem, ResponseBudgetFull, UnknownModel, echo,
 )
@@ -295,7 +295,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             logs.access_line(request, code.name)
         if code is not grpc.StatusCode.OK:
             await context.abort(code, message, trailers)
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, request.request_id),))
+        served = self.models.get(model)
+        context.set_trailing_metadata(
+            ((REQUEST_ID_HEADER, request.request_id), *(served.provenance.metadata() if served else ())))
 
     # ---- unary ---------------------------------------------------------------
     async def Encode(self, request, context):
@@ -374,6 +376,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc))
         with self._json_budget(estimate, stream_rpc):
             results = await self._results(job, context, f"the streaming gRPC RPC esm.v1.Esm2Service/{stream_rpc}")
+            await _send_provenance(context, job.model)
             # A JSON caller that reads nothing for STALL_SECONDS is not waited for: its budget share is
             # another caller's (per-stream bound 0).
             with HeldResponse(self.memory, per_stream_bytes=0) as held, tracing.span("render"):
@@ -437,6 +440,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             served = self._model(request.model)
             body = await self._body(request, context, "log_prob")
             values = await self._log_probs(self._log_prob_job(served.name, body.sequences), context)
+            await _send_provenance(context, served)
             return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.log_prob_json(values))
 
     async def ScoreJson(self, request, context):
@@ -444,7 +448,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             served = self._model(request.model)
             body = await self._body(request, context, "score")
             scores = await self._scores(served.name, body.method, body.sequences, body.variants, context)
-            return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.score_json(scores))
+            await _send_provenance(context, served)
+            return httpbody_pb2.HttpBody(content_type="application/json",
+                                         data=rendering.score_json(scores, served.provenance))
 
     async def GetRequestSchema(self, request, context):
         async with self._rpc("GetRequestSchema", context, request.model, gateway=True):
@@ -549,6 +555,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             precision=served.precision,
             max_score_passes=min(self.score_limits.max_passes, served.spec.max_queue_items),
             max_score_mutations=self.score_limits.max_mutations,
+            weights_fingerprint=m.weights_fingerprint, server_version=SERVER_VERSION,
         )
 
 
@@ -569,6 +576,13 @@ _SOURCE_FORMATS = {
     FAIR_ESM: pb.ModelInfo.SOURCE_FORMAT_FAIR_ESM,
     HUGGING_FACE: pb.ModelInfo.SOURCE_FORMAT_HUGGING_FACE,
 }
+
+
+async def _send_provenance(context, served: ServedModel) -> None:
+    """A JSON result's provenance as response headers: Envoy's transcoder turns a reply's initial
+    metadata into HTTP headers. Sent only once the results are in hand, just before the body, so
+    that a failure before it still answers trailers-only, which the gateway maps to its JSON error."""
+    await context.send_initial_metadata(served.provenance.metadata())
 
 
 def _trace_queue_wait(request: RequestContext | None) -> None:

@@ -92,6 +92,8 @@ class LoadedModel:
     has_lm_head: bool = True
     # Why contacts are refused, when has_contact_regression is False.
     contacts_unavailable: str = ""
+    # "sha256:..." of the state dict as loaded (service.models.fingerprint); set by sources.load.
+    weights_fingerprint: str = ""
 
     def __post_init__(self):
         if not self.source:

@@ -5,6 +5,7 @@ values, and parity tests compare against fair-esm loading the very same file. Ev
 checkpoint written here is marked, and the server says loudly that it is random.
 
     python -m service.models.random_checkpoints --shape 8m --out checkpoints/
+    # -> checkpoints/esm2-8m-shape-RANDOM-WEIGHTS.pt (and its -contact-regression.pt)
 """
 
 from __future__ import annotations
@@ -30,9 +31,19 @@ SHAPES = {
 }
 
 
-def write_random_checkpoint(shape: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write `<stem>.pt` and `<stem>-contact-regression.pt` into out_dir; return the .pt path."""
-    layers, dim, heads, stem = SHAPES[shape]
+def demo_stem(shape: str) -> str:
+    """The name the command line gives its files, e.g. `esm2-8m-shape-RANDOM-WEIGHTS`: at a real
+    shape, fair-esm's own name would pass for the released checkpoint in a file listing, in
+    ListModels' `checkpoint` and wherever the file is copied."""
+    return f"esm2-{shape}-shape-RANDOM-WEIGHTS"
+
+
+def write_random_checkpoint(shape: str, out_dir: Path, seed: int = 0, stem: str | None = None) -> Path:
+    """Write `<stem>.pt` and `<stem>-contact-regression.pt` into out_dir; return the .pt path.
+    The stem defaults to the shape's (fair-esm's own at the real shapes: tests and benchmarks find
+    them as a standard model's files)."""
+    layers, dim, heads, default_stem = SHAPES[shape]
+    stem = stem or default_stem
     torch.manual_seed(seed)
     model = esm.model.esm2.ESM2(
         num_layers=layers, embed_dim=dim, attention_heads=heads, alphabet="ESM-1b", token_dropout=True
@@ -71,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append", required=True)
     parser.add_argument("--out", type=Path, required=True, help="directory to write into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fair-esm-name", action="store_true",
+                        help="name the files as fair-esm names the real checkpoint of the shape (found by "
+                             "--models esm2-8m --model-dir DIR), not esm2-<shape>-shape-RANDOM-WEIGHTS.pt")
     args = parser.parse_args(argv)
     for shape in args.shape:
-        path = write_random_checkpoint(shape, args.out, args.seed)
+        path = write_random_checkpoint(shape, args.out, args.seed, None if args.fair_esm_name else demo_stem(shape))
         print(f"wrote {path} (RANDOM WEIGHTS, shape {shape})", file=sys.stderr)
     return 0
 
