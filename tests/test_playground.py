@@ -131,7 +131,7 @@ def test_the_page_comes_through_envoy_under_the_policy_and_short_paths_redirect(
     unknown = requests.get(envoy.url + "/api/v3/ui/secrets.txt", timeout=30)
     assert unknown.status_code == 404 and "does not exist" in unknown.json()["detail"]
     for path, target in [("/", "/api/v3/ui"), ("/ui", "/api/v3/ui"), ("/ui/", "/api/v3/ui"),
-                         ("/docs", "/api/v3/docs"), ("/docs/?x=1", "/api/v3/docs")]:
+                         ("/docs", "/api/v3/docs"), ("/docs/", "/api/v3/docs")]:
         moved = requests.get(envoy.url + path, allow_redirects=False, timeout=30)
         assert moved.status_code == 302 and moved.headers["location"].endswith(target), (path, moved.headers)
     assert requests.get(envoy.url + "/", timeout=30).url == envoy.url + "/api/v3/ui"
