@@ -127,7 +127,7 @@ def cmd_embed(args) -> int:
         # (wrong key, bad input) leaves only its one error line.
         bar = None
         try:
-            for index, outputs in client.encode_iter([r.sequence for r in todo], args.model, include, layers):
+            for index, outputs in client.encode_iter(args.model, [r.sequence for r in todo], include, layers):
                 interrupts.write(store.add, todo[index].id, output_arrays(outputs, kinds))
                 written += 1
                 if bar is None:
@@ -182,7 +182,7 @@ def cmd_contacts(args) -> int:
         interrupts.install()
         with tqdm(total=len(records), unit="seq", desc="contacts", disable=args.quiet, file=sys.stderr,
                   dynamic_ncols=True) as bar:
-            for index, outputs in client.encode_iter([r.sequence for r in records], args.model, include):
+            for index, outputs in client.encode_iter(args.model, [r.sequence for r in records], include):
                 interrupts.write(contact_plot.draw, args.png / names[index], records[index].id,
                                  outputs.get(OutputKind.CONTACTS),
                                  outputs.get(OutputKind.ATTENTIONS) if args.attention else None, provenance)
@@ -201,7 +201,7 @@ def cmd_predict(args) -> int:
     with _client(args) as client, _open_csv(args.output) as handle:
         writer = csv.writer(handle)
         writer.writerow(["sequence_id", "position", "rank", "token", "probability"])
-        for index, outputs in client.predict_iter([r.sequence for r in records], args.model):
+        for index, outputs in client.predict_iter(args.model, [r.sequence for r in records]):
             for row, token in enumerate(outputs.sequence_tokens):
                 if token != MASK:
                     continue

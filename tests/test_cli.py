@@ -392,7 +392,7 @@ def test_contacts_png_draws_the_servers_contact_and_attention_maps(sharp_contact
     esm2("contacts", fasta, "--png", tmp_path / "both", "-m", "esm2-tiny", "--server", target, "-q", "--attention")
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["p1.png", "weird_id.png"]
     with Esm2Client(target) as client:
-        served = client.encode(list(CONTACT_SEQS.values()), "esm2-tiny", ["contacts", "attentions"])
+        served = client.encode("esm2-tiny", list(CONTACT_SEQS.values()), ["contacts", "attentions"])
     for name, outputs in zip(["p1.png", "weird_id.png"], served):
         contacts, attention = outputs.get(OutputKind.CONTACTS), outputs.get(OutputKind.ATTENTIONS)
         length = contacts.shape[0]
