@@ -9,6 +9,7 @@ retries and limits.
 from __future__ import annotations
 
 import argparse
+import copy
 import ipaddress
 import json
 import re
@@ -48,6 +49,9 @@ SERVICE_PATH = "/esm.v1.Esm2Service/"
 # routes again; the path it was given stays in this header.
 JSON_PATH_HEADER = "x-envoy-original-path"
 STREAM_METHODS = ("EncodeStream", "PredictStream")
+# Scans that may run for hours: their routes have an idle timeout (--stream-idle-timeout-s) instead of
+# a total one, and the server sends at least one message every few seconds while passes finish.
+SCORE_STREAM_METHODS = ("ScoreStream", "ScoreStreamJson")
 
 
 @dataclass(frozen=True)
@@ -533,6 +537,14 @@ def _route(config: GatewayConfig, name: str, match: dict, cluster_name: str, str
     return {"name": name, "match": match, "route": route}
 
 
+def _idle_route(config: GatewayConfig, name: str, match: dict, cluster_name: str) -> dict:
+    """A streaming route with no total timeout, only an idle one (ScoreStream and its JSON twin): Envoy
+    then sends no x-envoy-expected-rq-timeout-ms, so the server admits the scan by its work alone."""
+    route = _route(config, name, match, cluster_name, stream=True)
+    route["route"].update(timeout="0s", idle_timeout=_seconds(config.stream_idle_timeout_s))
+    return route
+
+
 def _regex(pattern: str) -> dict:
     return {"safe_regex": {"regex": pattern}}  # Envoy's regexes match whole values
 
@@ -541,6 +553,7 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
     """Per model: its JSON paths and its gRPC calls (by header); the rest to the fallback pool."""
     found = []
     stream_path = "^" + re.escape(SERVICE_PATH) + f"({'|'.join(STREAM_METHODS)})$"
+    scan_path = "^" + re.escape(SERVICE_PATH) + f"({'|'.join(SCORE_STREAM_METHODS)})$"
     for pool in pools:
         if pool.model is None:
             continue
@@ -549,6 +562,11 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
         json_path = [{"name": JSON_PATH_HEADER,
                       "string_match": _regex(f"/api/v3/(schema/)?{re.escape(pool.model)}/.*")}]
         found += [
+            # Copies of the header matchers: a shared list would be dumped as a YAML anchor and alias.
+            _idle_route(config, f"{pool.model}_json_scan", {**_regex(scan_path), "headers": copy.deepcopy(json_path)},
+                        pool.cluster),
+            _idle_route(config, f"{pool.model}_grpc_scan", {**_regex(scan_path), "headers": copy.deepcopy(by_header)},
+                        pool.cluster),
             _route(config, f"{pool.model}_json", {"prefix": "/", "headers": json_path}, pool.cluster, stream=False),
             _route(config, f"{pool.model}_grpc_stream", {**_regex(stream_path), "headers": by_header}, pool.cluster,
                    stream=True),
@@ -561,6 +579,7 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
     if len(pools) > 1:
         found.insert(0, catalogue_route(config, pools, fallback))
     return found + [
+        _idle_route(config, "fallback_scan", _regex(scan_path), fallback.cluster),
         _route(config, "fallback_stream", _regex(stream_path), fallback.cluster, stream=True),
         _route(config, "fallback", {"prefix": "/"}, fallback.cluster, stream=False),
     ]
