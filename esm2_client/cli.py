@@ -268,7 +268,11 @@ def cmd_score(args) -> int:
         if errors:
             raise UsageError(f"{len(errors)} invalid mutations: " + "; ".join(errors[:10])
                              + (f"; and {len(errors) - 10} more" if len(errors) > 10 else ""))
-        scores = scoring.masked_marginal_scores(client, args.model, sequence, variants)
+        # Passes, not variants, are the work: large requests stream (ScoreStream) and move the bar as
+        # their passes finish.
+        with tqdm(unit="pass", desc="masked marginals", disable=args.quiet, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            scores = scoring.masked_marginal_scores(client, args.model, sequence, variants, bar)
     with _open_csv(args.output) as handle:
         writer = csv.DictWriter(handle, fieldnames=[*columns, "masked_marginal_score"], extrasaction="ignore")
         writer.writeheader()
