@@ -95,25 +95,55 @@ def _expect(bar, passes: int) -> None:
         bar.refresh()
 
 
-def masked_marginal_scores(client: Esm2Client, model: str, sequence: str, variants: Sequence[str],
-                           bar=None) -> list[float]:
-    """One score per variant (`K2A`, `T3G:A4C`), in order: the sum of log p(mt) - log p(wt) over
-    its mutations. Raises ValueError for a variant that does not fit `sequence`. `bar`: a progress
-    bar counting passes."""
+METHODS = ("masked_marginal", "wt_marginal", "pll")
+MUTANTS = "".join(sorted(STANDARD_AMINO_ACIDS))  # a scan's mutants, in alphabetical order
+
+
+def _variant_costs(method: str, sequence: str, parsed: list) -> list[tuple[frozenset, int]]:
+    """Per variant: the passes it needs (keys, shared where the server merges them) and its mutations."""
+    if method == "masked_marginal":  # one pass per distinct mutated position
+        return [(frozenset(m.position for m in v), len(v)) for v in parsed]
+    if method == "wt_marginal":  # one pass of the wild type for all of them
+        return [(frozenset([0]), len(v)) for v in parsed]
+    # pll: the wild type's passes once per request, and each variant's own, one per scored position
+    scored = sum(letter in STANDARD_AMINO_ACIDS for letter in sequence)
+    wild_type = frozenset(range(scored))
+    return [(wild_type | frozenset(range(scored * (i + 1), scored * (i + 2))), len(v)) for i, v in enumerate(parsed)]
+
+
+def variant_scores(client: Esm2Client, model: str, sequence: str, variants: Sequence[str],
+                   method: str = "masked_marginal", bar=None) -> list[float]:
+    """One score per variant (`K2A`, `T3G:A4C`), in order, by `method`: masked_marginal and
+    wt_marginal the sum of log p(mt) - log p(wt) over its mutations, pll PLL(variant) - PLL(wild
+    type). Raises ValueError for a variant that does not fit `sequence`. `bar`: a progress bar
+    counting passes."""
     info = client.model_info(model)
     parsed = [parse_variant(text, sequence) for text in variants]
-    # A request's passes are its distinct mutated positions; its mutations are counted one by one.
-    costs = [(frozenset(m.position for m in v), len(v)) for v in parsed]
+    costs = _variant_costs(method, sequence, parsed)
     groups = _groups(costs, _bound(info.max_score_passes), _bound(info.max_score_mutations))
     passes = [len(frozenset().union(*(costs[i][0] for i in group))) for group in groups]
     _expect(bar, sum(passes))
 
     def request(number: int) -> list[float]:
-        group = groups[number]
-        (result,) = _score(client, model, [(sequence, [variants[i] for i in group])], "masked_marginal",
+        (result,) = _score(client, model, [(sequence, [variants[i] for i in groups[number]])], method,
                            passes[number], bar)
         return list(result.scores)
     return [score for scores in _run(client, list(range(len(groups))), request) for score in scores]
+
+
+def masked_marginal_scores(client: Esm2Client, model: str, sequence: str, variants: Sequence[str]) -> list[float]:
+    """variant_scores by masked marginals."""
+    return variant_scores(client, model, sequence, variants, "masked_marginal")
+
+
+def scan_variants(sequence: str, first: int, last: int) -> list[str]:
+    """Every single substitution at positions first..last (1-based, inclusive), position by position,
+    mutants in alphabetical order (MUTANTS); positions whose wild type is not a standard amino acid
+    (X, B, Z, U, O) have none."""
+    return [f"{wild_type}{position}{mutant}"
+            for position, wild_type in enumerate(sequence[first - 1:last], start=first)
+            if wild_type in STANDARD_AMINO_ACIDS
+            for mutant in MUTANTS if mutant != wild_type]
 
 
 def pseudo_log_likelihoods(client: Esm2Client, model: str, sequences: Sequence[str],
@@ -127,8 +157,7 @@ def pseudo_log_likelihoods(client: Esm2Client, model: str, sequences: Sequence[s
     _expect(bar, sum(passes))
 
     def request(number: int) -> list[PseudoLikelihood]:
-        group = groups[number]
-        results = _score(client, model, [(sequences[i], []) for i in group], "pll", passes[number], bar)
+        results = _score(client, model, [(sequences[i], []) for i in groups[number]], "pll", passes[number], bar)
         return [_likelihood(r.pseudo_log_likelihood, r.scored_positions) for r in results]
     for likelihoods in _run(client, list(range(len(groups))), request):
         yield from likelihoods

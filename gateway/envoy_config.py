@@ -434,8 +434,11 @@ _COMPRESSOR_FILTER = {
 }
 
 
+TRANSCODER_FILTER_NAME = "envoy.filters.http.grpc_json_transcoder"
+
+
 def _transcoder_filter(config: GatewayConfig, descriptor: Path) -> dict:
-    return {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": _typed(
+    return {"name": TRANSCODER_FILTER_NAME, "typed_config": _typed(
         "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
         proto_descriptor=str(descriptor),
         services=["esm.v1.Esm2Service"],
@@ -572,7 +575,7 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
     # Everything else (ListModels, calls without the header, unknown models) goes to the default
     # pool, or to the first model's pool: the server answers an unknown model with its 404.
     fallback = fallback_pool(pools)
-    found.insert(0, docs_route(config, fallback))
+    found[:0] = [*short_path_redirects(), docs_route(config, fallback)]
     if len(pools) > 1:
         found.insert(0, catalogue_route(config, pools, fallback))
     return found + [
@@ -582,9 +585,10 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
     ]
 
 
-# The docs page (GET /api/v3/docs: Swagger UI, service/api/docs_page.py) runs scripts in the
-# browser: it may load scripts, styles and images from this origin only, call this origin only
-# ("try it out"), and nothing may frame it. Its files have no inline script or style.
+# The docs page (GET /api/v3/docs: Swagger UI, service/api/docs_page.py) and the playground
+# (GET /api/v3/ui, service/api/playground_page.py) run scripts in the browser: they may load
+# scripts, styles and images from this origin only, call this origin only ("try it out", the
+# playground's requests), and nothing may frame them. Their files have no inline script or style.
 DOCS_CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                 "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'none'; "
                                 "frame-ancestors 'none'")
@@ -592,12 +596,29 @@ DOCS_HEADERS = {"content-security-policy": DOCS_CONTENT_SECURITY_POLICY, "x-cont
                 "referrer-policy": "no-referrer", "x-frame-options": "DENY"}
 
 
+PAGE_METHODS = ("GetDocsPage", "GetPlaygroundPage")
+# Short addresses a person types: the site's root and /ui open the playground, /docs the docs page.
+SHORT_PATHS = {"/api/v3/ui": ("/", "/ui", "/ui/"), "/api/v3/docs": ("/docs", "/docs/")}
+
+
 def docs_route(config: GatewayConfig, fallback: Pool) -> dict:
-    route = _route(config, "docs", {"path": SERVICE_PATH + "GetDocsPage"}, fallback.cluster, stream=False)
+    page_paths = _regex("^" + re.escape(SERVICE_PATH) + f"({'|'.join(PAGE_METHODS)})$")
+    route = _route(config, "docs", page_paths, fallback.cluster, stream=False)
     route["response_headers_to_add"] = [{"header": {"key": key, "value": value},
                                          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
                                         for key, value in DOCS_HEADERS.items()]
     return route
+
+
+def short_path_redirects() -> list[dict]:
+    """A 302 from each short path to its page (the query string, if any, is dropped). The transcoder
+    is off on these routes: it would answer them 404, as paths of no method."""
+    return [{"name": f"redirect{target.replace('/', '_')}",
+             "match": _regex("(" + "|".join(re.escape(path) for path in paths) + ")"),
+             "redirect": {"path_redirect": target, "response_code": "FOUND", "strip_query": True},
+             "typed_per_filter_config": {TRANSCODER_FILTER_NAME: _typed("envoy.config.route.v3.FilterConfig",
+                                                                         disabled=True)}}
+            for target, paths in SHORT_PATHS.items()]
 
 
 def fallback_pool(pools: tuple[Pool, ...]) -> Pool:

@@ -242,7 +242,8 @@ async def serve(args) -> int:
                             memory=ResponseMemory(args.max_stream_held_mb << 20, args.max_held_response_mb << 20),
                             max_unary_response_bytes=args.max_unary_response_mb << 20,
                             json_budget_bytes=args.json_response_budget_mb << 20,
-                            score_limits=ScoreLimits(args.max_score_mutations, args.max_score_passes))
+                            score_limits=ScoreLimits(args.max_score_mutations, args.max_score_passes),
+                            api_keys_required=bool(keys))
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
     score_bytes = request_guard.max_score_message_bytes(args.max_items, args.max_sequence_length,
                                                         args.max_score_mutations)

@@ -202,7 +202,7 @@ def test_two_esm2_score_scans_at_once_stream_and_equal_the_unary_scores(server, 
     for run in runs:
         _, stderr = run.communicate(timeout=300)
         assert run.returncode == 0, stderr
-        assert "masked marginals: 100%" in stderr and "40/40 [" in stderr, stderr  # tqdm's bar, in passes
+        assert "masked marginal: 100%" in stderr and "40/40 [" in stderr, stderr  # tqdm's bar, in passes
     assert server.metric("esm_requests_total", 'code="OK",method="ScoreStream"') - streams_before == 2
     with Esm2Client(server.target) as client:
         for seed, sequence, variants in scans:

@@ -81,7 +81,7 @@ class _RateLimitedLog:
 GATEWAY_METHODS = frozenset(
     f"/esm.v1.Esm2Service/{name}" for name in ("EncodeJson", "PredictJson", "LogProbJson", "ScoreJson", "ScoreStreamJson",
                                                "GetRequestSchema",
-                                               "GetOpenApiDocument", "GetDocsPage")
+                                               "GetOpenApiDocument", "GetDocsPage", "GetPlaygroundPage")
 )
 
 

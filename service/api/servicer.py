@@ -42,6 +42,7 @@ from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
 from service.api.request_schema import ACTIONS, request_schema
 from service.api.docs_page import DOCS_PATH, DocsPage, DocsUnavailable
+from service.api.playground_page import PLAYGROUND_PATH, PlaygroundPage
 from service.api.scoring import ItemScores, PassRows, ScoreLimits, ScorePlan, StreamedScores
 from service.api.validation import ParsedItem, parse_items, parse_options
 
@@ -99,6 +100,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         max_unary_response_bytes: int = json_limits.DEFAULT_MAX_UNARY_RESPONSE_MB << 20,
         json_budget_bytes: int = json_limits.DEFAULT_JSON_BUDGET_MB << 20,
         score_limits: ScoreLimits = ScoreLimits(),
+        api_keys_required: bool = False,
     ):
         self.score_limits = score_limits
         self.max_unary_response_bytes = max_unary_response_bytes
@@ -113,6 +115,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         self.bodies = BodyParser(limits, max_request_bytes, score_limits)
         self.openapi_document = openapi_document
         self.docs_page = DocsPage()
+        self.playground_page = PlaygroundPage(api_keys_required)
         self.models = models
         self.router = router  # one scheduler per model
         self.limits = limits
@@ -540,6 +543,14 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                 raise NotFound(str(exc)) from None
             if found is None:
                 raise NotFound(f"{DOCS_PATH}/{echo(request.file)} does not exist; the docs page is {DOCS_PATH}")
+            content_type, data = found
+            return httpbody_pb2.HttpBody(content_type=content_type, data=data)
+
+    async def GetPlaygroundPage(self, request, context):
+        async with self._rpc("GetPlaygroundPage", context, "", gateway=True):
+            found = self.playground_page.get(request.file)
+            if found is None:
+                raise NotFound(f"{PLAYGROUND_PATH}/{echo(request.file)} does not exist; the playground is {PLAYGROUND_PATH}")
             content_type, data = found
             return httpbody_pb2.HttpBody(content_type=content_type, data=data)
 
