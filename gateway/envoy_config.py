@@ -9,6 +9,7 @@ retries and limits.
 from __future__ import annotations
 
 import argparse
+import copy
 import ipaddress
 import json
 import re
@@ -48,6 +49,9 @@ SERVICE_PATH = "/esm.v1.Esm2Service/"
 # routes again; the path it was given stays in this header.
 JSON_PATH_HEADER = "x-envoy-original-path"
 STREAM_METHODS = ("EncodeStream", "PredictStream")
+# Scans that may run for hours: their routes have an idle timeout (--stream-idle-timeout-s) instead of
+# a total one, and the server sends at least one message every few seconds while passes finish.
+SCORE_STREAM_METHODS = ("ScoreStream", "ScoreStreamJson")
 
 
 @dataclass(frozen=True)
@@ -430,8 +434,11 @@ _COMPRESSOR_FILTER = {
 }
 
 
+TRANSCODER_FILTER_NAME = "envoy.filters.http.grpc_json_transcoder"
+
+
 def _transcoder_filter(config: GatewayConfig, descriptor: Path) -> dict:
-    return {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": _typed(
+    return {"name": TRANSCODER_FILTER_NAME, "typed_config": _typed(
         "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
         proto_descriptor=str(descriptor),
         services=["esm.v1.Esm2Service"],
@@ -530,6 +537,14 @@ def _route(config: GatewayConfig, name: str, match: dict, cluster_name: str, str
     return {"name": name, "match": match, "route": route}
 
 
+def _idle_route(config: GatewayConfig, name: str, match: dict, cluster_name: str) -> dict:
+    """A streaming route with no total timeout, only an idle one (ScoreStream and its JSON twin): Envoy
+    then sends no x-envoy-expected-rq-timeout-ms, so the server admits the scan by its work alone."""
+    route = _route(config, name, match, cluster_name, stream=True)
+    route["route"].update(timeout="0s", idle_timeout=_seconds(config.stream_idle_timeout_s))
+    return route
+
+
 def _regex(pattern: str) -> dict:
     return {"safe_regex": {"regex": pattern}}  # Envoy's regexes match whole values
 
@@ -538,6 +553,7 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
     """Per model: its JSON paths and its gRPC calls (by header); the rest to the fallback pool."""
     found = []
     stream_path = "^" + re.escape(SERVICE_PATH) + f"({'|'.join(STREAM_METHODS)})$"
+    scan_path = "^" + re.escape(SERVICE_PATH) + f"({'|'.join(SCORE_STREAM_METHODS)})$"
     for pool in pools:
         if pool.model is None:
             continue
@@ -546,6 +562,11 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
         json_path = [{"name": JSON_PATH_HEADER,
                       "string_match": _regex(f"/api/v3/(schema/)?{re.escape(pool.model)}/.*")}]
         found += [
+            # Copies of the header matchers: a shared list would be dumped as a YAML anchor and alias.
+            _idle_route(config, f"{pool.model}_json_scan", {**_regex(scan_path), "headers": copy.deepcopy(json_path)},
+                        pool.cluster),
+            _idle_route(config, f"{pool.model}_grpc_scan", {**_regex(scan_path), "headers": copy.deepcopy(by_header)},
+                        pool.cluster),
             _route(config, f"{pool.model}_json", {"prefix": "/", "headers": json_path}, pool.cluster, stream=False),
             _route(config, f"{pool.model}_grpc_stream", {**_regex(stream_path), "headers": by_header}, pool.cluster,
                    stream=True),
@@ -554,18 +575,20 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
     # Everything else (ListModels, calls without the header, unknown models) goes to the default
     # pool, or to the first model's pool: the server answers an unknown model with its 404.
     fallback = fallback_pool(pools)
-    found.insert(0, docs_route(config, fallback))
+    found[:0] = [*short_path_redirects(), docs_route(config, fallback)]
     if len(pools) > 1:
         found.insert(0, catalogue_route(config, pools, fallback))
     return found + [
+        _idle_route(config, "fallback_scan", _regex(scan_path), fallback.cluster),
         _route(config, "fallback_stream", _regex(stream_path), fallback.cluster, stream=True),
         _route(config, "fallback", {"prefix": "/"}, fallback.cluster, stream=False),
     ]
 
 
-# The docs page (GET /api/v3/docs: Swagger UI, service/api/docs_page.py) runs scripts in the
-# browser: it may load scripts, styles and images from this origin only, call this origin only
-# ("try it out"), and nothing may frame it. Its files have no inline script or style.
+# The docs page (GET /api/v3/docs: Swagger UI, service/api/docs_page.py) and the playground
+# (GET /api/v3/ui, service/api/playground_page.py) run scripts in the browser: they may load
+# scripts, styles and images from this origin only, call this origin only ("try it out", the
+# playground's requests), and nothing may frame them. Their files have no inline script or style.
 DOCS_CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                 "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'none'; "
                                 "frame-ancestors 'none'")
@@ -573,12 +596,29 @@ DOCS_HEADERS = {"content-security-policy": DOCS_CONTENT_SECURITY_POLICY, "x-cont
                 "referrer-policy": "no-referrer", "x-frame-options": "DENY"}
 
 
+PAGE_METHODS = ("GetDocsPage", "GetPlaygroundPage")
+# Short addresses a person types: the site's root and /ui open the playground, /docs the docs page.
+SHORT_PATHS = {"/api/v3/ui": ("/", "/ui", "/ui/"), "/api/v3/docs": ("/docs", "/docs/")}
+
+
 def docs_route(config: GatewayConfig, fallback: Pool) -> dict:
-    route = _route(config, "docs", {"path": SERVICE_PATH + "GetDocsPage"}, fallback.cluster, stream=False)
+    page_paths = _regex("^" + re.escape(SERVICE_PATH) + f"({'|'.join(PAGE_METHODS)})$")
+    route = _route(config, "docs", page_paths, fallback.cluster, stream=False)
     route["response_headers_to_add"] = [{"header": {"key": key, "value": value},
                                          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
                                         for key, value in DOCS_HEADERS.items()]
     return route
+
+
+def short_path_redirects() -> list[dict]:
+    """A 302 from each short path to its page (the query string, if any, is dropped). The transcoder
+    is off on these routes: it would answer them 404, as paths of no method."""
+    return [{"name": f"redirect{target.replace('/', '_')}",
+             "match": _regex("(" + "|".join(re.escape(path) for path in paths) + ")"),
+             "redirect": {"path_redirect": target, "response_code": "FOUND", "strip_query": True},
+             "typed_per_filter_config": {TRANSCODER_FILTER_NAME: _typed("envoy.config.route.v3.FilterConfig",
+                                                                         disabled=True)}}
+            for target, paths in SHORT_PATHS.items()]
 
 
 def fallback_pool(pools: tuple[Pool, ...]) -> Pool:

@@ -147,7 +147,7 @@ class CannotFinish(ServiceError):
 
 class BehindQueue(QueueFull):
     """The work queued ahead of the request would make it miss its deadline: RESOURCE_EXHAUSTED
-    (HTTP 429) with retry-after set to when it may fit, so that Envoy tries another replica first."""
+    (HTTP 429) with retry-after set to when it may fit."""
 
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message)

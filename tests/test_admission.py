@@ -72,7 +72,8 @@ def test_a_deadline_shorter_than_a_measured_pass_is_refused_at_once_with_the_est
     assert f"(100 forward passes of {MODEL} on cpu, {100 * 1002 * (1 + 1002 / 1024):,.0f} work units at" in message
     assert "measured from the batches run so far" in message
     assert 0 < _deadline_named(message) <= round(deadline_ms / 1000, 2)  # named to the hundredth
-    assert "use the streaming RPC esm.v1.Esm2Service/ScoreStream, which returns results as they complete, " \
+    assert f"use the streaming RPC esm.v1.Esm2Service/ScoreStream (JSON: POST /api/v3/{MODEL}/score_stream/), " \
+           "which returns results as they complete, " \
            "split the work over smaller requests, or give a longer deadline" in message
     estimate = float(message.split("estimated at ")[1].split(" s")[0])
     assert estimate > 20 * measured_pass  # 100 passes, at the rate the server measured

@@ -23,6 +23,7 @@ from support import ESM2_COMMAND, PROVENANCE, REPO, esm2, free_port, start_serve
 from reference import STANDARD_ORDER, assert_close, reference
 
 from bench import esm_extract
+from esm2_client import Esm2Client
 from esm2_client.embedding_store import EmbeddingStore, OutputError
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
@@ -288,6 +289,47 @@ def test_score_pseudo_log_likelihood_equals_direct(server, reference_models, tmp
         assert float(rows[name]["perplexity"]) == pytest.approx(np.exp(-pll / len(positions)), rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["masked_marginal", "wt_marginal", "pll"])
+def test_score_scan_csv_equals_score_calls_made_one_by_one(server, tmp_path, method):
+    wild_type = "MKTAYXAKQR"  # X (position 6) has no substitutions
+    out = tmp_path / "scan.csv"
+    esm2("score", "--sequence", wild_type, "--scan", "--positions", "5-7", "--method", method, "-m", "esm2-tiny",
+         "--server", server.target, "-o", out)
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == ["position", "wild_type", "mutant", "variant", "method", "score"]
+    mutants = "ACDEFGHIKLMNPQRSTVWY"
+    assert [(r["position"], r["wild_type"], r["mutant"], r["variant"]) for r in rows] == [
+        (str(p), wild_type[p - 1], m, f"{wild_type[p - 1]}{p}{m}") for p in (5, 7) for m in mutants
+        if m != wild_type[p - 1]]
+    assert {r["method"] for r in rows} == {method}
+    with Esm2Client(server.target) as client:
+        for row in rows:
+            (alone,) = client.score("esm2-tiny", [(wild_type, [row["variant"]])], method)
+            assert float(row["score"]) == pytest.approx(alone.scores[0], abs=5e-7), row
+
+
+def test_score_scan_heatmap_and_position_errors(server, tmp_path):
+    from PIL import Image
+
+    wild_type = "MKTAYIAKQR"
+    common = ["-m", "esm2-tiny", "--server", server.target]
+    esm2("score", "--sequence", wild_type, "--scan", "--png", tmp_path / "scan.png", "-o", tmp_path / "scan.csv",
+         *common)
+    with Image.open(tmp_path / "scan.png") as image:
+        assert image.text["Title"] == "RANDOM WEIGHTS (meaningless): sequence: masked_marginal scan"
+        assert image.size == (80 + 150 + 420, 60 + 60 + 14 * 20)
+    assert len(list(csv.DictReader(open(tmp_path / "scan.csv")))) == 10 * 19
+    for positions, fragment in (("0-3", "positions run from 1 to 10"), ("5-11", "positions run from 1 to 10"),
+                                ("7-5", "first <= last"), ("ten", "expected FIRST-LAST, e.g. 10-80")):
+        assert_one_error_line(esm2("score", "--sequence", wild_type, "--scan", "--positions", positions, *common,
+                                   check=False), f"--positions {positions!r}" if positions == "ten"
+                              else f"--positions {positions}", fragment)
+    assert_one_error_line(esm2("score", "--sequence", wild_type, "--scan", "--mutations", "K2A", *common, check=False),
+                          "--scan scores every substitution itself")
+    assert_one_error_line(esm2("score", "--sequence", wild_type, "--positions", "2-3", *common, check=False),
+                          "--positions and --png belong to --scan")
+
+
 # ---- health, models, failures ------------------------------------------------------------------
 def test_health_and_models(server):
     health = esm2("health", "--server", server.target)
@@ -392,7 +434,7 @@ def test_contacts_png_draws_the_servers_contact_and_attention_maps(sharp_contact
     esm2("contacts", fasta, "--png", tmp_path / "both", "-m", "esm2-tiny", "--server", target, "-q", "--attention")
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["p1.png", "weird_id.png"]
     with Esm2Client(target) as client:
-        served = client.encode(list(CONTACT_SEQS.values()), "esm2-tiny", ["contacts", "attentions"])
+        served = client.encode("esm2-tiny", list(CONTACT_SEQS.values()), ["contacts", "attentions"])
     for name, outputs in zip(["p1.png", "weird_id.png"], served):
         contacts, attention = outputs.get(OutputKind.CONTACTS), outputs.get(OutputKind.ATTENTIONS)
         length = contacts.shape[0]

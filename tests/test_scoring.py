@@ -305,12 +305,12 @@ def test_clients_log_prob_and_score_sync_and_async(server, reference_models):
     sequences = [WILD_TYPE[: 3 + i] for i in range(11)]  # two requests of at most 8
     want = [direct_log_prob(reference_models["esm2-tiny"], s) for s in sequences]
     with Esm2Client(server.target) as client:
-        assert client.log_prob(sequences, "esm2-tiny") == pytest.approx(want, rel=1e-5, abs=1e-4)
+        assert client.log_prob("esm2-tiny", sequences) == pytest.approx(want, rel=1e-5, abs=1e-4)
         blocking = client.score("esm2-tiny", [(WILD_TYPE, VARIANTS)], "wt_marginal")
 
     async def run():
         async with AsyncEsm2Client(server.target) as client:
-            return await client.log_prob(sequences, "esm2-tiny"), await client.score(
+            return await client.log_prob("esm2-tiny", sequences), await client.score(
                 "esm2-tiny", [(WILD_TYPE, VARIANTS)], "wt_marginal")
     values, awaited = asyncio.run(run())
     assert values == pytest.approx(want, rel=1e-5, abs=1e-4)

@@ -45,8 +45,8 @@ def test_two_devices_serve_every_output_equal_to_fair_esm(gpu_server, reference_
 def test_predict_and_the_streams_equal_fair_esm(gpu_server, reference_models):
     loaded = reference_models["esm2-8m"]
     with Esm2Client(f"127.0.0.1:{gpu_server.port}") as client:
-        streamed = client.encode([WILD_TYPE * 3, "ACDEF"], "esm2-8m", include=INCLUDE_ALL, repr_layers=[-1, 2])
-        predicted = client.predict(["MK<mask>AYIAKQR", "<mask>CDEF"], "esm2-8m")
+        streamed = client.encode("esm2-8m", [WILD_TYPE * 3, "ACDEF"], include=INCLUDE_ALL, repr_layers=[-1, 2])
+        predicted = client.predict("esm2-8m", ["MK<mask>AYIAKQR", "<mask>CDEF"])
     for sequence, out in zip([WILD_TYPE * 3, "ACDEF"], streamed, strict=True):
         ref = reference(loaded, sequence)
         for layer in (6, 2):

@@ -28,6 +28,7 @@ SHAPES = {
     "35m": (12, 480, 20, STANDARD_MODELS["esm2-35m"]),
     "150m": (30, 640, 20, STANDARD_MODELS["esm2-150m"]),
     "650m": (33, 1280, 20, STANDARD_MODELS["esm2-650m"]),
+    "3b": (36, 2560, 40, STANDARD_MODELS["esm2-3b"]),
 }
 
 
@@ -38,23 +39,26 @@ def demo_stem(shape: str) -> str:
     return f"esm2-{shape}-shape-RANDOM-WEIGHTS"
 
 
-def write_random_checkpoint(shape: str, out_dir: Path, seed: int = 0, stem: str | None = None) -> Path:
+def write_random_checkpoint(shape: str, out_dir: Path, seed: int = 0, stem: str | None = None,
+                            device: str | torch.device = "cpu") -> Path:
     """Write `<stem>.pt` and `<stem>-contact-regression.pt` into out_dir; return the .pt path.
     The stem defaults to the shape's (fair-esm's own at the real shapes: tests and benchmarks find
-    them as a standard model's files)."""
+    them as a standard model's files). `device`: where the weights are made (a GPU makes 3B's 2.8
+    billion in seconds, a CPU in minutes); the file holds host tensors either way."""
     layers, dim, heads, default_stem = SHAPES[shape]
     stem = stem or default_stem
     torch.manual_seed(seed)
-    model = esm.model.esm2.ESM2(
-        num_layers=layers, embed_dim=dim, attention_heads=heads, alphabet="ESM-1b", token_dropout=True
-    )
+    with torch.device(device):
+        model = esm.model.esm2.ESM2(
+            num_layers=layers, embed_dim=dim, attention_heads=heads, alphabet="ESM-1b", token_dropout=True
+        )
     # fair-esm's init leaves LayerNorms at identity and biases at zero; perturb them so
     # that tests exercise every parameter.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "layer_norm" in name or name.endswith("bias"):
                 param.add_(0.02 * torch.randn_like(param))
-    state = model.state_dict()
+    state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
     regression = {k: state.pop(k) for k in list(state) if k.startswith("contact_head.")}
     cfg = argparse.Namespace(
         encoder_layers=layers,
