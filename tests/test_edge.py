@@ -247,7 +247,7 @@ def test_item_problems_name_index_and_field(edge):
     assert {"index": 2, "field": "items[2]", "detail": "missing required field 'sequence'"} in error["errors"]
     error = assert_error(send(edge, data=json.dumps({"items": [{"sequence": "MKT"}, {"sequence": "MK1"}]})), 400)
     assert [(e["index"], e["field"]) for e in error["errors"]] == [(1, "items[1].sequence")]
-    assert "position 2" in error["errors"][0]["detail"]
+    assert "position 3" in error["errors"][0]["detail"]  # 1-based: the third letter
 
 
 @pytest.mark.parametrize("query", ["?params.include=logits", "?items.sequence=AAAA", "?model=esm2-8m", "?body.data=e30="])

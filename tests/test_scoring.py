@@ -77,7 +77,7 @@ def test_log_prob_json_is_biolms_shape_and_errors_are_encodes(gateway, reference
     assert bad.status_code == 400
     error = bad.json()
     assert error["errors"] == [{"index": 1, "field": "items[1].sequence",
-                                "detail": "invalid character '1' at position 2; allowed: ACDEFGHIKLMNPQRSTVWY, "
+                                "detail": "invalid character '1' at position 3; allowed: ACDEFGHIKLMNPQRSTVWY, "
                                           "BXZUO and '-'"}]
     extra = requests.post(url, json={"items": [{"sequence": "MKT"}], "params": {}}, headers=JSON, timeout=60)
     assert extra.status_code == 400 and "unknown field 'params'" in extra.json()["detail"]
