@@ -59,19 +59,51 @@ def _run(client: Esm2Client, groups: list[range], request: Callable[[range], lis
         yield from pool.map(request, groups)
 
 
-def masked_marginal_scores(client: Esm2Client, model: str, sequence: str, variants: Sequence[str]) -> list[float]:
-    """One score per variant (`K2A`, `T3G:A4C`), in order: the sum of log p(mt) - log p(wt) over
-    its mutations. Raises ValueError for a variant that does not fit `sequence`."""
+METHODS = ("masked_marginal", "wt_marginal", "pll")
+MUTANTS = "".join(sorted(STANDARD_AMINO_ACIDS))  # a scan's mutants, in alphabetical order
+
+
+def _variant_costs(method: str, sequence: str, parsed: list) -> list[tuple[frozenset, int]]:
+    """Per variant: the passes it needs (keys, shared where the server merges them) and its mutations."""
+    if method == "masked_marginal":  # one pass per distinct mutated position
+        return [(frozenset(m.position for m in v), len(v)) for v in parsed]
+    if method == "wt_marginal":  # one pass of the wild type for all of them
+        return [(frozenset([0]), len(v)) for v in parsed]
+    # pll: the wild type's passes once per request, and each variant's own, one per scored position
+    scored = sum(letter in STANDARD_AMINO_ACIDS for letter in sequence)
+    wild_type = frozenset(range(scored))
+    return [(wild_type | frozenset(range(scored * (i + 1), scored * (i + 2))), len(v)) for i, v in enumerate(parsed)]
+
+
+def variant_scores(client: Esm2Client, model: str, sequence: str, variants: Sequence[str],
+                   method: str = "masked_marginal") -> list[float]:
+    """One score per variant (`K2A`, `T3G:A4C`), in order, by `method`: masked_marginal and
+    wt_marginal the sum of log p(mt) - log p(wt) over its mutations, pll PLL(variant) - PLL(wild
+    type). Raises ValueError for a variant that does not fit `sequence`."""
     info = client.model_info(model)
     parsed = [parse_variant(text, sequence) for text in variants]
-    # A request's passes are its distinct mutated positions; its mutations are counted one by one.
-    costs = [(frozenset(m.position for m in v), len(v)) for v in parsed]
+    costs = _variant_costs(method, sequence, parsed)
     groups = _groups(costs, _bound(info.max_score_passes), _bound(info.max_score_mutations))
 
     def request(group: range) -> list[float]:
-        (result,) = client.score(model, [(sequence, [variants[i] for i in group])], "masked_marginal")
+        (result,) = client.score(model, [(sequence, [variants[i] for i in group])], method)
         return list(result.scores)
     return [score for scores in _run(client, groups, request) for score in scores]
+
+
+def masked_marginal_scores(client: Esm2Client, model: str, sequence: str, variants: Sequence[str]) -> list[float]:
+    """variant_scores by masked marginals."""
+    return variant_scores(client, model, sequence, variants, "masked_marginal")
+
+
+def scan_variants(sequence: str, first: int, last: int) -> list[str]:
+    """Every single substitution at positions first..last (1-based, inclusive), position by position,
+    mutants in alphabetical order (MUTANTS); positions whose wild type is not a standard amino acid
+    (X, B, Z, U, O) have none."""
+    return [f"{wild_type}{position}{mutant}"
+            for position, wild_type in enumerate(sequence[first - 1:last], start=first)
+            if wild_type in STANDARD_AMINO_ACIDS
+            for mutant in MUTANTS if mutant != wild_type]
 
 
 def pseudo_log_likelihoods(client: Esm2Client, model: str, sequences: Sequence[str]) -> Iterator[PseudoLikelihood]:

@@ -18,6 +18,7 @@ MAX_MUTATION_CHARS = 1 + MAX_POSITION_DIGITS + 1  # wild type, position, mutant
 _MUTATION_TEXT = f"[A-Z][0-9]{{1,{MAX_POSITION_DIGITS}}}[A-Z]"  # ASCII only: no \d, which takes any script's digits
 VARIANT_PATTERN = f"^{_MUTATION_TEXT}(:{_MUTATION_TEXT})*$"
 _MUTATION = re.compile(f"([A-Z])([0-9]{{1,{MAX_POSITION_DIGITS}}})([A-Z])")
+_VARIANT = re.compile(VARIANT_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,19 @@ def oversized(text: str) -> str | None:
 def parse_variant(text: str, sequence: str) -> Variant:
     """`A23G` or `A23G:K45R` checked against the wild-type sequence; ValueError names the problem.
     Linear in the text: repeated positions are found with a set."""
+    # The grammar first, over the whole text, so that a variant outside it is always named as
+    # such (not by whatever its first grammatical mutation gets wrong); the schema agrees.
+    if _VARIANT.fullmatch(text) is None:
+        bad = next((part for part in text.split(":") if _MUTATION.fullmatch(part) is None), text)
+        raise ValueError(f"{_shown(text)}: {_shown(bad)} is not a mutation like A23G "
+                         "(wild type, 1-based position, mutant)")
     mutations: list[Mutation] = []
     positions: set[int] = set()
-    for part in text.split(":", len(sequence)):  # more parts than positions: one is mutated twice
+    parts = text.split(":", len(sequence))
+    if len(parts) > len(sequence):  # more mutations than positions: the next one repeats a position or is outside
+        parts[-1] = parts[-1].split(":", 1)[0]
+    for part in parts:
         match = _MUTATION.fullmatch(part)
-        if match is None:
-            raise ValueError(f"{_shown(text)}: {_shown(part)} is not a mutation like A23G "
-                             "(wild type, 1-based position, mutant)")
         wild_type, position, mutant = match.group(1), int(match.group(2)), match.group(3)
         if not 1 <= position <= len(sequence):
             raise ValueError(f"{_shown(text)}: position {position} is outside the sequence (1 to {len(sequence)})")

@@ -134,6 +134,26 @@ class QueueFull(ServiceError):
     retry_after_s = 1
 
 
+class CannotFinish(ServiceError):
+    """The request's own estimated model time is past its caller's deadline, whatever else is queued:
+    refused at once (the message names the estimate and the deadline) instead of accepted to time out.
+    DEADLINE_EXCEEDED is what the caller would have got, only later; unlike RESOURCE_EXHAUSTED no retry
+    policy (Envoy's retry_on, gRPC clients') retries it, since a retry fails the same way. The JSON gateway
+    answers 400, not 504: nothing timed out, the request must change."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 400
+
+
+class BehindQueue(QueueFull):
+    """The work queued ahead of the request would make it miss its deadline: RESOURCE_EXHAUSTED
+    (HTTP 429) with retry-after set to when it may fit."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class SlowReader(ServiceError):
     """A caller stopped reading its stream while the server held too much of its response
     (service.api.response_memory); the message says what a slow consumer should do."""

@@ -9,6 +9,10 @@ WORKER_BUSY = Gauge("esm_worker_busy", "Model workers running a batch now, all m
 WORKER_BATCHES = Counter("esm_worker_batches_total", "Batches run, per model worker", ["worker", "device"])
 WORKER_SECONDS = Counter("esm_worker_seconds_total", "Time spent running batches, per model worker", ["worker", "device"])
 REJECTED = Counter("esm_rejected_requests_total", "Requests refused because the queue was full")
+ADMISSION_REFUSED = Counter(
+    "esm_admission_refused_total",
+    "Requests refused before any model work by their estimated work (service.engine.policy.admit), by verdict",
+    ["model", "verdict"])
 DROPPED = Counter("esm_dropped_items_total", "Queued items dropped before reaching the model", ["reason"])
 BATCHES = Counter("esm_batches_total", "Batches run by the model worker", ["model"])
 ITEMS = Counter("esm_items_total", "Items run by the model worker", ["model"])

@@ -59,7 +59,9 @@ MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; stre
 # the JSON gateway's methods may use all of it: their bodies are bounded by the gateway's own
 # --max-request-bytes (4 MiB), and a JSON caller should hear about its body, not a proto size.
 RECEIVE_CEILING_BYTES = (4 << 20) + (64 << 10)
-JSON_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in ("EncodeJson", "PredictJson", "LogProbJson", "ScoreJson"))
+JSON_METHODS = tuple(f"/{SERVICE_NAME}/{name}"
+                     for name in ("EncodeJson", "PredictJson", "LogProbJson", "ScoreJson", "ScoreStreamJson"))
+SCORE_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in ("Score", "ScoreStream"))  # variants: larger messages
 # The health name Kubernetes' liveness probe asks: SERVING unless a model worker is stuck in a batch
 # (a hung device), so that the kubelet restarts the pod (watch_liveness).
 LIVENESS = "liveness"
@@ -291,14 +293,15 @@ async def serve(args) -> int:
                             memory=ResponseMemory(args.max_stream_held_mb << 20, bounds.held_responses),
                             max_unary_response_bytes=args.max_unary_response_mb << 20,
                             json_budget_bytes=bounds.json_budget,
-                            score_limits=ScoreLimits(args.max_score_mutations, args.max_score_passes))
+                            score_limits=ScoreLimits(args.max_score_mutations, args.max_score_passes),
+                            api_keys_required=bool(keys))
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
     score_bytes = request_guard.max_score_message_bytes(args.max_items, args.max_sequence_length,
                                                         args.max_score_mutations)
     receive_ceiling = max(receive_ceiling, score_bytes)
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
                                        {**dict.fromkeys(JSON_METHODS, receive_ceiling),
-                                        f"/{SERVICE_NAME}/Score": max(args.max_request_message_bytes, score_bytes)})
+                                        **dict.fromkeys(SCORE_METHODS, max(args.max_request_message_bytes, score_bytes))})
     server = grpc.aio.server(
         # The tracing interceptor first: a refused call (bad key, too large) is traced too.
         interceptors=[*tracing_interceptors, guard],

@@ -6,21 +6,13 @@ installs them in CI); selenium (dev extra) drives them. Skipped only where they 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import requests
-from support import ServerProcess, free_port
+from support import ServerProcess, browser_wait, chromium, free_port, needs_browser
 
 from gateway.envoy_config import DOCS_CONTENT_SECURITY_POLICY, GatewayConfig
 from gateway.launch import EnvoyProcess
 from service.api.docs_page import SWAGGER_UI_VERSION, vendored
-
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-needs_browser = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="headless Chromium is not installed: apt-get install chromium chromium-driver (.ci/run does in CI)")
-
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, tiny_checkpoint):
@@ -69,25 +61,12 @@ def keyed_gateway(tmp_path_factory, tiny_checkpoint):
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,2000",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chromium(tmp_path / "profile")
     yield driver
     driver.quit()
 
 
-def _wait(driver, condition, timeout: float = 60):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+_wait = browser_wait
 
 
 def _open_encode(driver):

@@ -226,24 +226,107 @@ class PassRows:
         return self.rows[self.plan._index[tokens], position]
 
 
-def item_scores(rows: PassRows, columns: dict[str, int]) -> list[ItemScores]:
-    plan = rows.plan
-    out = []
-    for item in plan.items:
-        if plan.method == "pll":
-            def pll(tokens: Tokens) -> float:
-                return float(sum(rows.row(masked(tokens, p), p)[columns[tokens[p - 1]]]
-                                 for p in scored_positions(tokens)))
-            wild = pll(item.tokens)
-            mutants = [pll(item.mutant(v)) for v in item.variants]
-            out.append(ItemScores([m - wild for m in mutants], wild, len(scored_positions(item.tokens)), mutants))
-            continue
+def pseudo_log_likelihood(rows: PassRows, columns: dict[str, int], tokens: Tokens) -> float:
+    """PLL of `tokens`: at each standard position, masked alone, the log-probability of its residue."""
+    return float(sum(rows.row(masked(tokens, p), p)[columns[tokens[p - 1]]] for p in scored_positions(tokens)))
 
-        def ratio(m: Mutation) -> float:
-            if plan.method == "wt_marginal":
-                lp = rows.row(item.tokens, m.position)
-            else:
-                lp = rows.row(masked(item.tokens, m.position), m.position)
-            return float(lp[columns[m.mutant]] - lp[columns[m.wild_type]])
-        out.append(ItemScores([float(sum(ratio(m) for m in v)) for v in item.variants]))
+
+def variant_score(rows: PassRows, columns: dict[str, int], item: ScoreItem, variant: Variant,
+                  wild_pll: float | None = None) -> tuple[float, float | None]:
+    """One variant's score, and for pll its pseudo-log-likelihood (`wild_pll`: the wild type's).
+    Score and ScoreStream both read scores here, so that they are equal to the last bit."""
+    plan = rows.plan
+    if plan.method == "pll":
+        mutant = pseudo_log_likelihood(rows, columns, item.mutant(variant))
+        return mutant - wild_pll, mutant
+
+    def ratio(m: Mutation) -> float:
+        if plan.method == "wt_marginal":
+            lp = rows.row(item.tokens, m.position)
+        else:
+            lp = rows.row(masked(item.tokens, m.position), m.position)
+        return float(lp[columns[m.mutant]] - lp[columns[m.wild_type]])
+    return float(sum(ratio(m) for m in variant)), None
+
+
+def item_scores(rows: PassRows, columns: dict[str, int]) -> list[ItemScores]:
+    out = []
+    for item in rows.plan.items:
+        if rows.plan.method == "pll":
+            wild = pseudo_log_likelihood(rows, columns, item.tokens)
+            scored = [variant_score(rows, columns, item, v, wild) for v in item.variants]
+            out.append(ItemScores([score for score, _ in scored], wild, len(scored_positions(item.tokens)),
+                                  [pll for _, pll in scored]))
+        else:
+            out.append(ItemScores([variant_score(rows, columns, item, v)[0] for v in item.variants]))
     return out
+
+
+# ---- streamed scores ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScoredBlock:
+    """The variants of one item that a block of passes completed (ScoreStreamResponse)."""
+
+    sequence_index: int
+    variant_indexes: list[int]
+    scores: list[float]
+    variant_pseudo_log_likelihoods: list[float] = field(default_factory=list)
+    pseudo_log_likelihood: float | None = None  # pll: in the item's first block
+    scored_positions: int | None = None
+
+
+class StreamedScores:
+    """Which variants the passes finished so far complete: passes are awaited in plan order, so a
+    variant is complete once the last pass it reads (in ScorePlan order) is done."""
+
+    def __init__(self, rows: PassRows):
+        self.plan = plan = rows.plan
+        self.rows = rows
+        # (last pass read, item index, variant index) in request order; pll also reads the wild type's
+        # passes, and an item without variants still sends its wild type's PLL once its passes are done.
+        self._pending: list[tuple[int, int, int | None]] = []
+        for index, item in enumerate(plan.items):
+            wild = self._last(self._wild_passes(item))
+            if plan.method == "pll" and not item.variants:
+                self._pending.append((wild, index, None))
+            for number, variant in enumerate(item.variants):
+                self._pending.append((max(wild, self._last(self._variant_passes(item, variant))), index, number))
+        self._wild: dict[int, float] = {}
+
+    def _last(self, passes: list[Tokens]) -> int:
+        return max((self.plan._index[tokens] for tokens in passes), default=-1)
+
+    def _wild_passes(self, item: ScoreItem) -> list[Tokens]:
+        return [masked(item.tokens, p) for p in scored_positions(item.tokens)] if self.plan.method == "pll" else []
+
+    def _variant_passes(self, item: ScoreItem, variant: Variant) -> list[Tokens]:
+        if self.plan.method == "wt_marginal":
+            return [item.tokens]
+        if self.plan.method == "masked_marginal":
+            return [masked(item.tokens, m.position) for m in variant]
+        mutant = item.mutant(variant)
+        return [masked(mutant, p) for p in scored_positions(mutant)]
+
+    def completed(self, passes_done: int, columns: dict[str, int]) -> list[ScoredBlock]:
+        """The variants not sent yet whose passes are all among the first `passes_done`, in request
+        order, grouped by item; they are then sent."""
+        ready = [entry for entry in self._pending if entry[0] < passes_done]
+        self._pending = [entry for entry in self._pending if entry[0] >= passes_done]
+        blocks: list[ScoredBlock] = []
+        for _, index, number in ready:
+            item = self.plan.items[index]
+            first = not blocks or blocks[-1].sequence_index != index
+            if first:
+                pll = positions = None
+                if self.plan.method == "pll" and index not in self._wild:
+                    pll = self._wild[index] = pseudo_log_likelihood(self.rows, columns, item.tokens)
+                    positions = len(scored_positions(item.tokens))
+                blocks.append(ScoredBlock(index, [], [], [], pll, positions))
+            if number is None:
+                continue
+            score, pll = variant_score(self.rows, columns, item, item.variants[number], self._wild.get(index))
+            blocks[-1].variant_indexes.append(number)
+            blocks[-1].scores.append(score)
+            if pll is not None:
+                blocks[-1].variant_pseudo_log_likelihoods.append(pll)
+        return blocks

@@ -92,6 +92,8 @@ class LoadedModel:
     has_lm_head: bool = True
     # Why contacts are refused, when has_contact_regression is False.
     contacts_unavailable: str = ""
+    # "sha256:..." of the state dict as loaded (service.models.fingerprint); set by sources.load.
+    weights_fingerprint: str = ""
 
     def __post_init__(self):
         if not self.source:
@@ -205,7 +207,8 @@ def locate(name: str, explicit: Path | None, model_dir: Path | None, allow_downl
             fetched = "Downloading is switched off (--offline)."
         how = (
             f"Put {stem}.pt and {stem}-contact-regression.pt in --model-dir or "
-            f"{hub_checkpoint_dir()}, or pass --checkpoint {name}=/path/to/{stem}.pt."
+            f"{hub_checkpoint_dir()}, or pass --checkpoint {name}=/path/to/{stem}.pt. "
+            "Offline, to try the service: `make demo` (random weights at the 8M shape; its outputs are meaningless)."
         )
     else:
         fetched = ""
