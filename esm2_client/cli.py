@@ -265,7 +265,9 @@ def _scan(args, client, sequence: str) -> int:
     if not variants:
         raise UsageError(f"--positions {first}-{last}: no standard amino acid to mutate there")
     provenance = Provenance.of_model_info(client.model_info(args.model)) if args.png else None
-    scores = scoring.variant_scores(client, args.model, sequence, variants, args.method)
+    with tqdm(unit="pass", desc=f"scan ({args.method})", disable=args.quiet, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        scores = scoring.variant_scores(client, args.model, sequence, variants, args.method, bar)
     with _open_csv(args.output) as handle:
         writer = csv.writer(handle)
         writer.writerow(["position", "wild_type", "mutant", "variant", "method", "score"])
