@@ -31,7 +31,7 @@ from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service.models import batch_budget, checkpoints, memory_budget, sources
 from service.engine import faults
-from service import config, logs, model_specs, tracing
+from service import config, logs, metrics, model_specs, tracing
 from service.models import precision
 from service.models.served import ServedModel
 from service.api import request_guard
@@ -126,6 +126,8 @@ def load_models(args) -> dict[str, ServedModel]:
             shape = sources.shape(located[spec.name])
         needs += [_need(spec, device, shape, args.max_sequence_length) for device in devices]
     memory_budget.check_fits(needs, args.assume_available_memory_gib)
+    for device in dict.fromkeys(n.device for n in needs):
+        metrics.DEVICE_MEMORY_ESTIMATE.labels(str(device)).set(sum(n.bytes for n in needs if n.device == device))
     models = {}
     for spec, devices in zip(args.specs, spec_devices):
         where = located.get(spec.name) or sources.locate(spec.name, spec.source, args.model_dir, allow_download)
