@@ -50,9 +50,9 @@ def configure(args) -> None:
     args.suite_budgets = PEER_BUDGETS["cuda"]
     args.service_items = gpu_service_path.ITEMS_PER_REQUEST
     if args.dry_run:
-        args.device, args.suite_sequences, args.repeats = "cuda", 6, 1
+        args.device, args.suite_sequences, args.repeats = "cuda", 4, 1
         args.suite_models = args.suite_models or "tiny"
-        args.suite_budgets, args.service_items = (512, 1024), (1, 4)
+        args.suite_budgets, args.service_items = (1024,), (2,)  # each loop once: a CI test, kept short
         os.environ["ESM_DEVICE_PLUGIN"] = str(SIMULATED_DEVICE)  # the servers the suite starts inherit it
         platforms.load_plugin(SIMULATED_DEVICE)
     elif args.quick:

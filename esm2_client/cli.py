@@ -318,7 +318,11 @@ def cmd_score(args) -> int:
         if errors:
             raise UsageError(f"{len(errors)} invalid mutations: " + "; ".join(errors[:10])
                              + (f"; and {len(errors) - 10} more" if len(errors) > 10 else ""))
-        scores = scoring.variant_scores(client, args.model, sequence, variants, args.method)
+        # Passes, not variants, are the work: large requests stream (ScoreStream) and move the bar as
+        # their passes finish.
+        with tqdm(unit="pass", desc=args.method.replace("_", " "), disable=args.quiet, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            scores = scoring.variant_scores(client, args.model, sequence, variants, args.method, bar)
     score_column = f"{args.method}_score"
     with _open_csv(args.output) as handle:
         writer = csv.DictWriter(handle, fieldnames=[*columns, score_column], extrasaction="ignore")

@@ -172,9 +172,33 @@ def _log_prob_request(model, sequences) -> pb.LogProbRequest:
     return pb.LogProbRequest(model=model, items=[pb.SequenceItem(sequence=s) for s in sequences])
 
 
-def _score_request(model, items, method) -> pb.ScoreRequest:
-    return pb.ScoreRequest(model=model, params=pb.ScoreParams(method=method),
-                           items=[pb.ScoreItem(sequence=s, variants=list(v)) for s, v in items])
+def _score_request(model, items, method, request_type=pb.ScoreRequest):
+    return request_type(model=model, params=pb.ScoreParams(method=method),
+                        items=[pb.ScoreItem(sequence=s, variants=list(v)) for s, v in items])
+
+
+class _StreamedScores:
+    """ScoreStream's messages put together into Score's results: each variant's score at its index."""
+
+    def __init__(self, items):
+        self.results = [pb.ScoreResult(sequence_index=i, scores=[0.0] * len(v)) for i, (_, v) in enumerate(items)]
+        self.plls = [[0.0] * len(v) for _, v in items]
+
+    def add(self, message: pb.ScoreStreamResponse) -> None:
+        result = self.results[message.sequence_index]
+        for offset, number in enumerate(message.variant_indexes):
+            result.scores[number] = message.scores[offset]
+            if message.variant_pseudo_log_likelihoods:
+                self.plls[message.sequence_index][number] = message.variant_pseudo_log_likelihoods[offset]
+        if message.HasField("pseudo_log_likelihood"):
+            result.pseudo_log_likelihood = message.pseudo_log_likelihood
+            result.scored_positions = message.scored_positions
+
+    def done(self, provenance: Provenance | None) -> list[ScoreResult]:
+        for result, plls in zip(self.results, self.plls):
+            if result.HasField("pseudo_log_likelihood"):
+                result.variant_pseudo_log_likelihoods.extend(plls)
+        return [ScoreResult.of_proto(result, provenance) for result in self.results]
 
 
 class _Base:
@@ -333,6 +357,27 @@ class Esm2Client(_Base):
             lambda t: self._stub.Score.with_call(request, timeout=t, metadata=self._headers(model)), deadline)
         provenance = Provenance.of_metadata(call.trailing_metadata())
         return [ScoreResult.of_proto(result, provenance) for result in response.results]
+
+    def score_stream(self, model: str, items: Sequence[tuple[str, Sequence[str]]], method: str = "masked_marginal",
+                     *, timeout: float | None = None, progress=None) -> list[ScoreResult]:
+        """Score's results through ScoreStream, for requests too large to finish within one call's deadline
+        (README, "Admission"): the server sends the variants each block of passes completes, and
+        `progress(passes_done, passes_total)` is called as they come. Equal to score()'s results."""
+        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        request = _score_request(model, items, method, pb.ScoreStreamRequest)
+
+        def attempt(t):
+            streamed = _StreamedScores(items)
+            call = self._stub.ScoreStream(request, timeout=t, metadata=self._headers(model))
+            try:
+                for message in call:
+                    streamed.add(message)
+                    if progress is not None:
+                        progress(message.passes_done, message.passes_total)
+            finally:
+                call.cancel()  # the caller stopped early (an exception, ^C): the server stops too; done: no-op
+            return streamed.done(Provenance.of_metadata(call.trailing_metadata()))
+        return self._call(attempt, deadline)
 
     def _run(self, sequences, model, make_request, rpc, timeout) -> Iterator[tuple[int, ItemOutputs]]:
         if not sequences:
@@ -504,6 +549,26 @@ class AsyncEsm2Client(_Base):
             return await call, Provenance.of_metadata(await call.trailing_metadata())
         response, provenance = await self._call(attempt, deadline)
         return [ScoreResult.of_proto(result, provenance) for result in response.results]
+
+    async def score_stream(self, model: str, items: Sequence[tuple[str, Sequence[str]]],
+                           method: str = "masked_marginal", *, timeout: float | None = None,
+                           progress=None) -> list[ScoreResult]:
+        """Esm2Client.score_stream, awaited."""
+        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        request = _score_request(model, items, method, pb.ScoreStreamRequest)
+
+        async def attempt(t):
+            streamed = _StreamedScores(items)
+            call = self._stub.ScoreStream(request, timeout=t, metadata=self._headers(model))
+            try:
+                async for message in call:
+                    streamed.add(message)
+                    if progress is not None:
+                        progress(message.passes_done, message.passes_total)
+            finally:
+                call.cancel()  # the caller stopped early: the server stops too; done: no-op
+            return streamed.done(Provenance.of_metadata(await call.trailing_metadata()))
+        return await self._call(attempt, deadline)
 
     async def _run(self, sequences, model, make_request, rpc, timeout) -> AsyncIterator[tuple[int, ItemOutputs]]:
         if not sequences:

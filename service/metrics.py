@@ -40,6 +40,13 @@ JSON_BYTES_IN_FLIGHT = Gauge("esm_json_response_bytes_in_flight",
                              "(bounded by --json-response-budget-mb)")
 RESPONSE_BYTES_HELD = Gauge("esm_response_bytes_held",
                             "Bytes of results and rendered responses held for callers that have not received them yet")
+# What the server may use, read at start-up (service.cgroup_limits; README, "Container limits").
+MEMORY_LIMIT = Gauge("esm_memory_limit_bytes",
+                     "Memory this server may use: its cgroup's limit (memory.max, memory.limit_in_bytes), "
+                     "else the host's total")
+CPU_LIMIT = Gauge("esm_cpu_limit", "Whole CPUs this server may use: its cgroup's CPU quota or its affinity mask, "
+                                   "the smaller")
+TORCH_THREADS = Gauge("esm_torch_threads", "torch's intra-op threads (the CPU limit unless OMP_NUM_THREADS is set)")
 REFUSED_UNDECODED = Counter(
     "esm_refused_undecoded_total", "Calls refused before their message was decoded (service.api.request_guard)", ["reason"]
 )

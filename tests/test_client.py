@@ -138,7 +138,7 @@ def test_invalid_argument_is_not_retried_and_names_the_input(server, client):
     with pytest.raises(Esm2Error) as info:
         Esm2Client(server.target, max_in_flight=1).encode("esm2-tiny", sequences)
     assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert "sequences[9].sequence: invalid character '*' at position 3" in str(info.value)
+    assert "sequences[9].sequence: invalid character '*' (a stop codon: strip it) at position 4" in str(info.value)
     after = server.metric("esm_requests_total", 'code="INVALID_ARGUMENT",method="EncodeStream"')
     assert after - before == 1
 

@@ -209,7 +209,7 @@ def test_models(gateway):
 LONG = "A" * 2049
 VALIDATION_ERRORS = [
     ("encode", body(["MKT", ""]), ["items[1].sequence", "empty"]),
-    ("encode", body(["MKT", "MKXZ", "MK1T"]), ["items[2].sequence", "'1'", "position 2"]),
+    ("encode", body(["MKT", "MKXZ", "MK1T"]), ["items[2].sequence", "'1'", "position 3"]),
     ("encode", body(["mkt"]), ["items[0].sequence", "lowercase"]),
     ("encode", body([LONG]), ["items[0].sequence", "2049 residues", "2048"]),
     ("encode", body(["MKT"] * 9), ["items", "1 to 8", "got 9"]),
@@ -220,7 +220,7 @@ VALIDATION_ERRORS = [
     ("encode", body(["MKT"], None, [0, -8]), ["params.repr_layers[1]", "-8"]),
     ("encode", body(["MK<mask>T"]), ["items[0].sequence", "<mask>", "predict"]),
     ("predict", body(["MKT"]), ["items[0].sequence", "at least one <mask>"]),
-    ("predict", body(["MK-<mask>"]), ["items[0].sequence", "'-'", "position 2"]),
+    ("predict", body(["MK-<mask>"]), ["items[0].sequence", "'-'", "position 3"]),
     ("encode", {"items": [{"sequence": 5}]}, ["items[0].sequence", "expected a string", "5"]),
     ("encode", {"params": {"repr_layers": [1.5]}, "items": [{"sequence": "MKT"}]}, ["params.repr_layers[0]", "1.5"]),
 ]

@@ -5,6 +5,7 @@ results after each model; a bad model list or a missing device is refused before
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -17,11 +18,14 @@ from service import platforms
 def suite(monkeypatch, tmp_path):
     """bench.run's main in this process, its process-wide changes undone afterwards."""
     monkeypatch.setattr(bench_run.signal, "signal", lambda *args: None)
-    monkeypatch.setenv("ESM_DEVICE_PLUGIN", "")  # the dry run sets it for the servers it starts
-    previous = platforms.cuda_runtime()
+    previous = platforms.cuda_runtime(), os.environ.get("ESM_DEVICE_PLUGIN")  # the dry run sets both
     yield lambda *flags: bench_run.main(["--gpu-suite", "--out-dir", str(tmp_path / "out"),
                                          "--cache-dir", str(tmp_path / "cache"), *flags])
-    platforms.set_cuda_runtime(previous)
+    platforms.set_cuda_runtime(previous[0])
+    if previous[1] is None:
+        os.environ.pop("ESM_DEVICE_PLUGIN", None)
+    else:
+        os.environ["ESM_DEVICE_PLUGIN"] = previous[1]
 
 
 def test_the_dry_run_reports_every_case_and_keeps_each_models_results(suite, tmp_path, monkeypatch):
@@ -44,7 +48,7 @@ def test_the_dry_run_reports_every_case_and_keeps_each_models_results(suite, tmp
     assert measured == {"baseline: stock fair-esm, mean", "HF transformers sdpa fp32", "HF transformers sdpa bf16",
                         *(f"service forward, fast path (SDPA) {p}" for p in ("fp32", "bf16", "fp16")),
                         *(f"service forward, packed (varlen) {p}" for p in ("bf16", "fp16")),
-                        *(f"service full path: server + 4 gRPC clients, {n} items/request" for n in (1, 4))}
+                        "service full path: server + 4 gRPC clients, 2 items/request"}
     (target,) = run["targets"]
     assert target["model"] == "esm2-tiny" and target["threshold"] == gpu_suite.BF16_OVER_STOCK
     assert target["target"] == "service forward, fast path (SDPA) bf16 / stock fair-esm fp32" and target["value"] > 0

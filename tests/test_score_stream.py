@@ -4,9 +4,12 @@ with an idle timeout instead of a total one)."""
 
 from __future__ import annotations
 
+import asyncio
+import csv
 import json
 import math
 import random
+import subprocess
 
 import pytest
 import requests
@@ -152,3 +155,58 @@ def test_through_the_gateway_a_scan_longer_than_the_route_timeout_streams_to_its
     assert progress[-1] == (count, count) and len(progress) >= math.ceil(count / 16)
     unary = stub.Score(score_request("esm2-8m", [(sequence, variants)], "masked_marginal")).results[0]
     assert [found[0][n][0] for n in range(len(variants))] == list(unary.scores)
+
+
+# ---- the Python client and `esm2 score` ------------------------------------------------------------
+def test_the_client_streams_a_scan_with_progress_and_equals_score(server):
+    from esm2_client.client import AsyncEsm2Client, Esm2Client
+
+    sequence = protein(40, 150)
+    variants = shuffled_scan(sequence, sorted(random.Random(40).sample(range(1, 151), 36)), seed=41)
+    seen = []
+    with Esm2Client(server.target) as client:
+        (streamed,) = client.score_stream("esm2-8m", [(sequence, variants)], "masked_marginal",
+                                          progress=lambda done, total: seen.append((done, total)))
+        (unary,) = client.score("esm2-8m", [(sequence, variants)], "masked_marginal")  # the same passes, cached
+    assert list(streamed.scores) == list(unary.scores)
+    assert seen[-1] == (36, 36) and [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) >= 3
+    assert streamed.provenance == unary.provenance is not None
+
+    async def awaited():
+        async with AsyncEsm2Client(server.target) as client:
+            return await client.score_stream("esm2-8m", [(sequence, variants)], "masked_marginal")
+    (streamed_async,) = asyncio.run(awaited())
+    assert list(streamed_async.scores) == list(unary.scores)
+
+
+def test_two_esm2_score_scans_at_once_stream_and_equal_the_unary_scores(server, tmp_path):
+    """The issue's two-caller scan, smaller: two `esm2 score` runs of 40 positions each at once. Each
+    goes through ScoreStream (40 passes >= STREAM_MIN_PASSES) with a progress bar on stderr, and every
+    score equals the unary Score's."""
+    from esm2_client.client import Esm2Client
+    from esm2_client.scoring import STREAM_MIN_PASSES
+    from support import ESM2_COMMAND
+
+    streams_before = server.metric("esm_requests_total", 'code="OK",method="ScoreStream"')
+    scans = []
+    for seed in (50, 51):
+        sequence = protein(seed, 160)
+        variants = shuffled_scan(sequence, sorted(random.Random(seed).sample(range(1, 161), 40)), seed + 100)
+        (tmp_path / f"{seed}.csv").write_text("mutant\n" + "".join(f"{v}\n" for v in variants))
+        scans.append((seed, sequence, variants))
+    assert 40 >= STREAM_MIN_PASSES
+    runs = [subprocess.Popen([*ESM2_COMMAND, "score", "--sequence", sequence, "--mutations-csv", str(tmp_path / f"{seed}.csv"),
+                              "-m", "esm2-8m", "--server", server.target, "-o", str(tmp_path / f"{seed}.out.csv")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for seed, sequence, _ in scans]
+    for run in runs:
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr
+        assert "masked marginal: 100%" in stderr and "40/40 [" in stderr, stderr  # tqdm's bar, in passes
+    assert server.metric("esm_requests_total", 'code="OK",method="ScoreStream"') - streams_before == 2
+    with Esm2Client(server.target) as client:
+        for seed, sequence, variants in scans:
+            rows = list(csv.DictReader(open(tmp_path / f"{seed}.out.csv")))
+            assert [row["mutant"] for row in rows] == variants
+            (unary,) = client.score("esm2-8m", [(sequence, variants)], "masked_marginal")
+            assert [row["masked_marginal_score"] for row in rows] == [f"{score:.6f}" for score in unary.scores]

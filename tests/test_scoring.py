@@ -77,7 +77,7 @@ def test_log_prob_json_is_biolms_shape_and_errors_are_encodes(gateway, reference
     assert bad.status_code == 400
     error = bad.json()
     assert error["errors"] == [{"index": 1, "field": "items[1].sequence",
-                                "detail": "invalid character '1' at position 2; allowed: ACDEFGHIKLMNPQRSTVWY, "
+                                "detail": "invalid character '1' at position 3; allowed: ACDEFGHIKLMNPQRSTVWY, "
                                           "BXZUO and '-'"}]
     extra = requests.post(url, json={"items": [{"sequence": "MKT"}], "params": {}}, headers=JSON, timeout=60)
     assert extra.status_code == 400 and "unknown field 'params'" in extra.json()["detail"]
@@ -213,15 +213,16 @@ def test_variants_outside_the_grammar_are_refused_naming_variant_and_index(gatew
 
 
 def test_a_hostile_body_of_variants_is_refused_by_its_mutation_count(gateway):
-    """Issue 32's request: 280 variants of 2,048 mutations each, 3.7 MB; refused by counting, as
-    tests/unit/test_variant_bounds.py shows without parsing any variant."""
+    """Issue 32's request: 280 variants of 2,048 mutations each, 3.7 MB; refused by counting its
+    ':', as tests/unit/test_variant_bounds.py shows without parsing the JSON or any variant."""
     wild_type = (AMINO * 103)[:2048]
     variant = ":".join(f"{a}{p}{'A' if a != 'A' else 'C'}" for p, a in enumerate(wild_type, start=1))
     body = {"params": {"method": "wt_marginal"}, "items": [{"sequence": wild_type, "variants": [variant] * 280}]}
     response = requests.post(gateway.url + "/api/v3/esm2-8m/score/", json=body, timeout=60)
     assert response.status_code == 400, response.text
-    assert response.json()["detail"] == ("items: 573440 mutations in one request; at most 10000 are allowed "
-                                         "(--max-score-mutations): split the variants over several requests")
+    assert response.json()["detail"] == (
+        "items: the body holds 573165 ':', more than a request within --max-score-mutations (10000 mutations) can "
+        "hold (10019: one after each key, one between two mutations): split the variants over several requests")
 
 
 # ---- bounds -------------------------------------------------------------------------------------

@@ -141,6 +141,21 @@ def _check_list_lengths(document, limits: Limits, score_limits: ScoreLimits) -> 
                             if isinstance(params.get(name), list)})
 
 
+def _check_colons(text: bytes, limits: Limits, score_limits: ScoreLimits) -> None:
+    """A score body's bound on its ':' characters, counted in the raw bytes before the JSON parse.
+    In a valid body every ':' ends a key (params, method, items; sequence and variants per item)
+    or separates two mutations of a variant; so one with more than the keys' count plus
+    --max-score-mutations is refused by a byte count (issue 32's 3.7 MB body: under a
+    millisecond, where parsing its JSON took tens)."""
+    most = 3 + 2 * limits.max_items + score_limits.max_mutations
+    colons = text.count(b":")
+    if colons > most:
+        raise InvalidRequest.of(Problem(
+            "items", None, f"the body holds {colons} ':', more than a request within --max-score-mutations "
+                           f"({score_limits.max_mutations} mutations) can hold ({most}: one after each key, one "
+                           "between two mutations): split the variants over several requests"))
+
+
 # Sequence contents (letters, length, masks) are checked by service.api.validation, and variants
 # by esm2_wire.variants, whose messages name the position of the first bad character or the
 # bad mutation; the schema states the same rules.
@@ -168,6 +183,8 @@ class BodyParser:
         if len(data) > self.max_bytes:
             raise BadBody(413, f"the request body exceeds {self.max_bytes} bytes (--max-request-bytes)")
         text = inflate(data, encoding, self.max_bytes)
+        if action == "score":
+            _check_colons(text, self.limits, self.score_limits)
         try:
             document = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
         except UnicodeDecodeError:

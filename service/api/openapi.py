@@ -254,6 +254,19 @@ def document(limits: Limits = Limits()) -> dict:
     }
 
 
+def as_served(document: bytes, api_keys_required: bool) -> bytes:
+    """The committed document as a server serves it: without API keys, no operation asks for one
+    (the docs page then shows no padlocks and no Authorize button)."""
+    if api_keys_required:
+        return document
+    parsed = json.loads(document)
+    for operations in parsed.get("paths", {}).values():
+        for operation in operations.values():
+            operation.pop("security", None)
+    parsed.get("components", {}).pop("securitySchemes", None)
+    return (json.dumps(parsed, indent=1, ensure_ascii=True) + "\n").encode()
+
+
 def render() -> bytes:
     return (json.dumps(document(), indent=1, ensure_ascii=True) + "\n").encode()
 

@@ -26,7 +26,7 @@ from esm2_wire.proto import FLEET_MODELS_HEADER, pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service import errors, logs, metrics, request_context, tracing
 from service.request_context import REQUEST_ID_HEADER, RequestContext, request_id_from
-from service.api import json_limits, rendering, scoring
+from service.api import json_limits, openapi, rendering, scoring
 from service.api.auth import Tenancy
 from service.api.response_memory import (
     DEFAULT_MAX_HELD_RESPONSE_MB, DEFAULT_MAX_STREAM_HELD_MB, HeldResponse, ResponseMemory,
@@ -113,8 +113,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         self.access_log = access_log  # one line per finished RPC (service.logs.access_line)
         self.max_json_response_bytes = max_json_response_bytes
         self.bodies = BodyParser(limits, max_request_bytes, score_limits)
-        self.openapi_document = openapi_document
-        self.docs_page = DocsPage()
+        self.openapi_document = openapi.as_served(openapi_document, api_keys_required)
+        self.docs_page = DocsPage(random_models=sorted(n for n, m in models.items() if m.loaded.random_weights))
         self.playground_page = PlaygroundPage(api_keys_required)
         self.models = models
         self.router = router  # one scheduler per model

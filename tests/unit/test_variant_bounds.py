@@ -15,6 +15,7 @@ import service.api.scoring as scoring
 from esm2_wire import variants
 from esm2_wire.variants import VARIANT_PATTERN, parse_variant
 from esm2_wire.vocabulary import Limits
+from service.api import json_body
 from service.api.json_body import BodyParser
 from service.api.scoring import ScoreLimits, parse_score_items
 from service.errors import InvalidRequest
@@ -55,10 +56,24 @@ def test_the_json_body_is_refused_before_any_variant_is_parsed_or_validated(pars
     matched = []  # the schema validator's pattern checks: it must not visit the variants either
     real_search = re.search
     monkeypatch.setattr(re, "search", lambda *a, **k: matched.append(a[1]) or real_search(*a, **k))
+    decoded = []  # nor is the JSON parsed: its ':' are counted in the raw bytes
+    real_loads = json_body.json.loads
+    monkeypatch.setattr(json_body.json, "loads", lambda *a, **k: decoded.append(1) or real_loads(*a, **k))
     with pytest.raises(InvalidRequest) as caught:
         parser.parse(body, "", "score")
-    assert "573440 mutations in one request; at most 10000 are allowed" in str(caught.value)
-    assert parses == [] and matched == []
+    assert str(caught.value) == ("items: the body holds 573165 ':', more than a request within --max-score-mutations "
+                                 "(10000 mutations) can hold (10019: one after each key, one between two mutations): "
+                                 "split the variants over several requests")
+    assert parses == [] and matched == [] and decoded == []
+
+
+def test_under_the_colon_bound_the_mutations_are_counted_before_any_is_parsed(parses):
+    """10,001 single mutations hold no ':' inside a variant: the count of variants refuses them."""
+    body = json.dumps({"items": [{"sequence": "MKTAY", "variants": ["K2A"] * 10_001}]}).encode()
+    with pytest.raises(InvalidRequest) as caught:
+        BodyParser(Limits(8, 2048), max_bytes=4 << 20).parse(body, "", "score")
+    assert "10001 mutations in one request; at most 10000 are allowed" in str(caught.value)
+    assert parses == []
 
 
 def test_a_variant_longer_than_its_mutations_allow_is_refused_unparsed(parses):
