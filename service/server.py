@@ -128,6 +128,8 @@ def load_models(args) -> dict[str, ServedModel]:
             shape = sources.shape(located[spec.name])
         needs += [_need(spec, device, shape, args.max_sequence_length) for device in devices]
     memory_budget.check_fits(needs, args.assume_available_memory_gib)
+    for device in dict.fromkeys(n.device for n in needs):
+        metrics.DEVICE_MEMORY_ESTIMATE.labels(str(device)).set(sum(n.bytes for n in needs if n.device == device))
     models = {}
     for spec, devices in zip(args.specs, spec_devices):
         where = located.get(spec.name) or sources.locate(spec.name, spec.source, args.model_dir, allow_download)
