@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+
+try:
+    import fcntl
+except ImportError:  # Windows: no record locks; ports are then unique within one process only
+    fcntl = None
 
 _LOWEST_PORT = 10000  # below this sit well-known services
 _RANDOM = random.SystemRandom()  # not the seedable module state: two processes must not draw the same ports
 _handed_out: set[int] = set()  # this process never hands a port out twice
+# Ports handed out by any process on this host: the byte at offset `port` of this file is
+# record-locked by the process that drew it, until that process exits (the kernel drops the lock).
+_CLAIMS_PATH = os.path.join(tempfile.gettempdir(), f"esm2-free-ports-{os.getuid() if hasattr(os, 'getuid') else 0}.lock")
+_claims_fd: int | None = None
 
 
 def ephemeral_port_range() -> tuple[int, int]:
@@ -30,6 +41,9 @@ def free_port(room: int = 1) -> int:
     range, Envoy's health checks included, so a port picked there can be taken before the child
     binds it. Outside that range only another explicit bind can take it. (Where that range leaves
     fewer than 1000 ports, the draw is from every port from _LOWEST_PORT up, ephemeral ones included.)
+
+    No two processes on the host are handed the same port while the first lives (_claim): the
+    parallel test workers, several launchers, each drawing before its children bind.
     """
     low, high = ephemeral_port_range()
     candidates = max(range(_LOWEST_PORT, low - room), range(high + 1, 65536 - room), key=len)
@@ -38,10 +52,33 @@ def free_port(room: int = 1) -> int:
     for _ in range(1000):
         port = _RANDOM.choice(candidates)
         block = range(port, port + room)
-        if not _handed_out.intersection(block) and all(_bindable(p) for p in block):
+        if not _handed_out.intersection(block) and all(_bindable(p) for p in block) and _claim(port, room):
             _handed_out.update(block)
             return port
     raise RuntimeError(f"no {room} free port(s) on 127.0.0.1 in {candidates.start}-{candidates.stop - 1}")
+
+
+def _claim(port: int, room: int) -> bool:
+    """Claims ports port .. port + room - 1 for this process's lifetime, against every other process
+    using free_port: a bindable port can still be drawn by a second process before the first one's
+    child binds it. POSIX record locks (not flock) on one file: one descriptor holds any number of
+    them, they are not inherited by children, and they vanish when the process dies, however it dies.
+    The descriptor stays open: closing any descriptor of the file would drop this process's locks."""
+    global _claims_fd
+    if fcntl is None:
+        return True
+    if _claims_fd is None:
+        try:
+            _claims_fd = os.open(_CLAIMS_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # no writable temp directory: unique within this process only
+            _claims_fd = -1
+    if _claims_fd < 0:
+        return True
+    try:
+        fcntl.lockf(_claims_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, room, port)
+    except OSError:  # held by another live process
+        return False
+    return True
 
 
 def _bindable(port: int) -> bool:
