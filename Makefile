@@ -38,16 +38,19 @@ docs-assets: $(VENV)/.installed
 serve: setup
 	$(PY) -m gateway.launch $(SERVE_ARGS)
 
-# Try the whole service offline with a random-weight checkpoint at the 8M shape.
+# Try the whole service offline with a random-weight checkpoint at the 8M shape. Its file is named
+# so that no one takes it for the real checkpoint: $(DEMO_CHECKPOINT).
+DEMO_CHECKPOINT = $(CHECKPOINTS)/esm2-8m-shape-RANDOM-WEIGHTS.pt
+DEMO_SERVE = --models esm2-8m --checkpoint esm2-8m=$(DEMO_CHECKPOINT) --offline
 demo: setup
 	$(PY) -m service.models.random_checkpoints --shape 8m --out $(CHECKPOINTS)
-	$(PY) -m gateway.launch --models esm2-8m --model-dir $(CHECKPOINTS) --offline $(SERVE_ARGS)
+	$(PY) -m gateway.launch $(DEMO_SERVE) $(SERVE_ARGS)
 
 # A fleet on one host, offline: REPLICAS random-weight 8M-shape servers behind one Envoy.
 REPLICAS ?= 3
 fleet: setup
 	$(PY) -m service.models.random_checkpoints --shape 8m --out $(CHECKPOINTS)
-	$(PY) -m gateway.launch --replicas $(REPLICAS) --models esm2-8m --model-dir $(CHECKPOINTS) --offline $(SERVE_ARGS)
+	$(PY) -m gateway.launch --replicas $(REPLICAS) $(DEMO_SERVE) $(SERVE_ARGS)
 
 # Envoy's ConfigMap of each Kubernetes overlay, rendered by gateway/envoy_config.py (tests check they match).
 K8S_ENVOY = --configmap esm2-envoy --http-port 8080 --descriptor /etc/esm2/esm2_descriptor.pb \

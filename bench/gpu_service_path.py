@@ -23,10 +23,10 @@ WARM_REQUESTS = 8
 
 
 def measure(name: str, checkpoint: Path, device: str, workload: Workload, repeats: int,
-            flops: float) -> list[Measurement]:
+            flops: float, items_per_request: tuple[int, ...] = ITEMS_PER_REQUEST) -> list[Measurement]:
     out = []
     with Server(name, checkpoint, "--device", device, "--cache-mb", "0", "--metrics-port", "0") as server:
-        for items in ITEMS_PER_REQUEST:
+        for items in items_per_request:
             work = encode_requests(name, workload.sequences, items)
             drive(server, work[:WARM_REQUESTS], CLIENTS)  # warm: this request shape's batches and buffers
             m = Measurement(name, f"service full path: server + {CLIENTS} gRPC clients, {items} items/request",

@@ -57,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--mfu-sequences", type=int, default=8)
     p.add_argument("--contacts-max-length", type=int, default=512,
                    help="contacts cases use the mix's sequences up to this length (stock stacks every layer's maps)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 3; --gpu-suite: 1)")
     p.add_argument("--clients", default="1,8,32")
     p.add_argument("--items", default="8,1")
     p.add_argument("--latency-requests", type=int, default=100)
@@ -67,7 +67,10 @@ def parse_args(argv):
     p.add_argument("--gpu-suite", action="store_true",
                    help="the GPU suite instead of the cases (bench/gpu_suite.py): --suite-models in-process, "
                         "fp32/bf16/fp16 vs stock fp32 fair-esm and HF sdpa, MFU against the measured bf16 matmul rate")
-    p.add_argument("--suite-models", default="650m,3b", help="shapes of --gpu-suite")
+    p.add_argument("--suite-models", default=None,
+                   help="shapes of --gpu-suite, checked before any work (default 650m,3b; --quick 650m; --dry-run tiny)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="--gpu-suite: every step at the tiny shape on the tests' simulated CUDA device (no GPU)")
     p.add_argument("--suite-sequences", type=int, default=128, help="log-normal sequences of --gpu-suite")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="the service's autocast precision (the stock baseline stays fp32)")
@@ -76,6 +79,8 @@ def parse_args(argv):
     p.add_argument("--cache-dir", type=Path, default=HERE / ".cache", help="random-weight checkpoints")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.gpu_suite else 3  # the GPU suite's budget: 4 minutes on one H100
     args.cases = set(CASE_GROUPS) if args.cases == "all" else {c.strip() for c in args.cases.split(",") if c.strip()}
     if args.cases - set(CASE_GROUPS):
         p.error(f"unknown --cases {', '.join(sorted(args.cases - set(CASE_GROUPS)))}; choose from {', '.join(CASE_GROUPS)}")
@@ -100,11 +105,11 @@ def shapes(text: str) -> list[str]:
     return names
 
 
-def checkpoint_for(shape: str, cache: Path) -> Path:
+def checkpoint_for(shape: str, cache: Path, device: str | torch.device = "cpu") -> Path:
     path = cache / f"{SHAPES[shape][3]}.pt"
     if not path.exists():
-        log.info("writing a random-weight %s checkpoint to %s", shape, cache)
-        write_random_checkpoint(shape, cache)
+        log.info("writing a random-weight %s checkpoint to %s (made on %s)", shape, cache, device)
+        write_random_checkpoint(shape, cache, device=device)
     return path
 
 
@@ -203,7 +208,15 @@ def main(argv=None) -> int:
     if args.gpu_suite:
         from bench import gpu_suite
 
-        return _finish(args, run, gpu_suite.run(args, run, checkpoint_for), started)
+        gpu_suite.configure(args)  # the model list and the device, checked before any work
+
+        def save(measurements):  # each model's results are on disk as soon as it is done
+            run["wall_seconds"] = time.monotonic() - started
+            run["targets"] = gpu_suite.targets(measurements)
+            report.write(args.out_dir, run, measurements)
+
+        measurements = gpu_suite.run(args, run, checkpoint_for, save)
+        return _finish(args, run, measurements, started, gpu_suite.targets(measurements))
     # MFU is against the matmul rate of the precision the service computes in.
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
     run["matmul_flops_per_s"] = machine.matmul_rate(args.device, dtype, n=2048 if args.device == "cpu" else 8192)
@@ -263,10 +276,10 @@ def main(argv=None) -> int:
     return _finish(args, run, measurements, started)
 
 
-def _finish(args, run: dict, measurements: list, started: float) -> int:
-    """Targets, the report files, and the report on stdout."""
+def _finish(args, run: dict, measurements: list, started: float, checks: list[dict] | None = None) -> int:
+    """Targets (the cases' own unless `checks` are given), the report files, and the report on stdout."""
     run["wall_seconds"] = time.monotonic() - started
-    run["targets"] = report.targets(measurements, run["matmul_flops_per_s"])
+    run["targets"] = report.targets(measurements, run["matmul_flops_per_s"]) if checks is None else checks
     json_path, md_path = report.write(args.out_dir, run, measurements)
     print(md_path.read_text())
     log.info("wrote %s and %s", json_path, md_path)

@@ -92,7 +92,7 @@ def saturation(wild_type: str, positions: int) -> list[str]:
 # ---- the client-side path (esm2 score before issue 20) -------------------------------------
 def _client_side_rows(client: Esm2Client, model: str, sequence: str, positions: list[int]):
     """(position -> log-softmax there with it alone masked, token -> column), from Predict."""
-    outputs = client.predict([masked_at(sequence, p) for p in positions], model)
+    outputs = client.predict(model, [masked_at(sequence, p) for p in positions])
     rows = {}
     for position, output in zip(positions, outputs):
         logits = output.logits[position - 1].astype(np.float64)

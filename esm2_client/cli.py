@@ -3,6 +3,7 @@
     esm2 embed proteins.fasta -o out.h5 --model esm2-35m --include mean per_token --repr-layers -1 0
     esm2 predict 'MKT<mask>AYIAK' --top-k 5
     esm2 score --sequence MKTAYIAK --mutations K2A T3G:A4C
+    esm2 score --sequence-fasta wt.fasta --scan --positions 10-80 --method wt_marginal -o scan.csv --png scan.png
     esm2 score --pll library.fasta -o pll.csv
     esm2 contacts proteins.fasta --png maps/ --attention
     esm2 health | esm2 models
@@ -36,6 +37,7 @@ from esm2_client.embedding_store import (
 from esm2_wire import output_kinds
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb
+from esm2_wire.provenance import Provenance
 from esm2_wire.variants import parse_variant
 from esm2_wire.vocabulary import MASK
 
@@ -116,7 +118,7 @@ def cmd_embed(args) -> int:
             raise UsageError(f"--repr-layers {bad_layers}: {args.model} has {n} layers; allowed: {-(n + 1)} to {n}")
         layers = list(dict.fromkeys(layer % (n + 1) for layer in args.repr_layers))
         settings = {"model": args.model, "include": include, "repr_layers": layers, "truncate": args.truncate}
-        store = EmbeddingStore(args.output, settings)
+        store = EmbeddingStore(args.output, settings, Provenance.of_model_info(info).as_dict())
         done = store.open()
         todo = [r for r in records if r.id not in done]
         written = 0
@@ -126,7 +128,7 @@ def cmd_embed(args) -> int:
         # (wrong key, bad input) leaves only its one error line.
         bar = None
         try:
-            for index, outputs in client.encode_iter([r.sequence for r in todo], args.model, include, layers):
+            for index, outputs in client.encode_iter(args.model, [r.sequence for r in todo], include, layers):
                 interrupts.write(store.add, todo[index].id, output_arrays(outputs, kinds))
                 written += 1
                 if bar is None:
@@ -174,16 +176,17 @@ def cmd_contacts(args) -> int:
     include = ["contacts", "attentions"] if args.attention else ["contacts"]
     with _client(args) as client:
         info = client.model_info(args.model)
+        provenance = Provenance.of_model_info(info)
         records = _fit_lengths(records, info.max_sequence_length, args.truncate, args.model)
         names = _png_names(records)
         interrupts = _Interrupts()
         interrupts.install()
         with tqdm(total=len(records), unit="seq", desc="contacts", disable=args.quiet, file=sys.stderr,
                   dynamic_ncols=True) as bar:
-            for index, outputs in client.encode_iter([r.sequence for r in records], args.model, include):
+            for index, outputs in client.encode_iter(args.model, [r.sequence for r in records], include):
                 interrupts.write(contact_plot.draw, args.png / names[index], records[index].id,
                                  outputs.get(OutputKind.CONTACTS),
-                                 outputs.get(OutputKind.ATTENTIONS) if args.attention else None)
+                                 outputs.get(OutputKind.ATTENTIONS) if args.attention else None, provenance)
                 bar.update()
     print(f"esm2: drew {len(records)} contact maps in {args.png}", file=sys.stderr)
     return 0
@@ -199,7 +202,7 @@ def cmd_predict(args) -> int:
     with _client(args) as client, _open_csv(args.output) as handle:
         writer = csv.writer(handle)
         writer.writerow(["sequence_id", "position", "rank", "token", "probability"])
-        for index, outputs in client.predict_iter([r.sequence for r in records], args.model):
+        for index, outputs in client.predict_iter(args.model, [r.sequence for r in records]):
             for row, token in enumerate(outputs.sequence_tokens):
                 if token != MASK:
                     continue
@@ -237,9 +240,56 @@ def _variants(args, sequence: str) -> tuple[list[dict], list[str], str]:
     return [{"mutant": m} for m in args.mutations], ["mutant"], "mutant"
 
 
+_POSITIONS = re.compile(r"([0-9]{1,9})(?:-([0-9]{1,9}))?")
+
+
+def _positions(text: str | None, sequence: str) -> tuple[int, int]:
+    """--positions A-B (or A) as 1-based (first, last); the whole sequence without it."""
+    if text is None:
+        return 1, len(sequence)
+    match = _POSITIONS.fullmatch(text.strip())
+    if match is None:
+        raise UsageError(f"--positions {text!r}: expected FIRST-LAST, e.g. 10-80 (1-based, inclusive), or one position")
+    first = int(match.group(1))
+    last = int(match.group(2) or first)
+    if not 1 <= first <= last <= len(sequence):
+        raise UsageError(f"--positions {text}: the wild type has {len(sequence)} residues; "
+                         f"positions run from 1 to {len(sequence)}, first <= last")
+    return first, last
+
+
+def _scan(args, client, sequence: str) -> int:
+    """Every single substitution at every position of --positions: a long CSV, and a heatmap with --png."""
+    first, last = _positions(args.positions, sequence)
+    variants = scoring.scan_variants(sequence, first, last)
+    if not variants:
+        raise UsageError(f"--positions {first}-{last}: no standard amino acid to mutate there")
+    provenance = Provenance.of_model_info(client.model_info(args.model)) if args.png else None
+    scores = scoring.variant_scores(client, args.model, sequence, variants, args.method)
+    with _open_csv(args.output) as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["position", "wild_type", "mutant", "variant", "method", "score"])
+        for variant, score in zip(variants, scores):
+            writer.writerow([variant[1:-1], variant[0], variant[-1], variant, args.method, f"{score:.6f}"])
+    if args.png:
+        from esm2_client import scan_plot
+
+        scan_plot.draw(args.png, args.sequence_fasta.stem if args.sequence_fasta else "sequence", sequence, first,
+                       last, dict(zip(variants, scores)), args.method, provenance)
+    return 0
+
+
 def cmd_score(args) -> int:
-    if args.pll and (args.mutations or args.mutations_csv):
-        raise UsageError("score: --pll scores whole sequences; --mutations and --mutations-csv need --sequence")
+    if args.pll and (args.mutations or args.mutations_csv or args.scan):
+        raise UsageError("score: --pll scores whole sequences; --mutations, --mutations-csv and --scan need --sequence")
+    if args.scan and (args.mutations or args.mutations_csv):
+        raise UsageError("score: --scan scores every substitution itself; leave out --mutations and --mutations-csv")
+    if not args.scan and (args.positions or args.png):
+        raise UsageError("score: --positions and --png belong to --scan")
+    if args.png:
+        from esm2_client import contact_plot
+
+        contact_plot.figure_class()  # without matplotlib, fail before any work
     with _client(args) as client:
         if args.pll:
             records = read_fasta(args.pll)
@@ -253,6 +303,8 @@ def cmd_score(args) -> int:
                                      f"{result.pseudo_log_likelihood:.6f}", f"{result.perplexity:.6f}"])
             return 0
         sequence = _wild_type(args)
+        if args.scan:
+            return _scan(args, client, sequence)
         rows, columns, column = _variants(args, sequence)
         if not rows:
             raise UsageError("score: no mutations given (use --mutations A23G ... or --mutations-csv FILE)")
@@ -266,12 +318,17 @@ def cmd_score(args) -> int:
         if errors:
             raise UsageError(f"{len(errors)} invalid mutations: " + "; ".join(errors[:10])
                              + (f"; and {len(errors) - 10} more" if len(errors) > 10 else ""))
-        scores = scoring.masked_marginal_scores(client, args.model, sequence, variants)
+        # Passes, not variants, are the work: large requests stream (ScoreStream) and move the bar as
+        # their passes finish.
+        with tqdm(unit="pass", desc=args.method.replace("_", " "), disable=args.quiet, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            scores = scoring.variant_scores(client, args.model, sequence, variants, args.method, bar)
+    score_column = f"{args.method}_score"
     with _open_csv(args.output) as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*columns, "masked_marginal_score"], extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=[*columns, score_column], extrasaction="ignore")
         writer.writeheader()
         for row, score in zip(rows, scores):
-            writer.writerow({**row, "masked_marginal_score": f"{score:.6f}"})
+            writer.writerow({**row, score_column: f"{score:.6f}"})
     return 0
 
 
@@ -354,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=cmd_predict)
 
     score = commands.add_parser("score", parents=[common, model],
-                                help="masked-marginal variant scores, or pseudo-log-likelihoods")
+                                help="variant scores (a list or a whole scan), or pseudo-log-likelihoods")
     target = score.add_mutually_exclusive_group(required=True)
     target.add_argument("--sequence", help="wild-type sequence")
     target.add_argument("--sequence-fasta", type=Path, help="FASTA file holding the wild-type sequence")
@@ -363,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--mutations", nargs="+", default=[], help="e.g. A23G K45R:A2C (1-based positions)")
     score.add_argument("--mutations-csv", type=Path, help="CSV file with a column of mutations")
     score.add_argument("--column", default="mutant", help="mutation column of --mutations-csv (default mutant)")
+    score.add_argument("--method", choices=scoring.METHODS, default="masked_marginal",
+                       help="how variants are scored (default masked_marginal; README, Scoring)")
+    score.add_argument("--scan", action="store_true",
+                       help="score every single substitution at every position (or --positions): a long CSV")
+    score.add_argument("--positions", metavar="FIRST-LAST", help="--scan only these positions, e.g. 10-80 (1-based)")
+    score.add_argument("--png", type=Path, metavar="FILE",
+                       help="--scan also draws a heatmap here, the wild type ringed (needs the plot extra)")
     score.add_argument("-o", "--output", type=Path, help="CSV file (default stdout)")
     score.set_defaults(run=cmd_score)
 

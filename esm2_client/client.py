@@ -12,10 +12,12 @@ and mean-only requests cost the same either way (see README, "Client").
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -24,8 +26,10 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from esm2_client.results import ScoreResult
 from esm2_client.streams import ItemOutputs, StreamAssembler
 from esm2_wire.proto import MODEL_HEADER, pb, pb_grpc
+from esm2_wire.provenance import Provenance
 
 DEFAULT_TARGET = "localhost:50051"
 # Finished requests held while an earlier one still runs, per max_in_flight slot: bounds
@@ -43,6 +47,30 @@ _ITEM_FIELD = re.compile(r"items\[(\d+)\]")
 
 
 REQUEST_ID_HEADER = "x-request-id"
+# The release that drops the old argument order, (sequences, model).
+OLD_ORDER_REMOVED_IN = "0.3.0"
+
+
+def model_first(method):
+    """Every call takes (model, ...). The order of 0.1, (sequences, model), still works, with a
+    DeprecationWarning, until OLD_ORDER_REMOVED_IN (CHANGELOG.md): a first argument that is not a
+    string is the old order's sequences."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if args and not isinstance(args[0], str):
+            if len(args) >= 2 and isinstance(args[1], str):
+                args = (args[1], args[0], *args[2:])
+            elif "model" in kwargs:
+                args = (kwargs.pop("model"), *args)
+            else:
+                raise TypeError(f"{method.__name__}(model, sequences, ...): the model's name comes first")
+            warnings.warn(f"{method.__name__}(sequences, model) is deprecated: call {method.__name__}(model, sequences)"
+                          f"; the old order is removed in {OLD_ORDER_REMOVED_IN}", DeprecationWarning, stacklevel=2)
+        elif len(args) >= 2 and isinstance(args[1], str):
+            raise TypeError(f"{method.__name__}(model, sequences, ...): sequences is a list of sequences, "
+                            f"not one string: pass [{args[1][:20]!r}]")
+        return method(self, *args, **kwargs)
+    return call
 
 
 class Esm2Error(Exception):
@@ -144,9 +172,33 @@ def _log_prob_request(model, sequences) -> pb.LogProbRequest:
     return pb.LogProbRequest(model=model, items=[pb.SequenceItem(sequence=s) for s in sequences])
 
 
-def _score_request(model, items, method) -> pb.ScoreRequest:
-    return pb.ScoreRequest(model=model, params=pb.ScoreParams(method=method),
-                           items=[pb.ScoreItem(sequence=s, variants=list(v)) for s, v in items])
+def _score_request(model, items, method, request_type=pb.ScoreRequest):
+    return request_type(model=model, params=pb.ScoreParams(method=method),
+                        items=[pb.ScoreItem(sequence=s, variants=list(v)) for s, v in items])
+
+
+class _StreamedScores:
+    """ScoreStream's messages put together into Score's results: each variant's score at its index."""
+
+    def __init__(self, items):
+        self.results = [pb.ScoreResult(sequence_index=i, scores=[0.0] * len(v)) for i, (_, v) in enumerate(items)]
+        self.plls = [[0.0] * len(v) for _, v in items]
+
+    def add(self, message: pb.ScoreStreamResponse) -> None:
+        result = self.results[message.sequence_index]
+        for offset, number in enumerate(message.variant_indexes):
+            result.scores[number] = message.scores[offset]
+            if message.variant_pseudo_log_likelihoods:
+                self.plls[message.sequence_index][number] = message.variant_pseudo_log_likelihoods[offset]
+        if message.HasField("pseudo_log_likelihood"):
+            result.pseudo_log_likelihood = message.pseudo_log_likelihood
+            result.scored_positions = message.scored_positions
+
+    def done(self, provenance: Provenance | None) -> list[ScoreResult]:
+        for result, plls in zip(self.results, self.plls):
+            if result.HasField("pseudo_log_likelihood"):
+                result.variant_pseudo_log_likelihoods.extend(plls)
+        return [ScoreResult.of_proto(result, provenance) for result in self.results]
 
 
 class _Base:
@@ -177,7 +229,7 @@ class Esm2Client(_Base):
     """Blocking client; requests run on a pool of `max_in_flight` threads.
 
         with Esm2Client("localhost:50051") as client:
-            outputs = client.encode(["MKTAYIAK", "MLK"], "esm2-8m", include=["mean", "per_token"])
+            outputs = client.encode("esm2-8m", ["MKTAYIAK", "MLK"], include=["mean", "per_token"])
             outputs[0].mean[6]  # float32 [embed_dim]
     """
 
@@ -231,6 +283,11 @@ class Esm2Client(_Base):
     def model_info(self, model: str, timeout: float | None = None) -> pb.ModelInfo:
         return self._models.get(model) or self._pick(self.list_models(timeout, model), model)
 
+    def provenance(self, model: str, timeout: float | None = None) -> Provenance:
+        """Where `model`'s results come from: its weights fingerprint, random_weights, precision and
+        the server's version (every result's trailing metadata carries the same)."""
+        return Provenance.of_model_info(self.model_info(model, timeout))
+
     def health(self, service: str = "", timeout: float | None = 10) -> str:
         """The standard gRPC health status of `service` ("" = the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
@@ -239,14 +296,16 @@ class Esm2Client(_Base):
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     # ---- encode and predict ---------------------------------------------------
-    def encode(self, sequences: Iterable[str], model: str, include: Sequence[str] = ("mean",),
+    @model_first
+    def encode(self, model: str, sequences: Iterable[str], include: Sequence[str] = ("mean",),
                repr_layers: Sequence[int] = (-1,), *, timeout: float | None = None,
                data_type: int = pb.DATA_TYPE_FLOAT32) -> list[ItemOutputs]:
         """Outputs of every sequence, in input order. `timeout` bounds the whole call."""
-        return [out for _, out in self.encode_iter(sequences, model, include, repr_layers,
+        return [out for _, out in self.encode_iter(model, sequences, include, repr_layers,
                                                    timeout=timeout, data_type=data_type)]
 
-    def encode_iter(self, sequences: Iterable[str], model: str, include: Sequence[str] = ("mean",),
+    @model_first
+    def encode_iter(self, model: str, sequences: Iterable[str], include: Sequence[str] = ("mean",),
                     repr_layers: Sequence[int] = (-1,), *, timeout: float | None = None,
                     data_type: int = pb.DATA_TYPE_FLOAT32) -> Iterator[tuple[int, ItemOutputs]]:
         """(input index, outputs) in input order: each request's results once it and all
@@ -255,12 +314,14 @@ class Esm2Client(_Base):
             return _encode_request(model, batch, include, repr_layers, data_type)
         yield from self._run(list(sequences), model, request, self._stub.EncodeStream, timeout)
 
-    def predict(self, sequences: Iterable[str], model: str, *, timeout: float | None = None,
+    @model_first
+    def predict(self, model: str, sequences: Iterable[str], *, timeout: float | None = None,
                 data_type: int = pb.DATA_TYPE_FLOAT32) -> list[ItemOutputs]:
         """Logits [L, 20] (columns: vocab_tokens) and sequence_tokens of `<mask>`ed sequences."""
-        return [out for _, out in self.predict_iter(sequences, model, timeout=timeout, data_type=data_type)]
+        return [out for _, out in self.predict_iter(model, sequences, timeout=timeout, data_type=data_type)]
 
-    def predict_iter(self, sequences: Iterable[str], model: str, *, timeout: float | None = None,
+    @model_first
+    def predict_iter(self, model: str, sequences: Iterable[str], *, timeout: float | None = None,
                      data_type: int = pb.DATA_TYPE_FLOAT32) -> Iterator[tuple[int, ItemOutputs]]:
         """(input index, outputs) in input order, as encode_iter."""
         def request(batch):
@@ -268,7 +329,8 @@ class Esm2Client(_Base):
         yield from self._run(list(sequences), model, request, self._stub.PredictStream, timeout)
 
     # ---- scores (computed on the server) ----------------------------------------
-    def log_prob(self, sequences: Iterable[str], model: str, *, timeout: float | None = None) -> list[float]:
+    @model_first
+    def log_prob(self, model: str, sequences: Iterable[str], *, timeout: float | None = None) -> list[float]:
         """BioLM's log_prob of each sequence (service README, "Scoring"), in input order."""
         sequences = list(sequences)
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
@@ -284,14 +346,38 @@ class Esm2Client(_Base):
             return [value for values in pool.map(one, _batches(len(sequences), limit)) for value in values]
 
     def score(self, model: str, items: Sequence[tuple[str, Sequence[str]]], method: str = "masked_marginal", *,
-              timeout: float | None = None) -> list[pb.ScoreResult]:
-        """One Score request: (wild type, variants) items, scored by `method` on the server. It must fit
-        the model's bounds (ModelInfo.max_items, max_score_passes, max_score_mutations);
-        esm2_client.scoring splits larger work into such requests."""
+              timeout: float | None = None) -> list[ScoreResult]:
+        """One Score request: (wild type, variants) items, scored by `method` on the server; a
+        ScoreResult (numpy arrays, and the call's provenance) per item. It must fit the model's bounds
+        (ModelInfo.max_items, max_score_passes, max_score_mutations); esm2_client.scoring splits larger
+        work into such requests."""
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
         request = _score_request(model, items, method)
-        response = self._call(lambda t: self._stub.Score(request, timeout=t, metadata=self._headers(model)), deadline)
-        return list(response.results)
+        response, call = self._call(
+            lambda t: self._stub.Score.with_call(request, timeout=t, metadata=self._headers(model)), deadline)
+        provenance = Provenance.of_metadata(call.trailing_metadata())
+        return [ScoreResult.of_proto(result, provenance) for result in response.results]
+
+    def score_stream(self, model: str, items: Sequence[tuple[str, Sequence[str]]], method: str = "masked_marginal",
+                     *, timeout: float | None = None, progress=None) -> list[ScoreResult]:
+        """Score's results through ScoreStream, for requests too large to finish within one call's deadline
+        (README, "Admission"): the server sends the variants each block of passes completes, and
+        `progress(passes_done, passes_total)` is called as they come. Equal to score()'s results."""
+        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        request = _score_request(model, items, method, pb.ScoreStreamRequest)
+
+        def attempt(t):
+            streamed = _StreamedScores(items)
+            call = self._stub.ScoreStream(request, timeout=t, metadata=self._headers(model))
+            try:
+                for message in call:
+                    streamed.add(message)
+                    if progress is not None:
+                        progress(message.passes_done, message.passes_total)
+            finally:
+                call.cancel()  # the caller stopped early (an exception, ^C): the server stops too; done: no-op
+            return streamed.done(Provenance.of_metadata(call.trailing_metadata()))
+        return self._call(attempt, deadline)
 
     def _run(self, sequences, model, make_request, rpc, timeout) -> Iterator[tuple[int, ItemOutputs]]:
         if not sequences:
@@ -352,7 +438,7 @@ class AsyncEsm2Client(_Base):
     """asyncio client over grpc.aio; the same methods as Esm2Client, awaited.
 
         async with AsyncEsm2Client("localhost:50051") as client:
-            outputs = await client.encode(sequences, "esm2-8m")
+            outputs = await client.encode("esm2-8m", sequences)
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, api_key: str | None = None, *, max_in_flight: int = 4,
@@ -400,6 +486,9 @@ class AsyncEsm2Client(_Base):
     async def model_info(self, model: str, timeout: float | None = None) -> pb.ModelInfo:
         return self._models.get(model) or self._pick(await self.list_models(timeout, model), model)
 
+    async def provenance(self, model: str, timeout: float | None = None) -> Provenance:
+        return Provenance.of_model_info(await self.model_info(model, timeout))
+
     async def health(self, service: str = "", timeout: float | None = 10) -> str:
         request = health_pb2.HealthCheckRequest(service=service)
         metadata = self._headers(service, auth=False)  # a model's name routes to its pool
@@ -407,30 +496,35 @@ class AsyncEsm2Client(_Base):
                                     _Deadline(timeout))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    async def encode(self, sequences: Iterable[str], model: str, include: Sequence[str] = ("mean",),
+    @model_first
+    async def encode(self, model: str, sequences: Iterable[str], include: Sequence[str] = ("mean",),
                      repr_layers: Sequence[int] = (-1,), *, timeout: float | None = None,
                      data_type: int = pb.DATA_TYPE_FLOAT32) -> list[ItemOutputs]:
-        return [out async for _, out in self.encode_iter(sequences, model, include, repr_layers,
+        return [out async for _, out in self.encode_iter(model, sequences, include, repr_layers,
                                                          timeout=timeout, data_type=data_type)]
 
-    def encode_iter(self, sequences: Iterable[str], model: str, include: Sequence[str] = ("mean",),
+    @model_first
+    def encode_iter(self, model: str, sequences: Iterable[str], include: Sequence[str] = ("mean",),
                     repr_layers: Sequence[int] = (-1,), *, timeout: float | None = None,
                     data_type: int = pb.DATA_TYPE_FLOAT32) -> AsyncIterator[tuple[int, ItemOutputs]]:
         def request(batch):
             return _encode_request(model, batch, include, repr_layers, data_type)
         return self._run(list(sequences), model, request, self._stub.EncodeStream, timeout)
 
-    async def predict(self, sequences: Iterable[str], model: str, *, timeout: float | None = None,
+    @model_first
+    async def predict(self, model: str, sequences: Iterable[str], *, timeout: float | None = None,
                       data_type: int = pb.DATA_TYPE_FLOAT32) -> list[ItemOutputs]:
-        return [out async for _, out in self.predict_iter(sequences, model, timeout=timeout, data_type=data_type)]
+        return [out async for _, out in self.predict_iter(model, sequences, timeout=timeout, data_type=data_type)]
 
-    def predict_iter(self, sequences: Iterable[str], model: str, *, timeout: float | None = None,
+    @model_first
+    def predict_iter(self, model: str, sequences: Iterable[str], *, timeout: float | None = None,
                      data_type: int = pb.DATA_TYPE_FLOAT32) -> AsyncIterator[tuple[int, ItemOutputs]]:
         def request(batch):
             return _predict_request(model, batch, data_type)
         return self._run(list(sequences), model, request, self._stub.PredictStream, timeout)
 
-    async def log_prob(self, sequences: Iterable[str], model: str, *, timeout: float | None = None) -> list[float]:
+    @model_first
+    async def log_prob(self, model: str, sequences: Iterable[str], *, timeout: float | None = None) -> list[float]:
         sequences = list(sequences)
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
         limit = (await self.model_info(model, deadline.remaining())).max_items
@@ -446,12 +540,35 @@ class AsyncEsm2Client(_Base):
         return [value for values in batches for value in values]
 
     async def score(self, model: str, items: Sequence[tuple[str, Sequence[str]]], method: str = "masked_marginal",
-                    *, timeout: float | None = None) -> list[pb.ScoreResult]:
+                    *, timeout: float | None = None) -> list[ScoreResult]:
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
         request = _score_request(model, items, method)
-        response = await self._call(
-            lambda t: self._stub.Score(request, timeout=t, metadata=self._headers(model)), deadline)
-        return list(response.results)
+
+        async def attempt(t):
+            call = self._stub.Score(request, timeout=t, metadata=self._headers(model))
+            return await call, Provenance.of_metadata(await call.trailing_metadata())
+        response, provenance = await self._call(attempt, deadline)
+        return [ScoreResult.of_proto(result, provenance) for result in response.results]
+
+    async def score_stream(self, model: str, items: Sequence[tuple[str, Sequence[str]]],
+                           method: str = "masked_marginal", *, timeout: float | None = None,
+                           progress=None) -> list[ScoreResult]:
+        """Esm2Client.score_stream, awaited."""
+        deadline = _Deadline(timeout if timeout is not None else self.timeout)
+        request = _score_request(model, items, method, pb.ScoreStreamRequest)
+
+        async def attempt(t):
+            streamed = _StreamedScores(items)
+            call = self._stub.ScoreStream(request, timeout=t, metadata=self._headers(model))
+            try:
+                async for message in call:
+                    streamed.add(message)
+                    if progress is not None:
+                        progress(message.passes_done, message.passes_total)
+            finally:
+                call.cancel()  # the caller stopped early: the server stops too; done: no-op
+            return streamed.done(Provenance.of_metadata(await call.trailing_metadata()))
+        return await self._call(attempt, deadline)
 
     async def _run(self, sequences, model, make_request, rpc, timeout) -> AsyncIterator[tuple[int, ItemOutputs]]:
         if not sequences:

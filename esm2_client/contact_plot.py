@@ -7,9 +7,12 @@ positions, so a figure is PANEL_PX[0] x panels wide and PANEL_PX[1] high.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+
+from esm2_wire.provenance import Provenance
 
 DPI = 100
 PANEL_PX = (620, 560)  # width, height of one panel
@@ -48,9 +51,29 @@ def figure_class():
     return Figure
 
 
-def draw(path: Path, title: str, contacts: np.ndarray, attention: np.ndarray | None = None) -> Path:
+RANDOM_MARK = "RANDOM WEIGHTS"
+
+
+def titled(title: str, random_weights: bool) -> str:
+    """A figure's title; a map from random weights says so first, so that no one takes it for a result."""
+    return f"{RANDOM_MARK} (meaningless): {title}" if random_weights else title
+
+
+def png_metadata(title: str, provenance: Provenance | None) -> dict:
+    """PNG text chunks: the title, and where the numbers came from (esm2_wire.provenance)."""
+    metadata = {"Title": title}
+    if provenance is not None:
+        metadata["Description"] = json.dumps(provenance.as_dict(), sort_keys=True)
+    return metadata
+
+
+def draw(path: Path, title: str, contacts: np.ndarray, attention: np.ndarray | None = None,
+         provenance: Provenance | None = None) -> Path:
     """Write one PNG: the contact map with its top-L contacts circled above the diagonal, and
-    the mean attention map (over layers and heads) beside it when given."""
+    the mean attention map (over layers and heads) beside it when given. With random weights the
+    title starts with RANDOM WEIGHTS, in red."""
+    random_weights = provenance is not None and provenance.random_weights
+    title = titled(title, random_weights)
     Figure = figure_class()
     maps = [("contact probability", contacts, 1.0)]
     if attention is not None:
@@ -64,7 +87,8 @@ def draw(path: Path, title: str, contacts: np.ndarray, attention: np.ndarray | N
                           interpolation="nearest", extent=extent, aspect="auto")
         ax.set_xlabel(f"residue (circled: top-L contacts, |i-j| >= {MIN_SEPARATION})" if panel == 0 else "residue")
         ax.set_ylabel("residue")
-        ax.set_title(f"{title}: {label}" if panel == 0 else f"{label} (over layers and heads)", fontsize=10)
+        ax.set_title(f"{title}: {label}" if panel == 0 else f"{label} (over layers and heads)", fontsize=10,
+                     color="red" if random_weights else "black", fontweight="bold" if random_weights else "normal")
         bar = figure.add_axes(_axes_rect(panel, len(maps), MAP_ORIGIN_PX[0] + MAP_PX + COLORBAR_GAP_PX,
                                          COLORBAR_WIDTH_PX))
         figure.colorbar(image, cax=bar, label=label)
@@ -76,5 +100,6 @@ def draw(path: Path, title: str, contacts: np.ndarray, attention: np.ndarray | N
             ax.set_xlim(extent[0], extent[1])
             ax.set_ylim(extent[2], extent[3])
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI)  # no tight bbox: the size and the map's pixels stay where stated
+    # No tight bbox: the size and the map's pixels stay where stated.
+    figure.savefig(path, dpi=DPI, metadata=png_metadata(title, provenance))
     return path

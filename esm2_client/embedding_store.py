@@ -12,6 +12,11 @@ and skips the sequences it holds.
 Keys (HDF5 paths, npz names, safetensors names): `<id>/<output>/<layer>` for mean,
 bos and per_token, `<id>/<output>` for contacts, attentions and logits. `%` and `/` in
 ids are written `%25` and `%2F`; HDF5 groups also carry the id as attribute `id`.
+
+Every file says where its outputs came from: the model, its weights fingerprint, whether the
+weights are random, the precision and the server's version (HDF5 attributes, and the
+`__esm2_provenance__` npz member or safetensors metadata). A run that would add outputs of
+other weights (another fingerprint) to a file is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ log = logging.getLogger(__name__)
 
 FORMATS = {".h5": "hdf5", ".hdf5": "hdf5", ".npz": "npz", ".safetensors": "safetensors"}
 SETTINGS_KEY = "__esm2_settings__"  # npz member / safetensors metadata holding the run's settings
+# npz member / safetensors metadata / HDF5 attribute: where the outputs came from, as JSON
+# (esm2_wire.provenance); HDF5 files also carry each of its fields as an attribute of its own.
+PROVENANCE_KEY = "__esm2_provenance__"
 
 
 class OutputError(Exception):
@@ -75,11 +83,12 @@ def output_arrays(outputs: ItemResult, kinds) -> dict[str, np.ndarray]:
 
 
 class EmbeddingStore:
-    def __init__(self, path: Path, settings: dict):
+    def __init__(self, path: Path, settings: dict, provenance: dict):
         self.path = path
         self.format = output_format(path)
         self.work_path = path.with_name(path.name + ".partial.h5")
         self.settings = json.dumps(settings, sort_keys=True)
+        self.provenance = provenance  # Provenance.as_dict() of the model serving this run
         self._file: h5py.File | None = None
 
     # ---- opening ----------------------------------------------------------------
@@ -100,8 +109,32 @@ class EmbeddingStore:
                 f"{stale} was written with other settings ({found}); this run asks for {self.settings}. "
                 f"Use another output file, or delete {stale} to start over"
             )
+        self._check_provenance(imported)
         self._drop_incomplete()
         return {group.attrs["id"] for group in self._file.values()}
+
+    def _check_provenance(self, imported: bool) -> None:
+        """Refuse to add outputs of other weights to what the file holds."""
+        found = _loads(self._file.attrs.get(PROVENANCE_KEY))
+        if not found and not len(self._file):  # nothing written yet: this run's weights are the file's
+            found = self.provenance
+            _stamp(self._file, self.provenance)
+        if found.get("weights_fingerprint") == self.provenance["weights_fingerprint"]:
+            return
+        self._file.close()
+        self._file = None
+        if imported:
+            self.work_path.unlink()
+        stale = self.path if imported else self.work_path
+        was = (f"weights {found['weights_fingerprint']} ({found.get('model')}"
+               f"{', random weights' if found.get('random_weights') else ''})" if found.get("weights_fingerprint")
+               else "no weights fingerprint (written before esm2 recorded one, or by another tool)")
+        now = self.provenance
+        raise OutputError(
+            f"{stale} holds outputs of {was}; the server now serves {now['model']} with weights "
+            f"{now['weights_fingerprint']}{' (random weights)' if now['random_weights'] else ''}. Adding to it would "
+            f"mix outputs of different weights: use another output file, or delete {stale} to start over"
+        )
 
     def _drop_incomplete(self) -> None:
         """Delete groups without the `complete` mark: sequences being written when a run stopped."""
@@ -127,6 +160,7 @@ class EmbeddingStore:
                 self._import(work)
             else:
                 work.attrs[SETTINGS_KEY] = self.settings
+                _stamp(work, self.provenance)
         os.replace(tmp, self.work_path)
         return h5py.File(self.work_path, "a")
 
@@ -145,15 +179,19 @@ class EmbeddingStore:
                 with np.load(self.path, allow_pickle=False) as source:
                     arrays = {key: source[key] for key in source.files}
                 settings = str(arrays.pop(SETTINGS_KEY, ""))
+                provenance = str(arrays.pop(PROVENANCE_KEY, ""))
             else:
                 arrays = safetensors.numpy.load_file(self.path)
                 with safetensors.safe_open(self.path, framework="numpy") as source:
-                    settings = (source.metadata() or {}).get(SETTINGS_KEY, "")
+                    metadata = source.metadata() or {}
+                settings, provenance = metadata.get(SETTINGS_KEY, ""), metadata.get(PROVENANCE_KEY, "")
         except (OSError, ValueError, zipfile.BadZipFile, safetensors.SafetensorError) as exc:
             raise OutputError(
                 f"{self.path} exists but cannot be read ({exc}); move it away or choose another -o"
             ) from None
         work.attrs[SETTINGS_KEY] = settings
+        if provenance:
+            _stamp(work, _loads(provenance))
         for key, array in arrays.items():
             name, _, dataset = key.partition("/")
             group = work.require_group(name)
@@ -186,10 +224,11 @@ class EmbeddingStore:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
         with h5py.File(self.work_path, "r") as work:
+            provenance = str(work.attrs.get(PROVENANCE_KEY, ""))
             if self.format == "npz":
-                _write_npz(work, tmp, self.settings)
+                _write_npz(work, tmp, self.settings, provenance)
             else:
-                _write_safetensors(work, tmp, self.settings)
+                _write_safetensors(work, tmp, self.settings, provenance)
         os.replace(tmp, self.path)
         self.work_path.unlink()
 
@@ -204,15 +243,31 @@ def _datasets(work: h5py.File):
                 yield f"{name}/{path}", group[path]
 
 
-def _write_npz(work: h5py.File, path: Path, settings: str) -> None:
+def _loads(text) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _stamp(work: h5py.File, provenance: dict) -> None:
+    """The provenance as one JSON attribute (what the other formats carry) and one attribute per field."""
+    work.attrs[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
+    for key, value in provenance.items():
+        work.attrs[key] = value
+
+
+def _write_npz(work: h5py.File, path: Path, settings: str, provenance: str) -> None:
     # One array at a time into the zip, so memory holds one array, not the whole file.
     with zipfile.ZipFile(path, "w") as archive:
-        for key, dataset in [(SETTINGS_KEY, None), *_datasets(work)]:
-            array = np.asarray(settings) if dataset is None else dataset[()]
+        members = [(SETTINGS_KEY, settings), (PROVENANCE_KEY, provenance)]
+        for key, dataset in [*members, *_datasets(work)]:
+            array = np.asarray(dataset) if isinstance(dataset, str) else dataset[()]
             with archive.open(key + ".npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
 
 
-def _write_safetensors(work: h5py.File, path: Path, settings: str) -> None:
+def _write_safetensors(work: h5py.File, path: Path, settings: str, provenance: str) -> None:
     tensors = {key: dataset[()] for key, dataset in _datasets(work)}
-    safetensors.numpy.save_file(tensors, str(path), metadata={SETTINGS_KEY: settings})
+    safetensors.numpy.save_file(tensors, str(path), metadata={SETTINGS_KEY: settings, PROVENANCE_KEY: provenance})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from Bio import SeqIO
 
-from esm2_wire.vocabulary import ENCODE_LETTERS
+from esm2_wire.vocabulary import ENCODE_LETTERS, letter_problem
 
 
 class InputError(Exception):
@@ -52,14 +52,12 @@ def read_fasta(path: Path, allowed: frozenset[str] | None = ENCODE_LETTERS) -> l
     empty = [r.id for r in records if not r.sequence]
     if empty:
         problems.append(f"empty sequences {_listing(empty)}")
-    invalid = [
-        f"{r.id} ({''.join(sorted(set(r.sequence) - allowed))!r})"
-        for r in records if allowed is not None and set(r.sequence) - allowed
-    ]
+    # Named as the server names them (esm2_wire.vocabulary): 1-based position, and the fix (upper case,
+    # strip a stop codon's '*') where there is one.
+    invalid = [f"{r.id}: {problem}" for r in records if allowed is not None
+               for problem in [letter_problem(r.sequence, allowed)] if problem]
     if invalid:
-        problems.append(
-            f"letters outside {''.join(sorted(allowed))} in {_listing(invalid)}"
-        )
+        problems.append(f"{_listing(invalid, limit=5)} (allowed: {''.join(sorted(allowed))})")
     if problems:
         raise InputError(f"{path}: " + "; ".join(problems))
     return records

@@ -15,7 +15,7 @@ from esm2_wire.chunks import ChunkError, decode_rows
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 
-@dataclass
+@dataclass(repr=False)  # ItemResult's: shapes and dtypes, not values
 class ItemOutputs(ItemResult):
     """Outputs of one sequence (see ItemResult), with its length and token names."""
 

@@ -23,6 +23,9 @@ class ItemResult:
     attentions: np.ndarray | None = None  # [L, L]
     logits: np.ndarray | None = None  # [L, 20]
 
+    def __repr__(self) -> str:
+        return short_repr(self)
+
     def get(self, kind: OutputKind):
         """A per-layer kind's {layer: array}, or another kind's array (None when absent)."""
         return getattr(self, kind.value)
@@ -32,3 +35,25 @@ class ItemResult:
             self.get(kind)[layer] = array
         else:
             setattr(self, kind.value, array)
+
+
+def short_repr(result) -> str:
+    """A result's repr by shapes and dtypes, never values: `ItemOutputs(mean={6: float32[320]},
+    contacts=float32[65, 65], ...)`. Absent outputs are left out; long lists give their length."""
+    parts = []
+    for name in result.__dataclass_fields__:
+        value = getattr(result, name)
+        if value is None or (isinstance(value, (dict, list)) and not value):
+            continue
+        parts.append(f"{name}={_describe(value)}")
+    return f"{type(result).__name__}({', '.join(parts)})"
+
+
+def _describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype}[{', '.join(map(str, value.shape))}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key!r}: {_describe(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list) and len(value) > 4:
+        return f"<{len(value)} {type(value[0]).__name__}>"
+    return repr(value)

@@ -17,3 +17,26 @@ class Limits:
 
     max_items: int = 8
     max_sequence_length: int = 2048
+
+
+def describe_character(char: str) -> str:
+    """A character a sequence may not hold, with the fix when there is an obvious one."""
+    if char.isspace():
+        return f"whitespace {ascii(char)}"
+    if char.islower():
+        return f"lowercase letter {ascii(char)} (use upper case)"
+    if char == "*":
+        return "'*' (a stop codon: strip it)"
+    return ascii(char)
+
+
+def letter_problem(text: str, allowed: frozenset[str], what: str = "", offset: int = 0) -> str | None:
+    """The first character of `text` outside `allowed`, named with its 1-based position (as a person
+    counts residues, and as variants like K2A count them), `offset` characters into the sequence;
+    None when every character is allowed. One message for the server's refusals and the CLI's."""
+    if allowed.issuperset(text):  # one pass in C; the Python loop below runs only to name a bad one
+        return None
+    for position, char in enumerate(text, start=offset + 1):
+        if char not in allowed:
+            return f"invalid character {describe_character(char)} at position {position}" + (f"; {what}" if what else "")
+    return None

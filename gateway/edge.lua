@@ -20,6 +20,19 @@ local function restore_request_id(headers)
   end
 end
 
+-- What the client sent, for the access log (gateway/envoy_config.py, ACCESS_LOG_FORMAT): the
+-- transcoder turns every JSON call into a gRPC POST and rewrites the path, and HEAD is served as
+-- GET below. Set on every request this filter sees, so no caller chooses what is logged.
+local CLIENT_METHOD = "x-esm-client-method"
+local CLIENT_PATH = "x-esm-client-path"
+
+-- The path as a log field: every byte outside RFC 3986's path and query characters (a quote, a
+-- backslash, control and non-ASCII bytes) percent-encoded, so caller text cannot end a quoted
+-- field or forge one.
+local function escaped(text)
+  return (text:gsub("[^%w%-%._~!$&'()*+,;=:@/?%%]", function(c) return string.format("%%%02X", c:byte()) end))
+end
+
 local function reject(handle, status, message)
   -- Envoy's local_reply_config turns this into the JSON error shape.
   handle:respond({[":status"] = tostring(status)}, message)
@@ -28,6 +41,9 @@ end
 function envoy_on_request(handle)
   local headers = handle:headers()
   restore_request_id(headers)
+  local method = headers:get(":method") or ""
+  headers:replace(CLIENT_METHOD, method)
+  headers:replace(CLIENT_PATH, escaped(headers:get(":path") or ""))
   local content_type = (headers:get("content-type") or ""):lower()
   if content_type:sub(1, 16) == "application/grpc" then
     return
@@ -58,16 +74,25 @@ function envoy_on_request(handle)
     -- Model names and actions are plain ASCII; escapes could decode to invalid UTF-8.
     return reject(handle, 400, "the URL path contains percent-encoded characters; model names and actions are plain ASCII")
   end
+  if query ~= "" then
+    -- The transcoder binds query parameters to request fields (?action=, ?model=, ?file=) over
+    -- the path's, while Envoy routes by the path alone: the path decides, and nothing else is read.
+    return reject(handle, 400, "query parameters are not accepted: the URL path names the model and action, "
+      .. "and a POST's options go in its JSON body")
+  end
   local timeout = headers:get("grpc-timeout")
   if timeout and not timeout:match("^%d%d?%d?%d?%d?%d?%d?%d?[HMSmun]$") then
     return reject(handle, 400, "malformed grpc-timeout header; expected 1 to 8 digits and a unit (H, M, S, m, u, n)")
   end
 
-  if headers:get(":method") ~= "POST" then
+  if method == "HEAD" then
+    -- Answered as GET, which the http rules bind; Envoy sends the headers only (the access log
+    -- still says HEAD: CLIENT_METHOD).
+    headers:replace(":method", "GET")
     return
   end
-  if query ~= "" then
-    return reject(handle, 400, "query parameters are not accepted on POST; put every option in the JSON body")
+  if method ~= "POST" then
+    return
   end
   local media_type = content_type:match("^%s*([^;%s]+)")
   if media_type ~= "application/json" then
@@ -88,15 +113,27 @@ end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
+  if (headers:get("content-type") or ""):sub(1, 16) == "application/grpc" then
+    return
+  end
+  -- gRPC's own headers (grpc-status, grpc-message, grpc-accept-encoding) come through the
+  -- transcoder: internal to the JSON API, whose status is the HTTP one.
+  local internal = {}
+  for name, _ in pairs(headers) do
+    if name:sub(1, 5) == "grpc-" then
+      internal[#internal + 1] = name
+    end
+  end
+  for _, name in ipairs(internal) do
+    headers:remove(name)
+  end
   local error_body = headers:get("x-esm-error")
-  if error_body == nil or (headers:get("content-type") or ""):sub(1, 16) == "application/grpc" then
+  if error_body == nil then
     return
   end
   local status = headers:get("x-esm-http-status") or headers:get(":status")
   headers:remove("x-esm-error")
   headers:remove("x-esm-http-status")
-  headers:remove("grpc-status")
-  headers:remove("grpc-message")
   headers:replace(":status", status)
   headers:replace("content-type", "application/json")
   handle:body(true):setBytes(error_body)

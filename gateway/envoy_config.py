@@ -9,6 +9,7 @@ retries and limits.
 from __future__ import annotations
 
 import argparse
+import copy
 import ipaddress
 import json
 import re
@@ -16,7 +17,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import ConfigDict, field_validator
 from pydantic_settings import NoDecode
@@ -48,6 +49,9 @@ SERVICE_PATH = "/esm.v1.Esm2Service/"
 # routes again; the path it was given stays in this header.
 JSON_PATH_HEADER = "x-envoy-original-path"
 STREAM_METHODS = ("EncodeStream", "PredictStream")
+# Scans that may run for hours: their routes have an idle timeout (--stream-idle-timeout-s) instead of
+# a total one, and the server sends at least one message every few seconds while passes finish.
+SCORE_STREAM_METHODS = ("ScoreStream", "ScoreStreamJson")
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,10 @@ class EnvoySettings(JsonEdgeLimits):
         None, metavar="HOST:PORT",
         help="turn on OpenTelemetry tracing: Envoy starts a trace per request and sends its spans to this "
              "OTLP/gRPC collector; servers started by gateway.launch send theirs there too")
+    log_format: Literal["text", "json"] = setting(
+        "text", help="text, or json: Envoy's access log and its own log one JSON object per line (time, level, "
+                     "logger, message, request_id; access lines add method, path, http_status, ...); "
+                     "gateway.launch's lines and the servers' it starts too")
 
     @field_validator("otlp_endpoint", mode="after")
     @classmethod
@@ -190,6 +198,9 @@ def _seconds(value: float) -> str:
 
 
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+# Envoy's headers stay on (no suppress_envoy_headers): the servers read x-envoy-expected-rq-timeout-ms,
+# the route's timeout or a unary route's per-try timeout, as the deadline of a call that has no gRPC
+# deadline (every JSON call), and refuse at once what cannot finish before it (README, "Admission").
 ROUTER_FILTER = {"name": "envoy.filters.http.router",
                  "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
 
@@ -204,9 +215,34 @@ def _connection_manager(**fields) -> dict:
 # same port (h2c), their requests pass through untouched.
 # upstream= is the replica of the last try and tries= how many there were: a failure after retries
 # says which replica each caller's answer came from (or failed on).
-ACCESS_LOG_FORMAT = ('[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" %RESPONSE_CODE% '
+# The method and path are the client's, as edge.lua recorded them (percent-encoded where a byte
+# could break the quoted field); a request Envoy answers before edge.lua is logged as it came.
+ACCESS_LOG_FORMAT = ('[%START_TIME%] "%REQ(X-ESM-CLIENT-METHOD?:METHOD)% %REQ(X-ESM-CLIENT-PATH?:PATH)%" %RESPONSE_CODE% '
                      "%RESPONSE_FLAGS% in=%BYTES_RECEIVED% out=%BYTES_SENT% %DURATION%ms id=%REQ(X-REQUEST-ID)% "
                      "upstream=%UPSTREAM_HOST% tries=%UPSTREAM_REQUEST_ATTEMPT_COUNT%\n")
+
+
+# --log-format json: the same facts as one JSON object per line, in the server's field names
+# (service/logs.py: time, level, logger, message, request_id); Envoy escapes every value.
+_CLIENT_REQUEST = "%REQ(X-ESM-CLIENT-METHOD?:METHOD)% %REQ(X-ESM-CLIENT-PATH?:PATH)%"
+ACCESS_LOG_JSON = {
+    "time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%3fZ)%", "level": "INFO", "logger": "envoy.access",
+    "message": f"{_CLIENT_REQUEST} %RESPONSE_CODE%", "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(X-ESM-CLIENT-METHOD?:METHOD)%", "path": "%REQ(X-ESM-CLIENT-PATH?:PATH)%",
+    "http_status": "%RESPONSE_CODE%", "response_flags": "%RESPONSE_FLAGS%", "bytes_in": "%BYTES_RECEIVED%",
+    "bytes_out": "%BYTES_SENT%", "duration_ms": "%DURATION%", "upstream": "%UPSTREAM_HOST%",
+    "tries": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+}
+# Envoy's own log lines under --log-format json (its --log-format flag: %j is the message, JSON-escaped).
+# A command-line flag rather than the bootstrap's application_log_config, which takes effect only
+# once the config is read: the lines before it would still be text.
+ENVOY_JSON_LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","logger":"envoy.%n","message":"%j","request_id":"-"}'
+
+
+def access_log_format(config: GatewayConfig) -> dict:
+    if config.log_format == "json":
+        return {"json_format": ACCESS_LOG_JSON}
+    return {"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}
 
 
 def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Path) -> dict:
@@ -237,7 +273,7 @@ def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Pa
             access_log=[{
                 "name": "envoy.access_loggers.stdout",
                 "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                                       log_format={"text_format_source": {"inline_string": ACCESS_LOG_FORMAT}}),
+                                       log_format=access_log_format(config)),
             }],
             route_config={"name": "esm2", "virtual_hosts": [{
                 "name": "esm2",
@@ -294,6 +330,9 @@ def request_id_settings() -> dict:
             "typed_config": _typed(
                 "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
                 mutations=[
+                    # edge.lua's record of the client's method and path (the access log's): never a caller's.
+                    {"remove": "x-esm-client-method"},
+                    {"remove": "x-esm-client-path"},
                     {"remove": CALLER_REQUEST_ID_HEADER},
                     {"append": {"header": {"key": CALLER_REQUEST_ID_HEADER, "value": "%REQ(x-request-id)%"},
                                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}},
@@ -395,8 +434,11 @@ _COMPRESSOR_FILTER = {
 }
 
 
+TRANSCODER_FILTER_NAME = "envoy.filters.http.grpc_json_transcoder"
+
+
 def _transcoder_filter(config: GatewayConfig, descriptor: Path) -> dict:
-    return {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": _typed(
+    return {"name": TRANSCODER_FILTER_NAME, "typed_config": _typed(
         "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
         proto_descriptor=str(descriptor),
         services=["esm.v1.Esm2Service"],
@@ -458,9 +500,12 @@ def admin_cluster(config: GatewayConfig) -> dict:
 
 
 # ---- routes -------------------------------------------------------------------------
-# gRPC statuses (and transport failures) that say "this replica could not take it, another may":
-# all our RPCs are idempotent reads of a model, so a retry never duplicates an effect.
-RETRY_ON = "unavailable,resource-exhausted,cancelled,reset,connect-failure,refused-stream"
+# What a retry on another replica can fix: the replica is gone or going (connect failure, reset,
+# refused stream; UNAVAILABLE from a draining server or a lost worker; CANCELLED when a stopping
+# server cuts its calls). All our RPCs are idempotent reads of a model, so a retry never
+# duplicates an effect. Not RESOURCE_EXHAUSTED (HTTP 429): a full queue or response budget is
+# load, which retries only add to; the caller gets it at once, with its Retry-After.
+RETRY_ON = "unavailable,cancelled,reset,connect-failure,refused-stream"
 
 
 def retry_policy(config: GatewayConfig, per_try_timeout: bool) -> dict:
@@ -471,10 +516,9 @@ def retry_policy(config: GatewayConfig, per_try_timeout: bool) -> dict:
         policy["per_try_timeout"] = _seconds(config.per_try_timeout_s)
     return {
         **policy,
+        # A retry goes to another replica, so it need not wait out a retry-after (a lost worker's
+        # UNAVAILABLE carries one, meant for the caller).
         "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
-        # The server's queue-full answer carries retry-after (seconds).
-        "rate_limited_retry_back_off": {"reset_headers": [{"name": "retry-after", "format": "SECONDS"}],
-                                        "max_interval": "1s"},
         # Every retry goes to a replica this request has not tried yet.
         "retry_host_predicate": [{
             "name": "envoy.retry_host_predicates.previous_hosts",
@@ -493,6 +537,14 @@ def _route(config: GatewayConfig, name: str, match: dict, cluster_name: str, str
     return {"name": name, "match": match, "route": route}
 
 
+def _idle_route(config: GatewayConfig, name: str, match: dict, cluster_name: str) -> dict:
+    """A streaming route with no total timeout, only an idle one (ScoreStream and its JSON twin): Envoy
+    then sends no x-envoy-expected-rq-timeout-ms, so the server admits the scan by its work alone."""
+    route = _route(config, name, match, cluster_name, stream=True)
+    route["route"].update(timeout="0s", idle_timeout=_seconds(config.stream_idle_timeout_s))
+    return route
+
+
 def _regex(pattern: str) -> dict:
     return {"safe_regex": {"regex": pattern}}  # Envoy's regexes match whole values
 
@@ -501,6 +553,7 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
     """Per model: its JSON paths and its gRPC calls (by header); the rest to the fallback pool."""
     found = []
     stream_path = "^" + re.escape(SERVICE_PATH) + f"({'|'.join(STREAM_METHODS)})$"
+    scan_path = "^" + re.escape(SERVICE_PATH) + f"({'|'.join(SCORE_STREAM_METHODS)})$"
     for pool in pools:
         if pool.model is None:
             continue
@@ -509,6 +562,11 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
         json_path = [{"name": JSON_PATH_HEADER,
                       "string_match": _regex(f"/api/v3/(schema/)?{re.escape(pool.model)}/.*")}]
         found += [
+            # Copies of the header matchers: a shared list would be dumped as a YAML anchor and alias.
+            _idle_route(config, f"{pool.model}_json_scan", {**_regex(scan_path), "headers": copy.deepcopy(json_path)},
+                        pool.cluster),
+            _idle_route(config, f"{pool.model}_grpc_scan", {**_regex(scan_path), "headers": copy.deepcopy(by_header)},
+                        pool.cluster),
             _route(config, f"{pool.model}_json", {"prefix": "/", "headers": json_path}, pool.cluster, stream=False),
             _route(config, f"{pool.model}_grpc_stream", {**_regex(stream_path), "headers": by_header}, pool.cluster,
                    stream=True),
@@ -517,18 +575,20 @@ def routes(config: GatewayConfig, pools: tuple[Pool, ...]) -> list[dict]:
     # Everything else (ListModels, calls without the header, unknown models) goes to the default
     # pool, or to the first model's pool: the server answers an unknown model with its 404.
     fallback = fallback_pool(pools)
-    found.insert(0, docs_route(config, fallback))
+    found[:0] = [*short_path_redirects(), docs_route(config, fallback)]
     if len(pools) > 1:
         found.insert(0, catalogue_route(config, pools, fallback))
     return found + [
+        _idle_route(config, "fallback_scan", _regex(scan_path), fallback.cluster),
         _route(config, "fallback_stream", _regex(stream_path), fallback.cluster, stream=True),
         _route(config, "fallback", {"prefix": "/"}, fallback.cluster, stream=False),
     ]
 
 
-# The docs page (GET /api/v3/docs: Swagger UI, service/api/docs_page.py) runs scripts in the
-# browser: it may load scripts, styles and images from this origin only, call this origin only
-# ("try it out"), and nothing may frame it. Its files have no inline script or style.
+# The docs page (GET /api/v3/docs: Swagger UI, service/api/docs_page.py) and the playground
+# (GET /api/v3/ui, service/api/playground_page.py) run scripts in the browser: they may load
+# scripts, styles and images from this origin only, call this origin only ("try it out", the
+# playground's requests), and nothing may frame them. Their files have no inline script or style.
 DOCS_CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                 "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'none'; "
                                 "frame-ancestors 'none'")
@@ -536,12 +596,29 @@ DOCS_HEADERS = {"content-security-policy": DOCS_CONTENT_SECURITY_POLICY, "x-cont
                 "referrer-policy": "no-referrer", "x-frame-options": "DENY"}
 
 
+PAGE_METHODS = ("GetDocsPage", "GetPlaygroundPage")
+# Short addresses a person types: the site's root and /ui open the playground, /docs the docs page.
+SHORT_PATHS = {"/api/v3/ui": ("/", "/ui", "/ui/"), "/api/v3/docs": ("/docs", "/docs/")}
+
+
 def docs_route(config: GatewayConfig, fallback: Pool) -> dict:
-    route = _route(config, "docs", {"path": SERVICE_PATH + "GetDocsPage"}, fallback.cluster, stream=False)
+    page_paths = _regex("^" + re.escape(SERVICE_PATH) + f"({'|'.join(PAGE_METHODS)})$")
+    route = _route(config, "docs", page_paths, fallback.cluster, stream=False)
     route["response_headers_to_add"] = [{"header": {"key": key, "value": value},
                                          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
                                         for key, value in DOCS_HEADERS.items()]
     return route
+
+
+def short_path_redirects() -> list[dict]:
+    """A 302 from each short path to its page (the query string, if any, is dropped). The transcoder
+    is off on these routes: it would answer them 404, as paths of no method."""
+    return [{"name": f"redirect{target.replace('/', '_')}",
+             "match": _regex("(" + "|".join(re.escape(path) for path in paths) + ")"),
+             "redirect": {"path_redirect": target, "response_code": "FOUND", "strip_query": True},
+             "typed_per_filter_config": {TRANSCODER_FILTER_NAME: _typed("envoy.config.route.v3.FilterConfig",
+                                                                         disabled=True)}}
+            for target, paths in SHORT_PATHS.items()]
 
 
 def fallback_pool(pools: tuple[Pool, ...]) -> Pool:

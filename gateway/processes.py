@@ -1,13 +1,18 @@
-"""Child processes of the gateway launcher: free local ports, and stopping a child in order."""
+"""Child processes of the gateway launcher: starting a child that dies with its parent, free
+local ports, and stopping a child in order."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import os
 import random
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 
 try:
@@ -22,6 +27,51 @@ _handed_out: set[int] = set()  # this process never hands a port out twice
 # record-locked by the process that drew it, until that process exits (the kernel drops the lock).
 _CLAIMS_PATH = os.path.join(tempfile.gettempdir(), f"esm2-free-ports-{os.getuid() if hasattr(os, 'getuid') else 0}.lock")
 _claims_fd: int | None = None
+
+
+# ---- children that die with their parent -------------------------------------------------
+# On Linux the kernel sends a child its parent-death signal (prctl PR_SET_PDEATHSIG) when the
+# thread that forked it exits; for the main thread, that is the process. SIGKILL: a parent that
+# dies without stopping its children (SIGKILL, the OOM killer) took Envoy down with it, so a
+# replica's drain has nobody to drain to; it is the signal that cannot be caught or ignored.
+# Elsewhere (macOS) children outlive a killed parent: there is no such signal to ask for.
+_PR_SET_PDEATHSIG = 1
+_prctl = None
+if sys.platform.startswith("linux"):
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not between fork and exec
+    _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+# Children asked for from a thread that may end (a test's helper thread) are forked by this one
+# thread instead, which lives as long as the process: it waits on its queue, it does not poll.
+_forker: concurrent.futures.ThreadPoolExecutor | None = None
+_forker_lock = threading.Lock()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the child, between fork and exec: ask for SIGKILL when the parent dies. If the parent
+    died before this ran, the request came too late: end now (the child is then init's)."""
+    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(127)  # cannot promise to die with the parent: never run unsupervised
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def start_child(argv: list[str], **popen_kwargs) -> subprocess.Popen:
+    """subprocess.Popen(argv, **popen_kwargs) for a child that ends when this process ends, however
+    it ends (on Linux): a SIGKILLed launcher leaves no replica or Envoy holding its ports."""
+    if _prctl is None:
+        return subprocess.Popen(argv, **popen_kwargs)
+    parent = os.getpid()
+
+    def popen() -> subprocess.Popen:
+        return subprocess.Popen(argv, preexec_fn=lambda: _die_with_parent(parent), **popen_kwargs)
+
+    if threading.current_thread() is threading.main_thread():
+        return popen()
+    global _forker
+    with _forker_lock:
+        if _forker is None:
+            _forker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="child-forker")
+    return _forker.submit(popen).result()
 
 
 def ephemeral_port_range() -> tuple[int, int]:

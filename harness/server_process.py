@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.processes import free_port, stop_process, stop_processes
+from gateway.processes import free_port, start_child, stop_process, stop_processes
 
 REPO = Path(__file__).resolve().parent.parent
 READY_LINE = "ready: serving"  # logged by service.server once every model is warm
@@ -34,7 +34,7 @@ class ServerProcess:
                 break
             self.log_path = Path(log_dir) / f"server-{self.port}-{restart}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
+        self.proc = start_child(  # a killed test run leaves no server behind
             [sys.executable, "-m", "service.server", "--host", "127.0.0.1", "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--offline", *args],
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,

@@ -13,7 +13,9 @@
 Base modules, imported by every layer and importing none of the layers: `service.errors`
 (every error, mapped to its status in one place), `service.metrics`, `service.request_context`
 (the request being handled: its id, what the engine reported about it), `service.tracing`
-(OpenTelemetry, off by default) and `service.logs` (text or JSON lines carrying the request id).
+(OpenTelemetry, off by default), `service.logs` (text or JSON lines carrying the request id),
+`service.platforms` (the device seam: every device-specific call, the only caller of CUDA) and
+`service.cgroup_limits` (the memory and CPUs this process may use, from its cgroup).
 At the top, importing everything
 and imported by nothing in the package: `service.server` (start-up) and `service.model_specs`
 (what to serve). Beside them, `service.config` declares every setting once (flag, ESM_*

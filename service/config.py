@@ -237,6 +237,11 @@ class ModelSettings(BaseModel):
                                  help="how long an idle worker waits to fill a batch")
     max_queue_items: int = setting(BatchLimits.max_queue_items, ge=1,
                                    help="queued items before RESOURCE_EXHAUSTED; at least --max-items")
+    max_queue_work: int = setting(
+        int(BatchLimits.max_queue_work), ge=1,
+        help="estimated work queued for the model, in work units (an item of n tokens is n x (1 + n/1024), x3 "
+             "with attention maps, x the share of layers it needs); a request whose own work is over it gets "
+             "INVALID_ARGUMENT, one that the queued work pushes over it RESOURCE_EXHAUSTED (HTTP 429)")
     min_padding_efficiency: float | None = setting(
         None, ge=0, le=1,
         help="a batch grows only while this share of what it computes is useful: real residues, not padding, "
@@ -261,7 +266,7 @@ class ModelSettings(BaseModel):
         defaults = device_defaults(device_type)
         return BatchLimits(
             max_batch_tokens=batch_tokens, max_batch_size=self.max_batch_size, max_wait_s=self.max_wait_ms / 1000,
-            max_queue_items=self.max_queue_items,
+            max_queue_items=self.max_queue_items, max_queue_work=float(self.max_queue_work),
             min_padding_efficiency=(defaults.min_padding_efficiency if self.min_padding_efficiency is None
                                     else self.min_padding_efficiency),
             max_batch_token_pairs=(defaults.max_batch_token_pairs if self.max_batch_token_pairs is None
@@ -383,6 +388,9 @@ class ServerSettings(Declared, ModelSettings, JsonEdgeLimits):
     port_file: Path | None = setting(None, env=False, metavar="PATH", help="write the bound port here once ready")
     fault_file: Path | None = setting(
         None, flag=None, help="tests only: arm fault injection from this file (service.engine.faults)")
+    device_plugin: Path | None = setting(
+        None, flag=None, help="tests only: a Python file whose cuda_runtime() stands in for the CUDA runtime "
+                              "(tests/simulated_cuda.py; service.platforms)")
     # Testing aids, hidden from --help and the README.
     simulate_oom_above_tokens: int = setting(0, env=False, hidden=True, ge=0, help="testing: fake OOM")
     simulate_cpu_native: Literal["present", "absent"] | None = setting(

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from esm2_wire.proto import MODEL_HEADER
+
 # Messages travel in the grpc-message trailer (and Envoy's JSON body); clients and Envoy
 # refuse trailers over 8-16 KiB and then fail the whole connection, so every value echoed
 # from a request is cut (echo), and so is every whole message (status).
@@ -98,15 +100,25 @@ class NotFound(ServiceError):
 
 
 class UnknownModel(NotFound):
-    """A model this server does not serve; the message names those that are served."""
+    """A model this server does not serve. The message names this server's own models and,
+    behind a gateway with several pools (`fleet`: the others' models, from FLEET_MODELS_HEADER),
+    theirs apart, with how a call reaches them: a gRPC call that omits MODEL_HEADER lands on the
+    default pool, and must not be told that the model it asked for is served here."""
 
-    def __init__(self, name: str, served):
+    def __init__(self, name: str, served, fleet=()):
         self.name, self.served = name, sorted(set(served))
-        super().__init__(f"model {echo(name)} is not served here; served models: {', '.join(self.served)}")
+        self.fleet = sorted(set(fleet) - set(self.served))
+        if not self.fleet:
+            message = f"model {echo(name)} is not served here; served models: {', '.join(self.served)}"
+        else:
+            message = (f"model {echo(name)} is not served here; this server serves {', '.join(self.served)}, "
+                       f"the gateway's other pools {', '.join(self.fleet)}: a gRPC call reaches a model's pool "
+                       f"with the {MODEL_HEADER} header set to its name, a JSON call by the model in its path")
+        super().__init__(message)
 
-    def also_served(self, others) -> "UnknownModel":
-        """The same error, naming models served beside this server's (the gateway's other pools)."""
-        return UnknownModel(self.name, [*self.served, *others])
+    def behind_gateway(self, fleet) -> "UnknownModel":
+        """The same error, naming the models of the gateway's other pools apart from this server's."""
+        return UnknownModel(self.name, self.served, fleet)
 
 
 class FailedPrecondition(ServiceError):
@@ -120,6 +132,26 @@ class QueueFull(ServiceError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     retry_after_s = 1
+
+
+class CannotFinish(ServiceError):
+    """The request's own estimated model time is past its caller's deadline, whatever else is queued:
+    refused at once (the message names the estimate and the deadline) instead of accepted to time out.
+    DEADLINE_EXCEEDED is what the caller would have got, only later; unlike RESOURCE_EXHAUSTED no retry
+    policy (Envoy's retry_on, gRPC clients') retries it, since a retry fails the same way. The JSON gateway
+    answers 400, not 504: nothing timed out, the request must change."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 400
+
+
+class BehindQueue(QueueFull):
+    """The work queued ahead of the request would make it miss its deadline: RESOURCE_EXHAUSTED
+    (HTTP 429) with retry-after set to when it may fit."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class SlowReader(ServiceError):

@@ -9,6 +9,10 @@ WORKER_BUSY = Gauge("esm_worker_busy", "Model workers running a batch now, all m
 WORKER_BATCHES = Counter("esm_worker_batches_total", "Batches run, per model worker", ["worker", "device"])
 WORKER_SECONDS = Counter("esm_worker_seconds_total", "Time spent running batches, per model worker", ["worker", "device"])
 REJECTED = Counter("esm_rejected_requests_total", "Requests refused because the queue was full")
+ADMISSION_REFUSED = Counter(
+    "esm_admission_refused_total",
+    "Requests refused before any model work by their estimated work (service.engine.policy.admit), by verdict",
+    ["model", "verdict"])
 DROPPED = Counter("esm_dropped_items_total", "Queued items dropped before reaching the model", ["reason"])
 BATCHES = Counter("esm_batches_total", "Batches run by the model worker", ["model"])
 ITEMS = Counter("esm_items_total", "Items run by the model worker", ["model"])
@@ -36,9 +40,20 @@ JSON_BYTES_IN_FLIGHT = Gauge("esm_json_response_bytes_in_flight",
                              "(bounded by --json-response-budget-mb)")
 RESPONSE_BYTES_HELD = Gauge("esm_response_bytes_held",
                             "Bytes of results and rendered responses held for callers that have not received them yet")
+# What the server may use, read at start-up (service.cgroup_limits; README, "Container limits").
+MEMORY_LIMIT = Gauge("esm_memory_limit_bytes",
+                     "Memory this server may use: its cgroup's limit (memory.max, memory.limit_in_bytes), "
+                     "else the host's total")
+CPU_LIMIT = Gauge("esm_cpu_limit", "Whole CPUs this server may use: its cgroup's CPU quota or its affinity mask, "
+                                   "the smaller")
+TORCH_THREADS = Gauge("esm_torch_threads", "torch's intra-op threads (the CPU limit unless OMP_NUM_THREADS is set)")
 REFUSED_UNDECODED = Counter(
     "esm_refused_undecoded_total", "Calls refused before their message was decoded (service.api.request_guard)", ["reason"]
 )
+IGNORED_TRACE_HEADERS = Counter(
+    "esm_ignored_trace_headers_total",
+    "Callers' W3C trace headers ignored (tracing on): a traceparent too long, malformed, of version ff or with a zero "
+    "id starts a new trace; a tracestate too long is dropped (service/tracing.py)", ["reason"])
 # The autoscaling signal (see README, Deploy): how long work waits for the model, which grows
 # with load before latency targets are missed, whatever the sequence lengths.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

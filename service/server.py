@@ -19,10 +19,12 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import grpc
 import prometheus_client
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -31,7 +33,7 @@ from esm2_wire.proto import pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service.models import batch_budget, checkpoints, memory_budget, sources
 from service.engine import faults
-from service import config, logs, model_specs, tracing
+from service import cgroup_limits, config, logs, metrics, model_specs, tracing
 from service.models import precision
 from service.models.served import ServedModel
 from service.api import request_guard
@@ -39,7 +41,9 @@ from service.engine import result_cache
 from service.api.auth import Tenancy, load_keys
 from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
-from service.engine.worker import ModelWorker, replicate, resolve_devices
+from service.engine.worker import ModelWorker, replicate
+from service import platforms
+from service.platforms import resolve_devices
 from service.engine.policy import CostModel, device_defaults
 from service.engine.scheduler import Scheduler
 from service.api.response_memory import ResponseMemory
@@ -55,7 +59,9 @@ MAX_MESSAGE_BYTES = 1 << 30  # unary responses of long sequences are large; stre
 # the JSON gateway's methods may use all of it: their bodies are bounded by the gateway's own
 # --max-request-bytes (4 MiB), and a JSON caller should hear about its body, not a proto size.
 RECEIVE_CEILING_BYTES = (4 << 20) + (64 << 10)
-JSON_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in ("EncodeJson", "PredictJson", "LogProbJson", "ScoreJson"))
+JSON_METHODS = tuple(f"/{SERVICE_NAME}/{name}"
+                     for name in ("EncodeJson", "PredictJson", "LogProbJson", "ScoreJson", "ScoreStreamJson"))
+SCORE_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in ("Score", "ScoreStream"))  # variants: larger messages
 # The health name Kubernetes' liveness probe asks: SERVING unless a model worker is stuck in a batch
 # (a hung device), so that the kubelet restarts the pod (watch_liveness).
 LIVENESS = "liveness"
@@ -157,11 +163,11 @@ def cache_scope(model: ServedModel) -> str:
     return f"{model.name}|{weights}|{model.precision}|{model.spec.attention}|{model.spec.layout}"
 
 
-def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
+def build_schedulers(served: dict[str, ServedModel], args, cache_bytes: int | None = None) -> ModelRouter:
     """Per model, one worker per device it lists and one scheduler with the model's own settings
     and batch budget (chosen once the model is on its device, and kept in its record for
-    ListModels); one result cache (one byte bound) for all of them."""
-    cache = result_cache.ResultCache(args.cache_mb << 20)
+    ListModels); one result cache (one byte bound, default --cache-mb) for all of them."""
+    cache = result_cache.ResultCache(args.cache_mb << 20 if cache_bytes is None else cache_bytes)
     schedulers = {}
     for name, model in served.items():
         spec = model.spec
@@ -171,7 +177,7 @@ def build_schedulers(served: dict[str, ServedModel], args) -> ModelRouter:
             for copy, device in zip(replicate({name: model.loaded}, model.devices), model.devices)
         ]
         first = workers[0]
-        model.budget = batch_budget.for_model(spec.max_batch_tokens, first.models[name], first.device,
+        model.budget = batch_budget.for_model(spec.max_batch_tokens, first.models[name], first.platform, first.stream,
                                               first.autocast_dtype, args.batch_sweep_seconds)
         log.info("%s: batch budget %s; precision %s", name, model.budget.describe(), spec.precision)
         schedulers[name] = Scheduler(
@@ -224,27 +230,78 @@ async def watch_liveness(router: ModelRouter, health_servicer, bound_s: float) -
         await asyncio.sleep(min(bound_s / 4, 5.0))  # a poll of the workers' clocks, not a wait for an event
 
 
+def follow_cpu_limit() -> None:
+    """torch's intra-op threads follow the CPU quota and affinity mask (a container given 2 CPUs
+    on a 64-core host runs 2, not 64), unless OMP_NUM_THREADS says how many."""
+    cpus = cgroup_limits.cpu_limit()
+    if "OMP_NUM_THREADS" in os.environ:
+        why = "OMP_NUM_THREADS"
+    else:
+        torch.set_num_threads(cpus.cpus)
+        why = "the CPU limit"
+    metrics.CPU_LIMIT.set(cpus.cpus)
+    metrics.TORCH_THREADS.set(torch.get_num_threads())
+    log.info("CPUs: %s; torch threads %d (from %s)", cpus.describe(), torch.get_num_threads(), why)
+
+
+@dataclass(frozen=True)
+class MemoryBounds:
+    """The byte bounds of what the server holds beside its models (bytes)."""
+
+    held_responses: int  # unsent responses of all callers (--max-held-response-mb)
+    json_budget: int  # JSON responses in flight (--json-response-budget-mb)
+    result_cache: int  # --cache-mb
+
+
+def memory_bounds(args, models: dict[str, ServedModel], start: cgroup_limits.MemoryLimit | None) -> MemoryBounds:
+    """The flags' bounds, each cut to a quarter of what a cgroup memory limit leaves once the
+    models on CPU and their worst batch are counted (`start`: the limit as read before the models
+    loaded), so that together they stay inside the container. Without a limit, the flags'."""
+    wanted = MemoryBounds(args.max_held_response_mb << 20, args.json_response_budget_mb << 20, args.cache_mb << 20)
+    if start is None:
+        return wanted
+    on_cpu = sum(_need(m.spec, device, (m.loaded.num_layers, m.loaded.embed_dim, m.loaded.attention_heads),
+                       args.max_sequence_length).bytes for m in models.values() for device in m.devices
+                 if device.type == "cpu")
+    share = max(1 << 20, (start.available_bytes - on_cpu) // 4)
+    bounds = MemoryBounds(*(min(share, value) for value in astuple(wanted)))
+    if bounds != wanted:
+        log.info("under %s: held responses %d MiB (--max-held-response-mb %d), JSON responses in flight %d MiB "
+                 "(--json-response-budget-mb %d), result cache %d MiB (--cache-mb %d): at most a quarter each of "
+                 "the %d MiB the limit left after the models", start.source, bounds.held_responses >> 20,
+                 args.max_held_response_mb, bounds.json_budget >> 20, args.json_response_budget_mb,
+                 bounds.result_cache >> 20, args.cache_mb, (start.available_bytes - on_cpu) >> 20)
+    return bounds
+
+
 async def serve(args) -> int:
     # Before the slow part: a missing otel extra stops start-up at once.
     tracing_interceptors = [tracing.setup(args.otlp_endpoint)] if args.otlp_endpoint else []
+    platforms.load_plugin(args.device_plugin)  # tests only (ESM_DEVICE_PLUGIN): the simulated CUDA device
     choose_precisions(args)
+    follow_cpu_limit()
+    memory_limit = cgroup_limits.memory_limit()
+    metrics.MEMORY_LIMIT.set(memory_limit.limit_bytes if memory_limit else cgroup_limits.host_total_bytes())
+    log.info("memory: %s", cgroup_limits.describe_memory())
     models = load_models(args)
-    router = build_schedulers(models, args)
+    bounds = memory_bounds(args, models, memory_limit)
+    router = build_schedulers(models, args, bounds.result_cache)
     keys = load_keys(args.api_keys_file, args.api_keys and args.api_keys.get_secret_value())
     servicer = Esm2Servicer(models, router, request_limits(args), args.max_json_response_mb << 20,
                             args.max_request_bytes, OPENAPI_DOCUMENT.read_bytes(),
                             tenancy=Tenancy(keys, shared=args.share_cache_across_keys), access_log=args.access_log,
-                            memory=ResponseMemory(args.max_stream_held_mb << 20, args.max_held_response_mb << 20),
+                            memory=ResponseMemory(args.max_stream_held_mb << 20, bounds.held_responses),
                             max_unary_response_bytes=args.max_unary_response_mb << 20,
-                            json_budget_bytes=args.json_response_budget_mb << 20,
-                            score_limits=ScoreLimits(args.max_score_mutations, args.max_score_passes))
+                            json_budget_bytes=bounds.json_budget,
+                            score_limits=ScoreLimits(args.max_score_mutations, args.max_score_passes),
+                            api_keys_required=bool(keys))
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
     score_bytes = request_guard.max_score_message_bytes(args.max_items, args.max_sequence_length,
                                                         args.max_score_mutations)
     receive_ceiling = max(receive_ceiling, score_bytes)
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
                                        {**dict.fromkeys(JSON_METHODS, receive_ceiling),
-                                        f"/{SERVICE_NAME}/Score": max(args.max_request_message_bytes, score_bytes)})
+                                        **dict.fromkeys(SCORE_METHODS, max(args.max_request_message_bytes, score_bytes))})
     server = grpc.aio.server(
         # The tracing interceptor first: a refused call (bad key, too large) is traced too.
         interceptors=[*tracing_interceptors, guard],
@@ -278,7 +335,7 @@ async def serve(args) -> int:
         except OSError as exc:
             raise AddressInUse(f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {exc.strerror}") from None
     await server.start()
-    log.info("gRPC listening on %s:%d; warming up; result cache %d MiB", args.host, port, args.cache_mb)
+    log.info("gRPC listening on %s:%d; warming up; result cache %d MiB", args.host, port, bounds.result_cache >> 20)
 
     await warm_up(router, models)
     router.start()
@@ -331,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = asyncio.run(serve(args))
     except (checkpoints.CheckpointNotFound, checkpoints.BadCheckpoint, memory_budget.DoesNotFit, AddressInUse,
-            precision.PrecisionUnsupported, tracing.TracingUnavailable) as exc:
+            precision.PrecisionUnsupported, tracing.TracingUnavailable, platforms.DeviceUnavailable) as exc:
         log.error("%s", exc)
         return 2
     finally:

@@ -15,6 +15,12 @@ the whole path of a request in one trace, at a cost bounded by the batch size.
 
 opentelemetry is the `otel` extra: without it installed, and while tracing is off, every
 function here is a cheap no-op and nothing of OpenTelemetry is imported.
+
+Callers' trace headers are read strictly (`trace_header_problem`, W3C Trace Context): a
+`traceparent` over 512 characters, not in lower-case hex, of version `ff` or with all-zero ids
+starts a new trace, and a `tracestate` over 512 characters is dropped; each is counted in
+`esm_ignored_trace_headers_total{reason}`, never logged, so a caller cannot write log lines at
+will (OpenTelemetry's own propagator logs a WARNING per oversized header).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
+
+from service import metrics
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +47,67 @@ def enabled() -> bool:
     return _tracer is not None
 
 
+MAX_TRACE_HEADER_CHARS = 512  # W3C Trace Context's bound, for traceparent and tracestate alike
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.ASCII | re.DOTALL)
+
+
+def trace_header_problem(traceparent: str) -> str | None:
+    """Why a caller's traceparent must start a new trace (a metric label), or None to continue it.
+    W3C: version ff is invalid, hex is lower case, ids are not all zero, and version 00 has
+    exactly four fields (later versions may append fields)."""
+    if len(traceparent) > MAX_TRACE_HEADER_CHARS:
+        return "traceparent_too_long"
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if match is None or (match.group(1) == "00" and match.group(5)):
+        return "traceparent_malformed"
+    if match.group(1) == "ff":
+        return "traceparent_version_ff"
+    if match.group(2) == "0" * 32 or match.group(3) == "0" * 16:
+        return "traceparent_zero_id"
+    return None
+
+
+def _strict_propagator():
+    """The W3C propagator behind a strict check that counts what it refuses instead of logging."""
+    from opentelemetry.context import Context
+    from opentelemetry.propagators import textmap
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    class WithoutTracestate(textmap.Getter):
+        def __init__(self, getter):
+            self.getter = getter
+
+        def get(self, carrier, key):
+            return None if key == "tracestate" else self.getter.get(carrier, key)
+
+        def keys(self, carrier):
+            return self.getter.keys(carrier)
+
+    class StrictTraceContext(TraceContextTextMapPropagator):
+        def extract(self, carrier, context=None, getter=textmap.default_getter):
+            context = Context() if context is None else context
+            traceparent = getter.get(carrier, "traceparent")
+            if not traceparent:
+                return context
+            problem = trace_header_problem(traceparent[0])
+            if problem is not None:
+                metrics.IGNORED_TRACE_HEADERS.labels(problem).inc()
+                return context  # a new trace starts here
+            tracestate = getter.get(carrier, "tracestate")
+            if tracestate and sum(map(len, tracestate)) + len(tracestate) - 1 > MAX_TRACE_HEADER_CHARS:
+                metrics.IGNORED_TRACE_HEADERS.labels("tracestate_too_long").inc()
+                getter = WithoutTracestate(getter)
+            return super().extract(carrier, context, getter)
+
+    return StrictTraceContext()
+
+
 def setup(endpoint: str, service_name: str = "esm2-server"):
     """Export spans to the OTLP/gRPC collector at `endpoint`; the server interceptor that
     continues callers' traces."""
     global _tracer, _provider
     try:
-        from opentelemetry import trace
+        from opentelemetry import propagate
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
         from opentelemetry.sdk.resources import Resource
@@ -58,6 +122,9 @@ def setup(endpoint: str, service_name: str = "esm2-server"):
     insecure = not endpoint.startswith("https://")
     _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
     _tracer = _provider.get_tracer("esm2-service")
+    # W3C trace context only: the default also reads `baggage`, which the server has no use for
+    # and whose propagator logs a WARNING per oversized header.
+    propagate.set_global_textmap(_strict_propagator())
     log.info("tracing: OTLP spans to %s", endpoint)
     # Envoy health-checks every replica every second: those calls would bury the traces of requests.
     return aio_server_interceptor(tracer_provider=_provider, filter_=filters.negate(filters.health_check()))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from esm2_wire.proto import pb
+
 STANDARD_ORDER = "LAGVSERTIDPKQNFYMHWC"  # the 20 standard amino acids in ESM-2 alphabet order
 
 # fp32 CPU. Float32 rounding is relative to the magnitudes a tensor holds: fair-esm itself
@@ -76,3 +78,59 @@ def check_result(result, ref, layers, include):
         assert list(result.vocab_tokens) == list("LAGVSERTIDPKQNFYMHWC")
     else:
         assert not result.vocab_tokens
+
+
+# ---- scores computed directly on fair-esm (log_prob, Score) -------------------------------------
+COLUMN = {a: i for i, a in enumerate(STANDARD_ORDER)}
+
+
+def _logits(loaded, sequence: str) -> torch.Tensor:
+    """fair-esm's stock forward, one sequence alone: logits of the 20 standard amino acids, [L, 20]."""
+    _, _, tokens = loaded.alphabet.get_batch_converter()([("x", sequence)])
+    with torch.no_grad():
+        logits = loaded.model(tokens)["logits"][0, 1:-1]
+    return logits[:, [loaded.alphabet.get_idx(a) for a in STANDARD_ORDER]]
+
+
+def direct_log_prob(loaded, sequence: str) -> float:
+    """BioLM's log_prob: one unmasked pass, log-softmax over the 20, the residues present summed."""
+    log_probs = torch.log_softmax(_logits(loaded, sequence), dim=-1)
+    return float(sum(log_probs[i, COLUMN[a]] for i, a in enumerate(sequence) if a in COLUMN))
+
+
+def masked_log_probs(loaded, sequence: str, position: int) -> torch.Tensor:
+    """Log-softmax over the 20 at the 1-based `position`, masked alone."""
+    masked = sequence[: position - 1] + "<mask>" + sequence[position:]
+    return torch.log_softmax(_logits(loaded, masked)[position - 1].double(), dim=-1)
+
+
+def direct_masked_marginal(loaded, sequence: str, variant: str) -> float:
+    total = 0.0
+    for mutation in variant.split(":"):
+        wt, position, mt = mutation[0], int(mutation[1:-1]), mutation[-1]
+        lp = masked_log_probs(loaded, sequence, position)
+        total += float(lp[COLUMN[mt]] - lp[COLUMN[wt]])
+    return total
+
+
+def direct_wt_marginal(loaded, sequence: str, variant: str) -> float:
+    lp = torch.log_softmax(_logits(loaded, sequence).double(), dim=-1)
+    return sum(float(lp[int(m[1:-1]) - 1, COLUMN[m[-1]]] - lp[int(m[1:-1]) - 1, COLUMN[m[0]]])
+               for m in variant.split(":"))
+
+
+def mutant_of(sequence: str, variant: str) -> str:
+    letters = list(sequence)
+    for m in variant.split(":"):
+        letters[int(m[1:-1]) - 1] = m[-1]
+    return "".join(letters)
+
+
+def direct_pll(loaded, sequence: str) -> float:
+    return sum(float(masked_log_probs(loaded, sequence, p)[COLUMN[a]])
+               for p, a in enumerate(sequence, start=1) if a in COLUMN)
+
+
+def score_request(model: str, items, method: str = "") -> pb.ScoreRequest:
+    return pb.ScoreRequest(model=model, params=pb.ScoreParams(method=method),
+                           items=[pb.ScoreItem(sequence=s, variants=v) for s, v in items])

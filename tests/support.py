@@ -3,10 +3,15 @@ request builders. Test modules import this (and reference.py), never one another
 
 from __future__ import annotations
 
+import gzip
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import grpc
+import pytest
 import requests
 
 from esm2_wire.proto import pb, pb_grpc
@@ -15,8 +20,9 @@ from gateway.launch import EnvoyProcess
 from harness import server_process
 from harness.server_process import REPO, free_port
 
-__all__ = ["REPO", "ServerProcess", "body", "encode_request", "envoy_admin_get", "free_port", "post",
-           "start_gateway", "start_server", "wait_for"]
+__all__ = ["ESM2_COMMAND", "PROVENANCE", "REPO", "ServerProcess", "body", "browser_wait", "chromium", "encode_request",
+           "envoy_admin_get", "esm2", "free_port", "needs_browser", "post", "start_gateway", "start_server", "wait_for",
+           "write_fasta"]
 
 
 class ServerProcess(server_process.ServerProcess):
@@ -147,3 +153,65 @@ def envoy_counters(socket_path, pattern: str, timeout: float = 10) -> dict[str, 
     text = envoy_admin_get(socket_path, f"/stats?filter={pattern}", timeout)
     pairs = (line.split(": ", 1) for line in text.splitlines() if ": " in line)
     return {name: int(value) for name, value in pairs if value.strip().isdigit()}
+
+
+# ---- the esm2 command line ----------------------------------------------------------------
+ESM2 = Path(sys.executable).with_name("esm2")
+ESM2_COMMAND = [str(ESM2)] if ESM2.exists() else [sys.executable, "-m", "esm2_client.cli"]
+
+
+def esm2(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([*ESM2_COMMAND, *map(str, args)], capture_output=True, text=True, timeout=120, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+# A run's provenance as the CLI takes it from ListModels (esm2_wire.provenance).
+PROVENANCE = {"model": "esm2-tiny", "weights_fingerprint": "sha256:" + "0" * 64, "random_weights": True,
+              "precision": "fp32", "server_version": "0.1.0"}
+
+
+def write_fasta(path: Path, records: dict[str, str], gzipped: bool = False) -> Path:
+    text = "".join(f">{name}\n{seq[i:i + 60]}\n" if i == 0 else f"{seq[i:i + 60]}\n"
+                   for name, seq in records.items() for i in range(0, len(seq), 60))
+    if gzipped:
+        with gzip.open(path, "wt") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+# ---- headless Chromium (the docs page and the playground) ----------------------------------
+# Debian's chromium and chromium-driver (.ci/run installs them in CI); selenium (dev extra) drives them.
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+needs_browser = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="headless Chromium is not installed: apt-get install chromium chromium-driver (.ci/run does in CI)")
+
+
+def chromium(profile_dir: Path, downloads: Path | None = None, window: str = "1280,2000"):
+    """A headless Chromium with a fresh profile in `profile_dir`, its console logged; files it
+    downloads land in `downloads`. The caller quits it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--window-size={window}",
+                 f"--user-data-dir={profile_dir}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    if downloads is not None:
+        driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    return driver
+
+
+def browser_wait(driver, condition, timeout: float = 60):
+    """condition(driver)'s first truthy value, polled every 0.1 s."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))

@@ -11,6 +11,7 @@ import torch
 
 from support import REPO
 from service.config import parse_batch_tokens
+from service import platforms
 from service.models import batch_budget
 from esm2_wire.proto import pb
 
@@ -26,12 +27,12 @@ def test_budget_choice_prefers_the_smallest_within_tolerance():
 
 def test_sweep_measures_within_its_bounds(reference_models):
     loaded = reference_models["esm2-tiny"]
-    choice = batch_budget.measure(loaded, torch.device("cpu"), None, seconds=30)
+    choice = batch_budget.measure(loaded, platforms.of(torch.device("cpu")), None, None, seconds=30)
     assert choice.source == "measured at start-up"
     assert choice.tokens in choice.tokens_per_s and set(choice.tokens_per_s) <= set(batch_budget.CANDIDATES["cpu"])
     assert all(rate > 0 for rate in choice.tokens_per_s.values())
     # A zero time bound still measures the smallest candidate, then stops.
-    assert list(batch_budget.measure(loaded, torch.device("cpu"), None, seconds=0).tokens_per_s) == [512]
+    assert list(batch_budget.measure(loaded, platforms.of(torch.device("cpu")), None, None, seconds=0).tokens_per_s) == [512]
 
 
 def test_list_models_reports_budget_and_precision(stub):

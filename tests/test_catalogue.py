@@ -16,6 +16,9 @@ from gateway.launch import EnvoyProcess
 
 TINY, OTHER = "esm2-tiny", "esm2-8m"  # the fallback pool's model, and the other pool's
 LAYERS = {TINY: 2, OTHER: 6}
+NOT_SERVED = ("model {} is not served here; this server serves esm2-tiny, the gateway's other pools esm2-8m: a gRPC "
+              "call reaches a model's pool with the x-esm-model header set to its name, a JSON call by the model in "
+              "its path")
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +67,27 @@ def test_unknown_model_404_names_every_served_model(two_pools):
     response = requests.post(f"{envoy.url}/api/v3/esm2-nope/encode", json={"items": [{"sequence": "MKT"}]},
                              timeout=30)
     assert response.status_code == 404, response.text
-    assert response.json()["message"] == "model 'esm2-nope' is not served here; served models: esm2-8m, esm2-tiny"
+    assert response.json()["message"] == NOT_SERVED.format("'esm2-nope'")
     # gRPC, no model header: the fallback pool's server answers, and names the other pool's model too.
     # A caller's own fleet header is replaced by Envoy's.
     with pytest.raises(grpc.RpcError) as error:
         stub.Encode(pb.EncodeRequest(model="esm2-nope", items=[pb.SequenceItem(sequence="MKT")]), timeout=30,
                     metadata=((FLEET_MODELS_HEADER, "esm2-made-up"),))
     assert error.value.code() is grpc.StatusCode.NOT_FOUND
-    assert error.value.details() == "model 'esm2-nope' is not served here; served models: esm2-8m, esm2-tiny"
+    assert error.value.details() == NOT_SERVED.format("'esm2-nope'")
+
+
+def test_a_call_without_the_model_header_is_told_how_the_fleet_routes(two_pools):
+    """Issue 32: Score for the other pool's model, sent without x-esm-model, lands on the fallback
+    pool; the error names that server's own model apart, and the header that routes the call."""
+    _, stub, _, _ = two_pools
+    request = pb.ScoreRequest(model=OTHER, items=[pb.ScoreItem(sequence="MKTAY", variants=["K2A"])])
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Score(request, timeout=30)
+    assert error.value.code() is grpc.StatusCode.NOT_FOUND
+    assert error.value.details() == NOT_SERVED.format(f"'{OTHER}'")
+    routed = stub.Score(request, timeout=30, metadata=((MODEL_HEADER, OTHER),))
+    assert len(routed.results[0].scores) == 1
 
 
 def test_a_direct_callers_fleet_header_is_bounded(two_pools):
@@ -82,11 +98,13 @@ def test_a_direct_callers_fleet_header_is_bounded(two_pools):
         tiny.stub.Encode(pb.EncodeRequest(model="esm2-nope", items=[pb.SequenceItem(sequence="MKT")]), timeout=30,
                          metadata=((FLEET_MODELS_HEADER, ",".join(names)),))
     assert error.value.code() is grpc.StatusCode.NOT_FOUND
-    named = error.value.details().split("served models: ")[1].split(", ")
-    assert "esm2-extra" in named and TINY in named
-    assert "not a name!" not in error.value.details() and "x" * 65 not in error.value.details()
-    # The first 64 entries, of which 3 are malformed, plus the server's own model.
-    assert len(named) == 64 - 3 + 1
+    details = error.value.details()
+    assert details.startswith(f"model 'esm2-nope' is not served here; this server serves {TINY}, the gateway's other pools ")
+    named = details.split("other pools ")[1].split(": a gRPC call")[0].split(", ")
+    assert "esm2-extra" in named
+    assert "not a name!" not in details and "x" * 65 not in details
+    # The first 64 entries, of which 3 are malformed.
+    assert len(named) == 64 - 3
 
 
 def test_a_pool_that_is_down_is_left_out_of_the_list(two_pools):

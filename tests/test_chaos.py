@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -272,9 +273,11 @@ def _replica_pid(launcher: subprocess.Popen, port: int) -> int:
 
 
 @contextlib.contextmanager
-def launched(tmp: Path, replicas: int, *server_args: str):
-    """`python -m gateway.launch --replicas N`, its log in tmp; yields (process, http url, admin socket, port)."""
-    http_port, grpc_port = free_port(), free_port(room=replicas)  # the replicas take --port, --port + 1, ...
+def launched(tmp: Path, replicas: int, *server_args: str, ports: tuple[int, int] | None = None):
+    """`python -m gateway.launch --replicas N`, its log in tmp; yields (process, http url, admin socket, port).
+    `ports`: (HTTP port, first gRPC port), default free ones."""
+    # The replicas take --port, --port + 1, ...
+    http_port, grpc_port = ports or (free_port(), free_port(room=replicas))
     admin = tmp / "admin.sock"
     log = open(tmp / "launch.log", "wb")
     launcher = subprocess.Popen(
@@ -382,3 +385,87 @@ def test_launcher_pools_are_the_models_files_models_and_it_exits_once_every_repl
             os.kill(_replica_pid(launcher, replica_port), signal.SIGKILL)
         assert launcher.wait(60) == 1
         assert "every replica has exited; stopping envoy" in (tmp_path / "launch.log").read_text()
+
+
+def _alive(pid: int) -> bool:
+    """Any of its threads still running. A dead process's leader can show as a zombie while its
+    other threads are still exiting and its sockets still open, so each thread is looked at."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+    return any(state not in "ZX" for state in states)
+
+
+def _bindable(port: int) -> bool:
+    """A listener can take the port again (SO_REUSEADDR, as gRPC and Envoy bind: TIME_WAIT is no obstacle)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            return False
+        return True
+
+
+def test_a_killed_launcher_takes_its_children_with_it(tmp_path, tiny_checkpoint, expected):
+    """Before: after a SIGKILL of the launcher its replicas and Envoy lived on with parent 1, kept
+    serving and held their ports, so a new launch on the same ports could not start."""
+    args = ("--models", TINY, "--checkpoint", f"{TINY}={tiny_checkpoint}", "--cache-mb", "0")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    with launched(first, 2, *args) as (launcher, url, admin, port):
+        http_port, ports = int(url.rsplit(":", 1)[1]), [port, port + 1]
+        _wait_pool_healthy(launcher, admin, TINY, ports, first / "launch.log")
+        children = _children(launcher.pid)
+        assert len(children) == 3, children  # two replicas and Envoy
+        with SteadyLoad(url, expected) as load:
+            load.wait_for(20)
+            launcher.kill()  # as the OOM killer or a CI runner's cleanup would
+            launcher.wait()
+            # The kernel signals the children as the launcher dies; 2 s bounds their teardown.
+            wait_for(lambda: not any(map(_alive, children)), lambda: f"children left: {[*filter(_alive, children)]}",
+                     timeout=2)
+    # Those requests failed: their gateway is gone. What matters is what comes next.
+    held = [p for p in (http_port, *ports) if not _bindable(p)]
+    assert not held, f"a killed launcher's ports are still held: {held}"
+    with launched(second, 2, *args, ports=(http_port, port)) as (relaunched, url, admin, _):
+        _wait_pool_healthy(relaunched, admin, TINY, ports, second / "launch.log")
+        response = requests.post(f"{url}/api/v3/{TINY}/encode", json={"items": [{"sequence": SEQUENCES[0]}]},
+                                 timeout=REQUEST_TIMEOUT_S)
+        assert response.status_code == 200, response.text
+        assert_close(response.json()["results"][0]["embeddings"][0]["embedding"], expected[SEQUENCES[0]], "")
+
+
+HARNESS_PARENT = """
+import sys, threading, time
+from pathlib import Path
+from harness.server_process import ServerProcess
+started = []
+# From a thread that ends: the parent-death signal follows the forking thread, so the harness
+# must fork from one that lives as long as the process.
+thread = threading.Thread(target=lambda: started.append(ServerProcess(Path(sys.argv[1]), *sys.argv[2:]).wait_ready()))
+thread.start()
+thread.join()
+print(started[0].proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_test_run_takes_its_harness_servers_with_it(tmp_path, tiny_checkpoint):
+    """Before: a SIGKILLed test run (a CI runner's cleanup) left its servers running with parent 1."""
+    parent = subprocess.Popen([sys.executable, "-c", HARNESS_PARENT, str(tmp_path), "--models", TINY, "--checkpoint",
+                               f"{TINY}={tiny_checkpoint}"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        server = int(parent.stdout.readline())
+        time.sleep(0.5)
+        assert _alive(server), "the server died with the thread that started it"
+    finally:
+        parent.kill()
+        parent.wait()
+    try:
+        wait_for(lambda: not _alive(server), f"server {server} gone", timeout=2)
+    finally:
+        if _alive(server):  # an orphan: stop it, not the next test
+            os.kill(server, signal.SIGKILL)

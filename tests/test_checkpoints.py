@@ -71,6 +71,7 @@ def test_missing_weights_name_every_place_looked(tmp_path):
         "Downloading is switched off (--offline)",
         "esm2_t12_35M_UR50D-contact-regression.pt",
         "--checkpoint esm2-35m=",
+        "Offline, to try the service: `make demo`",
     ):
         assert expected in result.stderr, expected
     assert "Traceback" not in result.stderr

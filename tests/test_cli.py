@@ -19,35 +19,14 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from support import REPO, free_port, start_server
+from support import ESM2_COMMAND, PROVENANCE, REPO, esm2, free_port, start_server, write_fasta
 from reference import STANDARD_ORDER, assert_close, reference
 
 from bench import esm_extract
+from esm2_client import Esm2Client
 from esm2_client.embedding_store import EmbeddingStore, OutputError
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
-ESM2 = Path(sys.executable).with_name("esm2")
-ESM2_COMMAND = [str(ESM2)] if ESM2.exists() else [sys.executable, "-m", "esm2_client.cli"]
-
-
-def esm2(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([*ESM2_COMMAND, *map(str, args)], capture_output=True, text=True, timeout=120, **kwargs)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-def write_fasta(path: Path, records: dict[str, str], gzipped: bool = False) -> Path:
-    text = "".join(f">{name}\n{seq[i:i + 60]}\n" if i == 0 else f"{seq[i:i + 60]}\n"
-                   for name, seq in records.items() for i in range(0, len(seq), 60))
-    if gzipped:
-        with gzip.open(path, "wt") as handle:
-            handle.write(text)
-    else:
-        path.write_text(text)
-    return path
-
-
 def random_records(count: int, low: int, high: int, seed: int) -> dict[str, str]:
     rng = random.Random(seed)
     return {f"p{i}|x": "".join(rng.choice(AMINO) for _ in range(rng.randint(low, high))) for i in range(count)}
@@ -162,7 +141,7 @@ class _InterruptedArrays(dict):
 def test_a_sequence_cut_short_is_neither_published_nor_resumed_from(tmp_path, suffix):
     out = tmp_path / f"out{suffix}"
     settings = {"model": "esm2-tiny", "include": ["mean"], "repr_layers": [1], "truncate": None}
-    store = EmbeddingStore(out, settings)
+    store = EmbeddingStore(out, settings, PROVENANCE)
     assert store.open() == set()
     store.add("a", {"mean/1": np.ones(4, np.float32)})
     with pytest.raises(KeyboardInterrupt):
@@ -178,7 +157,7 @@ def test_a_sequence_cut_short_is_neither_published_nor_resumed_from(tmp_path, su
     else:
         arrays = dict(np.load(out)) if suffix == ".npz" else safetensors.numpy.load_file(out)
         assert sorted(k for k in arrays if not k.startswith("__")) == ["a/mean/1"]
-    resumed = EmbeddingStore(out, settings)
+    resumed = EmbeddingStore(out, settings, PROVENANCE)
     assert resumed.open() == {"a"}  # b and c are written again by the re-run
     resumed.publish()
 
@@ -199,13 +178,13 @@ def test_other_settings_leave_no_work_file_behind(server, tmp_path):
 def test_other_settings_in_the_work_file_name_it(tmp_path):
     out = tmp_path / "out.h5"
     work = tmp_path / "out.h5.partial.h5"
-    store = EmbeddingStore(out, {"include": ["mean"]})
+    store = EmbeddingStore(out, {"include": ["mean"]}, PROVENANCE)
     store.open()
     store.add("a", {"mean/1": np.ones(4, np.float32)})
     store.publish()
     os.replace(out, work)  # what a killed run leaves: work, no output
     with pytest.raises(OutputError, match=f"{re.escape(str(work))} was written with other settings.*delete {re.escape(str(work))}"):
-        EmbeddingStore(out, {"include": ["bos"]}).open()
+        EmbeddingStore(out, {"include": ["bos"]}, PROVENANCE).open()
     assert work.exists()  # another run's work: the user decides
 
 
@@ -308,6 +287,47 @@ def test_score_pseudo_log_likelihood_equals_direct(server, reference_models, tmp
         assert int(rows[name]["scored_positions"]) == len(positions)
         assert float(rows[name]["pseudo_log_likelihood"]) == pytest.approx(pll, abs=1e-4)
         assert float(rows[name]["perplexity"]) == pytest.approx(np.exp(-pll / len(positions)), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["masked_marginal", "wt_marginal", "pll"])
+def test_score_scan_csv_equals_score_calls_made_one_by_one(server, tmp_path, method):
+    wild_type = "MKTAYXAKQR"  # X (position 6) has no substitutions
+    out = tmp_path / "scan.csv"
+    esm2("score", "--sequence", wild_type, "--scan", "--positions", "5-7", "--method", method, "-m", "esm2-tiny",
+         "--server", server.target, "-o", out)
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == ["position", "wild_type", "mutant", "variant", "method", "score"]
+    mutants = "ACDEFGHIKLMNPQRSTVWY"
+    assert [(r["position"], r["wild_type"], r["mutant"], r["variant"]) for r in rows] == [
+        (str(p), wild_type[p - 1], m, f"{wild_type[p - 1]}{p}{m}") for p in (5, 7) for m in mutants
+        if m != wild_type[p - 1]]
+    assert {r["method"] for r in rows} == {method}
+    with Esm2Client(server.target) as client:
+        for row in rows:
+            (alone,) = client.score("esm2-tiny", [(wild_type, [row["variant"]])], method)
+            assert float(row["score"]) == pytest.approx(alone.scores[0], abs=5e-7), row
+
+
+def test_score_scan_heatmap_and_position_errors(server, tmp_path):
+    from PIL import Image
+
+    wild_type = "MKTAYIAKQR"
+    common = ["-m", "esm2-tiny", "--server", server.target]
+    esm2("score", "--sequence", wild_type, "--scan", "--png", tmp_path / "scan.png", "-o", tmp_path / "scan.csv",
+         *common)
+    with Image.open(tmp_path / "scan.png") as image:
+        assert image.text["Title"] == "RANDOM WEIGHTS (meaningless): sequence: masked_marginal scan"
+        assert image.size == (80 + 150 + 420, 60 + 60 + 14 * 20)
+    assert len(list(csv.DictReader(open(tmp_path / "scan.csv")))) == 10 * 19
+    for positions, fragment in (("0-3", "positions run from 1 to 10"), ("5-11", "positions run from 1 to 10"),
+                                ("7-5", "first <= last"), ("ten", "expected FIRST-LAST, e.g. 10-80")):
+        assert_one_error_line(esm2("score", "--sequence", wild_type, "--scan", "--positions", positions, *common,
+                                   check=False), f"--positions {positions!r}" if positions == "ten"
+                              else f"--positions {positions}", fragment)
+    assert_one_error_line(esm2("score", "--sequence", wild_type, "--scan", "--mutations", "K2A", *common, check=False),
+                          "--scan scores every substitution itself")
+    assert_one_error_line(esm2("score", "--sequence", wild_type, "--positions", "2-3", *common, check=False),
+                          "--positions and --png belong to --scan")
 
 
 # ---- health, models, failures ------------------------------------------------------------------
@@ -414,7 +434,7 @@ def test_contacts_png_draws_the_servers_contact_and_attention_maps(sharp_contact
     esm2("contacts", fasta, "--png", tmp_path / "both", "-m", "esm2-tiny", "--server", target, "-q", "--attention")
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["p1.png", "weird_id.png"]
     with Esm2Client(target) as client:
-        served = client.encode(list(CONTACT_SEQS.values()), "esm2-tiny", ["contacts", "attentions"])
+        served = client.encode("esm2-tiny", list(CONTACT_SEQS.values()), ["contacts", "attentions"])
     for name, outputs in zip(["p1.png", "weird_id.png"], served):
         contacts, attention = outputs.get(OutputKind.CONTACTS), outputs.get(OutputKind.ATTENTIONS)
         length = contacts.shape[0]
@@ -454,3 +474,13 @@ def test_contacts_without_matplotlib_is_one_line_before_any_work(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert_one_error_line(result, "needs matplotlib", "esm2-service[plot]")
     assert not (tmp_path / "maps").exists()
+
+
+def test_score_refuses_variants_outside_the_strict_grammar_before_sending(tmp_path, server):
+    """Issue 32: the CLI reads variants with the server's grammar (esm2_wire.variants), so a
+    table with whitespace or another script's digits is named row by row, not sent."""
+    table = tmp_path / "variants.csv"
+    table.write_text("name,mutant\nv1,K2A\nv2, K2A\nv3,K\u0662A\nv4,K2A\t:T3G\n", encoding="utf-8")
+    assert_one_error_line(esm2("score", "--sequence", "MKTAY", "--mutations-csv", table, "-m", "esm2-tiny",
+                               "--server", server.target, check=False),
+                          "3 invalid mutations", "row 2: ' K2A'", "row 3: 'K\\u0662A'", "row 4: 'K2A\\t:T3G'")

@@ -54,16 +54,15 @@ def test_supervision_health_drain_and_hardening():
     services = load("compose.yaml")["services"]
     for name, service in services.items():
         assert service["restart"] == "unless-stopped", name
-        assert service["healthcheck"]["test"][0] == "CMD", name
+        assert isinstance(service["healthcheck"]["test"], str), name  # a shell command: see compose.yaml
         assert service["read_only"] is True and service["cap_drop"] == ["ALL"], name
     server = services["server"]
-    assert server["healthcheck"]["test"][1:3] == ["esm2", "health"]
-    assert "weights:/models:ro" in server["volumes"]
+    assert server["healthcheck"]["test"].split()[:2] == ["esm2", "health"]
+    assert server["volumes"] == ["${ESM_WEIGHTS:-/srv/esm2}:/models:ro"]
     drain = float(server["environment"]["ESM_DRAIN_SECONDS"])
     grace = float(server["environment"]["ESM_GRACE_SECONDS"])
     assert drain > UNHEALTHY_THRESHOLD * HEALTH_CHECK_INTERVAL_S  # Envoy moves traffic off before the stop
     assert seconds(server["stop_grace_period"]) > drain + grace
-    assert load("compose.yaml")["volumes"]["weights"]["driver_opts"]["o"] == "bind"
 
 
 def test_gpu_variant_reserves_a_gpu_per_replica():

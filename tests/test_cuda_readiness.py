@@ -15,10 +15,11 @@ import pytest
 import torch
 from esm.model.esm2 import ESM2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from simulated_cuda import installed
 from support import ServerProcess, encode_request, wait_for
 
 from esm2_wire.output_kinds import OutputKind
-from service import server
+from service import platforms, server
 from service.engine import worker as worker_module
 from service.engine.inputs import ModelInput
 from service.engine.worker import ModelWorker, replicate, to_host
@@ -93,7 +94,7 @@ def test_batched_host_copies_equal_per_item_copies(reference_models):
         tokens[row, : item.length] = torch.from_numpy(item.token_ids)
     plan = BatchPlan(layers=frozenset({0, 3, 6}), outputs=frozenset().union(*(i.outputs for i in batch)))
     out = forward(loaded.model, tokens, plan)
-    host = to_host(out, batch, torch.device("cpu"))
+    host = to_host(out, batch, platforms.of(torch.device("cpu")))
     for row, item in enumerate(batch):
         result = ModelWorker._extract(host, row, item)
         got = {("mean", k): v for k, v in result.mean.items()} | {("bos", k): v for k, v in result.bos.items()} \
@@ -142,32 +143,25 @@ def test_auto_precision_is_fp32_on_a_cpu_and_keeps_fp32_weights(tiny_checkpoint)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def test_bf16_is_accepted_by_the_workers_device_capability(monkeypatch):
+def test_bf16_is_accepted_by_the_workers_device_capability():
     """A V100 (7.0) or T4 (7.5) emulates bf16: refused, and `auto` picks fp32 there; an A100 or
-    H100 (8.0, 9.0) runs it. The question goes to each worker's own device."""
-    capability = {0: (7, 0), 1: (9, 0), 2: (7, 5), 3: (8, 0)}
-    asked = []
-
-    def query(device):
-        asked.append(device.index)
-        return capability[device.index]
-
-    monkeypatch.setattr(precision, "cuda_capability", query)
-    v100, h100, t4, a100 = (torch.device(f"cuda:{i}") for i in range(4))
-    with pytest.raises(precision.PrecisionUnsupported, match=r"cuda:0 \(compute capability 7\.0\) has no native bf16"):
-        precision.check("bf16", v100)
-    with pytest.raises(precision.PrecisionUnsupported, match=r"cuda:2 \(compute capability 7\.5\)"):
-        precision.check("bf16", t4)
-    precision.check("bf16", h100)
-    precision.check("bf16", a100)
-    precision.check("fp16", v100)  # native there
-    assert precision.resolve("auto", [h100]) == "bf16"
-    assert precision.resolve("auto", [a100, h100]) == "bf16"
-    assert precision.resolve("auto", [v100]) == "fp32"
-    assert precision.resolve("auto", [h100, t4]) == "fp32"  # one model, one precision: what every device runs
-    assert precision.resolve("auto", [torch.device("cpu")]) == "fp32"
-    assert precision.resolve("fp16", [v100]) == "fp16"
-    assert set(asked) == {0, 1, 2, 3}
+    H100 (8.0, 9.0) runs it. The question goes to each worker's own device: four simulated
+    devices (tests/simulated_cuda.py) with those capabilities."""
+    with installed(devices=4, capability=[(7, 0), (9, 0), (7, 5), (8, 0)]):
+        v100, h100, t4, a100 = platforms.resolve_devices("cuda:0,cuda:1,cuda:2,cuda:3")
+        with pytest.raises(precision.PrecisionUnsupported, match=r"cuda:0 \(compute capability 7\.0\) has no native bf16"):
+            precision.check("bf16", v100)
+        with pytest.raises(precision.PrecisionUnsupported, match=r"cuda:2 \(compute capability 7\.5\)"):
+            precision.check("bf16", t4)
+        precision.check("bf16", h100)
+        precision.check("bf16", a100)
+        precision.check("fp16", v100)  # native there
+        assert precision.resolve("auto", [h100]) == "bf16"
+        assert precision.resolve("auto", [a100, h100]) == "bf16"
+        assert precision.resolve("auto", [v100]) == "fp32"
+        assert precision.resolve("auto", [h100, t4]) == "fp32"  # one model, one precision: what every device runs
+        assert precision.resolve("auto", [torch.device("cpu")]) == "fp32"
+        assert precision.resolve("fp16", [v100]) == "fp16"
 
 
 def test_tf32_only_where_no_model_on_cuda_asked_for_fp32():

@@ -6,21 +6,13 @@ installs them in CI); selenium (dev extra) drives them. Skipped only where they 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import requests
-from support import ServerProcess, free_port
+from support import ServerProcess, browser_wait, chromium, free_port, needs_browser
 
 from gateway.envoy_config import DOCS_CONTENT_SECURITY_POLICY, GatewayConfig
 from gateway.launch import EnvoyProcess
 from service.api.docs_page import SWAGGER_UI_VERSION, vendored
-
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-needs_browser = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="headless Chromium is not installed: apt-get install chromium chromium-driver (.ci/run does in CI)")
-
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, tiny_checkpoint):
@@ -47,6 +39,8 @@ def test_the_page_and_its_files_come_through_envoy_with_a_content_security_polic
     assert missing.status_code in (400, 404)
     unknown = requests.get(gateway.url + "/api/v3/docs/secrets.txt", timeout=30)
     assert unknown.status_code == 404 and "does not exist" in unknown.json()["detail"]
+    style = requests.get(gateway.url + "/api/v3/docs/docs.css", timeout=30)
+    assert style.status_code == 200 and style.headers["content-type"] == "text/css; charset=utf-8"
 
 
 API_KEY = "docs-page-key-7f3a"
@@ -69,25 +63,12 @@ def keyed_gateway(tmp_path_factory, tiny_checkpoint):
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,2000",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chromium(tmp_path / "profile")
     yield driver
     driver.quit()
 
 
-def _wait(driver, condition, timeout: float = 60):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+_wait = browser_wait
 
 
 def _open_encode(driver):
@@ -149,6 +130,34 @@ def test_try_it_out_in_a_real_browser(gateway, browser, tmp_path):
     # The page ran under the policy without breaking it (Chromium logs every violation).
     violations = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not violations, violations
+
+
+@needs_browser
+def test_no_padlocks_without_keys_a_random_weights_banner_and_client_links(gateway, keyed_gateway, browser, tmp_path):
+    """Without API keys the page shows no padlock and no Authorize button (with keys, both); a model
+    with random weights is named in a banner above everything; the page links its client and CLI sections."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(gateway.url + "/api/v3/docs")
+    _wait(browser, lambda d: d.find_elements(By.ID, "operations-default-encode"))
+    assert not browser.find_elements(By.CSS_SELECTOR, ".authorization__btn")  # the padlocks
+    assert not browser.find_elements(By.CSS_SELECTOR, ".auth-wrapper button.authorize")
+    banner = browser.find_element(By.CSS_SELECTOR, "[role=alert].esm2-random-weights")
+    assert banner.is_displayed() and banner.text.startswith("RANDOM WEIGHTS: esm2-tiny has random weights")
+    assert banner.location["y"] < browser.find_element(By.ID, "swagger-ui").location["y"]
+    for anchor, heading in (("#python-client", "Python client"), ("#command-line", "The esm2 command line")):
+        link = browser.find_element(By.CSS_SELECTOR, f"nav.esm2-links a[href='{anchor}']")
+        link.click()
+        section = browser.find_element(By.CSS_SELECTOR, anchor)
+        assert section.find_element(By.TAG_NAME, "h2").text == heading and section.is_displayed()
+    assert 'client.encode("esm2-8m", ["MKTAYIAKQR"]' in browser.find_element(By.CSS_SELECTOR, "#python-client pre").text
+    assert "esm2 score --sequence MKTAYIAKQR --scan" in browser.find_element(By.CSS_SELECTOR, "#command-line pre").text
+    browser.save_screenshot(str(tmp_path / "docs-page-no-keys.png"))
+
+    browser.get(keyed_gateway.url + "/api/v3/docs")
+    _wait(browser, lambda d: d.find_elements(By.ID, "operations-default-encode"))
+    assert browser.find_elements(By.CSS_SELECTOR, ".authorization__btn")
+    assert browser.find_elements(By.CSS_SELECTOR, ".auth-wrapper button.authorize")
 
 
 @needs_browser

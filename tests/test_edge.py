@@ -247,12 +247,67 @@ def test_item_problems_name_index_and_field(edge):
     assert {"index": 2, "field": "items[2]", "detail": "missing required field 'sequence'"} in error["errors"]
     error = assert_error(send(edge, data=json.dumps({"items": [{"sequence": "MKT"}, {"sequence": "MK1"}]})), 400)
     assert [(e["index"], e["field"]) for e in error["errors"]] == [(1, "items[1].sequence")]
-    assert "position 2" in error["errors"][0]["detail"]
+    assert "position 3" in error["errors"][0]["detail"]  # 1-based: the third letter
 
 
 @pytest.mark.parametrize("query", ["?params.include=logits", "?items.sequence=AAAA", "?model=esm2-8m", "?body.data=e30="])
 def test_query_strings_cannot_inject_fields(edge, query):
     assert_error(send(edge, ENCODE + query), 400, "query parameters are not accepted")
+
+
+@pytest.mark.parametrize("path", ["/api/v3/schema/esm2-tiny/score/?action=predict",
+                                  "/api/v3/schema/esm2-tiny/encode/?model=esm2-8m", "/api/v3/docs?file=docs.js",
+                                  "/api/v3/docs?unknown=1", "/api/v3/models?x=%22", "/api/v3/openapi.json?"
+                                  "a=%ZZ"])
+def test_the_path_alone_decides_model_and_action(edge, path):
+    """Issue 32: a query on a GET route overrode the path's fields (?action= answered the predict
+    schema), and an unknown one named the internal type esm.v1.GetDocsPageRequest."""
+    response = requests.get(edge.url + path, timeout=HANG)
+    assert_error(response, 400, "query parameters are not accepted: the URL path names the model and action")
+    assert "esm.v1" not in response.text
+
+
+JSON_READS = ["/api/v3/docs", "/api/v3/models", "/api/v3/openapi.json", "/api/v3/schema/esm2-tiny/encode/",
+              "/api/v3/docs/docs.js", "/api/v3/schema/esm2-tiny/nope/"]
+
+
+@pytest.mark.parametrize("path", JSON_READS)
+def test_head_answers_like_get_without_a_body(edge, path):
+    got = requests.get(edge.url + path, timeout=HANG, headers={"Accept-Encoding": "identity"})
+    head = requests.head(edge.url + path, timeout=HANG, headers={"Accept-Encoding": "identity"})
+    assert (head.status_code, head.headers["content-type"]) == (got.status_code, got.headers["content-type"])
+    assert head.headers["content-length"] == str(len(got.content)) and head.content == b""
+
+
+def test_no_grpc_headers_reach_json_callers(edge):
+    answers = [requests.get(edge.url + path, timeout=HANG) for path in JSON_READS]
+    answers += [send(edge), send(edge, "/api/v3/esm2-tiny/log_prob/"), send(edge, data=b"{"),
+                send(edge, "/api/v3/esm2-tiny/score/", json.dumps({"items": [{"sequence": "MKT", "variants": ["M1A"]}]}))]
+    assert {a.status_code for a in answers} == {200, 400, 404}
+    for answer in answers:
+        assert not [name for name in answer.headers if name.lower().startswith("grpc-")], answer.headers
+
+
+def test_the_access_log_shows_what_the_client_sent_escaped(edge):
+    """Issue 32: transcoded GETs were logged as POST, and a quote in the path ended the quoted field."""
+    tag = f"{time.monotonic_ns()}"
+    requests.get(f"{edge.url}/api/v3/models", headers={"x-request-id": f"get-{tag}"}, timeout=HANG)
+    requests.head(f"{edge.url}/api/v3/docs", headers={"x-request-id": f"head-{tag}"}, timeout=HANG)
+    send(edge, headers={"x-request-id": f"post-{tag}"})
+    host, port = edge.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(f'GET /api/v3/a"b\\c HTTP/1.1\r\nHost: x\r\nx-request-id: quote-{tag}\r\n'
+                    f'Connection: close\r\n\r\n'.encode())
+        assert b" 404 " in raw.recv(4096).split(b"\r\n")[0]
+
+    def line(name):
+        return next((l for l in edge.log().splitlines() if f"id={name}-{tag} " in l), None)
+
+    wait_for(lambda: all(line(name) for name in ("get", "head", "post", "quote")), timeout=HANG)
+    assert '"GET /api/v3/models" 200 ' in line("get")
+    assert '"HEAD /api/v3/docs" 200 ' in line("head")
+    assert '"POST /api/v3/esm2-tiny/encode/" 200 ' in line("post")
+    assert '"GET /api/v3/a%22b%5Cc" 404 ' in line("quote") and line("quote").count('"') == 2
 
 
 def test_the_path_names_the_model(edge):
@@ -462,8 +517,14 @@ def test_openapi_served_is_the_committed_document(edge):
     assert committed == openapi.render(), "service/api/openapi.json is stale: python -m service.api.openapi > service/api/openapi.json"
     response = requests.get(edge.url + "/api/v3/openapi.json", timeout=HANG)
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
-    assert response.content == committed
-    assert response.json()["openapi"] == "3.1.0"
+    # The shared server has no API keys: the committed document less its security requirements.
+    assert response.content == openapi.as_served(committed, api_keys_required=False)
+    served = response.json()
+    assert served["openapi"] == "3.1.0"
+    assert "securitySchemes" not in served["components"]
+    assert not [op for ops in served["paths"].values() for op in ops.values() if "security" in op]
+    assert {k: v for k, v in served.items() if k not in ("paths", "components")} == \
+        {k: v for k, v in json.loads(committed).items() if k not in ("paths", "components")}
 
 
 @pytest.mark.slow

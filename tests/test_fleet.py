@@ -200,7 +200,7 @@ def test_requests_land_on_their_own_pool(fleet, solo):
             assert_close(result.embeddings[0].embedding, solo[model][s][1], s)
     # Our client sends the header on every call, streams and ListModels included.
     with Esm2Client(fleet.envoy.url.split("//")[1]) as client:
-        outputs = client.encode(SEQUENCES[:3], OTHER, include=["mean"], repr_layers=[1])
+        outputs = client.encode(OTHER, SEQUENCES[:3], include=["mean"], repr_layers=[1])
         for s, out in zip(SEQUENCES[:3], outputs):
             assert_close(out.mean[1], solo[OTHER][s][1], s)
     assert sum(items_run(r) for r in fleet.replicas) - tiny_before == 6

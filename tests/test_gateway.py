@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -39,9 +40,8 @@ def limited(tmp_path_factory, checkpoint_dir):
     tmp = tmp_path_factory.mktemp("limited")
     with start_server(tmp, "--max-json-response-mb", "1", "--max-queue-items", "8", "--max-batch-size", "1",
                       models={"esm2-8m": None}, model_dir=checkpoint_dir) as proc:
-        # No retries: a fleet's Envoy retries queue-full on another replica after Retry-After; with one
-        # replica the caller should see the 429 itself.
-        envoy = start_gateway(tmp, proc.port, max_json_response_mb=1, retries=0)
+        # The default retry policy (3 retries): a refusal must not be retried.
+        envoy = start_gateway(tmp, proc.port, max_json_response_mb=1)
         yield envoy, proc
         envoy.stop()
 
@@ -209,7 +209,7 @@ def test_models(gateway):
 LONG = "A" * 2049
 VALIDATION_ERRORS = [
     ("encode", body(["MKT", ""]), ["items[1].sequence", "empty"]),
-    ("encode", body(["MKT", "MKXZ", "MK1T"]), ["items[2].sequence", "'1'", "position 2"]),
+    ("encode", body(["MKT", "MKXZ", "MK1T"]), ["items[2].sequence", "'1'", "position 3"]),
     ("encode", body(["mkt"]), ["items[0].sequence", "lowercase"]),
     ("encode", body([LONG]), ["items[0].sequence", "2049 residues", "2048"]),
     ("encode", body(["MKT"] * 9), ["items", "1 to 8", "got 9"]),
@@ -220,7 +220,7 @@ VALIDATION_ERRORS = [
     ("encode", body(["MKT"], None, [0, -8]), ["params.repr_layers[1]", "-8"]),
     ("encode", body(["MK<mask>T"]), ["items[0].sequence", "<mask>", "predict"]),
     ("predict", body(["MKT"]), ["items[0].sequence", "at least one <mask>"]),
-    ("predict", body(["MK-<mask>"]), ["items[0].sequence", "'-'", "position 2"]),
+    ("predict", body(["MK-<mask>"]), ["items[0].sequence", "'-'", "position 3"]),
     ("encode", {"items": [{"sequence": 5}]}, ["items[0].sequence", "expected a string", "5"]),
     ("encode", {"params": {"repr_layers": [1.5]}, "items": [{"sequence": "MKT"}]}, ["params.repr_layers[0]", "1.5"]),
 ]
@@ -282,12 +282,18 @@ def test_full_queue_is_429_with_retry_after(limited):
     # the first request's items wait behind one running item
     wait_for(lambda: proc.metric("esm_queue_items") > 0 or not worker.is_alive(), "queued items", timeout=30)
     assert worker.is_alive(), first
-    busy = post(envoy, "/api/v3/esm2-8m/encode", body([("MKTAYIAKQR" * 100)[:-1] + c for c in "KLMNPQRS"]))
+    busy = post(envoy, "/api/v3/esm2-8m/encode", body([("MKTAYIAKQR" * 100)[:-1] + c for c in "KLMNPQRS"]),
+                headers={"x-request-id": "refused-once"})
     worker.join()
     assert first[0].status_code == 200
     assert busy.status_code == 429, busy.text
     assert busy.headers["retry-after"] == "1"
     assert "busy" in busy.json()["message"]
+    # Answered from its one try. Before, Envoy retried RESOURCE_EXHAUSTED: tries=4 after 4 s of back-off
+    # on the same full queue (or a 200 once it had drained), and the caller never saw the 429 at once.
+    wait_for(lambda: "id=refused-once " in envoy.log(), "the refused request's access log line", timeout=10)
+    line = next(line for line in envoy.log().splitlines() if "id=refused-once " in line)
+    assert '" 429 ' in line and line.endswith(" tries=1"), line
 
 
 def test_upstream_down_is_503_json(gateway_factory):
@@ -357,6 +363,11 @@ def test_launcher_starts_and_stops_server_and_envoy(tmp_path, tiny_checkpoint):
         assert launcher.poll() is None, (tmp_path / "launch.log").read_text()
         response = requests.post(f"http://127.0.0.1:{http_port}/api/v3/esm2-tiny/encode", json=body(["MKT"]), timeout=30)
         assert response.status_code == 200
+        # The address is announced once it serves: after the server is ready, never before.
+        announced = f"serving: the JSON API on http://127.0.0.1:{http_port}/api/v3/"
+        wait_for(lambda: announced in (tmp_path / "launch.log").read_text(), "the announcement", timeout=30)
+        text = (tmp_path / "launch.log").read_text()
+        assert text.count(announced) == 1 and text.index("ready: serving") < text.index(announced)
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(60) == 0
         assert not _port_open(http_port) and not _port_open(grpc_port)
@@ -366,3 +377,20 @@ def test_launcher_starts_and_stops_server_and_envoy(tmp_path, tiny_checkpoint):
             launcher.kill()
             launcher.wait()
         log.close()
+
+
+def test_launcher_without_weights_ends_with_the_offline_alternative(tmp_path):
+    """`make serve` on a machine without the weights: every place looked, no address announced
+    (nothing serves), and the last line says what works offline."""
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway.launch", "--http-host", "127.0.0.1", "--http-port", str(free_port()),
+         "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0",
+         "--models", "esm2-35m", "--model-dir", str(tmp_path / "models"), "--offline"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "TORCH_HOME": str(tmp_path / "torch")},
+    )
+    assert run.returncode == 1
+    output = run.stderr + run.stdout
+    assert "no checkpoint for model 'esm2-35m'" in output and str(tmp_path / "models") in output
+    assert "serving: the JSON API" not in output and "/api/v3/" not in output
+    last = output.strip().splitlines()[-1]
+    assert "nothing was served: every replica exited before serving" in last and "`make demo`" in last, last

@@ -4,14 +4,24 @@ registry can be reached. The CPU image runs non-root on a read-only root filesys
 random-weight checkpoint mounted read-only; its HEALTHCHECK passes, an Encode equals the direct
 fair-esm reference, and `podman stop` drains: a request in flight when it stops still gets its answer.
 
+The same image, under container limits: a --memory too small for the model stops start-up in
+one line naming the limit; under a fitting one a burst of large per-token requests is refused
+with RESOURCE_EXHAUSTED, never OOM-killed, and --cpus sets torch's threads. And deploy/compose.yaml
+brought up with podman-compose: an encode through Envoy, a killed server restarted by its
+restart policy, and nothing left once it is down.
+
 Everything lives in this test's tmp directory (storage, base, build), nothing is cached across runs.
 Skipped only where podman is not installed (.ci/run installs it).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -21,11 +31,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import grpc
+import numpy as np
 import pytest
+import requests
 from reference import assert_close, reference
 from support import REPO, encode_request, free_port, wait_for
 
-from esm2_wire.proto import pb_grpc
+from esm2_wire.proto import pb, pb_grpc
 
 PODMAN = shutil.which("podman")
 pytestmark = [
@@ -191,3 +203,155 @@ def _metric(port: int, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     return 0.0
+
+
+# ---- container limits (README, "Container limits") ------------------------------------------
+def _wait_started(podman: Podman, name: str, timeout: float = 300) -> str:
+    """The container's log once the server is ready or the container has stopped."""
+    def settled() -> bool:
+        logs = podman("logs", name, check=False)
+        state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+        return "ready: serving" in logs.stdout + logs.stderr or state != "running"
+    wait_for(settled, timeout=timeout)
+    logs = podman("logs", name, check=False)
+    return logs.stdout + logs.stderr
+
+
+def _run_server(podman: Podman, tag: str, name: str, models_dir: Path, *limits: str, env: dict[str, str]) -> None:
+    podman("run", "--detach", "--name", name, "--network", "host", "--read-only", "--cap-drop", "ALL",
+           "--volume", f"{models_dir}:/models:ro", *limits,
+           *(f"--env={key}={value}" for key, value in {"ESM_HOST": "127.0.0.1", **env}.items()), tag)
+
+
+def test_a_memory_limit_too_small_for_the_model_stops_start_up_in_one_line_naming_it(image, models_dir):
+    """Before: the check read the host's MemAvailable, so in a container given 1 GiB the 8M model
+    with its default budget (2.24 GiB with 2,048-residue attention maps) started, to be OOM-killed later."""
+    podman, tag = image
+    name = f"esm2-small-{os.getpid()}"
+    _run_server(podman, tag, name, models_dir, "--memory", "1g",
+                env={"ESM_PORT": str(free_port()), "ESM_METRICS_PORT": "0"})
+    try:
+        log = _wait_started(podman, name)
+        assert "ready: serving" not in log, log[-3000:]
+        assert podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip() == "2", log[-3000:]
+        errors = [line for line in log.splitlines() if " ERROR " in line]
+        assert len(errors) == 1, log[-3000:]
+        assert "models do not fit: cpu has" in errors[0], errors
+        assert re.search(r"\(cgroup v[12] memory\.(max|limit_in_bytes) 1\.00 GiB, [0-9.]+ GiB in use", errors[0]), errors
+    finally:
+        podman("rm", "--force", name, check=False)
+
+
+def _large_json_encode(port: int, index: int) -> tuple[str, str]:
+    """EncodeJson (the JSON API's RPC) of 8 distinct 1,000-residue sequences, per-token for all 7
+    layers (about 190 MB of JSON), read and dropped as it streams: (status, detail or retry-after)."""
+    rng = np.random.default_rng(index)
+    items = [{"sequence": "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 1000))} for _ in range(8)]
+    request = pb.EncodeJsonRequest(model=MODEL)
+    request.body.content_type = "application/json"
+    request.body.data = json.dumps({"items": items, "params": {"include": ["per_token"],
+                                                               "repr_layers": list(range(LAST_LAYER + 1))}}).encode()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stream = pb_grpc.Esm2ServiceStub(channel).EncodeJson(request, timeout=600)
+        try:
+            size = sum(len(message.data) for message in stream)
+            return "OK", str(size)
+        except grpc.RpcError as exc:
+            return exc.code().name, dict(exc.trailing_metadata() or ()).get("retry-after", exc.details())
+
+
+def test_under_limits_a_burst_is_refused_not_oom_killed_and_torch_follows_the_cpu_quota(image, models_dir):
+    """Before: the JSON budget (1 GiB) and the result cache (512 MiB) ignored the container's limit;
+    under 1 GiB this burst got the server OOM-killed (exit 137) in its second wave. torch ran as many
+    threads as the host has cores, whatever --cpus said."""
+    podman, tag = image
+    # A quota below the host's cores, so that it shows (the issue's --cpus 2 on hosts of more than 2).
+    cpus = max(1, min(2, len(os.sched_getaffinity(0)) - 1))
+    name, port, metrics_port = f"esm2-limits-{os.getpid()}", free_port(), free_port()
+    # 1,022-residue sequences at most: the 8M model and its batch need 0.6 GiB, which fits 1 GiB.
+    _run_server(podman, tag, name, models_dir, "--memory", "1g", "--cpus", str(cpus),
+                env={"ESM_PORT": str(port), "ESM_METRICS_PORT": str(metrics_port), "ESM_MAX_SEQUENCE_LENGTH": "1022"})
+    try:
+        log = _wait_started(podman, name)
+        assert "ready: serving" in log, log[-3000:]
+        assert f"torch threads {cpus} (from the CPU limit)" in log, log[-3000:]
+        assert _metric(metrics_port, "esm_torch_threads") == cpus and _metric(metrics_port, "esm_cpu_limit") == cpus
+        assert _metric(metrics_port, "esm_memory_limit_bytes") == 1 << 30
+        statuses = []
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for wave in range(4):  # distinct sequences throughout: the result cache fills as it would
+                answers = list(pool.map(lambda i: _large_json_encode(port, i), range(wave * 8, wave * 8 + 8)))
+                state = podman("inspect", "--format", "{{.State.Status}} {{.State.OOMKilled}} {{.State.ExitCode}}",
+                               name).stdout.strip()
+                assert state == "running false 0", f"wave {wave}: {state}; answers {answers}"
+                assert {code for code, _ in answers} <= {"OK", "RESOURCE_EXHAUSTED"}, answers
+                assert any(code == "OK" for code, _ in answers), answers  # one response always fits
+                statuses += answers
+        refused = [detail for code, detail in statuses if code == "RESOURCE_EXHAUSTED"]
+        assert refused and set(refused) == {"1"}, statuses  # the excess, each with retry-after: 1
+    finally:
+        podman("rm", "--force", name, check=False)
+
+
+# ---- deploy/compose.yaml with podman-compose ---------------------------------------------------
+def _compose_environment(podman: Podman, tmp: Path, tag: str, models_dir: Path, http_port: int) -> dict[str, str]:
+    """podman-compose runs plain `podman`: the storage and engine settings of Podman's flags, as files."""
+    storage = tmp / "storage.conf"
+    storage.write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{podman.root / "storage"}"\n'
+                       f'runroot = "{podman.root / "run"}"\n')
+    engine = tmp / "containers-compose.conf"
+    engine.write_text('[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n')
+    return {**os.environ, "CONTAINERS_STORAGE_CONF": str(storage), "CONTAINERS_CONF": str(engine),
+            "ESM_IMAGE": tag, "ESM_WEIGHTS": str(models_dir), "ESM_REPLICAS": "2", "ESM_HTTP_PORT": str(http_port)}
+
+
+def test_compose_serves_through_envoy_restarts_a_killed_server_and_leaves_nothing(image, models_dir, reference_models,
+                                                                                tmp_path):
+    """Before: deploy/compose.yaml had only been parsed. Brought up, podman-compose 1.0.3 refused the
+    second replica's list-form health check and created the weights' bind volume empty."""
+    compose = shutil.which("podman-compose")
+    if compose is None:
+        pytest.skip("podman-compose is not installed (apt-get install podman-compose)")
+    podman, tag = image
+    http_port = free_port()
+    project = f"esm2test{os.getpid()}"
+    env = _compose_environment(podman, tmp_path, tag, models_dir, http_port)
+
+    def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        result = subprocess.run([compose, "-f", str(REPO / "deploy" / "compose.yaml"), "-p", project, *args],
+                                env=env, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"podman-compose {args[0]}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    def encode_through_envoy() -> bool:
+        response = requests.post(f"http://127.0.0.1:{http_port}/api/v3/{MODEL}/encode/", timeout=60,
+                                 json={"items": [{"sequence": SEQUENCES[0]}]})
+        if response.status_code != 200:
+            return False
+        want = reference(reference_models[MODEL], SEQUENCES[0])["mean"][LAST_LAYER]
+        assert_close(response.json()["results"][0]["embeddings"][0]["embedding"], want, SEQUENCES[0])
+        return True
+
+    def state(container: str) -> tuple[str, int, int]:
+        fields = podman("inspect", "--format", "{{.State.Status}} {{.State.Pid}} {{.RestartCount}}",
+                        container).stdout.split()
+        return fields[0], int(fields[1]), int(fields[2])
+
+    label = f"label=io.podman.compose.project={project}"
+    run("up", "-d")
+    try:
+        wait_for(encode_through_envoy, "an encode through Envoy", timeout=300)
+        victim = f"{project}_server_1"
+        status, pid, restarts = state(victim)
+        assert status == "running", status
+        os.kill(pid, signal.SIGKILL)  # the server dies as in a crash; the engine restarts it
+        wait_for(lambda: state(victim)[0] == "running" and state(victim)[2] > restarts and state(victim)[1] != pid,
+                 lambda: f"{victim} restarted: {state(victim)}", timeout=120)
+        wait_for(encode_through_envoy, "an encode through Envoy after the restart", timeout=300)
+    finally:
+        run("down", "--volumes", timeout=900)
+        # podman-compose 1.0.3 (Debian bookworm) leaves the project's network behind after down.
+        podman("network", "rm", "--force", f"{project}_default", check=False)
+    for kind in ("ps", "network", "volume", "pod"):
+        listed = podman(*((kind, "--all") if kind == "ps" else (kind, "ls")), "--filter", label, "--quiet").stdout.split()
+        assert not listed, f"{kind}: {listed} left after down"

@@ -56,7 +56,7 @@ def busy_server(tmp_path_factory, checkpoint_dir):
         yield proc
 
 
-def test_queue_full_and_deadlines_drop_work_before_the_model(busy_server):
+def test_queue_full_and_deadlines_refuse_work_before_the_model(busy_server):
     stub = busy_server.stub
     items_before = busy_server.metric("esm_items_total", 'model="esm2-8m"')
     long_call = stub.Encode.future(encode_request("esm2-8m", LONG))  # fills the worker
@@ -71,18 +71,23 @@ def test_queue_full_and_deadlines_drop_work_before_the_model(busy_server):
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "8" in info.value.details() and "retry" in info.value.details()
 
-    # 2 more fit, but their deadline passes while the long batch runs.
+    # 2 more fit the queue, but not their deadline behind the running batch (8 x 2,002 tokens, 0.95 s at
+    # the cost model's initial rate, and far longer in fact): refused at once, nothing queued (issue 31;
+    # before, they were queued and dropped once their deadline passed: tests/unit/test_scheduler.py).
     with pytest.raises(grpc.RpcError) as info:
         stub.Encode(encode_request("esm2-8m", ["MKTAYI", "MKTAYIAK"]), timeout=0.5)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "server busy: the request cannot finish before its deadline" in info.value.details()
+    assert ("retry-after", "1") in info.value.trailing_metadata()
 
     assert len(long_call.result(timeout=300).results) == 8
     assert len(queued_call.result(timeout=300).results) == 6
     dropped = busy_server.metric("esm_dropped_items_total", 'reason="cancelled"') + busy_server.metric(
         "esm_dropped_items_total", 'reason="deadline"')
-    assert dropped == 2
+    assert dropped == 0
     assert busy_server.metric("esm_items_total", 'model="esm2-8m"') - items_before == 8 + 6
     assert busy_server.metric("esm_rejected_requests_total") == 1
+    assert busy_server.metric("esm_admission_refused_total", 'model="esm2-8m",verdict="BEHIND_QUEUE"') == 1
 
 
 def test_out_of_memory_splits_the_batch_and_fails_only_what_cannot_fit(server_factory, tiny, reference_models):

@@ -154,7 +154,7 @@ def test_refusals_before_decoding_carry_an_id(stack):
 def test_the_client_and_cli_surface_the_id_of_a_failed_call(stack):
     server, envoy = stack
     with Esm2Client(server.target) as client, pytest.raises(Esm2Error) as failed:
-        client.encode(["MKT1"], model="esm2-tiny")
+        client.encode("esm2-tiny", ["MKT1"])
     assert failed.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert UUID.fullmatch(failed.value.request_id or "")
     wait_for_access_line(server, failed.value.request_id)

@@ -15,69 +15,16 @@ import numpy as np
 import pytest
 import requests
 import torch
-from reference import STANDARD_ORDER
+from reference import (COLUMN, direct_log_prob, direct_masked_marginal, direct_pll, direct_wt_marginal, mutant_of,
+                       score_request)
 from support import ServerProcess, start_gateway
 
 from esm2_wire.proto import pb
 
 JSON = {"Content-Type": "application/json"}
-COLUMN = {a: i for i, a in enumerate(STANDARD_ORDER)}
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 WILD_TYPE = "MKTAYIAKQRQISFVKSHFSRQ"
 VARIANTS = ["K2A", "T3G:A4C", "Q22W", "K2L", "M1M"]
-
-
-# ---- direct fair-esm computations ---------------------------------------------------------
-def _logits(loaded, sequence: str) -> torch.Tensor:
-    """fair-esm's stock forward, one sequence alone: logits of the 20 standard amino acids, [L, 20]."""
-    _, _, tokens = loaded.alphabet.get_batch_converter()([("x", sequence)])
-    with torch.no_grad():
-        logits = loaded.model(tokens)["logits"][0, 1:-1]
-    return logits[:, [loaded.alphabet.get_idx(a) for a in STANDARD_ORDER]]
-
-
-def direct_log_prob(loaded, sequence: str) -> float:
-    """BioLM's log_prob: one unmasked pass, log-softmax over the 20, the residues present summed."""
-    log_probs = torch.log_softmax(_logits(loaded, sequence), dim=-1)
-    return float(sum(log_probs[i, COLUMN[a]] for i, a in enumerate(sequence) if a in COLUMN))
-
-
-def masked_log_probs(loaded, sequence: str, position: int) -> torch.Tensor:
-    """Log-softmax over the 20 at the 1-based `position`, masked alone."""
-    masked = sequence[: position - 1] + "<mask>" + sequence[position:]
-    return torch.log_softmax(_logits(loaded, masked)[position - 1].double(), dim=-1)
-
-
-def direct_masked_marginal(loaded, sequence: str, variant: str) -> float:
-    total = 0.0
-    for mutation in variant.split(":"):
-        wt, position, mt = mutation[0], int(mutation[1:-1]), mutation[-1]
-        lp = masked_log_probs(loaded, sequence, position)
-        total += float(lp[COLUMN[mt]] - lp[COLUMN[wt]])
-    return total
-
-
-def direct_wt_marginal(loaded, sequence: str, variant: str) -> float:
-    lp = torch.log_softmax(_logits(loaded, sequence).double(), dim=-1)
-    return sum(float(lp[int(m[1:-1]) - 1, COLUMN[m[-1]]] - lp[int(m[1:-1]) - 1, COLUMN[m[0]]])
-               for m in variant.split(":"))
-
-
-def mutant_of(sequence: str, variant: str) -> str:
-    letters = list(sequence)
-    for m in variant.split(":"):
-        letters[int(m[1:-1]) - 1] = m[-1]
-    return "".join(letters)
-
-
-def direct_pll(loaded, sequence: str) -> float:
-    return sum(float(masked_log_probs(loaded, sequence, p)[COLUMN[a]])
-               for p, a in enumerate(sequence, start=1) if a in COLUMN)
-
-
-def score_request(model: str, items, method: str = "") -> pb.ScoreRequest:
-    return pb.ScoreRequest(model=model, params=pb.ScoreParams(method=method),
-                           items=[pb.ScoreItem(sequence=s, variants=v) for s, v in items])
 
 
 def items_run(server, model: str) -> float:
@@ -130,7 +77,7 @@ def test_log_prob_json_is_biolms_shape_and_errors_are_encodes(gateway, reference
     assert bad.status_code == 400
     error = bad.json()
     assert error["errors"] == [{"index": 1, "field": "items[1].sequence",
-                                "detail": "invalid character '1' at position 2; allowed: ACDEFGHIKLMNPQRSTVWY, "
+                                "detail": "invalid character '1' at position 3; allowed: ACDEFGHIKLMNPQRSTVWY, "
                                           "BXZUO and '-'"}]
     extra = requests.post(url, json={"items": [{"sequence": "MKT"}], "params": {}}, headers=JSON, timeout=60)
     assert extra.status_code == 400 and "unknown field 'params'" in extra.json()["detail"]
@@ -230,7 +177,7 @@ def test_score_json_equals_grpc_and_names_problems(gateway, stub):
     response = requests.post(url, json=body, timeout=60)
     assert response.status_code == 200, response.text
     want = stub.Score(score_request("esm2-8m", [(WILD_TYPE, VARIANTS)], "wt_marginal")).results[0]
-    assert response.json() == {"results": [{"sequence_index": 0, "scores": pytest.approx(list(want.scores), abs=1e-12)}]}
+    assert response.json()["results"] == [{"sequence_index": 0, "scores": pytest.approx(list(want.scores), abs=1e-12)}]
     pll = requests.post(url, json={"params": {"method": "pll"}, "items": [{"sequence": "MKTAY"}]}, timeout=60).json()
     assert set(pll["results"][0]) == {"sequence_index", "scores", "pseudo_log_likelihood", "scored_positions",
                                       "variant_pseudo_log_likelihoods"}
@@ -241,6 +188,41 @@ def test_score_json_equals_grpc_and_names_problems(gateway, stub):
                                                "position, mutant)"}]
     schema = requests.get(gateway.url + "/api/v3/schema/esm2-8m/score/", timeout=60).json()
     assert schema["properties"]["params"]["properties"]["method"]["enum"] == ["masked_marginal", "wt_marginal", "pll"]
+
+
+# Text outside the grammar (ASCII capitals and digits, ':' between mutations) that scored as
+# K2A or K2A:T3G before issue 32: other scripts' digits, and whitespace.
+OUTSIDE_THE_GRAMMAR = ["K\u0662A", "K\uff12A", "K\u09e8A", " K2A", "K2A : T3G", "K2A\t:T3G"]
+
+
+def test_variants_outside_the_grammar_are_refused_naming_variant_and_index(gateway, stub):
+    variants = ["K2A", *OUTSIDE_THE_GRAMMAR]
+    wanted = [(f"items[0].variants[{number}]", f"{ascii(text)}: ") for number, text in enumerate(variants) if number]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Score(score_request("esm2-8m", [("MKTAY", variants)]))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    for field, shown in wanted:
+        assert f"{field}: {shown}" in caught.value.details()
+    response = requests.post(gateway.url + "/api/v3/esm2-8m/score/", timeout=60,
+                             json={"items": [{"sequence": "MKTAY", "variants": variants}]})
+    assert response.status_code == 400
+    errors = response.json()["errors"]
+    assert [(e["field"], e["index"]) for e in errors] == [(field, 0) for field, _ in wanted]
+    assert all(e["detail"].startswith(shown) and "is not a mutation like A23G" in e["detail"]
+               for e, (_, shown) in zip(errors, wanted))
+
+
+def test_a_hostile_body_of_variants_is_refused_by_its_mutation_count(gateway):
+    """Issue 32's request: 280 variants of 2,048 mutations each, 3.7 MB; refused by counting its
+    ':', as tests/unit/test_variant_bounds.py shows without parsing the JSON or any variant."""
+    wild_type = (AMINO * 103)[:2048]
+    variant = ":".join(f"{a}{p}{'A' if a != 'A' else 'C'}" for p, a in enumerate(wild_type, start=1))
+    body = {"params": {"method": "wt_marginal"}, "items": [{"sequence": wild_type, "variants": [variant] * 280}]}
+    response = requests.post(gateway.url + "/api/v3/esm2-8m/score/", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == (
+        "items: the body holds 573165 ':', more than a request within --max-score-mutations (10000 mutations) can "
+        "hold (10019: one after each key, one between two mutations): split the variants over several requests")
 
 
 # ---- bounds -------------------------------------------------------------------------------------
@@ -283,7 +265,7 @@ def test_score_bounds_are_refused_naming_them(bounded, tmp_path):
         response = requests.post(envoy.url + "/api/v3/esm2-tiny/score/", timeout=60, json={
             "items": [{"sequence": "MKTAY", "variants": ["K2A"] * 4}, {"sequence": "MKTAY", "variants": ["K2A"] * 3}]})
         assert response.status_code == 400
-        assert "7 variants in one request; at most 6 mutations are allowed (--max-score-mutations)" in \
+        assert "7 mutations in one request; at most 6 are allowed (--max-score-mutations)" in \
             response.json()["detail"]
         schema = requests.get(envoy.url + "/api/v3/schema/esm2-tiny/score/", timeout=60).json()
         assert schema["properties"]["items"]["items"]["properties"]["variants"]["maxItems"] == 6
@@ -323,12 +305,12 @@ def test_clients_log_prob_and_score_sync_and_async(server, reference_models):
     sequences = [WILD_TYPE[: 3 + i] for i in range(11)]  # two requests of at most 8
     want = [direct_log_prob(reference_models["esm2-tiny"], s) for s in sequences]
     with Esm2Client(server.target) as client:
-        assert client.log_prob(sequences, "esm2-tiny") == pytest.approx(want, rel=1e-5, abs=1e-4)
+        assert client.log_prob("esm2-tiny", sequences) == pytest.approx(want, rel=1e-5, abs=1e-4)
         blocking = client.score("esm2-tiny", [(WILD_TYPE, VARIANTS)], "wt_marginal")
 
     async def run():
         async with AsyncEsm2Client(server.target) as client:
-            return await client.log_prob(sequences, "esm2-tiny"), await client.score(
+            return await client.log_prob("esm2-tiny", sequences), await client.score(
                 "esm2-tiny", [(WILD_TYPE, VARIANTS)], "wt_marginal")
     values, awaited = asyncio.run(run())
     assert values == pytest.approx(want, rel=1e-5, abs=1e-4)

@@ -56,3 +56,50 @@ def test_access_lines_say_what_each_request_asked_and_how_it_went(server):
     bad = access_entry(server, "bad-1")
     assert bad["status"] == "INVALID_ARGUMENT" and bad["queue_wait_s"] is None  # refused before queueing
     assert KEY not in server.log()
+
+
+def test_the_launcher_writes_only_json_lines_envoys_included(tmp_path, tiny_checkpoint):
+    """Issue 32: under --log-format json about half the launcher's output was Envoy's plain text
+    (its access log and its own log). Now its own lines, the server's and Envoy's are all JSON,
+    and Envoy's access lines name the method the client sent (GET, not the transcoder's POST)."""
+    import signal
+    import subprocess
+    import sys
+
+    import requests
+    from support import REPO, free_port
+
+    http_port = free_port()
+    output = tmp_path / "launch.log"
+    with open(output, "wb") as sink:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "gateway.launch", "--http-host", "127.0.0.1", "--http-port", str(http_port),
+             "--log-format", "json", "--envoy-log-level", "info", "--access-log", "--metrics-port", "0",
+             "--models", "esm2-tiny", "--checkpoint", f"esm2-tiny={tiny_checkpoint}", "--offline"],
+            cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{http_port}"
+            wait_for(lambda: launcher.poll() is not None or requests.get(url + "/healthz", timeout=2).status_code == 200,
+                     lambda: output.read_text(), timeout=120)
+            assert requests.get(url + "/api/v3/models", headers={"x-request-id": "json-get"}, timeout=30).ok
+            assert requests.post(url + "/api/v3/esm2-tiny/encode/", json={"items": [{"sequence": "MKTAY"}]},
+                                 headers={"x-request-id": "json-post"}, timeout=30).ok
+            requests.get(url + '/api/v3/a"b', headers={"x-request-id": "json-quote"}, timeout=30)
+            wait_for(lambda: '"json-quote"' in output.read_text(), lambda: output.read_text(), timeout=30)
+        finally:
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(60)
+    lines = [line for line in output.read_text().splitlines() if line.strip()]
+    entries = []
+    for line in lines:
+        entry = json.loads(line)  # a line that is not JSON fails here
+        assert {"time", "level", "logger", "message"} <= set(entry), entry
+        entries.append(entry)
+    loggers = {e["logger"] for e in entries}
+    assert "gateway" in loggers and "service.access" in loggers and "envoy.access" in loggers
+    assert any(name.startswith("envoy.") and name != "envoy.access" for name in loggers)  # Envoy's own log
+    access = {e["request_id"]: e for e in entries if e["logger"] == "envoy.access"}
+    assert (access["json-get"]["method"], access["json-get"]["path"], access["json-get"]["http_status"]) == (
+        "GET", "/api/v3/models", 200)
+    assert (access["json-post"]["method"], access["json-post"]["path"]) == ("POST", "/api/v3/esm2-tiny/encode/")
+    assert access["json-quote"]["path"] == "/api/v3/a%22b" and access["json-quote"]["http_status"] == 400

@@ -119,3 +119,36 @@ def test_a_grpc_call_through_envoy_is_one_trace_too(traced):
     assert_one_trace_down_to_the_forward_pass(receiver, access["trace_id"], "Encode")
     # Envoy's health checks (every second) are not traced: they would bury the requests.
     assert not [s for s in receiver.spans if "grpc.health" in s["name"]]
+
+
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+REFUSED_TRACEPARENTS = {  # W3C Trace Context: each starts a new trace
+    "traceparent_version_ff": f"ff-{CALLER_TRACE}-00f067aa0ba902b7-01",
+    "traceparent_malformed": f"00-{CALLER_TRACE.upper()}-00F067AA0BA902B7-01",
+    "traceparent_too_long": f"01-{CALLER_TRACE}-00f067aa0ba902b7-01-" + "x" * 600,
+}
+
+
+def test_bad_traceparents_start_a_new_trace_counted_not_logged(traced):
+    """Issue 32: an invalid or oversized traceparent, sent straight to the server, starts a new
+    trace; it adds no log line of its own (callers could write log lines at will), only a count."""
+    _, server, _ = traced
+    stub = pb_grpc.Esm2ServiceStub(server.channel)
+    valid = f"00-{CALLER_TRACE}-00f067aa0ba902b7-01"
+    stub.Encode(encode_request("esm2-tiny", ["MKTAY"]), metadata=[("traceparent", valid), ("x-request-id", "tp-valid")])
+    before = server.metrics()
+    for number, (reason, traceparent) in enumerate(REFUSED_TRACEPARENTS.items()):
+        for repeat in range(3):
+            stub.Encode(encode_request("esm2-tiny", ["MKTAY"]),
+                        metadata=[("traceparent", traceparent), ("x-request-id", f"tp-{number}-{repeat}")])
+    wait_for(lambda: "tp-2-2" in server.log(), timeout=30)
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    traces = {line["request_id"]: line.get("trace_id") for line in lines if str(line.get("request_id", "")).startswith("tp-")}
+    assert traces["tp-valid"] == CALLER_TRACE  # a valid traceparent is continued
+    assert all(len(traces[f"tp-{n}-{r}"]) == 32 and traces[f"tp-{n}-{r}"] != CALLER_TRACE
+               for n in range(3) for r in range(3))
+    assert not [line for line in lines if "traceparent" in json.dumps(line).lower()]
+    after = server.metrics()
+    for reason in REFUSED_TRACEPARENTS:
+        key = f'esm_ignored_trace_headers_total{{reason="{reason}"}}'
+        assert after.get(key, 0) - before.get(key, 0) == 3, reason

@@ -23,10 +23,10 @@ def predict_request(sequences, model="esm2-tiny"):
         ([], [], [], "items: expected 1 to 8 items, got 0"),
         (["MK"] * 9, [], [], "items: expected 1 to 8 items, got 9"),
         (["MK", ""], [], [], "items[1].sequence: must not be empty"),
-        (["MKJ"], [], [], "items[0].sequence: invalid character 'J' at position 2"),
-        (["MKa"], [], [], "items[0].sequence: invalid character lowercase letter 'a' (use upper case) at position 2"),
-        (["MK A"], [], [], "items[0].sequence: invalid character whitespace ' ' at position 2"),
-        (["M", "MK<pad>"], [], [], "items[1].sequence: invalid character '<' at position 2"),
+        (["MKJ"], [], [], "items[0].sequence: invalid character 'J' at position 3"),
+        (["MKa"], [], [], "items[0].sequence: invalid character lowercase letter 'a' (use upper case) at position 3"),
+        (["MK A"], [], [], "items[0].sequence: invalid character whitespace ' ' at position 3"),
+        (["M", "MK<pad>"], [], [], "items[1].sequence: invalid character '<' at position 3"),
         (["MK<cls>"], [], [], "items[0].sequence: invalid character '<'"),
         (["MK.A"], [], [], "items[0].sequence: invalid character '.'"),
         (["MK<mask>"], [], [], "items[0].sequence: <mask> is only accepted by predict"),
@@ -55,10 +55,10 @@ def test_every_problem_is_reported_at_once(stub):
     "sequences,message",
     [
         (["MKTAY"], "items[0].sequence: must contain at least one <mask> token"),
-        (["MK<mask>", "A-<mask>"], "items[1].sequence: invalid character '-' at position 1; allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and <mask> ('-' is not allowed in predict)"),
-        (["MK<mas>"], "items[0].sequence: invalid character '<' at position 2"),
+        (["MK<mask>", "A-<mask>"], "items[1].sequence: invalid character '-' at position 2; allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and <mask> ('-' is not allowed in predict)"),
+        (["MK<mas>"], "items[0].sequence: invalid character '<' at position 3"),
         (["<mask>" * 2049], "items[0].sequence: 2049 residues; at most 2048 are allowed"),
-        (["<mask>m"], "items[0].sequence: invalid character lowercase letter 'm' (use upper case) at position 6"),
+        (["<mask>m"], "items[0].sequence: invalid character lowercase letter 'm' (use upper case) at position 7"),
     ],
 )
 def test_predict_rejections(stub, sequences, message):

@@ -17,6 +17,7 @@ OPEN_METHODS = (
     "/esm.v1.Esm2Service/ListModels",
     "/esm.v1.Esm2Service/GetOpenApiDocument",
     "/esm.v1.Esm2Service/GetDocsPage",
+    "/esm.v1.Esm2Service/GetPlaygroundPage",
 )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import html
 import shutil
 import subprocess
 import sys
@@ -38,15 +39,54 @@ INDEX_HTML = f"""<!doctype html>
 <meta charset="utf-8">
 <title>ESM-2 JSON API</title>
 <link rel="stylesheet" href="{DOCS_PATH}/swagger-ui.css">
+<link rel="stylesheet" href="{DOCS_PATH}/docs.css">
 <link rel="icon" type="image/png" href="{DOCS_PATH}/favicon-32x32.png">
 </head>
 <body>
-<div id="swagger-ui"></div>
+<nav class="esm2-links">Also: <a href="#python-client">the Python client</a> &middot;
+<a href="#command-line">the esm2 command line</a> (README: "Python client and the esm2 command line")</nav>
+{{banner}}<div id="swagger-ui"></div>
+<section id="python-client" class="esm2-section">
+<h2>Python client</h2>
+<p><code>pip install esm2-service</code> (no torch). It talks gRPC to the server (port 50051), splits any
+number of sequences into requests, retries and keeps input order. Every call takes the model first.</p>
+<pre>from esm2_client import Esm2Client
+with Esm2Client("localhost:50051") as client:
+    outputs = client.encode("esm2-8m", ["MKTAYIAKQR"], include=["mean", "contacts"])
+    outputs[0].mean[6]          # float32 numpy [320]
+    client.predict("esm2-8m", ["MKT&lt;mask&gt;AYIAK"])[0].logits
+    client.score("esm2-8m", [("MKTAYIAKQR", ["K2A", "T3G:A4C"])], "masked_marginal")[0].scores
+    client.provenance("esm2-8m")  # weights fingerprint, random_weights, precision, server version</pre>
+</section>
+<section id="command-line" class="esm2-section">
+<h2>The esm2 command line</h2>
+<pre>esm2 embed proteins.fasta -o embeddings.h5 --include mean per_token   # resumable; provenance in the file
+esm2 score --sequence MKTAYIAKQR --mutations K2A T3G:A4C
+esm2 score --sequence MKTAYIAKQR --scan --positions 2-8 --method wt_marginal -o scan.csv --png scan.png
+esm2 contacts proteins.fasta --png maps/
+esm2 models</pre>
+</section>
 <script src="{DOCS_PATH}/swagger-ui-bundle.js"></script>
 <script src="{DOCS_PATH}/docs.js"></script>
 </body>
 </html>
 """
+# Our own styles: a file, as the Content-Security-Policy allows no inline style.
+DOCS_CSS = """.esm2-links, .esm2-section { font-family: sans-serif; max-width: 1460px; margin: 0 auto; padding: 8px 20px; }
+.esm2-section pre { background: #f4f4f4; padding: 12px; overflow-x: auto; }
+.esm2-random-weights { font-family: sans-serif; max-width: 1460px; margin: 8px auto; padding: 12px 20px;
+  background: #b00020; color: #fff; font-weight: bold; }
+"""
+
+
+def random_weights_banner(models: list[str]) -> str:
+    """The page's warning when a served model has random weights (a test or demo checkpoint)."""
+    if not models:
+        return ""
+    names = ", ".join(html.escape(name) for name in models)
+    return (f'<div class="esm2-random-weights" role="alert">RANDOM WEIGHTS: {names} '
+            f'{"has" if len(models) == 1 else "have"} random weights (a test or demo checkpoint): '
+            "every output of it is meaningless.</div>\n")
 # No validator badge (it would call validator.swagger.io), requests go to this origin only.
 START_JS = f"""window.ui = SwaggerUIBundle({{
   url: "{OPENAPI_PATH}",
@@ -66,12 +106,15 @@ class DocsUnavailable(Exception):
 
 
 class DocsPage:
-    """The files of the docs page by name ("" is the page itself), read once."""
+    """The files of the docs page by name ("" is the page itself), read once. `random_models`: the
+    served models with random weights, which the page warns about above everything else."""
 
-    def __init__(self, vendor_dir: Path = VENDOR_DIR):
+    def __init__(self, vendor_dir: Path = VENDOR_DIR, random_models: list[str] = ()):
+        page = INDEX_HTML.replace("{banner}", random_weights_banner(list(random_models)))
         self.files: dict[str, tuple[str, bytes]] = {
-            "": (CONTENT_TYPES[".html"], INDEX_HTML.encode()),
+            "": (CONTENT_TYPES[".html"], page.encode()),
             "docs.js": (CONTENT_TYPES[".js"], START_JS.encode()),
+            "docs.css": (CONTENT_TYPES[".css"], DOCS_CSS.encode()),
         }
         self.missing = [name for name in VENDORED_FILES if not (vendor_dir / name).is_file()]
         for name in VENDORED_FILES:

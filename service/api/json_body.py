@@ -24,7 +24,7 @@ from esm2_wire.vocabulary import Limits
 from service import errors
 from service.errors import ELLIPSIS, BadBody, InvalidRequest, Problem, echo
 from service.api.request_schema import ACTIONS, request_schema
-from service.api.scoring import ScoreLimits
+from service.api.scoring import ScoreLimits, check_variant_bounds
 from service.api.validation import check_list_lengths
 from service.request_context import REQUEST_ID_HEADER
 
@@ -124,7 +124,7 @@ def _describe(error: jsonschema.ValidationError, limits: Limits) -> str:
     return _clip(error.message, 200)
 
 
-def _check_list_lengths(document, limits: Limits, max_mutations: int) -> None:
+def _check_list_lengths(document, limits: Limits, score_limits: ScoreLimits) -> None:
     """The schema's maxItems, checked first: a 4 MiB body of 200,000 items, include values or
     variants is refused before the validator visits each of them."""
     if not isinstance(document, dict):
@@ -133,15 +133,27 @@ def _check_list_lengths(document, limits: Limits, max_mutations: int) -> None:
     if isinstance(items, list) and len(items) > limits.max_items:
         raise InvalidRequest.of(Problem("items", None, f"expected 1 to {limits.max_items} items, got {len(items)}"))
     if isinstance(items, list):
-        variants = sum(len(i["variants"]) for i in items if isinstance(i, dict) and isinstance(i.get("variants"), list))
-        if variants > max_mutations:
-            raise InvalidRequest.of(Problem(
-                "items", None, f"{variants} variants in one request; at most {max_mutations} mutations are allowed "
-                               "(--max-score-mutations): split the variants over several requests"))
+        check_variant_bounds([i["variants"] if isinstance(i, dict) and isinstance(i.get("variants"), list) else []
+                              for i in items], score_limits)
     params = document.get("params")
     if isinstance(params, dict):
         check_list_lengths({name: params[name] for name in ("include", "repr_layers")
                             if isinstance(params.get(name), list)})
+
+
+def _check_colons(text: bytes, limits: Limits, score_limits: ScoreLimits) -> None:
+    """A score body's bound on its ':' characters, counted in the raw bytes before the JSON parse.
+    In a valid body every ':' ends a key (params, method, items; sequence and variants per item)
+    or separates two mutations of a variant; so one with more than the keys' count plus
+    --max-score-mutations is refused by a byte count (issue 32's 3.7 MB body: under a
+    millisecond, where parsing its JSON took tens)."""
+    most = 3 + 2 * limits.max_items + score_limits.max_mutations
+    colons = text.count(b":")
+    if colons > most:
+        raise InvalidRequest.of(Problem(
+            "items", None, f"the body holds {colons} ':', more than a request within --max-score-mutations "
+                           f"({score_limits.max_mutations} mutations) can hold ({most}: one after each key, one "
+                           "between two mutations): split the variants over several requests"))
 
 
 # Sequence contents (letters, length, masks) are checked by service.api.validation, and variants
@@ -171,6 +183,8 @@ class BodyParser:
         if len(data) > self.max_bytes:
             raise BadBody(413, f"the request body exceeds {self.max_bytes} bytes (--max-request-bytes)")
         text = inflate(data, encoding, self.max_bytes)
+        if action == "score":
+            _check_colons(text, self.limits, self.score_limits)
         try:
             document = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
         except UnicodeDecodeError:
@@ -180,7 +194,7 @@ class BodyParser:
                                  f" (character {exc.pos})") from None
         except RecursionError:
             raise BadBody(400, "invalid JSON: nested too deeply") from None
-        _check_list_lengths(document, self.limits, self.score_limits.max_mutations)
+        _check_list_lengths(document, self.limits, self.score_limits)
         problems = {}  # one problem per field: the first (a wrong type before a wrong value)
         for error in self._validators[action].iter_errors(document):
             if _checked_later(error):

@@ -14,6 +14,7 @@ import json
 import sys
 
 from esm2_wire.output_kinds import NAMES as INCLUDE_VALUES
+from esm2_wire.provenance import HEADERS
 from esm2_wire.vocabulary import Limits
 from service.api.request_schema import ACTIONS, request_schema
 
@@ -74,6 +75,29 @@ SCORE_RESULT = {
         "variant_pseudo_log_likelihoods": {"type": "array", "items": {"type": ["number", "null"]}},
     },
 }
+PROVENANCE = {
+    "type": "object",
+    "description": "Where the results came from (score only: BioLM's actions carry it in the x-esm-* headers alone, "
+                   "so that their bodies keep BioLM's shape).",
+    "required": list(HEADERS),
+    "additionalProperties": False,
+    "properties": {
+        "model": {"type": "string"},
+        "weights_fingerprint": {"type": "string", "description": "sha256 of the state dict as loaded"},
+        "random_weights": {"type": "boolean", "description": "true: a test checkpoint, its outputs are meaningless"},
+        "precision": {"type": "string"},
+        "server_version": {"type": "string"},
+    },
+}
+# Response headers of every result (esm2_wire.provenance).
+PROVENANCE_HEADERS = {
+    HEADERS["model"]: "The served model that computed the results",
+    HEADERS["weights_fingerprint"]: "sha256 of the model's state dict as loaded: equal weights, equal fingerprint",
+    HEADERS["random_weights"]: "true when the model has random weights (a test or demo checkpoint): the results "
+                               "are meaningless",
+    HEADERS["precision"]: "fp32, bf16, fp16 or int8",
+    HEADERS["server_version"]: "The esm2-service version",
+}
 SUMMARIES = {
     "encode": "Embeddings, contacts, attentions and logits",
     "predict": "Masked-token logits",
@@ -111,7 +135,9 @@ MODEL_INFO = {
         "embed_dim": {"type": "integer"}, "attention_heads": {"type": "integer"},
         "parameters": {"type": "string", "description": "int64, written as a string by the proto JSON mapping"},
         "random_weights": {"type": "boolean"}, "ready": {"type": "boolean"}, "max_items": {"type": "integer"},
-        "max_sequence_length": {"type": "integer"}, "device": {"type": "string"},
+        "max_sequence_length": {"type": "integer"}, "device": {"type": "string"}, "precision": {"type": "string"},
+        "weights_fingerprint": {"type": "string", "description": "sha256 of the state dict as loaded"},
+        "server_version": {"type": "string"},
     },
 }
 
@@ -130,8 +156,11 @@ _ERRORS = {
 }
 
 
-def _responses(ok: dict, ok_description: str, codes: tuple[str, ...]) -> dict:
+def _responses(ok: dict, ok_description: str, codes: tuple[str, ...], headers: dict | None = None) -> dict:
     out = {"200": {"description": ok_description, "content": {"application/json": {"schema": ok}}}}
+    if headers:
+        out["200"]["headers"] = {name: {"description": text, "schema": {"type": "string"}}
+                                 for name, text in headers.items()}
     for code in codes:
         out[code] = {"description": _ERRORS[code], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     return out
@@ -166,8 +195,9 @@ def _action(action: str, result: dict, limits: Limits) -> dict:
             "requestBody": {"required": True, "content": {"application/json": {"schema": body}},
                             "description": "Optionally gzip-compressed (Content-Encoding: gzip)."},
             "responses": _responses({"type": "object", "required": ["results"], "additionalProperties": False,
-                                     "properties": {"results": {"type": "array", "items": result}}},
-                                    "One result per item, in request order", ALL_CODES),
+                                     "properties": {"results": {"type": "array", "items": result},
+                                                    **({"provenance": PROVENANCE} if action == "score" else {})}},
+                                    "One result per item, in request order", ALL_CODES, PROVENANCE_HEADERS),
             # An API key where the server requires them; none where it does not ({}).
             "security": [{API_KEY: []}, {}],
         }
@@ -222,6 +252,19 @@ def document(limits: Limits = Limits()) -> dict:
         },
         "components": {"schemas": {"Error": ERROR}, "securitySchemes": SECURITY_SCHEMES},
     }
+
+
+def as_served(document: bytes, api_keys_required: bool) -> bytes:
+    """The committed document as a server serves it: without API keys, no operation asks for one
+    (the docs page then shows no padlocks and no Authorize button)."""
+    if api_keys_required:
+        return document
+    parsed = json.loads(document)
+    for operations in parsed.get("paths", {}).values():
+        for operation in operations.values():
+            operation.pop("security", None)
+    parsed.get("components", {}).pop("securitySchemes", None)
+    return (json.dumps(parsed, indent=1, ensure_ascii=True) + "\n").encode()
 
 
 def render() -> bytes:

@@ -16,7 +16,8 @@ from esm2_wire.chunks import tensor_chunks
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.proto import pb
-from service.api.scoring import ItemScores
+from esm2_wire.provenance import Provenance
+from service.api.scoring import ItemScores, ScoredBlock
 
 # The order outputs take in a stream: per-layer kinds first, each layer in request order.
 STREAM_ORDER = (
@@ -166,9 +167,29 @@ def score_result(index: int, scores: ItemScores) -> pb.ScoreResult:
     return pb.ScoreResult(sequence_index=index, **_score_fields(scores))
 
 
-def score_json(items: list[ItemScores]) -> bytes:
-    """Score's response as JSON, the ScoreResponse's fields by their proto names."""
-    return json_body([{"sequence_index": i, **_score_fields(s)} for i, s in enumerate(items)])
+def score_json(items: list[ItemScores], provenance: Provenance) -> bytes:
+    """Score's response as JSON, the ScoreResponse's fields by their proto names, and, since score is
+    our extension rather than a BioLM action, its provenance in the body too (BioLM's actions carry
+    it only in headers: their bodies keep BioLM's shape)."""
+    results = [{"sequence_index": i, **_score_fields(s)} for i, s in enumerate(items)]
+    return orjson.dumps({"results": results, "provenance": provenance.as_dict()}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def score_block_fields(block: ScoredBlock | None, passes_done: int, passes_total: int) -> dict:
+    """One ScoreStreamResponse's fields by their proto names (`block` None: progress only)."""
+    out: dict = {"passes_done": passes_done, "passes_total": passes_total}
+    if block is not None:
+        out.update(sequence_index=block.sequence_index, variant_indexes=block.variant_indexes, scores=block.scores)
+        if block.variant_pseudo_log_likelihoods:
+            out["variant_pseudo_log_likelihoods"] = block.variant_pseudo_log_likelihoods
+        if block.pseudo_log_likelihood is not None:
+            out.update(pseudo_log_likelihood=block.pseudo_log_likelihood, scored_positions=block.scored_positions)
+    return out
+
+
+def score_stream_json_line(fields: dict) -> bytes:
+    """One line of ScoreStreamJson's newline-delimited JSON."""
+    return orjson.dumps(fields) + b"\n"
 
 
 def encode_stream_chunks(index: int, result: ItemResult, data_type: int, max_chunk_bytes: int) -> Iterator[pb.TensorChunk]:

@@ -79,8 +79,9 @@ class _RateLimitedLog:
 
 # Methods of the JSON gateway: their refusals also carry the HTTP status and BioLM's error body.
 GATEWAY_METHODS = frozenset(
-    f"/esm.v1.Esm2Service/{name}" for name in ("EncodeJson", "PredictJson", "LogProbJson", "ScoreJson", "GetRequestSchema",
-                                               "GetOpenApiDocument", "GetDocsPage")
+    f"/esm.v1.Esm2Service/{name}" for name in ("EncodeJson", "PredictJson", "LogProbJson", "ScoreJson", "ScoreStreamJson",
+                                               "GetRequestSchema",
+                                               "GetOpenApiDocument", "GetDocsPage", "GetPlaygroundPage")
 )
 
 

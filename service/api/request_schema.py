@@ -6,6 +6,7 @@ BioLM's Python client reads `properties.items.maxItems` to size its batches.
 from __future__ import annotations
 
 from esm2_wire.output_kinds import ALIASES, NAMES
+from esm2_wire.variants import VARIANT_PATTERN
 from esm2_wire.vocabulary import Limits
 from service.api.validation import MAX_LIST_PARAM
 from service.api.scoring import DEFAULT_MAX_MUTATIONS, DEFAULT_METHOD, METHODS
@@ -13,7 +14,6 @@ from service.api.scoring import DEFAULT_MAX_MUTATIONS, DEFAULT_METHOD, METHODS
 
 # The JSON actions: BioLM's encode, predict and log_prob, and our score.
 ACTIONS = ("encode", "predict", "log_prob", "score")
-VARIANT_PATTERN = "^[A-Z][0-9]+[A-Z](:[A-Z][0-9]+[A-Z])*$"
 
 
 def _params(action: str) -> dict | None:

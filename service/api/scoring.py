@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from esm2_wire.variants import Mutation, Variant, parse_variant
+from esm2_wire.variants import Mutation, Variant, mutations_in, oversized, parse_variant
 from esm2_wire.vocabulary import MASK, STANDARD_AMINO_ACIDS, Limits
 from service.errors import InvalidRequest, Problem, echo
 from service.api.validation import parse_items
@@ -95,14 +95,36 @@ def parse_method(method: str) -> str:
     return method
 
 
+def check_variant_bounds(variants: list[list], score_limits: ScoreLimits) -> None:
+    """The request's mutations counted (`:`-separated) and each variant's length checked against
+    its count, before any variant is parsed: a 3.7 MB body of long variants is refused after a
+    str.count over it, not after parsing 573,440 mutations. Entries that are not text count as
+    one mutation each; their type is the validator's to name."""
+    given = sum(map(len, variants))
+    if given > score_limits.max_mutations:  # each variant holds at least one mutation: refuse before counting
+        raise _too_many_mutations(given, score_limits)
+    mutations, problems = 0, []
+    for index, texts in enumerate(variants):
+        for number, text in enumerate(texts):
+            if not isinstance(text, str):
+                mutations += 1
+                continue
+            mutations += mutations_in(text)
+            if (why := oversized(text)) is not None:
+                problems.append(Problem(f"items[{index}].variants[{number}]", index, why))
+    if mutations > score_limits.max_mutations:
+        raise _too_many_mutations(mutations, score_limits)
+    if problems:
+        raise InvalidRequest.of(*problems)
+
+
 def parse_score_items(sequences: list[str], variants: list[list[str]], limits: Limits,
                       score_limits: ScoreLimits) -> list[ScoreItem]:
-    """Wild types checked as encode checks sequences, then every variant against its wild type."""
-    given = sum(map(len, variants))
-    if given > score_limits.max_mutations:  # each variant holds at least one mutation: refuse before reading
-        raise _too_many_mutations(given, score_limits)
+    """Wild types checked as encode checks sequences, then every variant against its wild type,
+    once the request's variants are within their bounds (check_variant_bounds)."""
+    check_variant_bounds(variants, score_limits)
     parsed = parse_items(sequences, predict=False, limits=limits)
-    items, problems, mutations = [], [], 0
+    items, problems = [], []
     for index, (item, texts) in enumerate(zip(parsed, variants)):
         wild_type = "".join(item.tokens)
         read: list[Variant] = []
@@ -111,13 +133,9 @@ def parse_score_items(sequences: list[str], variants: list[list[str]], limits: L
                 read.append(parse_variant(text, wild_type))
             except ValueError as exc:
                 problems.append(Problem(f"items[{index}].variants[{number}]", index, str(exc)))
-                continue
-            mutations += len(read[-1])
         items.append(ScoreItem(item.tokens, tuple(read)))
     if problems:
         raise InvalidRequest.of(*problems)
-    if mutations > score_limits.max_mutations:
-        raise _too_many_mutations(mutations, score_limits)
     return items
 
 
@@ -208,24 +226,107 @@ class PassRows:
         return self.rows[self.plan._index[tokens], position]
 
 
-def item_scores(rows: PassRows, columns: dict[str, int]) -> list[ItemScores]:
-    plan = rows.plan
-    out = []
-    for item in plan.items:
-        if plan.method == "pll":
-            def pll(tokens: Tokens) -> float:
-                return float(sum(rows.row(masked(tokens, p), p)[columns[tokens[p - 1]]]
-                                 for p in scored_positions(tokens)))
-            wild = pll(item.tokens)
-            mutants = [pll(item.mutant(v)) for v in item.variants]
-            out.append(ItemScores([m - wild for m in mutants], wild, len(scored_positions(item.tokens)), mutants))
-            continue
+def pseudo_log_likelihood(rows: PassRows, columns: dict[str, int], tokens: Tokens) -> float:
+    """PLL of `tokens`: at each standard position, masked alone, the log-probability of its residue."""
+    return float(sum(rows.row(masked(tokens, p), p)[columns[tokens[p - 1]]] for p in scored_positions(tokens)))
 
-        def ratio(m: Mutation) -> float:
-            if plan.method == "wt_marginal":
-                lp = rows.row(item.tokens, m.position)
-            else:
-                lp = rows.row(masked(item.tokens, m.position), m.position)
-            return float(lp[columns[m.mutant]] - lp[columns[m.wild_type]])
-        out.append(ItemScores([float(sum(ratio(m) for m in v)) for v in item.variants]))
+
+def variant_score(rows: PassRows, columns: dict[str, int], item: ScoreItem, variant: Variant,
+                  wild_pll: float | None = None) -> tuple[float, float | None]:
+    """One variant's score, and for pll its pseudo-log-likelihood (`wild_pll`: the wild type's).
+    Score and ScoreStream both read scores here, so that they are equal to the last bit."""
+    plan = rows.plan
+    if plan.method == "pll":
+        mutant = pseudo_log_likelihood(rows, columns, item.mutant(variant))
+        return mutant - wild_pll, mutant
+
+    def ratio(m: Mutation) -> float:
+        if plan.method == "wt_marginal":
+            lp = rows.row(item.tokens, m.position)
+        else:
+            lp = rows.row(masked(item.tokens, m.position), m.position)
+        return float(lp[columns[m.mutant]] - lp[columns[m.wild_type]])
+    return float(sum(ratio(m) for m in variant)), None
+
+
+def item_scores(rows: PassRows, columns: dict[str, int]) -> list[ItemScores]:
+    out = []
+    for item in rows.plan.items:
+        if rows.plan.method == "pll":
+            wild = pseudo_log_likelihood(rows, columns, item.tokens)
+            scored = [variant_score(rows, columns, item, v, wild) for v in item.variants]
+            out.append(ItemScores([score for score, _ in scored], wild, len(scored_positions(item.tokens)),
+                                  [pll for _, pll in scored]))
+        else:
+            out.append(ItemScores([variant_score(rows, columns, item, v)[0] for v in item.variants]))
     return out
+
+
+# ---- streamed scores ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScoredBlock:
+    """The variants of one item that a block of passes completed (ScoreStreamResponse)."""
+
+    sequence_index: int
+    variant_indexes: list[int]
+    scores: list[float]
+    variant_pseudo_log_likelihoods: list[float] = field(default_factory=list)
+    pseudo_log_likelihood: float | None = None  # pll: in the item's first block
+    scored_positions: int | None = None
+
+
+class StreamedScores:
+    """Which variants the passes finished so far complete: passes are awaited in plan order, so a
+    variant is complete once the last pass it reads (in ScorePlan order) is done."""
+
+    def __init__(self, rows: PassRows):
+        self.plan = plan = rows.plan
+        self.rows = rows
+        # (last pass read, item index, variant index) in request order; pll also reads the wild type's
+        # passes, and an item without variants still sends its wild type's PLL once its passes are done.
+        self._pending: list[tuple[int, int, int | None]] = []
+        for index, item in enumerate(plan.items):
+            wild = self._last(self._wild_passes(item))
+            if plan.method == "pll" and not item.variants:
+                self._pending.append((wild, index, None))
+            for number, variant in enumerate(item.variants):
+                self._pending.append((max(wild, self._last(self._variant_passes(item, variant))), index, number))
+        self._wild: dict[int, float] = {}
+
+    def _last(self, passes: list[Tokens]) -> int:
+        return max((self.plan._index[tokens] for tokens in passes), default=-1)
+
+    def _wild_passes(self, item: ScoreItem) -> list[Tokens]:
+        return [masked(item.tokens, p) for p in scored_positions(item.tokens)] if self.plan.method == "pll" else []
+
+    def _variant_passes(self, item: ScoreItem, variant: Variant) -> list[Tokens]:
+        if self.plan.method == "wt_marginal":
+            return [item.tokens]
+        if self.plan.method == "masked_marginal":
+            return [masked(item.tokens, m.position) for m in variant]
+        mutant = item.mutant(variant)
+        return [masked(mutant, p) for p in scored_positions(mutant)]
+
+    def completed(self, passes_done: int, columns: dict[str, int]) -> list[ScoredBlock]:
+        """The variants not sent yet whose passes are all among the first `passes_done`, in request
+        order, grouped by item; they are then sent."""
+        ready = [entry for entry in self._pending if entry[0] < passes_done]
+        self._pending = [entry for entry in self._pending if entry[0] >= passes_done]
+        blocks: list[ScoredBlock] = []
+        for _, index, number in ready:
+            item = self.plan.items[index]
+            first = not blocks or blocks[-1].sequence_index != index
+            if first:
+                pll = positions = None
+                if self.plan.method == "pll" and index not in self._wild:
+                    pll = self._wild[index] = pseudo_log_likelihood(self.rows, columns, item.tokens)
+                    positions = len(scored_positions(item.tokens))
+                blocks.append(ScoredBlock(index, [], [], [], pll, positions))
+            if number is None:
+                continue
+            score, pll = variant_score(self.rows, columns, item, item.variants[number], self._wild.get(index))
+            blocks[-1].variant_indexes.append(number)
+            blocks[-1].scores.append(score)
+            if pll is not None:
+                blocks[-1].variant_pseudo_log_likelihoods.append(pll)
+        return blocks

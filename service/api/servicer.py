@@ -12,6 +12,7 @@ import functools
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -25,13 +26,13 @@ from esm2_wire.proto import FLEET_MODELS_HEADER, pb, pb_grpc
 from esm2_wire.vocabulary import Limits
 from service import errors, logs, metrics, request_context, tracing
 from service.request_context import REQUEST_ID_HEADER, RequestContext, request_id_from
-from service.api import json_limits, rendering, scoring
+from service.api import json_limits, openapi, rendering, scoring
 from service.api.auth import Tenancy
 from service.api.response_memory import (
     DEFAULT_MAX_HELD_RESPONSE_MB, DEFAULT_MAX_STREAM_HELD_MB, HeldResponse, ResponseMemory,
 )
 from service.models.checkpoints import FAIR_ESM, HUGGING_FACE
-from service.models.served import ServedModel
+from service.models.served import SERVER_VERSION, ServedModel
 from service.errors import (
     FailedPrecondition, InvalidRequest, NotFound, Problem, ResponseBudgetFull, UnknownModel, echo,
 )
@@ -41,13 +42,26 @@ from service.engine.router import ModelRouter
 from service.engine.inputs import ModelInput
 from service.api.request_schema import ACTIONS, request_schema
 from service.api.docs_page import DOCS_PATH, DocsPage, DocsUnavailable
-from service.api.scoring import ItemScores, PassRows, ScoreLimits, ScorePlan
+from service.api.playground_page import PLAYGROUND_PATH, PlaygroundPage
+from service.api.scoring import ItemScores, PassRows, ScoreLimits, ScorePlan, StreamedScores
 from service.api.validation import ParsedItem, parse_items, parse_options
 
 log = logging.getLogger(__name__)
 JSON_MESSAGE_BYTES = chunks.DEFAULT_CHUNK_BYTES  # the JSON body goes to the gateway in messages of this size
 # Passes of log_prob and Score: logits only, so that they batch and cache with predict's.
 LOGITS_ONLY = frozenset({OutputKind.LOGITS})
+# Envoy's router tells the upstream how long it will wait for the call (on by default; the Router
+# filter's suppress_envoy_headers would turn it off): admission reads it as the deadline of calls
+# that come through the gateway, JSON ones included, which carry no gRPC deadline.
+GATEWAY_TIMEOUT_HEADER = "x-envoy-expected-rq-timeout-ms"
+# What a refusal by estimated work names instead of a request that cannot finish in time.
+SCORE_STREAM_ALTERNATIVE = ("the streaming RPC esm.v1.Esm2Service/ScoreStream (JSON: POST "
+                            "/api/v3/{model}/score_stream/)")
+# ScoreStream sends what a block of this many passes completed (a few seconds of work on a CPU for the
+# 8M shape), and at least every SCORE_PROGRESS_SECONDS while passes finish, progress alone if need be.
+SCORE_BLOCK_PASSES = 16
+NDJSON = "application/x-ndjson"
+SCORE_PROGRESS_SECONDS = 5.0
 
 
 @dataclass
@@ -86,6 +100,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         max_unary_response_bytes: int = json_limits.DEFAULT_MAX_UNARY_RESPONSE_MB << 20,
         json_budget_bytes: int = json_limits.DEFAULT_JSON_BUDGET_MB << 20,
         score_limits: ScoreLimits = ScoreLimits(),
+        api_keys_required: bool = False,
     ):
         self.score_limits = score_limits
         self.max_unary_response_bytes = max_unary_response_bytes
@@ -98,8 +113,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         self.access_log = access_log  # one line per finished RPC (service.logs.access_line)
         self.max_json_response_bytes = max_json_response_bytes
         self.bodies = BodyParser(limits, max_request_bytes, score_limits)
-        self.openapi_document = openapi_document
-        self.docs_page = DocsPage()
+        self.openapi_document = openapi.as_served(openapi_document, api_keys_required)
+        self.docs_page = DocsPage(random_models=sorted(n for n, m in models.items() if m.loaded.random_weights))
+        self.playground_page = PlaygroundPage(api_keys_required)
         self.models = models
         self.router = router  # one scheduler per model
         self.limits = limits
@@ -185,10 +201,15 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     @staticmethod
     def _deadline(context) -> float | None:
+        """When the caller stops waiting (time.monotonic, the scheduler's clock): its gRPC deadline, or
+        through Envoy the time the gateway gives the call (GATEWAY_TIMEOUT_HEADER), whichever is first."""
         remaining = context.time_remaining()
+        gateway = gateway_timeout_s(context)
+        if gateway is not None:
+            remaining = gateway if remaining is None else min(remaining, gateway)
         return None if remaining is None else time.monotonic() + remaining
 
-    def _submit(self, job: Job, context) -> list[asyncio.Future]:
+    def _submit(self, job: Job, context, alternative: str = "") -> list[asyncio.Future]:
         tokenize = job.model.loaded.tokenize
         tenant = self.tenancy.of(context.invocation_metadata())
         num_layers = job.model.loaded.num_layers  # the work estimate counts only the layers an item needs
@@ -198,7 +219,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if request is not None:
             request.items, request.residues = len(job.items), sum(len(item.tokens) for item in job.items)
             request.submitted()
-        return self.router.submit(inputs, self._deadline(context), request)
+        return self.router.submit(inputs, self._deadline(context), request, alternative)
 
     async def _log_probs(self, job: Job, context) -> list[float]:
         results = await self._results(job, context)
@@ -206,10 +227,11 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         return [scoring.sequence_log_prob(item.tokens, result.logits, columns)
                 for item, result in zip(job.items, results)]
 
-    async def _scores(self, model: str, method: str, sequences: list[str], variants: list[list[str]],
-                      context) -> list[ItemScores]:
+    async def _score_passes(self, model: str, method: str, sequences: list[str], variants: list[list[str]],
+                            context) -> AsyncIterator[tuple[ServedModel, PassRows, int]]:
         """Plan the passes and tokenize them off the event loop (a pll request may be 2,048 passes of
-        2,048 tokens), queue them all at once, keep only the rows the scores read."""
+        2,048 tokens), queue them all at once, and yield (model, rows, passes done) as each finishes, in
+        plan order, keeping only the rows the scores read."""
         tenant = self.tenancy.of(context.invocation_metadata())
 
         def prepare() -> tuple[ServedModel, ScorePlan, list[ModelInput]]:
@@ -224,19 +246,50 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             request.items, request.residues = len(inputs), sum(item.length - 2 for item in inputs)
             request.submitted()
         # Each pass's [L, 20] logits are let go once its rows are read: up to --max-score-passes of them.
-        waiting = collections.deque(self.router.submit(inputs, self._deadline(context), request) if inputs else ())
+        waiting = collections.deque(
+            self.router.submit(inputs, self._deadline(context), request,
+                               SCORE_STREAM_ALTERNATIVE.format(model=served.name)) if inputs else ())
         rows = PassRows(plan)
         try:
+            yield served, rows, 0
             for index in range(len(waiting)):
                 rows.add(index, (await waiting[0]).logits)
                 waiting.popleft()
+                yield served, rows, index + 1
         finally:
             _release(list(waiting))
+
+    async def _scores(self, model: str, method: str, sequences: list[str], variants: list[list[str]],
+                      context) -> list[ItemScores]:
+        async with contextlib.aclosing(self._score_passes(model, method, sequences, variants, context)) as passes:
+            async for served, rows, _ in passes:
+                pass
         columns = {token: i for i, token in enumerate(served.vocabulary)}
         return await asyncio.to_thread(scoring.item_scores, rows, columns)
 
-    async def _results(self, job: Job, context) -> list[ItemResult]:
-        futures = self._submit(job, context)
+    async def _score_blocks(self, model: str, method: str, sequences: list[str], variants: list[list[str]],
+                            context) -> AsyncIterator[dict]:
+        """ScoreStream's messages, as fields by their proto names: after every SCORE_BLOCK_PASSES passes
+        (or SCORE_PROGRESS_SECONDS, so that an idle timeout never cuts a slow scan), and after the last,
+        the variants those passes completed, or the progress alone."""
+        streamed = None
+        sent_at, sent_passes = time.monotonic(), 0
+        async with contextlib.aclosing(self._score_passes(model, method, sequences, variants, context)) as passes:
+            async for served, rows, done in passes:
+                if streamed is None:
+                    streamed = StreamedScores(rows)
+                    columns = {token: i for i, token in enumerate(served.vocabulary)}
+                total = len(rows.plan.passes)
+                if done < total and (done == 0 or done - sent_passes < SCORE_BLOCK_PASSES
+                                     and time.monotonic() - sent_at < SCORE_PROGRESS_SECONDS):
+                    continue
+                blocks = await asyncio.to_thread(streamed.completed, done, columns)
+                for block in blocks or [None]:
+                    yield rendering.score_block_fields(block, done, total)
+                sent_at, sent_passes = time.monotonic(), done
+
+    async def _results(self, job: Job, context, alternative: str = "") -> list[ItemResult]:
+        futures = self._submit(job, context, alternative)
         try:
             return await asyncio.gather(*futures)
         finally:
@@ -271,7 +324,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             if not isinstance(exc, errors.ServiceError):  # a bug, not the caller's fault: log it, say only where
                 log.exception("%s failed", method)
             if isinstance(exc, UnknownModel):  # behind a gateway: name the models of its other pools too
-                exc = exc.also_served(fleet_models(context))
+                exc = exc.behind_gateway(fleet_models(context))
             code, message, trailers = failure(exc, method, gateway, request.request_id)
         metrics.REQUESTS.labels(method, code.name).inc()
         if model in self.models:  # a label per served model only: callers cannot grow the label set
@@ -280,7 +333,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             logs.access_line(request, code.name)
         if code is not grpc.StatusCode.OK:
             await context.abort(code, message, trailers)
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, request.request_id),))
+        served = self.models.get(model)
+        context.set_trailing_metadata(
+            ((REQUEST_ID_HEADER, request.request_id), *(served.provenance.metadata() if served else ())))
 
     # ---- unary ---------------------------------------------------------------
     async def Encode(self, request, context):
@@ -312,7 +367,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if estimate > limit:
             raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc,
                                                        unary=True))
-        results = await self._results(job, context)
+        results = await self._results(job, context, f"the streaming RPC esm.v1.Esm2Service/{stream_rpc}")
         with HeldResponse(self.memory) as held, tracing.span("render"):
             pieces = await _render_pieces(context, render, results, held, lambda piece: piece.ByteSize())
             return await asyncio.to_thread(response_type, results=pieces)
@@ -348,6 +403,19 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                                         [list(item.variants) for item in request.items], context)
             return pb.ScoreResponse(results=[rendering.score_result(i, s) for i, s in enumerate(scores)])
 
+    @_writes_itself
+    async def ScoreStream(self, request, context):
+        async with self._rpc("ScoreStream", context, request.model):
+            blocks = self._score_blocks(request.model, request.params.method, [item.sequence for item in request.items],
+                                        [list(item.variants) for item in request.items], context)
+            async with contextlib.aclosing(blocks):
+                with HeldResponse(self.memory) as held:
+                    async for fields in blocks:
+                        message = pb.ScoreStreamResponse(**fields)
+                        held.take(message.ByteSize())
+                        await held.send(context, message)
+                        held.give_back(message.ByteSize())
+
     # ---- JSON (through the Envoy gateway) --------------------------------------
     async def _json(self, job: Job, context, estimate: int, render, stream_rpc: str) -> None:
         """Refuse before queueing what is over the JSON limit or the in-flight budget; then send the
@@ -358,7 +426,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         if estimate > limit:
             raise InvalidRequest(json_limits.too_large(estimate, limit, estimated=True, stream_rpc=stream_rpc))
         with self._json_budget(estimate, stream_rpc):
-            results = await self._results(job, context)
+            results = await self._results(job, context, f"the streaming gRPC RPC esm.v1.Esm2Service/{stream_rpc}")
+            await _send_provenance(context, job.model)
             # A JSON caller that reads nothing for STALL_SECONDS is not waited for: its budget share is
             # another caller's (per-stream bound 0).
             with HeldResponse(self.memory, per_stream_bytes=0) as held, tracing.span("render"):
@@ -422,6 +491,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             served = self._model(request.model)
             body = await self._body(request, context, "log_prob")
             values = await self._log_probs(self._log_prob_job(served.name, body.sequences), context)
+            await _send_provenance(context, served)
             return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.log_prob_json(values))
 
     async def ScoreJson(self, request, context):
@@ -429,7 +499,29 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             served = self._model(request.model)
             body = await self._body(request, context, "score")
             scores = await self._scores(served.name, body.method, body.sequences, body.variants, context)
-            return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.score_json(scores))
+            await _send_provenance(context, served)
+            return httpbody_pb2.HttpBody(content_type="application/json",
+                                         data=rendering.score_json(scores, served.provenance))
+
+    @_writes_itself
+    async def ScoreStreamJson(self, request, context):
+        """ScoreStream as newline-delimited JSON, one line per message as it comes: Envoy's transcoder
+        passes each HttpBody on, on a route with an idle timeout instead of a total one."""
+        async with self._rpc("ScoreStreamJson", context, request.model, gateway=True):
+            served = self._model(request.model)
+            body = await self._body(request, context, "score")
+            blocks = self._score_blocks(served.name, body.method, body.sequences, body.variants, context)
+            async with contextlib.aclosing(blocks):
+                with HeldResponse(self.memory, per_stream_bytes=0) as held:
+                    first = True
+                    async for fields in blocks:
+                        if first:  # the headers just before the first line: a refusal before it is trailers-only
+                            await _send_provenance(context, served)
+                            first = False
+                        line = rendering.score_stream_json_line(fields)
+                        held.take(len(line))
+                        await held.send(context, httpbody_pb2.HttpBody(content_type=NDJSON, data=line))
+                        held.give_back(len(line))
 
     async def GetRequestSchema(self, request, context):
         async with self._rpc("GetRequestSchema", context, request.model, gateway=True):
@@ -451,6 +543,14 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
                 raise NotFound(str(exc)) from None
             if found is None:
                 raise NotFound(f"{DOCS_PATH}/{echo(request.file)} does not exist; the docs page is {DOCS_PATH}")
+            content_type, data = found
+            return httpbody_pb2.HttpBody(content_type=content_type, data=data)
+
+    async def GetPlaygroundPage(self, request, context):
+        async with self._rpc("GetPlaygroundPage", context, "", gateway=True):
+            found = self.playground_page.get(request.file)
+            if found is None:
+                raise NotFound(f"{PLAYGROUND_PATH}/{echo(request.file)} does not exist; the playground is {PLAYGROUND_PATH}")
             content_type, data = found
             return httpbody_pb2.HttpBody(content_type=content_type, data=data)
 
@@ -526,6 +626,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             precision=served.precision,
             max_score_passes=min(self.score_limits.max_passes, served.spec.max_queue_items),
             max_score_mutations=self.score_limits.max_mutations,
+            weights_fingerprint=m.weights_fingerprint, server_version=SERVER_VERSION,
         )
 
 
@@ -548,11 +649,28 @@ _SOURCE_FORMATS = {
 }
 
 
+async def _send_provenance(context, served: ServedModel) -> None:
+    """A JSON result's provenance as response headers: Envoy's transcoder turns a reply's initial
+    metadata into HTTP headers. Sent only once the results are in hand, just before the body, so
+    that a failure before it still answers trailers-only, which the gateway maps to its JSON error."""
+    await context.send_initial_metadata(served.provenance.metadata())
+
+
 def _trace_queue_wait(request: RequestContext | None) -> None:
     """The request's `queue wait` span: from its items' arrival to the first batch that ran one."""
     if request is not None and request.first_batch_ns:
         tracing.record("queue wait", request.span, request.submitted_ns, request.first_batch_ns,
                        **{"esm.queue_wait_max_s": request.queue_wait_s or 0.0})
+
+
+def gateway_timeout_s(context) -> float | None:
+    """The time Envoy gives this call (GATEWAY_TIMEOUT_HEADER, in ms: its route timeout, or the per-try
+    timeout of a unary route), in seconds; None when absent or not a plain number. A direct caller who
+    sends it only shortens its own deadline."""
+    value = dict(context.invocation_metadata() or ()).get(GATEWAY_TIMEOUT_HEADER, "")
+    if not value.isascii() or not value.isdigit() or len(value) > 10:
+        return None
+    return int(value) / 1000
 
 
 async def _render_pieces(context, render, results, held: HeldResponse, size) -> list:

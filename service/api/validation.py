@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from esm2_wire import output_kinds
 from esm2_wire.output_kinds import OutputKind
-from esm2_wire.vocabulary import ENCODE_LETTERS, MASK, PREDICT_LETTERS, Limits
+from esm2_wire.vocabulary import ENCODE_LETTERS, MASK, PREDICT_LETTERS, Limits, letter_problem
 from service.errors import InvalidRequest, Problem, echo
 
 # Longest params list: more layers than any ESM-2 has, every output several times over.
@@ -36,23 +36,6 @@ class ParsedItem:
     tokens: tuple[str, ...]  # residues and `<mask>`, one per position (no BOS/EOS)
 
 
-def _describe(char: str) -> str:
-    if char.isspace():
-        return f"whitespace {ascii(char)}"
-    if char.islower():
-        return f"lowercase letter {ascii(char)} (use upper case)"
-    return ascii(char)
-
-
-def _check_letters(text: str, allowed: frozenset[str], offset: int, what: str) -> str | None:
-    if allowed.issuperset(text):  # one pass in C; the Python loop below runs only to name a bad one
-        return None
-    for position, char in enumerate(text, start=offset):
-        if char not in allowed:
-            return f"invalid character {_describe(char)} at position {position}; {what}"
-    return None
-
-
 def parse_sequence(index: int, sequence: str, *, predict: bool, limits: Limits) -> ParsedItem | Problem:
     """Tokens of one sequence, or the problem with it (naming the item)."""
     problem = _tokens_or_problem(sequence, predict, limits)
@@ -74,7 +57,7 @@ def _tokens_or_problem(sequence: str, predict: bool, limits: Limits) -> ParsedIt
         offset = 0
         tokens: list[str] = []
         for number, piece in enumerate(pieces):
-            error = _check_letters(piece, PREDICT_LETTERS, offset, allowed_text)
+            error = letter_problem(piece, PREDICT_LETTERS, allowed_text, offset)
             if error:
                 return error
             tokens.extend(piece)
@@ -87,7 +70,7 @@ def _tokens_or_problem(sequence: str, predict: bool, limits: Limits) -> ParsedIt
     else:
         if MASK in sequence:
             return f"{MASK} is only accepted by predict"
-        error = _check_letters(sequence, ENCODE_LETTERS, 0, "allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and '-'")
+        error = letter_problem(sequence, ENCODE_LETTERS, "allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and '-'")
         if error:
             return error
         tokens = list(sequence)

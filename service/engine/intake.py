@@ -81,19 +81,23 @@ class Intake:
         return cache_key(self.scopes.get(item.model, item.model), item)
 
     def submit(self, inputs: list[ModelInput], deadline: float | None = None,
-               request: RequestContext | None = None) -> list[asyncio.Future]:
+               request: RequestContext | None = None,
+               admit: Callable[[list[ModelInput]], None] | None = None) -> list[asyncio.Future]:
         """Queue all inputs of one request, or none of them; their futures, in order.
 
         Inputs already cached are answered at once; inputs equal to one queued or running
         (this request's own duplicates included) wait for it; only the rest are new work,
-        and only new work counts against the queue bound."""
+        and only new work counts against the queue bounds and `admit`, which raises to refuse
+        the request before anything is queued."""
         keys = [self._key(item) for item in inputs]
-        new_keys = {k for k in keys if k not in self._inflight and not self.cache.contains(k)}
-        if len(self.pending) + len(new_keys) > self.limits.max_queue_items:
+        new = {k: item for item, k in zip(inputs, keys) if k not in self._inflight and not self.cache.contains(k)}
+        if len(self.pending) + len(new) > self.limits.max_queue_items:
             metrics.REJECTED.inc()
             raise QueueFull(
                 f"server busy: {len(self.pending)} items queued (limit {self.limits.max_queue_items}); retry later"
             )
+        if admit is not None:
+            admit(list(new.values()))
         loop = asyncio.get_running_loop()
         now = self.clock()
         futures = []

@@ -26,6 +26,8 @@ nothing but the waste they would add: the bound that limits padding limits depth
 
 from __future__ import annotations
 
+import enum
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -112,6 +114,9 @@ class BatchLimits:
     max_batch_size: int = 64
     max_wait_s: float = 0.005  # how long an idle worker waits to fill a batch
     max_queue_items: int = 4096  # a Score request queues all its passes at once (--max-score-passes)
+    # Estimated work (policy.work units) queued for the model, a request's own new work included:
+    # 2^24 holds the largest Score request (2,048 passes of 2,048 residues, 12.6M units) alone.
+    max_queue_work: float = float(1 << 24)
     min_padding_efficiency: float = 0.92  # real tokens / padded tokens a batch may not fall below
     # batch size x longest item squared (x MAPS_FACTOR when the batch makes attention maps): the
     # attention's work; an item over it runs alone
@@ -247,3 +252,75 @@ def take_batch(pending: list[Entry], limits: BatchLimits, anchor: Entry | None =
     chosen = set(map(id, batch))
     pending[:] = [it for it in pending if id(it) not in chosen]
     return batch
+
+
+# ---- admission --------------------------------------------------------------------------------
+# Before any model work, a request's time is estimated from the cost model's current rate for its
+# model (and attention mode), counting what is queued ahead of it and what the workers are running;
+# a request that cannot finish before its caller's deadline, or whose work does not fit the queue's
+# work bound, is refused at once rather than accepted to time out later.
+class Verdict(enum.Enum):
+    ADMIT = "admit"
+    TOO_MUCH_WORK = "too much work"  # its own work is over the work bound: never fits (split it)
+    QUEUE_FULL = "queue full"  # with the work queued, over the work bound: retry later
+    CANNOT_FINISH = "cannot finish"  # its own work alone runs past the deadline: retrying does not help
+    BEHIND_QUEUE = "behind the queue"  # the work ahead of it makes it miss the deadline: retry later
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An admission decision and the figures it rests on, for the caller's message."""
+
+    verdict: Verdict
+    own_work: float  # this request's new work (cache hits and merges excluded), in work units
+    queued_work: float  # every queued entry's work, in work units
+    own_seconds: float  # this request's own work at the current rates, spread over the workers
+    ahead_seconds: float  # queued work due before it and the running batches, spread over the workers
+    deadline_s: float | None  # seconds left to the caller's deadline; None: none
+
+    @property
+    def seconds(self) -> float:
+        """Estimated seconds until the request's last item is done."""
+        return self.own_seconds + self.ahead_seconds
+
+    @property
+    def retry_after_s(self) -> int:
+        """When a refused request could be admitted: once the excess over the deadline has drained
+        (at least 1 s)."""
+        if self.deadline_s is None:
+            return 1
+        return max(1, math.ceil(self.seconds - self.deadline_s))
+
+
+def admit(new: list[ModelInput], pending: list[Entry], running_seconds: float, workers: int, now: float,
+          deadline: float | None, limits: BatchLimits, cost: CostModel) -> Admission:
+    """Whether a request whose new work is `new` may join the queue `pending` now (times on the
+    scheduler's clock; `running_seconds`: the running batches' estimated time).
+
+    The request's items are due by `aging` x its estimated time (as `due` computes); the queued
+    entries due before that run before its last item. All of it, with the running batches, is spread
+    over the model's `workers`, but the request's longest item runs on one worker whatever their
+    number."""
+    own_work = sum(work(item.length, item.needs_maps, depth_share=item.depth_share) for item in new)
+    queued_work = sum(entry.work for entry in pending)
+    item_seconds = [cost.rate(item.model, item.needs_maps) * work(item.length, item.needs_maps,
+                                                                    depth_share=item.depth_share) for item in new]
+    workers = max(1, workers)
+    own_seconds = max(sum(item_seconds) / workers, max(item_seconds, default=0.0))
+    last_due = now + limits.aging * sum(item_seconds)
+    ahead = sum(cost.seconds(entry) for entry in pending if due(entry, limits, cost) <= last_due)
+    ahead_seconds = (ahead + running_seconds) / workers
+    remaining = None if deadline is None else deadline - now
+
+    def decided(verdict: Verdict) -> Admission:
+        return Admission(verdict, own_work, queued_work, own_seconds, ahead_seconds, remaining)
+
+    if own_work > limits.max_queue_work:
+        return decided(Verdict.TOO_MUCH_WORK)
+    if remaining is not None and own_seconds > remaining:
+        return decided(Verdict.CANNOT_FINISH)
+    if queued_work + own_work > limits.max_queue_work:
+        return decided(Verdict.QUEUE_FULL)
+    if remaining is not None and own_seconds + ahead_seconds > remaining:
+        return decided(Verdict.BEHIND_QUEUE)
+    return decided(Verdict.ADMIT)

@@ -24,9 +24,9 @@ class ModelRouter:
         metrics.QUEUE_DEPTH.set_function(lambda: sum(s.queued_items for s in schedulers.values()))
 
     def submit(self, inputs: list[ModelInput], deadline: float | None = None,
-               request: RequestContext | None = None) -> list[asyncio.Future]:
+               request: RequestContext | None = None, alternative: str = "") -> list[asyncio.Future]:
         """All inputs of one request belong to one model (the servicer builds them so)."""
-        return self.schedulers[inputs[0].model].submit(inputs, deadline, request)
+        return self.schedulers[inputs[0].model].submit(inputs, deadline, request, alternative)
 
     async def run_now(self, inputs: list[ModelInput], worker: int = 0) -> list[ItemResult]:
         return await self.schedulers[inputs[0].model].run_now(inputs, worker)

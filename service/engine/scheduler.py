@@ -25,10 +25,10 @@ from service import metrics
 from service.engine.dispatch import WORKER_LOST, Batch, BatchDone, Dispatcher, WorkerSlot
 from service.engine.inputs import ModelInput
 from service.engine.intake import Intake, QueueEntry
-from service.engine.policy import BatchLimits, CostModel, batch_is_full, due, next_anchor, runs_between_layers, \
-    take_batch
+from service.engine.policy import Admission, BatchLimits, CostModel, Verdict, admit, batch_is_full, due, next_anchor, \
+    runs_between_layers, take_batch
 from service.engine.result_cache import ResultCache
-from service.errors import Internal, WorkerLost
+from service.errors import BehindQueue, CannotFinish, Internal, InvalidRequest, Problem, QueueFull, WorkerLost
 from service.request_context import RequestContext
 
 if TYPE_CHECKING:  # the worker imports torch; the scheduler only hands it batches
@@ -76,14 +76,55 @@ class Scheduler:
 
     # ---- the public surface ---------------------------------------------------------
     def submit(self, inputs: list[ModelInput], deadline: float | None = None,
-               request: RequestContext | None = None) -> list[asyncio.Future]:
+               request: RequestContext | None = None, alternative: str = "") -> list[asyncio.Future]:
         """Queue all inputs of one request, or none of them; their futures, in order
-        (service.engine.intake.Intake.submit says which inputs are new work)."""
+        (service.engine.intake.Intake.submit says which inputs are new work). A request the
+        admission policy refuses (policy.admit) raises before anything is queued; `alternative`
+        (e.g. a streaming RPC) is named in that refusal as what to use instead."""
         if self.lost is not None:
             raise WorkerLost(WORKER_LOST)
-        futures = self.intake.submit(inputs, deadline, request)
+        futures = self.intake.submit(inputs, deadline, request,
+                                     admit=lambda new: self._admit(new, deadline, alternative))
         self._wake.set()
         return futures
+
+    def _admit(self, new: list[ModelInput], deadline: float | None, alternative: str) -> None:
+        running = sum(slot.running.seconds for slot in self.slots if slot.busy)
+        decision = admit(new, self.intake.pending, running, len(self.slots), self.clock(), deadline,
+                         self.limits, self.cost)
+        if decision.verdict is not Verdict.ADMIT:
+            metrics.ADMISSION_REFUSED.labels(new[0].model, decision.verdict.name).inc()
+            raise self._refusal(decision, new, alternative)
+
+    def _refusal(self, decision: Admission, new: list[ModelInput], alternative: str) -> Exception:
+        """The error a refused request gets: the estimate, the deadline, what to do instead."""
+        first = new[0]
+        measured = (first.model, first.needs_maps) in self.cost.rates
+        rate = self.cost.rate(first.model, first.needs_maps)
+        devices = ",".join(sorted({slot.device for slot in self.slots}))
+        passes = f"{len(new)} forward pass{'' if len(new) == 1 else 'es'} of {first.model}"
+        estimate = (f"{passes} on {devices}, {decision.own_work:,.0f} work units at "
+                    f"{rate * 1e6:.3g} us each ({'measured from the batches run so far' if measured else 'no batch measured yet'})")
+        instead = (f"use {alternative}, which returns results as they complete, " if alternative else "") + \
+            "split the work over smaller requests, or give a longer deadline"
+        limit = self.limits.max_queue_work
+        if decision.verdict is Verdict.TOO_MUCH_WORK:
+            return InvalidRequest.of(Problem(
+                "items", None, f"the request's model work is {decision.own_work:,.0f} work units ({passes}); at most "
+                               f"{limit:,.0f} are allowed (--max-queue-work): split the work over smaller requests"))
+        if decision.verdict is Verdict.QUEUE_FULL:
+            return QueueFull(f"server busy: {decision.queued_work:,.0f} work units queued, and this request's "
+                             f"{decision.own_work:,.0f} would pass the bound of {limit:,.0f} (--max-queue-work); retry later")
+        if decision.verdict is Verdict.CANNOT_FINISH:
+            return CannotFinish(
+                f"the request cannot finish before its deadline: its model work alone is estimated at "
+                f"{decision.own_seconds:.2f} s ({estimate}), and its deadline is {decision.deadline_s:.2f} s away; "
+                f"{instead}")
+        return BehindQueue(
+            f"server busy: the request cannot finish before its deadline: its model work is estimated at "
+            f"{decision.own_seconds:.2f} s ({estimate}) after {decision.ahead_seconds:.2f} s of work queued or running "
+            f"ahead of it, {decision.seconds:.2f} s in all, and its deadline is {decision.deadline_s:.2f} s away; "
+            f"retry after {decision.retry_after_s} s, or {instead}", decision.retry_after_s)
 
     async def run_now(self, inputs: list[ModelInput], worker: int = 0) -> list[ItemResult]:
         """Run `inputs` as one batch on one worker, ahead of the queue and the cache (warm-up);

@@ -31,29 +31,14 @@ from service.models.forward import BatchOutput, BatchPlan, LayerHook, forward
 from service.models.packed import pack, packed_forward, unpack
 from service.models.precision import AUTOCAST_DTYPES
 from service.models.quantize import quantize_layers
+from service import platforms
+from service.platforms import HostStaging, Platform
 
 log = logging.getLogger(__name__)
 
 
 class DeviceUnusable(Exception):
     """The device fails every call (e.g. after a CUDA device-side assert): only a restart helps."""
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {requested}: CUDA is not available on this machine")
-    return device
-
-
-def resolve_devices(requested: str) -> list[torch.device]:
-    """`--device` as a comma-separated list: one model worker per entry (`cpu,cpu` runs two on CPU)."""
-    names = [name.strip() for name in requested.split(",") if name.strip()]
-    if not names:
-        raise RuntimeError(f"--device {requested!r}: no device named")
-    return [resolve_device(name) for name in names]
 
 
 def replicate(models: dict[str, LoadedModel], devices: list[torch.device]) -> list[dict[str, LoadedModel]]:
@@ -64,30 +49,18 @@ def replicate(models: dict[str, LoadedModel], devices: list[torch.device]) -> li
     copy beside the loaded one (3B on two GPUs: 12 GB more, not 12 GB per extra device)."""
     copies = []
     for device in devices[1:]:
-        copies.append({name: dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(device))
+        where = platforms.of(device).tensor_device
+        copies.append({name: dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(where))
                        for name, loaded in models.items()})
     for loaded in models.values():
-        loaded.model.to(devices[0])
+        loaded.model.to(platforms.of(devices[0]).tensor_device)
     return [models, *copies]
-
-
-# What an allocation failure says besides torch.OutOfMemoryError: the CPU allocator, and cuBLAS /
-# cuDNN when they cannot get their workspace (a plain RuntimeError, often on the first matmul
-# after the caching allocator has taken nearly all of the device).
-OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-                          "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "CUDA out of memory")
-
-
-def _out_of_memory(exc: Exception) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and any(m in str(exc) for m in OUT_OF_MEMORY_MESSAGES)
-    )
 
 
 @dataclass
 class HostOutput:
     """A batch's outputs on the host, as float32 numpy: each left the device in one copy (into
-    pinned memory on CUDA, without a sync per copy), and items are sliced from them here."""
+    the worker's pinned buffer on CUDA, without a sync per copy), and items are sliced from them here."""
 
     means: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [B, D], each row its item's mean
     representations: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [B, T, D] (per-token asked)
@@ -97,20 +70,18 @@ class HostOutput:
     attentions: np.ndarray | None = None
 
 
-def to_host(out: BatchOutput, batch: list[ModelInput], device: torch.device) -> HostOutput:
-    """Copy what `batch`'s items asked for off `device`: one non-blocking copy per output (per
-    layer for representations), then one wait for the stream. Means are reduced on the device
-    first (the same reduction, row by row, as one item alone), so only [B, D] leaves it."""
-    pinned = device.type == "cuda"  # pinned host memory only where a DMA engine reads it
-    host = HostOutput()
-    copies: list[tuple[str, int | None, torch.Tensor]] = []
+def to_host(out: BatchOutput, batch: list[ModelInput], platform: Platform, staging: HostStaging | None = None,
+            stream=None) -> HostOutput:
+    """Copy what `batch`'s items asked for off the device: one non-blocking copy per output (per
+    layer for representations), then one wait for the stream (Platform.to_host). Means are
+    reduced on the device first (the same reduction, row by row, as one item alone), so only
+    [B, D] leaves it."""
+    places: list[tuple[str, int | None]] = []
+    tensors: list[torch.Tensor] = []
 
     def send(tensor: torch.Tensor, where: str, layer: int | None = None) -> None:
-        tensor = tensor.float()
-        if pinned:
-            target = torch.empty(tensor.shape, dtype=torch.float32, pin_memory=True)
-            tensor = target.copy_(tensor, non_blocking=True)
-        copies.append((where, layer, tensor))
+        places.append((where, layer))
+        tensors.append(tensor)
 
     def asks(kind: OutputKind, layer: int) -> bool:
         return any(kind in item.outputs and layer in item.layers for item in batch)
@@ -126,13 +97,13 @@ def to_host(out: BatchOutput, batch: list[ModelInput], device: torch.device) -> 
     for kind in ("logits", "contacts", "attentions"):
         if getattr(out, kind) is not None:
             send(getattr(out, kind), kind)
-    if pinned:
-        torch.cuda.current_stream(device).synchronize()  # the one wait, for every copy above
-    for where, layer, tensor in copies:
+    host = HostOutput()
+    arrays = platform.to_host(tensors, staging if staging is not None else platform.host_staging(), stream)
+    for (where, layer), array in zip(places, arrays):
         if layer is None:
-            setattr(host, where, tensor.numpy())
+            setattr(host, where, array)
         else:
-            getattr(host, where)[layer] = tensor.numpy()
+            getattr(host, where)[layer] = array
     return host
 
 
@@ -162,12 +133,14 @@ class ModelWorker:
         # service.engine.dispatch); not within the halves of a batch split after running out of memory.
         self.layer_hook: LayerHook | None = None
         self.last_forward_ns: tuple[int, int] | None = None  # the batch's trace spans (service.engine.dispatch)
+        self.platform = platforms.of(device)  # every device-specific call goes through it
         # Its own stream on CUDA: two models' workers on one GPU overlap instead of queueing on
         # the default stream.
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = self.platform.new_stream()
+        self.staging = self.platform.host_staging()  # the worker's pinned output buffer on CUDA, bounded
         self.progress = Progress()
         for loaded in models.values():
-            loaded.model.to(device)  # a no-op after replicate()
+            loaded.model.to(self.platform.tensor_device)  # a no-op after replicate()
             if precision == "int8":  # this worker's own copy (replicate), quantized once here
                 quantize_layers(loaded.model)
 
@@ -175,24 +148,19 @@ class ModelWorker:
         """Run once on the worker's thread (its executor's initializer): make the worker's device
         the thread's current device, so that whatever torch allocates without naming a device
         (and the caching allocator's bookkeeping) lands there, not on cuda:0."""
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.platform.make_current()
 
     def settle(self) -> None:
         """Wait until the device has done everything queued on this worker's stream. On CUDA the
         host runs layers ahead of the device; work run between layers first waits here, so that it
         is not queued behind them and its timing does not include theirs. No-op on a CPU."""
         if self.stream is not None:
-            self.stream.synchronize()
+            self.platform.wait(self.stream)
         self.progress.mark()
 
-    def _on_device(self):
-        if self.stream is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.cuda.device(self.device))
-        stack.enter_context(torch.cuda.stream(self.stream))
-        return stack
+    def on_device(self):
+        """Context: the worker's device current and its stream the current stream."""
+        return self.platform.running_on(self.stream)
 
     def run(self, batch: list[ModelInput]) -> list[ItemResult | ServiceError]:
         """Compute a batch (all items of one model), calling `layer_hook` between its layers.
@@ -202,7 +170,7 @@ class ModelWorker:
         of another that runs out of memory raises RunAfterRunningBatch: the other's activations
         hold memory, so halving it now would split it for nothing.
         """
-        with self.progress.running(), self._on_device():
+        with self.progress.running(), self.on_device():
             return self._attempt(batch, self.layer_hook, nested=self.progress.depth > 1)
 
     def _attempt(self, batch: list[ModelInput], hook: LayerHook | None,
@@ -212,12 +180,12 @@ class ModelWorker:
                 self.faults.before_batch()
             return self._run(batch, hook)
         except Exception as exc:
-            if not _out_of_memory(exc):
+            if not self.platform.is_out_of_memory(exc):
                 log.exception("batch of %d items failed", len(batch))
                 if not self.device_usable():
                     raise DeviceUnusable(f"{self.device} fails every call after: {exc}") from exc
                 return [Internal("model failure; see the server log") for _ in batch]
-        # No torch.cuda.empty_cache(): the caching allocator already frees its cached blocks and
+        # No release of the device's cache: the caching allocator already frees its cached blocks and
         # retries before it raises, and empty_cache synchronizes every device of the process.
         if nested:
             raise RunAfterRunningBatch(f"out of memory between layers on a batch of {len(batch)}")
@@ -232,7 +200,7 @@ class ModelWorker:
         try:
             if self.faults is not None:
                 self.faults.check_device()
-            return torch.ones(1, device=self.device).add_(1).item() == 2.0  # .item() synchronizes
+            return torch.ones(1, device=self.platform.tensor_device).add_(1).item() == 2.0  # .item() synchronizes
         except Exception:
             log.exception("device check failed on %s", self.device)
             return False
@@ -248,9 +216,7 @@ class ModelWorker:
             fast_attention=self.fast_attention,
         )
         autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
+            self.platform.autocast(self.autocast_dtype) if self.autocast_dtype is not None else contextlib.nullcontext()
         )
         started_ns = time.time_ns()
         with autocast:
@@ -259,24 +225,23 @@ class ModelWorker:
             else:
                 out = self._forward_padded(loaded, batch, plan, hook, width)
         self.last_forward_ns = (started_ns, time.time_ns())  # on CUDA: until the last layer was queued
-        host = to_host(out, batch, self.device)
+        host = to_host(out, batch, self.platform, self.staging, self.stream)
         del out  # the device's copies go before the items are sliced
         return [self._extract(host, row, item) for row, item in enumerate(batch)]
 
     def _forward_padded(self, loaded, batch: list[ModelInput], plan: BatchPlan, hook: LayerHook | None,
                         width: int) -> BatchOutput:
-        tokens = torch.full((len(batch), width), loaded.alphabet.padding_idx, dtype=torch.int64,
-                            pin_memory=self.stream is not None)
+        tokens = torch.full((len(batch), width), loaded.alphabet.padding_idx, dtype=torch.int64)
         for row, item in enumerate(batch):
             tokens[row, : item.length] = torch.from_numpy(item.token_ids)
-        return forward(loaded.model, tokens.to(self.device, non_blocking=True), plan, self.progress.hook(hook))
+        # The lengths from the host: whether the batch has padding is known without asking the device.
+        return forward(loaded.model, self.platform.to_device(tokens), plan, self.progress.hook(hook),
+                       lengths=[item.length for item in batch])
 
     def _forward_packed(self, loaded, batch: list[ModelInput], plan: BatchPlan,
                         hook: LayerHook | None) -> BatchOutput:
         tokens, cu_seqlens = pack([torch.from_numpy(item.token_ids) for item in batch])
-        if self.stream is not None:
-            tokens = tokens.pin_memory()
-        out = packed_forward(loaded.model, tokens.to(self.device, non_blocking=True), cu_seqlens, plan,
+        out = packed_forward(loaded.model, self.platform.to_device(tokens), cu_seqlens, plan,
                              self.progress.hook(hook))
         return unpack(out, cu_seqlens)
 

@@ -21,6 +21,7 @@ import torch
 
 from service.models.checkpoints import LoadedModel
 from service.models.forward import time_fast_layer
+from service.platforms import Platform
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,15 @@ def fixed(tokens: int) -> BudgetChoice:
     return BudgetChoice(tokens, "--max-batch-tokens")
 
 
-def for_model(setting: str, loaded: LoadedModel, device: torch.device, autocast: torch.dtype | None,
+def for_model(setting: str, loaded: LoadedModel, platform: Platform, stream, autocast: torch.dtype | None,
               sweep_seconds: float = DEFAULT_SWEEP_SECONDS) -> BudgetChoice:
-    """`--max-batch-tokens`: a number (used as is), "device" (the measured table) or "sweep"."""
+    """`--max-batch-tokens`: a number (used as is), "device" (the measured table) or "sweep"
+    (measured on `platform`, on the worker's own `stream`)."""
     if setting == "device":
-        return BudgetChoice(DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cuda"]),
-                            f"measured default for {device.type}")
+        return BudgetChoice(DEVICE_DEFAULTS.get(platform.type, DEVICE_DEFAULTS["cuda"]),
+                            f"measured default for {platform.type}")
     if setting == "sweep":
-        return measure(loaded, device, autocast, sweep_seconds)
+        return measure(loaded, platform, stream, autocast, sweep_seconds)
     return fixed(int(setting))
 
 
@@ -77,18 +79,24 @@ def choose(rates: dict[int, float]) -> int:
     return min(b for b, r in rates.items() if r >= (1 - TOLERANCE) * best)
 
 
-def measure(loaded: LoadedModel, device: torch.device, autocast: torch.dtype | None,
+def measure(loaded: LoadedModel, platform: Platform, stream, autocast: torch.dtype | None,
             seconds: float = DEFAULT_SWEEP_SECONDS) -> BudgetChoice:
-    """Sweep the device's candidate budgets for one model (weights already on `device`)."""
-    candidates = CANDIDATES.get(device.type, CANDIDATES["cuda"])
-    precision = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    """Sweep the device's candidate budgets for one model (weights already on the device). The
+    probes run on `stream`, the worker's: on CUDA the caching allocator keeps blocks per stream,
+    so blocks cached by probes on another stream would serve the worker nothing."""
+    candidates = CANDIDATES.get(platform.type, CANDIDATES["cuda"])
+    precision = platform.autocast(autocast) if autocast else contextlib.nullcontext()
     deadline = time.monotonic() + seconds
     rates: dict[int, float] = {}
-    with precision:
+
+    def probe(rows: int) -> float:
+        return time_fast_layer(loaded.model, rows, ROW_TOKENS, platform.tensor_device, platform.wait)  # its stream
+
+    with platform.running_on(stream), precision:
         for budget in candidates:
             rows = max(1, budget // ROW_TOKENS)
-            time_fast_layer(loaded.model, rows, ROW_TOKENS, device)  # first call at a shape pays allocation
-            best = min(time_fast_layer(loaded.model, rows, ROW_TOKENS, device) for _ in range(2))
+            probe(rows)  # first call at a shape pays allocation
+            best = min(probe(rows) for _ in range(2))
             rates[budget] = rows * ROW_TOKENS / best
             if rates[budget] < STOP_BELOW * max(rates.values()) or time.monotonic() > deadline:
                 break

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -150,9 +150,12 @@ def _contact_logits(maps: torch.Tensor, eos_pair_mask: torch.Tensor, weights: to
 
 
 @torch.inference_mode()
-def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None = None) -> BatchOutput:
+def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None = None,
+            lengths: list[int] | None = None) -> BatchOutput:
     """Run ESM-2 on `tokens` [B, T] (BOS + residues + EOS + padding); `hook`, if given, is
-    called between every two layers."""
+    called between every two layers. `lengths`, the rows' token counts as the host knows them,
+    say whether there is padding without asking the device: on CUDA that question is a host
+    sync before any layer is queued (the worker passes them; without them the mask is asked)."""
     padding_mask = tokens.eq(model.padding_idx)
     x = model.embed_scale * model.embed_tokens(tokens)
     if model.token_dropout:
@@ -166,7 +169,8 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None
     out = BatchOutput()
     if 0 in plan.layers:
         out.representations[0] = x
-    key_padding_mask = padding_mask if padding_mask.any() else None
+    padded = padding_mask.any() if lengths is None else min(lengths) < tokens.shape[1]
+    key_padding_mask = padding_mask if padded else None
 
     if plan.needs_maps:
         real = (~padding_mask).to(x.dtype)
@@ -221,15 +225,14 @@ def forward(model, tokens: torch.Tensor, plan: BatchPlan, hook: LayerHook | None
 
 
 @torch.inference_mode()
-def time_fast_layer(model, rows: int, width: int, device) -> float:
+def time_fast_layer(model, rows: int, width: int, device: torch.device, wait: Callable[[], None]) -> float:
     """Seconds for the first layer's fast path on a [rows, width] batch of random activations
-    (the batch budget sweep's probe)."""
+    (the batch budget sweep's probe); `wait` blocks until the device has done the queued work
+    (service.platforms: Platform.wait on the stream the probe runs on)."""
     x = torch.randn(rows, width, model.embed_dim, device=device)
     rotary = _rotary_tables(model.layers[0].self_attn.rot_emb, width, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    wait()
     start = time.perf_counter()
     _fast_layer(model.layers[0], x, None, rotary)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    wait()
     return time.perf_counter() - start

@@ -18,10 +18,11 @@ are not counted here.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from service import cgroup_limits, platforms
 
 GIB = 1 << 30
 BYTES_PER_WEIGHT = 4  # float32
@@ -71,16 +72,8 @@ def available_bytes(device: torch.device, assume_gib: float | None = None) -> in
     if assume_gib is not None:
         return int(assume_gib * GIB)
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return platforms.of(device).free_bytes()
+    return cgroup_limits.available_memory_bytes()  # the host's or the container's, the smaller
 
 
 @dataclass(frozen=True)
@@ -105,8 +98,9 @@ def check_fits(needs: list[Need], assume_gib: float | None = None) -> None:
                 f"{n.model} ({parameter_count(n.layers, n.dim, n.heads) / 1e6:,.1f}M parameters: {n.bytes / GIB:.2f} GiB)"
                 for n in on_device
             )
+            where = f" ({cgroup_limits.describe_memory()})" if device.type == "cpu" and assume_gib is None else ""
             problems.append(
-                f"{device} has {free / GIB:.2f} GiB available but needs {total / GIB:.2f} GiB for {parts} "
+                f"{device} has {free / GIB:.2f} GiB available{where} but needs {total / GIB:.2f} GiB for {parts} "
                 "(weights plus one batch's working memory: README, \"Running on GPUs\")"
             )
     if problems:

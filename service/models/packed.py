@@ -96,9 +96,11 @@ def packed_forward(model, tokens: torch.Tensor, cu_seqlens: torch.Tensor, plan: 
     is called between every two layers."""
     if plan.needs_maps:
         raise ValueError("the packed path makes no attention maps; use service.models.forward")
-    cu = cu_seqlens.tolist()
-    lengths = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], device=tokens.device)
-    sequence_of = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device), lengths)  # [N]
+    cu = cu_seqlens.tolist()  # host offsets: nothing below asks the device for a size (a host sync on CUDA)
+    host_lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    lengths = torch.tensor(host_lengths, device=tokens.device)
+    sequence_of = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device), lengths,
+                                          output_size=len(tokens))  # [N]
     x = model.embed_scale * model.embed_tokens(tokens)  # [N, E]
     if model.token_dropout:
         masked = tokens == model.mask_idx
@@ -112,7 +114,7 @@ def packed_forward(model, tokens: torch.Tensor, cu_seqlens: torch.Tensor, plan: 
     out = PackedOutput()
     if 0 in plan.layers:
         out.representations[0] = x
-    max_len = int(lengths.max())
+    max_len = max(host_lengths)
     positions = torch.arange(len(tokens), device=tokens.device) - cu_seqlens.to(tokens.device).long()[sequence_of]
     cos, sin = _rotary_tables(model.layers[0].self_attn.rot_emb, max_len, x.device)
     rotary = cos[positions][:, None, :], sin[positions][:, None, :]  # [N, 1, hd], broadcast over heads

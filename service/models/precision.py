@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from service import platforms
+
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16,
                    "int8": None}  # int8: no autocast; int8 Linear layers, the rest fp32
 CUDA_NATIVE_BF16 = (8, 0)  # compute capability from which bf16 has tensor-core instructions (Ampere)
@@ -91,11 +93,11 @@ def check(precision: str, device: torch.device, cpu_native_override: bool | None
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:
     """The compute capability of `device` itself (not of the current device)."""
-    return torch.cuda.get_device_capability(device)
+    return platforms.of(device).capability()
 
 
 def cuda_native_bf16(device: torch.device) -> bool:
-    """Whether this CUDA device computes bf16 natively. torch.cuda.is_bf16_supported() is not
+    """Whether this CUDA device computes bf16 natively. torch's is_bf16_supported() is not
     the question: it accepts emulated bf16 (a V100 or T4 says yes) and asks the current device."""
     return cuda_capability(device) >= CUDA_NATIVE_BF16
 

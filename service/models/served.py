@@ -4,12 +4,24 @@ replaces the per-model tuples and parallel maps that carried these facts before.
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from esm2_wire.provenance import Provenance
 from service.models.batch_budget import BudgetChoice
 from service.models.checkpoints import LoadedModel
 from service.models.forward import amino_acid_columns
+
+
+def _server_version() -> str:
+    try:
+        return importlib.metadata.version("esm2-service")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+SERVER_VERSION = _server_version()
 
 if TYPE_CHECKING:  # the spec is read here, never built: no import of the composition root
     import torch
@@ -39,6 +51,12 @@ class ServedModel:
     def precision(self) -> str:
         """fp32, bf16 or fp16."""
         return self.spec.precision
+
+    @property
+    def provenance(self) -> Provenance:
+        """What every result of this model carries (esm2_wire.provenance)."""
+        loaded = self.loaded
+        return Provenance(self.name, loaded.weights_fingerprint, loaded.random_weights, self.precision, SERVER_VERSION)
 
     @property
     def device_names(self) -> str:

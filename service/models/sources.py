@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.models import checkpoints, hf_checkpoints
+from service.models import checkpoints, fingerprint, hf_checkpoints
 from service.models.checkpoints import FAIR_ESM, HUGGING_FACE, BadCheckpoint, CheckpointNotFound, LoadedModel, one_line
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,11 @@ def _download_weights(located: Located) -> None:
 
 
 def load(name: str, located: Located) -> LoadedModel:
+    """The model, with its weights fingerprint (hashed once, then cached beside the checkpoint)."""
     with refusing_bad_files(located):
-        return _load(name, located)
+        loaded = _load(name, located)
+    loaded.weights_fingerprint = fingerprint.fingerprint(loaded.model, located.path)
+    return loaded
 
 
 def _load(name: str, located: Located) -> LoadedModel:

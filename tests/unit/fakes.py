@@ -12,8 +12,12 @@ import numpy as np
 
 from prometheus_client import REGISTRY
 
+import torch
+
 from esm2_wire.item_result import ItemResult
 from esm2_wire.output_kinds import OutputKind
+from service import platforms
+from service.engine.worker import ModelWorker, Progress
 from service.errors import ServiceError
 from service.engine.inputs import ModelInput
 from service.engine.intake import QueueEntry
@@ -37,7 +41,9 @@ def entries(lengths, **kwargs) -> list[QueueEntry]:
 
 
 class FakeWorker:
-    """Answers each input with its length as a mean embedding; records every batch it ran.
+    """Answers each input with its length as a mean embedding; records every batch it ran. Its
+    device calls are ModelWorker's own, on the CPU (the CUDA ones run on the simulated device:
+    tests/unit/test_simulated_cuda.py).
 
     `gate`, when set, holds every batch until the test releases it, so a test decides what
     is queued while the worker is busy. `fail` maps a length to the error its item gets."""
@@ -51,12 +57,10 @@ class FakeWorker:
         self.gate = gate
         self.fail = fail or {}
         self.started = threading.Event()
+        self.platform, self.stream, self.progress = platforms.of(torch.device("cpu")), None, Progress()
 
-    def bind_thread(self) -> None:  # ModelWorker's: the worker thread's device (none here)
-        pass
-
-    def settle(self) -> None:  # ModelWorker's: wait for the device's queued work (none here)
-        pass
+    bind_thread = ModelWorker.bind_thread
+    settle = ModelWorker.settle
 
     def run(self, batch: list[ModelInput]) -> list[ItemResult | ServiceError]:
         self.batches.append(batch)
@@ -84,7 +88,7 @@ def run_scheduler(test, workers, scheduler_args: dict | None = None, **limits):
             return await test(scheduler)
         finally:
             for worker in workers:
-                if worker.gate is not None:
+                if getattr(worker, "gate", None) is not None:  # a ModelWorker has none
                     worker.gate.set()
             await asyncio.wait_for(scheduler.close(), 30)
 

@@ -2,20 +2,22 @@
 warm-up is not learned from, an out-of-memory error between another batch's layers waits for
 that batch to end, cuBLAS allocation failures count as out of memory, and the scheduling
 defaults follow the device type. The real ModelWorker and Interleaver over a random-weight
-checkpoint; the out-of-memory condition is the worker's own simulation flag."""
+checkpoint; out of memory comes from the simulated CUDA device (tests/simulated_cuda.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from fakes import FakeWorker, model_input, run_scheduler
+from simulated_cuda import installed
 
+from service import platforms
 from service.config import ModelSettings
 from service.engine.dispatch import Batch, BatchDone, Interleaver
 from service.engine.intake import QueueEntry
 from service.engine.policy import DEVICE_DEFAULTS
-from service.engine.worker import ModelWorker, _out_of_memory
+from service.engine.worker import ModelWorker
+from service.platforms.base import is_out_of_memory
 from service.models.checkpoints import load
 from service.models.random_checkpoints import write_random_checkpoint
 
@@ -41,22 +43,23 @@ def _input(length: int, seed: int):
 
 
 def test_out_of_memory_between_layers_runs_again_after_the_running_batch(tmp_path):
-    """The running batch fits; the one handed over does not fit beside it (the simulation flag:
-    more than 60 padded tokens). It is not halved between the layers: it runs once the running
-    batch has ended, where the usual halving applies, and every item gets its own result."""
+    """The running batch fits; the one handed over does not fit beside it (the simulated CUDA
+    device refuses more than 60 tokens). It is not halved between the layers: it runs once the
+    running batch has ended, where the usual halving applies, and every item gets its own result."""
     loaded = load("m", write_random_checkpoint("tiny", tmp_path, seed=4))
-    worker = ModelWorker({"m": loaded}, torch.device("cpu"), simulate_oom_above_tokens=60)
-    handed = [_input(20, 1), _input(20, 2), _input(20, 3), _input(20, 4)]  # 80 tokens: two halves of 40
-    alone = [worker.run([item])[0] for item in handed]
-    interleaver = Interleaver(worker)
-    reported: list[BatchDone] = []
-    interleaver.attach(lambda callback, arg: callback(arg), reported.append, lambda batch: None)
-    worker.layer_hook = interleaver
-    interleaver.hand_over(Batch([QueueEntry(item) for item in handed]))
+    with installed(oom_above_tokens=60):  # the simulated CUDA device: more than 60 tokens do not fit
+        worker = ModelWorker({"m": loaded}, platforms.resolve_devices("cuda")[0])
+        handed = [_input(20, 1), _input(20, 2), _input(20, 3), _input(20, 4)]  # 80 tokens: two halves of 40
+        alone = [worker.run([item])[0] for item in handed]
+        interleaver = Interleaver(worker)
+        reported: list[BatchDone] = []
+        interleaver.attach(lambda callback, arg: callback(arg), reported.append, lambda batch: None)
+        worker.layer_hook = interleaver
+        interleaver.hand_over(Batch([QueueEntry(item) for item in handed]))
 
-    running = worker.run([_input(30, 5)])
-    assert running[0].mean and reported == [] and interleaver.has_work()  # deferred, not failed or split
-    interleaver.run_handed_over()  # as dispatch does once the running batch has ended
+        running = worker.run([_input(30, 5)])
+        assert running[0].mean and reported == [] and interleaver.has_work()  # deferred, not failed or split
+        interleaver.run_handed_over()  # as dispatch does once the running batch has ended
     assert not interleaver.has_work() and len(reported) == 1
     for got, expected in zip(reported[0].results, alone):
         np.testing.assert_allclose(got.mean[1], expected.mean[1], rtol=1e-5, atol=1e-6)
@@ -68,8 +71,8 @@ def test_out_of_memory_between_layers_runs_again_after_the_running_batch(tmp_pat
     "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes",
 ])
 def test_allocation_failures_of_cublas_and_cudnn_count_as_out_of_memory(message):
-    assert _out_of_memory(RuntimeError(message))
-    assert not _out_of_memory(RuntimeError("CUDA error: device-side assert triggered"))
+    assert is_out_of_memory(RuntimeError(message))
+    assert not is_out_of_memory(RuntimeError("CUDA error: device-side assert triggered"))
 
 
 def test_scheduling_defaults_follow_the_device_type_unless_set():

@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICE = REPO / "service"
 
 # What each part of the package may import from the rest of it.
-BASE = ("service.errors", "service.metrics", "service.request_context", "service.tracing", "service.logs")
+BASE = ("service.errors", "service.metrics", "service.request_context", "service.tracing", "service.logs",
+        "service.platforms", "service.cgroup_limits")
 ALLOWED = {
     "service.api": {"service.api", "service.engine", "service.models", *BASE},
     "service.engine": {"service.engine", "service.models", *BASE},
@@ -22,15 +23,19 @@ ALLOWED = {
     "service.errors": set(),
     "service.metrics": set(),
     "service.request_context": set(),
-    "service.tracing": set(),
+    "service.tracing": {"service.metrics"},  # it counts the trace headers it ignores
     "service.logs": {"service.request_context"},
+    # The device seam: the only caller of torch.cuda (README, "Running on GPUs").
+    "service.platforms": {"service.platforms"},
+    "service.cgroup_limits": set(),
 }
 # Modules of the engine that never touch a tensor: they must not pull torch in.
 TORCH_FREE = ["service.engine.inputs", "service.engine.policy", "service.engine.intake",
               "service.engine.dispatch", "service.engine.interleaving", "service.engine.scheduler", "service.engine.router",
               "service.engine.result_cache", "service.api.validation", "service.api.json_body",
               "service.api.request_schema", "service.api.json_limits", "service.errors", "service.metrics",
-              "service.config", "service.request_context", "service.tracing", "service.logs"]  # the gateway reads the settings' declaration too
+              "service.config", "service.request_context", "service.tracing", "service.logs",
+              "service.cgroup_limits"]  # the gateway reads the settings' declaration too
 
 
 def _module_name(path: Path) -> str:

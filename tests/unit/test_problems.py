@@ -34,17 +34,17 @@ def _gateway_body(exc: Exception, method: str = "EncodeJson") -> tuple[grpc.Stat
 
 def test_the_grpc_message_joins_problems_as_before():
     exc = _refusal(lambda: parse_items(["M1", "MK", ""], predict=False, limits=LIMITS))
-    expected = (f"items[0].sequence: invalid character '1' at position 1; {ENCODE_ALLOWED}; "
+    expected = (f"items[0].sequence: invalid character '1' at position 2; {ENCODE_ALLOWED}; "
                 "items[2].sequence: must not be empty")
     assert str(exc) == expected
-    assert exc.problems == (Problem("items[0].sequence", 0, f"invalid character '1' at position 1; {ENCODE_ALLOWED}"),
+    assert exc.problems == (Problem("items[0].sequence", 0, f"invalid character '1' at position 2; {ENCODE_ALLOWED}"),
                             Problem("items[2].sequence", 2, "must not be empty"))
     assert failure(exc, "Encode", gateway=False) == (grpc.StatusCode.INVALID_ARGUMENT, expected, ())
     code, message, metadata, body = _gateway_body(exc)
     assert (code, message, metadata[HTTP_STATUS_METADATA]) == (grpc.StatusCode.INVALID_ARGUMENT, expected, "400")
     assert body == {"detail": expected, "message": expected, "status_code": 400, "code": "INVALID_ARGUMENT",
                     "errors": [{"index": 0, "field": "items[0].sequence",
-                                "detail": f"invalid character '1' at position 1; {ENCODE_ALLOWED}"},
+                                "detail": f"invalid character '1' at position 2; {ENCODE_ALLOWED}"},
                                {"index": 2, "field": "items[2].sequence", "detail": "must not be empty"}]}
 
 

@@ -29,9 +29,9 @@ def test_every_item_problem_is_reported_at_once_in_item_order():
     with pytest.raises(InvalidRequest) as refused:
         parse_items(["MK", "mk", "", "M K"], predict=False, limits=Limits(max_items=4, max_sequence_length=6))
     assert str(refused.value) == (
-        "items[1].sequence: invalid character lowercase letter 'm' (use upper case) at position 0; "
+        "items[1].sequence: invalid character lowercase letter 'm' (use upper case) at position 1; "
         "allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and '-'; items[2].sequence: must not be empty; "
-        "items[3].sequence: invalid character whitespace ' ' at position 1; allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and '-'"
+        "items[3].sequence: invalid character whitespace ' ' at position 2; allowed: ACDEFGHIKLMNPQRSTVWY, BXZUO and '-'"
     )
 
 

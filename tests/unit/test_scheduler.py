@@ -52,8 +52,10 @@ def test_an_item_whose_deadline_passed_in_the_queue_fails_without_running():
     async def test(scheduler):
         running = scheduler.submit([model_input(10)])
         await busy(worker)
-        late = scheduler.submit([model_input(40)], deadline=time.monotonic())
+        # Admitted (its estimate, about a millisecond, fits), then its deadline passes while it waits.
+        late = scheduler.submit([model_input(40)], deadline=time.monotonic() + 0.05)
         on_time = scheduler.submit([model_input(41)], deadline=time.monotonic() + 60)
+        await asyncio.sleep(0.1)
         worker.gate.set()
         await asyncio.gather(*running, *on_time)
         with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):

@@ -123,17 +123,18 @@ def test_models_file_keys_are_the_per_model_settings():
 def test_every_per_model_setting_is_read_from_the_file_and_bounded_as_the_flag_is(tmp_path, capsys):
     values = {"device": '"cpu"', "precision": '"fp16"', "attention": '"exact"', "layout": '"packed"',
               "max_batch_tokens": "512",
-              "max_batch_size": "3", "max_wait_ms": "7", "max_queue_items": "300", "min_padding_efficiency": "0.5",
-              "max_batch_token_pairs": "9999", "aging": "1.5"}
+              "max_batch_size": "3", "max_wait_ms": "7", "max_queue_items": "300", "max_queue_work": "123456",
+              "min_padding_efficiency": "0.5", "max_batch_token_pairs": "9999", "aging": "1.5"}
     assert set(values) == set(ModelSettings.model_fields)
     models = tmp_path / "models.toml"
     models.write_text("[models.a]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
     [spec] = parse_args(["--models-file", str(models)]).specs
     assert spec.model_dump(exclude={"name", "source"}) == {
         "device": "cpu", "precision": "fp16", "attention": "exact", "layout": "packed", "max_batch_tokens": "512", "max_batch_size": 3,
-        "max_wait_ms": 7.0, "max_queue_items": 300, "min_padding_efficiency": 0.5, "max_batch_token_pairs": 9999,
+        "max_wait_ms": 7.0, "max_queue_items": 300, "max_queue_work": 123456, "min_padding_efficiency": 0.5, "max_batch_token_pairs": 9999,
         "aging": 1.5}
-    for key, bad in [("max_wait_ms", "-1"), ("min_padding_efficiency", "2"), ("max_batch_size", "0")]:
+    for key, bad in [("max_wait_ms", "-1"), ("min_padding_efficiency", "2"), ("max_batch_size", "0"),
+                     ("max_queue_work", "0")]:
         models.write_text(f"[models.a]\n{key} = {bad}\n")
         from_file = _refusal(capsys, ["--models-file", str(models)])
         from_flag = _refusal(capsys, ["--" + key.replace("_", "-"), bad])

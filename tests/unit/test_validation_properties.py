@@ -42,7 +42,7 @@ def check_one(text: str, predict: bool, index: int = 0) -> None:
     elif not predict and MASK in text:
         assert result.endswith("<mask> is only accepted by predict")
     elif bad is not None:
-        assert f"at position {bad};" in result, (text, result)
+        assert f"at position {bad + 1};" in result, (text, result)  # 1-based, as people count
         assert ascii(text[bad]) in result
     else:
         assert predict and MASK not in text and result.endswith("must contain at least one <mask> token")
