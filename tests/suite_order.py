@@ -1,10 +1,12 @@
 """How the suite spreads over pytest-xdist's workers (`make test` runs `-n`, README "Tests").
 
-Units of work: the tests of a module that use a module- or class-scoped fixture (a server, an
-Envoy, a fleet, the image) form one unit, an `xdist_group` named after the module, so that each
-such fixture is built once, on one worker; every other test is a unit of its own and goes to
-whichever worker is free. Session fixtures (the checkpoints, the shared `server`) are built once
-per worker that needs them.
+Units of work: the tests marked `slow` (soak, benchmark smoke, packaging, schemathesis: CPU-bound
+for tens of seconds each) form one unit, SLOW_GROUP, so they run one after another on one worker
+beside the rest instead of all at once, each stretched past its time limit. Otherwise the tests
+of a module that use a module- or class-scoped fixture (a server, an Envoy, a fleet, the image)
+form one unit, an `xdist_group` named after the module, so that each such fixture is built once,
+on one worker; every other test is a unit of its own and goes to whichever worker is free.
+Session fixtures (the checkpoints, the shared `server`) are built once per worker that needs them.
 
 Order: the longest units first, so that the image build and the other long units run beside the
 rest instead of after it. A unit's expected time is what it took in the last run that ran it
@@ -24,6 +26,7 @@ import pytest
 DURATIONS_KEY = "esm2/durations"
 WORKER_INPUT_KEY = "esm2_durations"
 SHARED_SCOPES = {"module", "class", "package"}
+SLOW_GROUP = "slow"
 # Seconds, for a unit never measured: rough figures for a 2-core machine (README "Tests").
 ESTIMATE_PACKAGING_S = 300.0
 ESTIMATE_SLOW_S = 30.0
@@ -31,8 +34,12 @@ ESTIMATE_TEST_S = 1.0
 
 
 def group_name(item: pytest.Item) -> str | None:
-    """The module's nodeid where the test uses a fixture shared beyond one test and not the whole
-    session (module, class or package scope); None where it can run on any worker on its own."""
+    """SLOW_GROUP for a `slow` test; else the module's nodeid where the test uses a fixture shared
+    beyond one test and not the whole session (module, class or package scope); None where it can
+    run on any worker on its own. (A module fixture used by slow and other tests is built on both
+    workers.)"""
+    if item.get_closest_marker("slow"):
+        return SLOW_GROUP
     definitions = item._fixtureinfo.name2fixturedefs  # pytest offers no public reader of fixture scopes
     if any(d.scope in SHARED_SCOPES for defs in definitions.values() for d in defs):
         return item.nodeid.split("::")[0]
