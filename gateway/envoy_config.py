@@ -611,10 +611,11 @@ def docs_route(config: GatewayConfig, fallback: Pool) -> dict:
 
 
 def short_path_redirects() -> list[dict]:
-    """A 302 from each short path to its page (the query string, if any, is dropped). The transcoder
-    is off on these routes: it would answer them 404, as paths of no method."""
+    """A 302 from each short path to its page, for GET and HEAD (the query string, if any, is
+    dropped). The transcoder is off on these routes: it would answer them 404, as paths of no method."""
+    method = {"name": ":method", "string_match": _regex("GET|HEAD")}
     return [{"name": f"redirect{target.replace('/', '_')}",
-             "match": _regex("(" + "|".join(re.escape(path) for path in paths) + ")"),
+             "match": {**_regex("(" + "|".join(re.escape(path) for path in paths) + ")"), "headers": [method]},
              "redirect": {"path_redirect": target, "response_code": "FOUND", "strip_query": True},
              "typed_per_filter_config": {TRANSCODER_FILTER_NAME: _typed("envoy.config.route.v3.FilterConfig",
                                                                          disabled=True)}}

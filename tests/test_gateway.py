@@ -252,7 +252,7 @@ def test_malformed_json_is_400(gateway):
         ("get", "/api/v3/schema/esm2-8m/fold/", "fold"),
         ("post", "/api/v3/esm2-8m/fold/", "/api/v3/esm2-8m/fold/"),
         ("post", "/api/v2/esm2-8m/encode/", "/api/v2/esm2-8m/encode/"),
-        ("get", "/", "/"),
+        ("post", "/", "/"),  # GET / redirects to the playground (test_playground.py)
         ("get", "/api/v3/esm2-8m/encode/", "encode"),
     ],
 )

@@ -135,6 +135,9 @@ def test_the_page_comes_through_envoy_under_the_policy_and_short_paths_redirect(
         moved = requests.get(envoy.url + path, allow_redirects=False, timeout=30)
         assert moved.status_code == 302 and moved.headers["location"].endswith(target), (path, moved.headers)
     assert requests.get(envoy.url + "/", timeout=30).url == envoy.url + "/api/v3/ui"
+    assert requests.head(envoy.url + "/ui", timeout=30).status_code == 302
+    posted = requests.post(envoy.url + "/ui", json={}, allow_redirects=False, timeout=30)
+    assert posted.status_code == 404  # a path of no method, as before
 
 
 @needs_browser

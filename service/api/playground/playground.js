@@ -88,8 +88,16 @@ function columnWidth(length) {
   return Math.max(2, Math.min(24, Math.floor(1200 / length)));
 }
 
-function setGeometry(canvas, geometry) {
+// A panel's canvas resized (which clears it), its geometry recorded, painted white: its 2-D context.
+function freshCanvas(id, width, height, geometry) {
+  const canvas = $(id);
+  canvas.width = width;
+  canvas.height = height;
   for (const [key, value] of Object.entries(geometry)) canvas.dataset[key] = String(value);
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, width, height);
+  return ctx;
 }
 
 function positionTicks(ctx, length, left, cellWidth, y) {
@@ -113,19 +121,14 @@ function tickPositions(length, cellWidth) {
 
 // ---- heatmap ----------------------------------------------------------------------------------
 function drawHeatmap(run) {
-  const canvas = $("heatmap");
   const length = run.sequence.length;
   const cellWidth = columnWidth(length), cellHeight = 12, top = 22;
   const letters = cellWidth >= 8;  // the wild type's letters under the columns, where they fit
   const legendTop = top + 20 * cellHeight + (letters ? 26 : 12);
-  canvas.width = MARGIN_LEFT + length * cellWidth + 10;
-  canvas.height = legendTop + 34;
   let scaleMax = 0;
   for (const value of run.scores) if (!Number.isNaN(value)) scaleMax = Math.max(scaleMax, Math.abs(value));
-  setGeometry(canvas, {left: MARGIN_LEFT, top, cellWidth, cellHeight, rows: AMINO_ACIDS, scaleMax});
-  const ctx = canvas.getContext("2d");
-  ctx.fillStyle = "#fff";
-  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  const ctx = freshCanvas("heatmap", MARGIN_LEFT + length * cellWidth + 10, legendTop + 34,
+                          {left: MARGIN_LEFT, top, cellWidth, cellHeight, rows: AMINO_ACIDS, scaleMax});
   positionTicks(ctx, length, MARGIN_LEFT, cellWidth, 14);
   ctx.textAlign = "right";
   ctx.textBaseline = "middle";
@@ -185,15 +188,10 @@ function perResidue(logits, vocabTokens, sequence) {
 }
 
 function drawTrack(run) {
-  const canvas = $("track");
   const length = run.sequence.length;
   const cellWidth = columnWidth(length), stripHeight = 70, top = 22, gap = 18;
-  canvas.width = MARGIN_LEFT + length * cellWidth + 10;
-  canvas.height = top + 2 * stripHeight + gap + 8;
-  setGeometry(canvas, {left: MARGIN_LEFT, top, cellWidth, stripHeight, gap});
-  const ctx = canvas.getContext("2d");
-  ctx.fillStyle = "#fff";
-  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  const ctx = freshCanvas("track", MARGIN_LEFT + length * cellWidth + 10, top + 2 * stripHeight + gap + 8,
+                          {left: MARGIN_LEFT, top, cellWidth, stripHeight, gap});
   positionTicks(ctx, length, MARGIN_LEFT, cellWidth, 14);
   const lowest = Math.min(-1, ...run.track.map((r) => r.logProb).filter((v) => !Number.isNaN(v)));
   const floor = Math.floor(lowest);
@@ -240,15 +238,10 @@ function trackAt(run, x) {
 
 // ---- contact map ----------------------------------------------------------------------------------
 function drawContacts(run, contacts) {
-  const canvas = $("contacts");
   const length = contacts.length;
   const cell = Math.max(1, Math.min(12, Math.floor(640 / length))), top = 22, side = length * cell;
-  canvas.width = MARGIN_LEFT + side + 10;
-  canvas.height = top + side + 10;
-  setGeometry(canvas, {left: MARGIN_LEFT, top, cellWidth: cell, cellHeight: cell});
-  const ctx = canvas.getContext("2d");
-  ctx.fillStyle = "#fff";
-  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  const ctx = freshCanvas("contacts", MARGIN_LEFT + side + 10, top + side + 10,
+                          {left: MARGIN_LEFT, top, cellWidth: cell, cellHeight: cell});
   positionTicks(ctx, length, MARGIN_LEFT, cell, 14);
   ctx.textAlign = "right";
   ctx.textBaseline = "middle";
