@@ -2,7 +2,8 @@
 precision `auto`) and closed-loop gRPC clients, beside the suite's forward-only figures. One
 sweep over the items per request (the batch size the server can form from concurrent callers),
 so that what the server adds (queueing, batching, host copies, serialization) shows against
-the bare forward at the same residues.
+the bare forward at the same residues. Afterwards, the server's peak device memory against its
+start-up estimate (the `esm_device_memory_*_bytes` gauges).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ WARM_REQUESTS = 8
 def measure(name: str, checkpoint: Path, device: str, workload: Workload, repeats: int,
             flops: float, items_per_request: tuple[int, ...] = ITEMS_PER_REQUEST) -> list[Measurement]:
     out = []
-    with Server(name, checkpoint, "--device", device, "--cache-mb", "0", "--metrics-port", "0") as server:
+    with Server(name, checkpoint, "--device", device, "--cache-mb", "0") as server:  # metrics on: memory gauges
         for items in items_per_request:
             work = encode_requests(name, workload.sequences, items)
             drive(server, work[:WARM_REQUESTS], CLIENTS)  # warm: this request shape's batches and buffers
@@ -39,4 +40,9 @@ def measure(name: str, checkpoint: Path, device: str, workload: Workload, repeat
                 m.response_bytes = result.response_bytes
             log.info("%s %s: %.0f res/s", name, m.case, m.residues_per_s)
             out.append(m)
+        samples = server.metrics()
+        memory = {kind: samples.get(f'esm_device_memory_{kind}_bytes{{device="{device}"}}')
+                  for kind in ("peak", "estimate")}
+        for m in out:
+            m.extra.update({"device_memory_peak_bytes": memory["peak"], "device_memory_estimate_bytes": memory["estimate"]})
     return out

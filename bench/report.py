@@ -271,6 +271,14 @@ def markdown(run: dict, measurements: list[Measurement]) -> str:
                                                for r in peers[:1]) + "."]
     lines += scheduling.markdown(measurements)
     lines += speedups.markdown(measurements)
+    memory = {m.model: m.extra for m in measurements if m.extra.get("device_memory_estimate_bytes")}
+    if memory:  # the GPU suite's served path (bench/gpu_service_path.py)
+        lines += ["", "Device memory of the served path, its peak against the start-up estimate:", "",
+                  "| model | peak GiB | estimate GiB | peak / estimate |", "|---|---|---|---|"]
+        for model, extra in memory.items():
+            peak, estimate = extra.get("device_memory_peak_bytes"), extra["device_memory_estimate_bytes"]
+            lines.append(f"| {model} | {_fmt(peak and peak / 2**30)} | {estimate / 2**30:.2f} | "
+                         f"{_fmt(peak and peak / estimate)} |")
     checks = run.get("targets", [])
     if checks:
         lines += ["", "Targets checked in this run:", "", "| model | target | measured | target | met |", "|---|---|---|---|---|"]

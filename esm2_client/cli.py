@@ -104,6 +104,28 @@ def _fit_lengths(records: list[Record], limit: int, truncate: int | None, model:
     return records
 
 
+def _window_arg(text: str) -> tuple[int, int]:
+    """--window LENGTH[:STRIDE] (argparse type): windowed mode's (length, stride); 0 or no STRIDE: the default."""
+    length, _, stride = text.partition(":")
+    try:
+        window = int(length), int(stride or 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LENGTH or LENGTH:STRIDE (e.g. 1022 or 1022:511), got {text!r}") from None
+    if min(window) < 0:
+        raise argparse.ArgumentTypeError(f"LENGTH and STRIDE must not be negative, got {text!r}")
+    return window
+
+
+def _length_limit(info: pb.ModelInfo, window: tuple[int, int] | None, model: str) -> int:
+    """The longest sequence the server takes: its windowed limit with --window."""
+    if window is None:
+        return info.max_sequence_length
+    if not info.max_windowed_residues:
+        raise UsageError(f"--window: the server does not offer windowed mode for {model} "
+                         "(its --max-windowed-residues is 0)")
+    return max(info.max_sequence_length, info.max_windowed_residues)
+
+
 def cmd_embed(args) -> int:
     output_format(args.output)  # unknown extension: fail before any work
     kinds = {OutputKind(INCLUDE_ALIASES.get(i, i)) for i in args.include}  # argparse checked the names
@@ -111,13 +133,15 @@ def cmd_embed(args) -> int:
     records = read_fasta(args.fasta)
     with _client(args) as client:
         info = client.model_info(args.model)
-        records = _fit_lengths(records, info.max_sequence_length, args.truncate, args.model)
+        records = _fit_lengths(records, _length_limit(info, args.window, args.model), args.truncate, args.model)
         n = info.num_layers
         bad_layers = [layer for layer in args.repr_layers if not -(n + 1) <= layer <= n]
         if bad_layers:
             raise UsageError(f"--repr-layers {bad_layers}: {args.model} has {n} layers; allowed: {-(n + 1)} to {n}")
         layers = list(dict.fromkeys(layer % (n + 1) for layer in args.repr_layers))
         settings = {"model": args.model, "include": include, "repr_layers": layers, "truncate": args.truncate}
+        if args.window is not None:  # a store written without windows is not resumed with them, nor the reverse
+            settings["window"] = list(args.window)
         store = EmbeddingStore(args.output, settings, Provenance.of_model_info(info).as_dict())
         done = store.open()
         todo = [r for r in records if r.id not in done]
@@ -128,7 +152,8 @@ def cmd_embed(args) -> int:
         # (wrong key, bad input) leaves only its one error line.
         bar = None
         try:
-            for index, outputs in client.encode_iter(args.model, [r.sequence for r in todo], include, layers):
+            for index, outputs in client.encode_iter(args.model, [r.sequence for r in todo], include, layers,
+                                                     window=args.window):
                 interrupts.write(store.add, todo[index].id, output_arrays(outputs, kinds))
                 written += 1
                 if bar is None:
@@ -265,7 +290,10 @@ def _scan(args, client, sequence: str) -> int:
     if not variants:
         raise UsageError(f"--positions {first}-{last}: no standard amino acid to mutate there")
     provenance = Provenance.of_model_info(client.model_info(args.model)) if args.png else None
-    scores = scoring.variant_scores(client, args.model, sequence, variants, args.method)
+    with tqdm(unit="pass", desc=f"scan ({args.method})", disable=args.quiet, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        scores = scoring.variant_scores(client, args.model, sequence, variants, args.method, bar,
+                                        window=args.window)
     with _open_csv(args.output) as handle:
         writer = csv.writer(handle)
         writer.writerow(["position", "wild_type", "mutant", "variant", "method", "score"])
@@ -296,7 +324,8 @@ def cmd_score(args) -> int:
             with _open_csv(args.output) as handle:
                 writer = csv.writer(handle)
                 writer.writerow(["sequence_id", "length", "scored_positions", "pseudo_log_likelihood", "perplexity"])
-                results = scoring.pseudo_log_likelihoods(client, args.model, [r.sequence for r in records])
+                results = scoring.pseudo_log_likelihoods(client, args.model, [r.sequence for r in records],
+                                                         window=args.window)
                 for record, result in zip(records, tqdm(results, total=len(records), unit="seq", desc="pll",
                                                         disable=args.quiet, file=sys.stderr)):
                     writer.writerow([record.id, len(record.sequence), result.scored_positions,
@@ -322,7 +351,8 @@ def cmd_score(args) -> int:
         # their passes finish.
         with tqdm(unit="pass", desc=args.method.replace("_", " "), disable=args.quiet, file=sys.stderr,
                   dynamic_ncols=True) as bar:
-            scores = scoring.variant_scores(client, args.model, sequence, variants, args.method, bar)
+            scores = scoring.variant_scores(client, args.model, sequence, variants, args.method, bar,
+                                            window=args.window)
     score_column = f"{args.method}_score"
     with _open_csv(args.output) as handle:
         writer = csv.DictWriter(handle, fieldnames=[*columns, score_column], extrasaction="ignore")
@@ -388,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="layers: 0 = embeddings, -1 = last (default -1)")
     embed.add_argument("--truncate", type=int, nargs="?", const=0, default=None, metavar="N",
                        help="cut longer sequences to N residues (default: the server's limit) instead of failing")
+    embed.add_argument("--window", type=_window_arg, metavar="LENGTH[:STRIDE]",
+                       help="windowed mode for proteins longer than the model's context: overlapping windows of "
+                            "LENGTH residues (0: 1022) every STRIDE (default LENGTH/2), outputs stitched on the server")
     embed.set_defaults(run=cmd_embed)
 
     contacts = commands.add_parser(
@@ -428,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--png", type=Path, metavar="FILE",
                        help="--scan also draws a heatmap here, the wild type ringed (needs the plot extra)")
     score.add_argument("-o", "--output", type=Path, help="CSV file (default stdout)")
+    score.add_argument("--window", type=_window_arg, metavar="LENGTH[:STRIDE]",
+                       help="windowed mode for proteins longer than the model's context (masked marginals "
+                            "averaged over the windows covering each position)")
     score.set_defaults(run=cmd_score)
 
     health = commands.add_parser("health", parents=[common], help="is the server serving, are models ready")

@@ -152,10 +152,21 @@ def _failure(exc: grpc.RpcError, target: str, start: int) -> Esm2Error:
     return Esm2Error(f"{code.name}: {details}", code, request_id)
 
 
-def _encode_request(model, sequences, include, repr_layers, data_type) -> pb.EncodeStreamRequest:
+WindowArg = int | tuple[int, int] | None  # params.window: a length, or (length, stride); 0 means the default
+
+
+def _window(window) -> pb.Window | None:
+    """params.window from `window=`: None (not windowed), a length, or (length, stride); 0: the server's default."""
+    if window is None:
+        return None
+    length, stride = (window, 0) if isinstance(window, int) else window
+    return pb.Window(length=length, stride=stride)
+
+
+def _encode_request(model, sequences, include, repr_layers, data_type, window=None) -> pb.EncodeStreamRequest:
     return pb.EncodeStreamRequest(
         model=model,
-        params=pb.EncodeParams(include=list(include), repr_layers=list(repr_layers)),
+        params=pb.EncodeParams(include=list(include), repr_layers=list(repr_layers), window=_window(window)),
         items=[pb.SequenceItem(sequence=s) for s in sequences],
         stream_options=pb.StreamOptions(data_type=data_type),
     )
@@ -168,12 +179,13 @@ def _predict_request(model, sequences, data_type) -> pb.PredictStreamRequest:
     )
 
 
-def _log_prob_request(model, sequences) -> pb.LogProbRequest:
-    return pb.LogProbRequest(model=model, items=[pb.SequenceItem(sequence=s) for s in sequences])
+def _log_prob_request(model, sequences, window=None) -> pb.LogProbRequest:
+    return pb.LogProbRequest(model=model, items=[pb.SequenceItem(sequence=s) for s in sequences],
+                             params=pb.LogProbParams(window=_window(window)))
 
 
-def _score_request(model, items, method, request_type=pb.ScoreRequest):
-    return request_type(model=model, params=pb.ScoreParams(method=method),
+def _score_request(model, items, method, request_type=pb.ScoreRequest, window=None):
+    return request_type(model=model, params=pb.ScoreParams(method=method, window=_window(window)),
                         items=[pb.ScoreItem(sequence=s, variants=list(v)) for s, v in items])
 
 
@@ -299,19 +311,20 @@ class Esm2Client(_Base):
     @model_first
     def encode(self, model: str, sequences: Iterable[str], include: Sequence[str] = ("mean",),
                repr_layers: Sequence[int] = (-1,), *, timeout: float | None = None,
-               data_type: int = pb.DATA_TYPE_FLOAT32) -> list[ItemOutputs]:
-        """Outputs of every sequence, in input order. `timeout` bounds the whole call."""
+               data_type: int = pb.DATA_TYPE_FLOAT32, window: WindowArg = None) -> list[ItemOutputs]:
+        """Outputs of every sequence, in input order. `timeout` bounds the whole call. `window`
+        (a length, or (length, stride); 0: the default) asks for windowed mode (README, "Long proteins")."""
         return [out for _, out in self.encode_iter(model, sequences, include, repr_layers,
-                                                   timeout=timeout, data_type=data_type)]
+                                                   timeout=timeout, data_type=data_type, window=window)]
 
     @model_first
     def encode_iter(self, model: str, sequences: Iterable[str], include: Sequence[str] = ("mean",),
                     repr_layers: Sequence[int] = (-1,), *, timeout: float | None = None,
-                    data_type: int = pb.DATA_TYPE_FLOAT32) -> Iterator[tuple[int, ItemOutputs]]:
+                    data_type: int = pb.DATA_TYPE_FLOAT32, window: WindowArg = None) -> Iterator[tuple[int, ItemOutputs]]:
         """(input index, outputs) in input order: each request's results once it and all
         earlier requests have finished. Leaving the loop early cancels the rest."""
         def request(batch):
-            return _encode_request(model, batch, include, repr_layers, data_type)
+            return _encode_request(model, batch, include, repr_layers, data_type, window)
         yield from self._run(list(sequences), model, request, self._stub.EncodeStream, timeout)
 
     @model_first
@@ -330,7 +343,8 @@ class Esm2Client(_Base):
 
     # ---- scores (computed on the server) ----------------------------------------
     @model_first
-    def log_prob(self, model: str, sequences: Iterable[str], *, timeout: float | None = None) -> list[float]:
+    def log_prob(self, model: str, sequences: Iterable[str], *, timeout: float | None = None,
+                 window: WindowArg = None) -> list[float]:
         """BioLM's log_prob of each sequence (service README, "Scoring"), in input order."""
         sequences = list(sequences)
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
@@ -338,7 +352,7 @@ class Esm2Client(_Base):
 
         def one(batch: tuple[int, int]) -> list[float]:
             start, end = batch
-            request = _log_prob_request(model, sequences[start:end])
+            request = _log_prob_request(model, sequences[start:end], window)
             response = self._call(lambda t: self._stub.LogProb(request, timeout=t, metadata=self._headers(model)),
                                   deadline, start)
             return [r.log_prob for r in response.results]
@@ -346,25 +360,25 @@ class Esm2Client(_Base):
             return [value for values in pool.map(one, _batches(len(sequences), limit)) for value in values]
 
     def score(self, model: str, items: Sequence[tuple[str, Sequence[str]]], method: str = "masked_marginal", *,
-              timeout: float | None = None) -> list[ScoreResult]:
+              timeout: float | None = None, window: WindowArg = None) -> list[ScoreResult]:
         """One Score request: (wild type, variants) items, scored by `method` on the server; a
         ScoreResult (numpy arrays, and the call's provenance) per item. It must fit the model's bounds
         (ModelInfo.max_items, max_score_passes, max_score_mutations); esm2_client.scoring splits larger
         work into such requests."""
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
-        request = _score_request(model, items, method)
+        request = _score_request(model, items, method, window=window)
         response, call = self._call(
             lambda t: self._stub.Score.with_call(request, timeout=t, metadata=self._headers(model)), deadline)
         provenance = Provenance.of_metadata(call.trailing_metadata())
         return [ScoreResult.of_proto(result, provenance) for result in response.results]
 
     def score_stream(self, model: str, items: Sequence[tuple[str, Sequence[str]]], method: str = "masked_marginal",
-                     *, timeout: float | None = None, progress=None) -> list[ScoreResult]:
+                     *, timeout: float | None = None, progress=None, window: WindowArg = None) -> list[ScoreResult]:
         """Score's results through ScoreStream, for requests too large to finish within one call's deadline
         (README, "Admission"): the server sends the variants each block of passes completes, and
         `progress(passes_done, passes_total)` is called as they come. Equal to score()'s results."""
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
-        request = _score_request(model, items, method, pb.ScoreStreamRequest)
+        request = _score_request(model, items, method, pb.ScoreStreamRequest, window)
 
         def attempt(t):
             streamed = _StreamedScores(items)
@@ -499,16 +513,16 @@ class AsyncEsm2Client(_Base):
     @model_first
     async def encode(self, model: str, sequences: Iterable[str], include: Sequence[str] = ("mean",),
                      repr_layers: Sequence[int] = (-1,), *, timeout: float | None = None,
-                     data_type: int = pb.DATA_TYPE_FLOAT32) -> list[ItemOutputs]:
+                     data_type: int = pb.DATA_TYPE_FLOAT32, window: WindowArg = None) -> list[ItemOutputs]:
         return [out async for _, out in self.encode_iter(model, sequences, include, repr_layers,
-                                                         timeout=timeout, data_type=data_type)]
+                                                         timeout=timeout, data_type=data_type, window=window)]
 
     @model_first
     def encode_iter(self, model: str, sequences: Iterable[str], include: Sequence[str] = ("mean",),
                     repr_layers: Sequence[int] = (-1,), *, timeout: float | None = None,
-                    data_type: int = pb.DATA_TYPE_FLOAT32) -> AsyncIterator[tuple[int, ItemOutputs]]:
+                    data_type: int = pb.DATA_TYPE_FLOAT32, window: WindowArg = None) -> AsyncIterator[tuple[int, ItemOutputs]]:
         def request(batch):
-            return _encode_request(model, batch, include, repr_layers, data_type)
+            return _encode_request(model, batch, include, repr_layers, data_type, window)
         return self._run(list(sequences), model, request, self._stub.EncodeStream, timeout)
 
     @model_first
@@ -524,14 +538,15 @@ class AsyncEsm2Client(_Base):
         return self._run(list(sequences), model, request, self._stub.PredictStream, timeout)
 
     @model_first
-    async def log_prob(self, model: str, sequences: Iterable[str], *, timeout: float | None = None) -> list[float]:
+    async def log_prob(self, model: str, sequences: Iterable[str], *, timeout: float | None = None,
+                       window: WindowArg = None) -> list[float]:
         sequences = list(sequences)
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
         limit = (await self.model_info(model, deadline.remaining())).max_items
         running = asyncio.Semaphore(self.max_in_flight)
 
         async def one(start: int, end: int) -> list[float]:
-            request = _log_prob_request(model, sequences[start:end])
+            request = _log_prob_request(model, sequences[start:end], window)
             async with running:
                 response = await self._call(
                     lambda t: self._stub.LogProb(request, timeout=t, metadata=self._headers(model)), deadline, start)
@@ -540,9 +555,9 @@ class AsyncEsm2Client(_Base):
         return [value for values in batches for value in values]
 
     async def score(self, model: str, items: Sequence[tuple[str, Sequence[str]]], method: str = "masked_marginal",
-                    *, timeout: float | None = None) -> list[ScoreResult]:
+                    *, timeout: float | None = None, window: WindowArg = None) -> list[ScoreResult]:
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
-        request = _score_request(model, items, method)
+        request = _score_request(model, items, method, window=window)
 
         async def attempt(t):
             call = self._stub.Score(request, timeout=t, metadata=self._headers(model))
@@ -552,10 +567,10 @@ class AsyncEsm2Client(_Base):
 
     async def score_stream(self, model: str, items: Sequence[tuple[str, Sequence[str]]],
                            method: str = "masked_marginal", *, timeout: float | None = None,
-                           progress=None) -> list[ScoreResult]:
+                           progress=None, window: WindowArg = None) -> list[ScoreResult]:
         """Esm2Client.score_stream, awaited."""
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
-        request = _score_request(model, items, method, pb.ScoreStreamRequest)
+        request = _score_request(model, items, method, pb.ScoreStreamRequest, window)
 
         async def attempt(t):
             streamed = _StreamedScores(items)

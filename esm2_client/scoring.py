@@ -25,10 +25,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from esm2_client.client import Esm2Client
+from esm2_client.client import Esm2Client, WindowArg
 from esm2_client.results import ScoreResult
 from esm2_wire.variants import parse_variant
 from esm2_wire.vocabulary import STANDARD_AMINO_ACIDS
+from esm2_wire.windows import resolved, window_starts
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,11 @@ def _run(client: Esm2Client, groups: list[int], request: Callable[[int], list]) 
 STREAM_MIN_PASSES = 32
 
 
-def _score(client: Esm2Client, model: str, items, method: str, passes: int, bar) -> list[ScoreResult]:
+def _score(client: Esm2Client, model: str, items, method: str, passes: int, bar,
+           window: WindowArg = None) -> list[ScoreResult]:
     """One request of about `passes` passes: streamed when large, its progress added to `bar`."""
     if passes < STREAM_MIN_PASSES:
-        results = client.score(model, items, method)
+        results = client.score(model, items, method, window=window)
         if bar is not None:
             bar.update(passes)
         return results
@@ -83,7 +85,7 @@ def _score(client: Esm2Client, model: str, items, method: str, passes: int, bar)
             step = min(done, passes) - reported
             bar.update(step)
             reported += step
-    results = client.score_stream(model, items, method, progress=progress)
+    results = client.score_stream(model, items, method, progress=progress, window=window)
     if bar is not None:
         bar.update(passes - reported)
     return results
@@ -99,41 +101,65 @@ METHODS = ("masked_marginal", "wt_marginal", "pll")
 MUTANTS = "".join(sorted(STANDARD_AMINO_ACIDS))  # a scan's mutants, in alphabetical order
 
 
-def _variant_costs(method: str, sequence: str, parsed: list) -> list[tuple[frozenset, int]]:
-    """Per variant: the passes it needs (keys, shared where the server merges them) and its mutations."""
+def _starts(residues: int, window: WindowArg) -> tuple[list[int], int]:
+    """The starts of a sequence's windows and their length; one window, the whole item, without one."""
+    if window is None:
+        return [0], residues
+    length, stride = resolved(*((window, 0) if isinstance(window, int) else window))
+    length = min(length, residues)
+    return window_starts(residues, length, stride), length
+
+
+def _covering(residues: int, window: WindowArg) -> Callable[[int], list[int]]:
+    """The starts of the windows covering a 1-based position (one pass each)."""
+    starts, length = _starts(residues, window)
+    return lambda position: [s for s in starts if s < position <= s + length]
+
+
+def _passes_of(sequence: str, window: WindowArg) -> int:
+    """Masked passes of one sequence's PLL: one per scored position, per window covering it."""
+    covering = _covering(len(sequence), window)
+    return sum(len(covering(p)) for p, letter in enumerate(sequence, start=1) if letter in STANDARD_AMINO_ACIDS)
+
+
+def _variant_costs(method: str, sequence: str, parsed: list, window: WindowArg = None) -> list[tuple[frozenset, int]]:
+    """Per variant: the passes it needs (keys, shared where the server merges them) and its mutations;
+    in windowed mode a position's pass is one per window covering it."""
+    covering = _covering(len(sequence), window)
     if method == "masked_marginal":  # one pass per distinct mutated position
-        return [(frozenset(m.position for m in v), len(v)) for v in parsed]
-    if method == "wt_marginal":  # one pass of the wild type for all of them
-        return [(frozenset([0]), len(v)) for v in parsed]
+        return [(frozenset((m.position, s) for m in v for s in covering(m.position)), len(v)) for v in parsed]
+    if method == "wt_marginal":  # one pass of the wild type (per window) for all of them
+        return [(frozenset(_starts(len(sequence), window)[0]), len(v)) for v in parsed]
     # pll: the wild type's passes once per request, and each variant's own, one per scored position
-    scored = sum(letter in STANDARD_AMINO_ACIDS for letter in sequence)
+    scored = _passes_of(sequence, window)
     wild_type = frozenset(range(scored))
     return [(wild_type | frozenset(range(scored * (i + 1), scored * (i + 2))), len(v)) for i, v in enumerate(parsed)]
 
 
 def variant_scores(client: Esm2Client, model: str, sequence: str, variants: Sequence[str],
-                   method: str = "masked_marginal", bar=None) -> list[float]:
+                   method: str = "masked_marginal", bar=None, window: WindowArg = None) -> list[float]:
     """One score per variant (`K2A`, `T3G:A4C`), in order, by `method`: masked_marginal and
     wt_marginal the sum of log p(mt) - log p(wt) over its mutations, pll PLL(variant) - PLL(wild
     type). Raises ValueError for a variant that does not fit `sequence`. `bar`: a progress bar
     counting passes."""
     info = client.model_info(model)
     parsed = [parse_variant(text, sequence) for text in variants]
-    costs = _variant_costs(method, sequence, parsed)
+    costs = _variant_costs(method, sequence, parsed, window)
     groups = _groups(costs, _bound(info.max_score_passes), _bound(info.max_score_mutations))
     passes = [len(frozenset().union(*(costs[i][0] for i in group))) for group in groups]
     _expect(bar, sum(passes))
 
     def request(number: int) -> list[float]:
         (result,) = _score(client, model, [(sequence, [variants[i] for i in groups[number]])], method,
-                           passes[number], bar)
+                           passes[number], bar, window)
         return list(result.scores)
     return [score for scores in _run(client, list(range(len(groups))), request) for score in scores]
 
 
-def masked_marginal_scores(client: Esm2Client, model: str, sequence: str, variants: Sequence[str]) -> list[float]:
+def masked_marginal_scores(client: Esm2Client, model: str, sequence: str, variants: Sequence[str],
+                           window: WindowArg = None) -> list[float]:
     """variant_scores by masked marginals."""
-    return variant_scores(client, model, sequence, variants, "masked_marginal")
+    return variant_scores(client, model, sequence, variants, "masked_marginal", window=window)
 
 
 def scan_variants(sequence: str, first: int, last: int) -> list[str]:
@@ -147,17 +173,18 @@ def scan_variants(sequence: str, first: int, last: int) -> list[str]:
 
 
 def pseudo_log_likelihoods(client: Esm2Client, model: str, sequences: Sequence[str],
-                           bar=None) -> Iterator[PseudoLikelihood]:
+                           bar=None, window: WindowArg = None) -> Iterator[PseudoLikelihood]:
     """The PLL of each sequence, in order, as the requests finish. `bar`: a progress bar counting passes."""
     info = client.model_info(model)
     # Keys: the items themselves (at most max_items); counts: their passes, one per scored position.
-    costs = [(frozenset([i]), sum(letter in STANDARD_AMINO_ACIDS for letter in s)) for i, s in enumerate(sequences)]
+    costs = [(frozenset([i]), _passes_of(s, window)) for i, s in enumerate(sequences)]
     groups = _groups(costs, _bound(info.max_items), _bound(info.max_score_passes))
     passes = [sum(costs[i][1] for i in group) for group in groups]
     _expect(bar, sum(passes))
 
     def request(number: int) -> list[PseudoLikelihood]:
-        results = _score(client, model, [(sequences[i], []) for i in groups[number]], "pll", passes[number], bar)
+        results = _score(client, model, [(sequences[i], []) for i in groups[number]], "pll", passes[number], bar,
+                         window)
         return [_likelihood(r.pseudo_log_likelihood, r.scored_positions) for r in results]
     for likelihoods in _run(client, list(range(len(groups))), request):
         yield from likelihoods

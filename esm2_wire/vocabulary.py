@@ -17,6 +17,7 @@ class Limits:
 
     max_items: int = 8
     max_sequence_length: int = 2048
+    max_windowed_residues: int = 0  # residues per sequence with params.window; 0: windowed mode off
 
 
 def describe_character(char: str) -> str:

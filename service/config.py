@@ -322,6 +322,10 @@ class ServerSettings(Declared, ModelSettings, JsonEdgeLimits):
                          "(0: what the device reports)")
     max_items: int = setting(Limits.max_items, ge=1, help="items per request")
     max_sequence_length: int = setting(Limits.max_sequence_length, ge=1, help="residues per sequence")
+    max_windowed_residues: int = setting(
+        Limits.max_windowed_residues, ge=0,
+        help="residues per sequence in windowed mode (params.window, our extension: longer proteins cut into "
+             "overlapping windows, outputs stitched); 0 turns windowed mode off (suggested: 40000)")
     max_score_mutations: int = setting(
         scoring.DEFAULT_MAX_MUTATIONS, ge=1,
         help="mutations per Score request, over all its variants and items (more is INVALID_ARGUMENT)")

@@ -25,6 +25,12 @@ BATCH_SECONDS = Histogram(
 BATCH_SIZE = Histogram("esm_batch_items", "Items per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 INTERLEAVED_BATCHES = Counter("esm_interleaved_batches_total",
                               "Batches run between the layers of a longer batch on the same worker")
+# Device memory: the start-up check's estimate per device (memory_budget) and, on CUDA, the most
+# the caching allocator has handed out at once since start-up: the estimate's margin, measured.
+DEVICE_MEMORY_ESTIMATE = Gauge("esm_device_memory_estimate_bytes",
+                               "What the start-up check estimated the models on a device need", ["device"])
+DEVICE_MEMORY_PEAK = Gauge("esm_device_memory_peak_bytes",
+                           "The most device memory allocated at once since start-up (CUDA devices)", ["device"])
 CACHE_HITS = Counter("esm_cache_hits_total", "Items answered from the result cache")
 CACHE_MISSES = Counter("esm_cache_misses_total", "Items looked up in the result cache and not found")
 CACHE_MERGED = Counter("esm_cache_merged_total", "Items that joined an identical item already queued or running")

@@ -96,12 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"max_queue_items must be at least --max-items ({args.max_items}) for {', '.join(too_small)}")
     if not args.max_request_message_bytes:
         args.max_request_message_bytes = request_guard.max_request_message_bytes(
-            args.max_items, args.max_sequence_length)
+            args.max_items, args.max_sequence_length, args.max_windowed_residues)
     return args
 
 
 def request_limits(args) -> Limits:
-    return Limits(args.max_items, args.max_sequence_length)
+    return Limits(args.max_items, args.max_sequence_length, args.max_windowed_residues)
 
 
 def _need(spec: model_specs.ModelSpec, device: torch.device, shape, max_sequence_length: int) -> memory_budget.Need:
@@ -128,6 +128,8 @@ def load_models(args) -> dict[str, ServedModel]:
             shape = sources.shape(located[spec.name])
         needs += [_need(spec, device, shape, args.max_sequence_length) for device in devices]
     memory_budget.check_fits(needs, args.assume_available_memory_gib)
+    for device in dict.fromkeys(n.device for n in needs):
+        metrics.DEVICE_MEMORY_ESTIMATE.labels(str(device)).set(sum(n.bytes for n in needs if n.device == device))
     models = {}
     for spec, devices in zip(args.specs, spec_devices):
         where = located.get(spec.name) or sources.locate(spec.name, spec.source, args.model_dir, allow_download)
@@ -297,7 +299,7 @@ async def serve(args) -> int:
                             api_keys_required=bool(keys))
     receive_ceiling = max(args.max_request_message_bytes, RECEIVE_CEILING_BYTES, args.max_request_bytes + (64 << 10))
     score_bytes = request_guard.max_score_message_bytes(args.max_items, args.max_sequence_length,
-                                                        args.max_score_mutations)
+                                                        args.max_score_mutations, args.max_windowed_residues)
     receive_ceiling = max(receive_ceiling, score_bytes)
     guard = request_guard.RequestGuard(keys, args.max_metadata_bytes, args.max_request_message_bytes,
                                        {**dict.fromkeys(JSON_METHODS, receive_ceiling),

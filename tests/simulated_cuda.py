@@ -100,6 +100,7 @@ class SimulatedCuda:
         self.pinned = PinnedHostMemory()
         self.waits: list[SimulatedStream] = []  # every stream synchronised, in order
         self.set_devices: list[int] = []  # every set_device, by index
+        self.largest_copy_in = [0] * devices  # bytes, per device
 
     def _index(self, device) -> int:
         index = _get_device_index(device)  # torch's validator: a bare `cuda` or a `cpu` is refused here
@@ -162,6 +163,11 @@ class SimulatedCuda:
     def empty_cache(self) -> None:
         pass
 
+    def max_memory_allocated(self, device) -> int:
+        """The largest batch of token ids sent to the device: the simulated device holds no more
+        (its activations are CPU memory), a stand-in that lets the peak's plumbing be tested."""
+        return self.largest_copy_in[self._index(device)]
+
     def autocast(self, dtype: torch.dtype):
         return torch.autocast("cpu", dtype=dtype)
 
@@ -169,7 +175,8 @@ class SimulatedCuda:
         return self.pinned.allocate(numel, dtype)
 
     def copy_to_device(self, pinned: torch.Tensor, device) -> torch.Tensor:
-        self._index(device)
+        index = self._index(device)
+        self.largest_copy_in[index] = max(self.largest_copy_in[index], pinned.numel() * pinned.element_size())
         if self.oom_above_tokens and not pinned.is_floating_point() and pinned.numel() > self.oom_above_tokens:
             raise self.oom_form(pinned.numel())  # a batch of token ids too large for this device
         return pinned.clone()

@@ -52,7 +52,10 @@ def test_the_dry_run_reports_every_case_and_keeps_each_models_results(suite, tmp
     (target,) = run["targets"]
     assert target["model"] == "esm2-tiny" and target["threshold"] == gpu_suite.BF16_OVER_STOCK
     assert target["target"] == "service forward, fast path (SDPA) bf16 / stock fair-esm fp32" and target["value"] > 0
-    assert "Targets checked in this run" in results.with_suffix(".md").read_text()
+    report = results.with_suffix(".md").read_text()
+    assert "Targets checked in this run" in report and "peak against the start-up estimate" in report
+    (served,) = [m for m in run["measurements"] if m["case"].startswith("service full path")]
+    assert served["extra"]["device_memory_estimate_bytes"] > served["extra"]["device_memory_peak_bytes"] > 0
 
 
 def test_an_unknown_model_is_refused_before_any_work(suite, tmp_path):

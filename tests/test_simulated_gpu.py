@@ -32,6 +32,17 @@ def gpu_server(tmp_path_factory, checkpoint_dir, tiny):
         yield proc
 
 
+def test_each_device_reports_its_memory_estimate_and_peak(gpu_server):
+    """The start-up estimate per device, and (after a batch there) the peak the device reports:
+    the simulated device's peak is its largest batch of token ids, a stand-in for the plumbing."""
+    gpu_server.stub.Encode(encode_request("esm2-tiny", ["MKTAYIAKQR"] * 2, ["mean"]))
+    samples = gpu_server.metrics()
+    for device in ("cuda:0", "cuda:1"):
+        assert samples[f'esm_device_memory_estimate_bytes{{device="{device}"}}'] > 1 << 20  # two models' weights
+    assert samples['esm_device_memory_peak_bytes{device="cuda:0"}'] > 0 \
+        or samples['esm_device_memory_peak_bytes{device="cuda:1"}'] > 0
+
+
 def test_two_devices_serve_every_output_equal_to_fair_esm(gpu_server, reference_models):
     info = {m.name: m for m in gpu_server.stub.ListModels(pb.ListModelsRequest()).models}
     assert (info["esm2-8m"].device, info["esm2-8m"].precision) == ("cuda:0,cuda:1", "fp32")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 import jsonschema
 
+from esm2_wire.proto import pb
 from esm2_wire.vocabulary import Limits
 from service import errors
 from service.errors import ELLIPSIS, BadBody, InvalidRequest, Problem, echo
@@ -40,6 +41,7 @@ class RequestBody:
     repr_layers: list[int] = field(default_factory=list)
     variants: list[list[str]] = field(default_factory=list)  # score: one list per item
     method: str = ""  # score
+    window: pb.Window | None = None  # params.window (windowed mode); None when absent
 
 
 def _short(value) -> str:
@@ -211,6 +213,7 @@ class BodyParser:
             repr_layers=list(params.get("repr_layers", [])),
             variants=[list(item.get("variants", [])) for item in document["items"]],
             method=params.get("method", ""),
+            window=pb.Window(**params["window"]) if "window" in params else None,
         )
 
 

@@ -32,19 +32,22 @@ _HPACK_ENTRY_OVERHEAD = 32  # RFC 7541 4.1: what one header costs in a header ta
 _DENIED = "missing or invalid API key: send the header 'Authorization: Token <key>'"
 
 
-def max_request_message_bytes(max_items: int, max_sequence_length: int) -> int:
+def max_request_message_bytes(max_items: int, max_sequence_length: int, max_windowed_residues: int = 0) -> int:
     """The largest valid request message: every item at the longest predict text (all `<mask>`,
-    6 letters per residue) plus its framing, and 16 KiB for the model name, params and options."""
-    return max_items * (max_sequence_length * 6 + 16) + (16 << 10)
+    6 letters per residue) or the longest windowed sequence (one letter per residue), plus its
+    framing, and 16 KiB for the model name, params and options."""
+    return max_items * (max(max_sequence_length * 6, max_windowed_residues) + 16) + (16 << 10)
 
 
 # A mutation's bytes in a Score request: `A2048G` and its `:` or a string's framing.
 SCORE_MUTATION_BYTES = 12
 
 
-def max_score_message_bytes(max_items: int, max_sequence_length: int, max_mutations: int) -> int:
+def max_score_message_bytes(max_items: int, max_sequence_length: int, max_mutations: int,
+                            max_windowed_residues: int = 0) -> int:
     """The largest valid Score message: the wild types, as any request's items, plus every variant."""
-    return max_request_message_bytes(max_items, max_sequence_length) + max_mutations * SCORE_MUTATION_BYTES
+    return (max_request_message_bytes(max_items, max_sequence_length, max_windowed_residues)
+            + max_mutations * SCORE_MUTATION_BYTES)
 
 
 def metadata_bytes(metadata) -> int:

@@ -10,14 +10,38 @@ from esm2_wire.variants import VARIANT_PATTERN
 from esm2_wire.vocabulary import Limits
 from service.api.validation import MAX_LIST_PARAM
 from service.api.scoring import DEFAULT_MAX_MUTATIONS, DEFAULT_METHOD, METHODS
+from service.api.windows import DEFAULT_LENGTH
 
 
 # The JSON actions: BioLM's encode, predict and log_prob, and our score.
 ACTIONS = ("encode", "predict", "log_prob", "score")
 
 
-def _params(action: str) -> dict | None:
-    """The schema of `params`, or None where the action takes none (log_prob)."""
+def _window(limits: Limits) -> dict:
+    """params.window (our extension), offered where the server sets --max-windowed-residues."""
+    return {
+        "type": "object", "additionalProperties": False,
+        "description": "windowed mode (our extension): items up to max_windowed_residues residues, cut into "
+                       "overlapping windows whose outputs are stitched",
+        "properties": {
+            "length": {"type": "integer", "minimum": 1, "maximum": limits.max_sequence_length,
+                       "default": DEFAULT_LENGTH},
+            "stride": {"type": "integer", "minimum": 1, "description": "default: half the length"},
+        },
+    }
+
+
+def _params(action: str, limits: Limits) -> dict | None:
+    """The schema of `params`, or None where the action takes none (log_prob without windows)."""
+    params = _plain_params(action)
+    if action == "predict" or not limits.max_windowed_residues:
+        return params
+    params = params or {"type": "object", "additionalProperties": False, "properties": {}}
+    params["properties"]["window"] = _window(limits)
+    return params
+
+
+def _plain_params(action: str) -> dict | None:
     if action == "log_prob":
         return None
     if action == "score":
@@ -47,14 +71,15 @@ def request_schema(model: str, action: str, limits: Limits, max_mutations: int =
             "type": "string",
             "minLength": 1,
             # <mask> counts as one residue; the server checks the exact length.
-            "maxLength": limits.max_sequence_length * (6 if action == "predict" else 1),
+            "maxLength": limits.max_sequence_length * 6 if action == "predict" else max(
+                limits.max_sequence_length, limits.max_windowed_residues),
             "pattern": sequence_pattern,
         }
     }
     if action == "score":
         item["variants"] = {"type": "array", "maxItems": max_mutations, "default": [],
                             "items": {"type": "string", "pattern": VARIANT_PATTERN}}
-    params = _params(action)
+    params = _params(action, limits)
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"{model} {action} request",

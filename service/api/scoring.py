@@ -225,6 +225,10 @@ class PassRows:
     def row(self, tokens: Tokens, position: int) -> np.ndarray:
         return self.rows[self.plan._index[tokens], position]
 
+    def pass_indexes(self, tokens: Tokens) -> list[int]:
+        """The passes the rows of `tokens` are read from: its own."""
+        return [self.plan._index[tokens]]
+
 
 def pseudo_log_likelihood(rows: PassRows, columns: dict[str, int], tokens: Tokens) -> float:
     """PLL of `tokens`: at each standard position, masked alone, the log-probability of its residue."""
@@ -294,7 +298,7 @@ class StreamedScores:
         self._wild: dict[int, float] = {}
 
     def _last(self, passes: list[Tokens]) -> int:
-        return max((self.plan._index[tokens] for tokens in passes), default=-1)
+        return max((index for tokens in passes for index in self.rows.pass_indexes(tokens)), default=-1)
 
     def _wild_passes(self, item: ScoreItem) -> list[Tokens]:
         return [masked(item.tokens, p) for p in scored_positions(item.tokens)] if self.plan.method == "pll" else []

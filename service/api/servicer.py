@@ -44,7 +44,9 @@ from service.api.request_schema import ACTIONS, request_schema
 from service.api.docs_page import DOCS_PATH, DocsPage, DocsUnavailable
 from service.api.playground_page import PLAYGROUND_PATH, PlaygroundPage
 from service.api.scoring import ItemScores, PassRows, ScoreLimits, ScorePlan, StreamedScores
-from service.api.validation import ParsedItem, parse_items, parse_options
+from service.api import windowed_scoring, windows
+from service.api.validation import ParsedItem, parse_items, parse_options, parse_window, windowed_limits
+from service.api.windows import Cover, Window
 
 log = logging.getLogger(__name__)
 JSON_MESSAGE_BYTES = chunks.DEFAULT_CHUNK_BYTES  # the JSON body goes to the gateway in messages of this size
@@ -72,6 +74,7 @@ class Job:
     items: list[ParsedItem]
     outputs: frozenset[OutputKind]
     layers: tuple[int, ...]
+    window: Window | None = None  # windowed mode (service.api.windows): each item runs as its windows
 
 
 def _writes_itself(handler):
@@ -127,18 +130,43 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             raise UnknownModel(name, self.models)
         return served
 
-    def _encode_job(self, model: str, include: list[str], repr_layers: list[int], sequences: list[str]) -> Job:
+    def _window(self, given, problems: list[Problem]) -> tuple[Window | None, Limits]:
+        """The request's window (None: not windowed; `given` is an esm.v1.Window or None) and the
+        limits its items are checked against; a bad window's problems go to `problems`."""
+        if given is None:
+            return None, self.limits
+        limits = windowed_limits(self.limits) if self.limits.max_windowed_residues else self.limits
+        try:
+            return parse_window(given.length, given.stride, self.limits), limits
+        except InvalidRequest as exc:
+            problems += exc.problems
+            return None, limits
+
+    def _encode_items(self, sequences: list[str], window: pb.Window | None,
+                      problems: list[Problem]) -> tuple[Window | None, list[ParsedItem], list[Problem]]:
+        """Encode-alphabet items (up to the windowed limit with a window) and the window; the items'
+        problems go to `problems`, the window's are returned (params: told after the items')."""
+        window_problems: list[Problem] = []
+        windowed, limits = self._window(window, window_problems)
+        try:
+            return windowed, parse_items(sequences, predict=False, limits=limits), window_problems
+        except InvalidRequest as exc:
+            problems += exc.problems
+            return windowed, [], window_problems
+
+    def _encode_job(self, model: str, include: list[str], repr_layers: list[int], sequences: list[str],
+                    window: pb.Window | None = None) -> Job:
         served = self._model(model)
         loaded = served.loaded
         problems: list[Problem] = []  # report every problem at once: items first, then params
-        try:
-            parsed = parse_items(sequences, predict=False, limits=self.limits)
-        except InvalidRequest as exc:
-            problems += exc.problems
+        windowed, parsed, window_problems = self._encode_items(sequences, window, problems)
         try:
             options = parse_options(include, repr_layers, loaded.num_layers, model)
         except InvalidRequest as exc:
             problems += exc.problems
+        problems += window_problems
+        if window is not None and not problems:
+            problems += _windowed_output_problems(options.outputs, parsed)
         if problems:
             raise InvalidRequest.of(*problems)
         if OutputKind.CONTACTS in options.outputs and not loaded.has_contact_regression:
@@ -149,7 +177,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             ))
         if OutputKind.LOGITS in options.outputs:
             self._require_lm_head(served, "params.include")
-        return Job(served, parsed, options.outputs, options.layers)
+        return Job(served, parsed, options.outputs, options.layers, windowed)
 
     @staticmethod
     def _require_lm_head(served: ServedModel, field: str) -> None:
@@ -167,29 +195,38 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         parsed = parse_items(sequences, predict=True, limits=self.limits)
         return Job(served, parsed, frozenset({OutputKind.LOGITS}), ())
 
-    def _log_prob_job(self, model: str, sequences: list[str]) -> Job:
+    def _log_prob_job(self, model: str, sequences: list[str], window: pb.Window | None = None) -> Job:
         served = self._model(model)
         self._require_lm_head(served, "model")
-        parsed = parse_items(sequences, predict=False, limits=self.limits)
-        return Job(served, parsed, LOGITS_ONLY, ())
+        problems: list[Problem] = []
+        windowed, parsed, window_problems = self._encode_items(sequences, window, problems)
+        if problems or window_problems:
+            raise InvalidRequest.of(*problems, *window_problems)
+        return Job(served, parsed, LOGITS_ONLY, (), windowed)
 
-    def _score_plan(self, model: str, method: str, sequences: list[str],
-                    variants: list[list[str]]) -> tuple[ServedModel, ScorePlan]:
+    def _score_plan(self, model: str, method: str, sequences: list[str], variants: list[list[str]],
+                    window: pb.Window | None = None) -> tuple[ServedModel, ScorePlan, Window | None]:
         served = self._model(model)
         self._require_lm_head(served, "model")
         problems: list[Problem] = []  # every problem at once: items first, then params
+        window_problems: list[Problem] = []
+        windowed, limits = self._window(window, window_problems)
         items = []
         try:
-            items = scoring.parse_score_items(sequences, variants, self.limits, self.score_limits)
+            items = scoring.parse_score_items(sequences, variants, limits, self.score_limits)
         except InvalidRequest as exc:
             problems += exc.problems
         try:
             method = scoring.parse_method(method)
         except InvalidRequest as exc:
             problems += exc.problems
+        problems += window_problems
         if problems:
             raise InvalidRequest.of(*problems)
-        passes = scoring.passes_needed(method, items)
+        if windowed is not None:
+            passes = windowed_scoring.passes_needed(method, items, windowed)
+        else:
+            passes = scoring.passes_needed(method, items)
         # All of a request's passes are queued at once, so its model's queue bound caps them too.
         cap, named = min(
             (self.score_limits.max_passes, "--max-score-passes"), (served.spec.max_queue_items, "--max-queue-items"))
@@ -197,7 +234,9 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             raise InvalidRequest.of(Problem(
                 "items", None, f"the request needs {passes} forward passes ({method}); at most {cap} are allowed "
                                f"({named}): split the variants or sequences over several requests"))
-        return served, ScorePlan.of(method, items)
+        if windowed is not None:
+            return served, windowed_scoring.plan_of(method, items, windowed), windowed
+        return served, ScorePlan.of(method, items), None
 
     @staticmethod
     def _deadline(context) -> float | None:
@@ -210,37 +249,80 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         return None if remaining is None else time.monotonic() + remaining
 
     def _submit(self, job: Job, context, alternative: str = "") -> list[asyncio.Future]:
+        """One future per item: its result, or in windowed mode its windows' results stitched."""
+        if job.window is None:
+            return self._submit_pieces(job, [[item.tokens] for item in job.items], job.outputs, context, alternative)
+        covers = [Cover.of(len(item.tokens), job.window) for item in job.items]
+        pieces = [[item.tokens[span.start:span.stop] for span in cover.spans] for item, cover in zip(job.items, covers)]
+        groups = self._submit_windows(job, pieces, context, alternative)
+        stitched = []
+        for cover, group in zip(covers, groups):
+            task = asyncio.ensure_future(_stitched(cover, group, job.outputs))
+            # However the task ends (cancelled before it ran included), its windows are let go.
+            task.add_done_callback(lambda _, group=group: _release(group))
+            stitched.append(task)
+        return stitched
+
+    def _submit_windows(self, job: Job, pieces: list[list[tuple[str, ...]]], context,
+                        alternative: str = "") -> list[list[asyncio.Future]]:
+        """Every window of every item queued at once, as ordinary items; their futures, per item."""
+        flat = self._submit_pieces(job, pieces, windows.window_outputs(job.outputs), context, alternative)
+        groups, at = [], 0
+        for item_pieces in pieces:
+            groups.append(flat[at:at + len(item_pieces)])
+            at += len(item_pieces)
+        return groups
+
+    def _submit_pieces(self, job: Job, pieces: list[list[tuple[str, ...]]], outputs: frozenset[OutputKind],
+                       context, alternative: str = "") -> list[asyncio.Future]:
+        """Queue each item's pieces (the item itself, or its windows) at once, all or none."""
         tokenize = job.model.loaded.tokenize
         tenant = self.tenancy.of(context.invocation_metadata())
         num_layers = job.model.loaded.num_layers  # the work estimate counts only the layers an item needs
-        inputs = [ModelInput(job.model.name, tokenize(item.tokens), job.outputs, job.layers, tenant, num_layers)
-                  for item in job.items]
+        inputs = [ModelInput(job.model.name, tokenize(tokens), outputs, job.layers, tenant, num_layers)
+                  for item_pieces in pieces for tokens in item_pieces]
         request = request_context.current()
         if request is not None:
-            request.items, request.residues = len(job.items), sum(len(item.tokens) for item in job.items)
+            request.items, request.residues = len(inputs), sum(item.length - 2 for item in inputs)
             request.submitted()
         return self.router.submit(inputs, self._deadline(context), request, alternative)
 
     async def _log_probs(self, job: Job, context) -> list[float]:
-        results = await self._results(job, context)
         columns = {token: i for i, token in enumerate(job.model.vocabulary)}
+        if job.window is not None:
+            return await self._windowed_log_probs(job, columns, context)
+        results = await self._results(job, context)
         return [scoring.sequence_log_prob(item.tokens, result.logits, columns)
                 for item, result in zip(job.items, results)]
 
+    async def _windowed_log_probs(self, job: Job, columns: dict[str, int], context) -> list[float]:
+        covers = [Cover.of(len(item.tokens), job.window) for item in job.items]
+        pieces = [[item.tokens[span.start:span.stop] for span in cover.spans] for item, cover in zip(job.items, covers)]
+        groups = self._submit_windows(job, pieces, context)
+        try:
+            values = []
+            for item, cover, group in zip(job.items, covers, groups):
+                logits = [result.logits for result in await asyncio.gather(*group)]
+                values.append(await asyncio.to_thread(windowed_scoring.log_prob, item.tokens, cover, logits, columns))
+            return values
+        finally:
+            _release([future for group in groups for future in group])
+            _trace_queue_wait(request_context.current())
+
     async def _score_passes(self, model: str, method: str, sequences: list[str], variants: list[list[str]],
-                            context) -> AsyncIterator[tuple[ServedModel, PassRows, int]]:
+                            context, window: pb.Window | None = None) -> AsyncIterator[tuple[ServedModel, PassRows, int]]:
         """Plan the passes and tokenize them off the event loop (a pll request may be 2,048 passes of
         2,048 tokens), queue them all at once, and yield (model, rows, passes done) as each finishes, in
         plan order, keeping only the rows the scores read."""
         tenant = self.tenancy.of(context.invocation_metadata())
 
-        def prepare() -> tuple[ServedModel, ScorePlan, list[ModelInput]]:
-            served, plan = self._score_plan(model, method, sequences, variants)
+        def prepare() -> tuple[ServedModel, ScorePlan, Window | None, list[ModelInput]]:
+            served, plan, windowed = self._score_plan(model, method, sequences, variants, window)
             tokenize = served.loaded.tokenize
-            return served, plan, [ModelInput(served.name, tokenize(tokens), LOGITS_ONLY, (), tenant)
-                                  for tokens in plan.passes]
+            return served, plan, windowed, [ModelInput(served.name, tokenize(tokens), LOGITS_ONLY, (), tenant)
+                                            for tokens in plan.passes]
         with tracing.span("validate"):
-            served, plan, inputs = await asyncio.to_thread(prepare)
+            served, plan, windowed, inputs = await asyncio.to_thread(prepare)
         request = request_context.current()
         if request is not None:
             request.items, request.residues = len(inputs), sum(item.length - 2 for item in inputs)
@@ -249,7 +331,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         waiting = collections.deque(
             self.router.submit(inputs, self._deadline(context), request,
                                SCORE_STREAM_ALTERNATIVE.format(model=served.name)) if inputs else ())
-        rows = PassRows(plan)
+        rows = PassRows(plan) if windowed is None else windowed_scoring.WindowedRows(plan, windowed)
         try:
             yield served, rows, 0
             for index in range(len(waiting)):
@@ -260,21 +342,23 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             _release(list(waiting))
 
     async def _scores(self, model: str, method: str, sequences: list[str], variants: list[list[str]],
-                      context) -> list[ItemScores]:
-        async with contextlib.aclosing(self._score_passes(model, method, sequences, variants, context)) as passes:
+                      context, window: pb.Window | None = None) -> list[ItemScores]:
+        async with contextlib.aclosing(self._score_passes(model, method, sequences, variants, context,
+                                                          window)) as passes:
             async for served, rows, _ in passes:
                 pass
         columns = {token: i for i, token in enumerate(served.vocabulary)}
         return await asyncio.to_thread(scoring.item_scores, rows, columns)
 
     async def _score_blocks(self, model: str, method: str, sequences: list[str], variants: list[list[str]],
-                            context) -> AsyncIterator[dict]:
+                            context, window: pb.Window | None = None) -> AsyncIterator[dict]:
         """ScoreStream's messages, as fields by their proto names: after every SCORE_BLOCK_PASSES passes
         (or SCORE_PROGRESS_SECONDS, so that an idle timeout never cuts a slow scan), and after the last,
         the variants those passes completed, or the progress alone."""
         streamed = None
         sent_at, sent_passes = time.monotonic(), 0
-        async with contextlib.aclosing(self._score_passes(model, method, sequences, variants, context)) as passes:
+        async with contextlib.aclosing(self._score_passes(model, method, sequences, variants, context,
+                                                          window)) as passes:
             async for served, rows, done in passes:
                 if streamed is None:
                     streamed = StreamedScores(rows)
@@ -342,7 +426,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("Encode", context, request.model):
             with tracing.span("validate"):
                 job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
-                                       [item.sequence for item in request.items])
+                                       [item.sequence for item in request.items], _window_of(request.params))
             vocab = job.model.vocabulary
             estimate = json_limits.estimate_encode_bytes(
                 [len(item.tokens) for item in job.items], job.outputs, len(job.layers), job.model.loaded.embed_dim,
@@ -391,7 +475,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
 
     async def LogProb(self, request, context):
         async with self._rpc("LogProb", context, request.model):
-            job = self._log_prob_job(request.model, [item.sequence for item in request.items])
+            job = self._log_prob_job(request.model, [item.sequence for item in request.items],
+                                     _window_of(request.params))
             values = await self._log_probs(job, context)
             return pb.LogProbResponse(
                 results=[pb.LogProbResult(sequence_index=i, log_prob=v) for i, v in enumerate(values)])
@@ -400,14 +485,16 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("Score", context, request.model):
             scores = await self._scores(request.model, request.params.method,
                                         [item.sequence for item in request.items],
-                                        [list(item.variants) for item in request.items], context)
+                                        [list(item.variants) for item in request.items], context,
+                                        _window_of(request.params))
             return pb.ScoreResponse(results=[rendering.score_result(i, s) for i, s in enumerate(scores)])
 
     @_writes_itself
     async def ScoreStream(self, request, context):
         async with self._rpc("ScoreStream", context, request.model):
             blocks = self._score_blocks(request.model, request.params.method, [item.sequence for item in request.items],
-                                        [list(item.variants) for item in request.items], context)
+                                        [list(item.variants) for item in request.items], context,
+                                        _window_of(request.params))
             async with contextlib.aclosing(blocks):
                 with HeldResponse(self.memory) as held:
                     async for fields in blocks:
@@ -465,7 +552,8 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             with tracing.span("validate"):
                 served = self._model(request.model)
                 body = await self._body(request, context, "encode")
-                job = self._encode_job(served.name, body.include, [int(v) for v in body.repr_layers], body.sequences)
+                job = self._encode_job(served.name, body.include, [int(v) for v in body.repr_layers], body.sequences,
+                                       body.window)
             vocab = job.model.vocabulary
             estimate = json_limits.estimate_encode_bytes(
                 [len(item.tokens) for item in job.items], job.outputs, len(job.layers), job.model.loaded.embed_dim,
@@ -490,7 +578,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("LogProbJson", context, request.model, gateway=True):
             served = self._model(request.model)
             body = await self._body(request, context, "log_prob")
-            values = await self._log_probs(self._log_prob_job(served.name, body.sequences), context)
+            values = await self._log_probs(self._log_prob_job(served.name, body.sequences, body.window), context)
             await _send_provenance(context, served)
             return httpbody_pb2.HttpBody(content_type="application/json", data=rendering.log_prob_json(values))
 
@@ -498,7 +586,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("ScoreJson", context, request.model, gateway=True):
             served = self._model(request.model)
             body = await self._body(request, context, "score")
-            scores = await self._scores(served.name, body.method, body.sequences, body.variants, context)
+            scores = await self._scores(served.name, body.method, body.sequences, body.variants, context, body.window)
             await _send_provenance(context, served)
             return httpbody_pb2.HttpBody(content_type="application/json",
                                          data=rendering.score_json(scores, served.provenance))
@@ -510,7 +598,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("ScoreStreamJson", context, request.model, gateway=True):
             served = self._model(request.model)
             body = await self._body(request, context, "score")
-            blocks = self._score_blocks(served.name, body.method, body.sequences, body.variants, context)
+            blocks = self._score_blocks(served.name, body.method, body.sequences, body.variants, context, body.window)
             async with contextlib.aclosing(blocks):
                 with HeldResponse(self.memory, per_stream_bytes=0) as held:
                     first = True
@@ -598,7 +686,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
         async with self._rpc("EncodeStream", context, request.model):
             with tracing.span("validate"):
                 job = self._encode_job(request.model, list(request.params.include), list(request.params.repr_layers),
-                                       [item.sequence for item in request.items])
+                                       [item.sequence for item in request.items], _window_of(request.params))
             await self._stream(job, context, request.stream_options, pb.EncodeStreamResponse, False)
 
     @_writes_itself
@@ -627,6 +715,7 @@ class Esm2Servicer(pb_grpc.Esm2ServiceServicer):
             max_score_passes=min(self.score_limits.max_passes, served.spec.max_queue_items),
             max_score_mutations=self.score_limits.max_mutations,
             weights_fingerprint=m.weights_fingerprint, server_version=SERVER_VERSION,
+            max_windowed_residues=self.limits.max_windowed_residues,
         )
 
 
@@ -684,6 +773,34 @@ async def _render_pieces(context, render, results, held: HeldResponse, size) -> 
         held.take(size(piece))
         pieces.append(piece)
     return pieces
+
+
+def _window_of(params) -> pb.Window | None:
+    """A request's params.window, None when not set (an empty Window asks for the defaults)."""
+    return params.window if params.HasField("window") else None
+
+
+def _windowed_output_problems(outputs: frozenset[OutputKind], items: list[ParsedItem]) -> list[Problem]:
+    """What windowed mode cannot compute: attention maps, and contact maps past their bound."""
+    problems = []
+    if OutputKind.ATTENTIONS in outputs:
+        problems.append(Problem("params.include", None, "attentions are not available in windowed mode "
+                                "(params.window): no pass sees the pairs of two windows; ask for contacts, or send "
+                                "items short enough to run whole, without a window"))
+    if OutputKind.CONTACTS in outputs:
+        for index, item in enumerate(items):
+            if len(item.tokens) > windows.MAX_CONTACT_RESIDUES:
+                problems.append(Problem(
+                    f"items[{index}].sequence", index,
+                    f"{len(item.tokens)} residues: contacts in windowed mode are an [L, L] map, at most "
+                    f"{windows.MAX_CONTACT_RESIDUES} residues (256 MiB); leave contacts out for this item"))
+    return problems
+
+
+async def _stitched(cover: Cover, futures: list[asyncio.Future], outputs: frozenset[OutputKind]) -> ItemResult:
+    """An item's result from its windows' (service.api.windows), stitched off the event loop."""
+    results = await asyncio.gather(*futures)
+    return await asyncio.to_thread(windows.stitch_result, cover, results, outputs)
 
 
 def _hold(held: HeldResponse, owed: list[int], index: int, future: asyncio.Future) -> None:

@@ -7,12 +7,15 @@ here character by character and tokenized with the alphabet's index directly.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
 from esm2_wire import output_kinds
 from esm2_wire.output_kinds import OutputKind
 from esm2_wire.vocabulary import ENCODE_LETTERS, MASK, PREDICT_LETTERS, Limits, letter_problem
+from esm2_wire.windows import resolved
+from service.api.windows import Window
 from service.errors import InvalidRequest, Problem, echo
 
 # Longest params list: more layers than any ESM-2 has, every output several times over.
@@ -22,7 +25,8 @@ DEFAULT_INCLUDE = ("mean",)
 DEFAULT_REPR_LAYERS = (-1,)
 _MASK_SPLIT = re.compile(re.escape(MASK))
 
-__all__ = ["EncodeOptions", "InvalidRequest", "Limits", "ParsedItem", "Problem", "parse_items", "parse_options"]
+__all__ = ["EncodeOptions", "InvalidRequest", "Limits", "ParsedItem", "Problem", "parse_items", "parse_options",
+           "parse_window"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +135,25 @@ def parse_options(include: list[str], repr_layers: list[int], num_layers: int, m
     if problems:
         raise InvalidRequest.of(*problems)
     return EncodeOptions(outputs=frozenset(chosen), layers=tuple(layers))
+
+
+def parse_window(length: int, stride: int, limits: Limits, field: str = "params.window") -> Window:
+    """A params.window (0: the default) on a server that offers windowed mode, else the problem."""
+    problems = []
+    if not limits.max_windowed_residues:
+        problems.append(Problem(field, None, "windowed mode is off on this server (--max-windowed-residues is 0)"))
+    length, stride = resolved(length, stride)
+    if not 1 <= length <= limits.max_sequence_length:
+        problems.append(Problem(f"{field}.length", None, f"{length} residues; allowed: 1 to "
+                                f"{limits.max_sequence_length} (the longest ordinary item: each window is one)"))
+    if not 1 <= stride <= length:
+        problems.append(Problem(f"{field}.stride", None, f"{stride}; allowed: 1 to the window length ({length})"))
+    if problems:
+        raise InvalidRequest.of(*problems)
+    return Window(length, stride)
+
+
+def windowed_limits(limits: Limits) -> Limits:
+    """The limits items of a windowed request are checked against: up to --max-windowed-residues."""
+    return dataclasses.replace(limits, max_sequence_length=max(limits.max_sequence_length,
+                                                               limits.max_windowed_residues))

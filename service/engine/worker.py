@@ -31,7 +31,7 @@ from service.models.forward import BatchOutput, BatchPlan, LayerHook, forward
 from service.models.packed import pack, packed_forward, unpack
 from service.models.precision import AUTOCAST_DTYPES
 from service.models.quantize import quantize_layers
-from service import platforms
+from service import metrics, platforms
 from service.platforms import HostStaging, Platform
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,11 @@ class ModelWorker:
         hold memory, so halving it now would split it for nothing.
         """
         with self.progress.running(), self.on_device():
-            return self._attempt(batch, self.layer_hook, nested=self.progress.depth > 1)
+            results = self._attempt(batch, self.layer_hook, nested=self.progress.depth > 1)
+        peak = self.platform.peak_bytes()
+        if peak is not None:
+            metrics.DEVICE_MEMORY_PEAK.labels(str(self.device)).set(peak)
+        return results
 
     def _attempt(self, batch: list[ModelInput], hook: LayerHook | None,
                  nested: bool = False) -> list[ItemResult | ServiceError]:

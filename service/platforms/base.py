@@ -76,6 +76,10 @@ class Platform(ABC):
         """The CUDA compute capability; None for a CPU."""
         return None
 
+    def peak_bytes(self) -> int | None:
+        """The most device memory allocated at once so far, where the device counts it (CUDA)."""
+        return None
+
     def free_bytes(self) -> int | None:
         """Free device memory, where the device has its own (CPU memory: memory_budget)."""
         return None

@@ -40,6 +40,7 @@ class CudaRuntime(Protocol):
     def mem_get_info(self, device: torch.device) -> tuple[int, int]: ...
     def get_device_capability(self, device: torch.device) -> tuple[int, int]: ...
     def empty_cache(self) -> None: ...
+    def max_memory_allocated(self, device: torch.device) -> int: ...
     def autocast(self, dtype: torch.dtype): ...
     def pinned_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor: ...
     def copy_to_device(self, pinned: torch.Tensor, device: torch.device) -> torch.Tensor: ...
@@ -87,6 +88,9 @@ class TorchCuda:
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
+
+    def max_memory_allocated(self, device: torch.device) -> int:
+        return torch.cuda.max_memory_allocated(device)  # the allocator's host-side counter: no sync
 
     def autocast(self, dtype: torch.dtype):
         return torch.autocast("cuda", dtype=dtype)
@@ -169,6 +173,9 @@ class CudaPlatform(Platform):
 
     def capability(self) -> tuple[int, int]:
         return tuple(self.runtime.get_device_capability(self.device))
+
+    def peak_bytes(self) -> int:
+        return self.runtime.max_memory_allocated(self.device)
 
     def free_bytes(self) -> int:
         free, _total = self.runtime.mem_get_info(self.device)
