@@ -4,9 +4,9 @@ local ports, and stopping a child in order."""
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,36 +34,35 @@ _claims_fd: int | None = None
 # thread that forked it exits; for the main thread, that is the process. SIGKILL: a parent that
 # dies without stopping its children (SIGKILL, the OOM killer) took Envoy down with it, so a
 # replica's drain has nobody to drain to; it is the signal that cannot be caught or ignored.
-# Elsewhere (macOS) children outlive a killed parent: there is no such signal to ask for.
-_PR_SET_PDEATHSIG = 1
-_prctl = None
-if sys.platform.startswith("linux"):
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not between fork and exec
-    _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+# util-linux's setpriv asks for it and execs the child, so no Python runs between fork and exec:
+# a preexec_fn forces a full fork of this threaded process and runs the interpreter's at-fork
+# hooks in the child, which once aborted an Envoy's start (signal 6) in a full test run. The
+# shell step ends a child whose parent died before the request was made (it is then init's).
+# Elsewhere (macOS, or no setpriv) children outlive a killed parent: there is no signal to ask for.
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+_STILL_OURS = '[ "$PPID" = "$0" ] || exit 137; exec "$@"'  # $0: the parent's pid; "$@": the child
 # Children asked for from a thread that may end (a test's helper thread) are forked by this one
 # thread instead, which lives as long as the process: it waits on its queue, it does not poll.
 _forker: concurrent.futures.ThreadPoolExecutor | None = None
 _forker_lock = threading.Lock()
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """In the child, between fork and exec: ask for SIGKILL when the parent dies. If the parent
-    died before this ran, the request came too late: end now (the child is then init's)."""
-    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        os._exit(127)  # cannot promise to die with the parent: never run unsupervised
-    if os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGKILL)
+def dies_with_parent(argv: list[str]) -> list[str]:
+    """argv wrapped so that the child gets SIGKILL when this process (the forking thread) dies."""
+    if _SETPRIV is None:
+        return list(argv)
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _STILL_OURS, str(os.getpid()), *argv]
 
 
 def start_child(argv: list[str], **popen_kwargs) -> subprocess.Popen:
     """subprocess.Popen(argv, **popen_kwargs) for a child that ends when this process ends, however
-    it ends (on Linux): a SIGKILLed launcher leaves no replica or Envoy holding its ports."""
-    if _prctl is None:
+    it ends (on Linux): a SIGKILLed launcher leaves no replica or Envoy holding its ports. The pid
+    is the child's own (setpriv and the shell exec it)."""
+    if _SETPRIV is None:
         return subprocess.Popen(argv, **popen_kwargs)
-    parent = os.getpid()
 
     def popen() -> subprocess.Popen:
-        return subprocess.Popen(argv, preexec_fn=lambda: _die_with_parent(parent), **popen_kwargs)
+        return subprocess.Popen(dies_with_parent(argv), **popen_kwargs)
 
     if threading.current_thread() is threading.main_thread():
         return popen()
