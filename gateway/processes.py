@@ -4,19 +4,29 @@ local ports, and stopping a child in order."""
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+
+try:
+    import fcntl
+except ImportError:  # Windows: no record locks; ports are then unique within one process only
+    fcntl = None
 
 _LOWEST_PORT = 10000  # below this sit well-known services
 _RANDOM = random.SystemRandom()  # not the seedable module state: two processes must not draw the same ports
 _handed_out: set[int] = set()  # this process never hands a port out twice
+# Ports handed out by any process on this host: the byte at offset `port` of this file is
+# record-locked by the process that drew it, until that process exits (the kernel drops the lock).
+_CLAIMS_PATH = os.path.join(tempfile.gettempdir(), f"esm2-free-ports-{os.getuid() if hasattr(os, 'getuid') else 0}.lock")
+_claims_fd: int | None = None
 
 
 # ---- children that die with their parent -------------------------------------------------
@@ -24,36 +34,35 @@ _handed_out: set[int] = set()  # this process never hands a port out twice
 # thread that forked it exits; for the main thread, that is the process. SIGKILL: a parent that
 # dies without stopping its children (SIGKILL, the OOM killer) took Envoy down with it, so a
 # replica's drain has nobody to drain to; it is the signal that cannot be caught or ignored.
-# Elsewhere (macOS) children outlive a killed parent: there is no such signal to ask for.
-_PR_SET_PDEATHSIG = 1
-_prctl = None
-if sys.platform.startswith("linux"):
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not between fork and exec
-    _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+# util-linux's setpriv asks for it and execs the child, so no Python runs between fork and exec:
+# a preexec_fn forces a full fork of this threaded process and runs the interpreter's at-fork
+# hooks in the child, which once aborted an Envoy's start (signal 6) in a full test run. The
+# shell step ends a child whose parent died before the request was made (it is then init's).
+# Elsewhere (macOS, or no setpriv) children outlive a killed parent: there is no signal to ask for.
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+_STILL_OURS = '[ "$PPID" = "$0" ] || exit 137; exec "$@"'  # $0: the parent's pid; "$@": the child
 # Children asked for from a thread that may end (a test's helper thread) are forked by this one
 # thread instead, which lives as long as the process: it waits on its queue, it does not poll.
 _forker: concurrent.futures.ThreadPoolExecutor | None = None
 _forker_lock = threading.Lock()
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """In the child, between fork and exec: ask for SIGKILL when the parent dies. If the parent
-    died before this ran, the request came too late: end now (the child is then init's)."""
-    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        os._exit(127)  # cannot promise to die with the parent: never run unsupervised
-    if os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGKILL)
+def dies_with_parent(argv: list[str]) -> list[str]:
+    """argv wrapped so that the child gets SIGKILL when this process (the forking thread) dies."""
+    if _SETPRIV is None:
+        return list(argv)
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _STILL_OURS, str(os.getpid()), *argv]
 
 
 def start_child(argv: list[str], **popen_kwargs) -> subprocess.Popen:
     """subprocess.Popen(argv, **popen_kwargs) for a child that ends when this process ends, however
-    it ends (on Linux): a SIGKILLed launcher leaves no replica or Envoy holding its ports."""
-    if _prctl is None:
+    it ends (on Linux): a SIGKILLed launcher leaves no replica or Envoy holding its ports. The pid
+    is the child's own (setpriv and the shell exec it)."""
+    if _SETPRIV is None:
         return subprocess.Popen(argv, **popen_kwargs)
-    parent = os.getpid()
 
     def popen() -> subprocess.Popen:
-        return subprocess.Popen(argv, preexec_fn=lambda: _die_with_parent(parent), **popen_kwargs)
+        return subprocess.Popen(dies_with_parent(argv), **popen_kwargs)
 
     if threading.current_thread() is threading.main_thread():
         return popen()
@@ -81,6 +90,9 @@ def free_port(room: int = 1) -> int:
     range, Envoy's health checks included, so a port picked there can be taken before the child
     binds it. Outside that range only another explicit bind can take it. (Where that range leaves
     fewer than 1000 ports, the draw is from every port from _LOWEST_PORT up, ephemeral ones included.)
+
+    No two processes on the host are handed the same port while the first lives (_claim): the
+    parallel test workers, several launchers, each drawing before its children bind.
     """
     low, high = ephemeral_port_range()
     candidates = max(range(_LOWEST_PORT, low - room), range(high + 1, 65536 - room), key=len)
@@ -89,10 +101,33 @@ def free_port(room: int = 1) -> int:
     for _ in range(1000):
         port = _RANDOM.choice(candidates)
         block = range(port, port + room)
-        if not _handed_out.intersection(block) and all(_bindable(p) for p in block):
+        if not _handed_out.intersection(block) and all(_bindable(p) for p in block) and _claim(port, room):
             _handed_out.update(block)
             return port
     raise RuntimeError(f"no {room} free port(s) on 127.0.0.1 in {candidates.start}-{candidates.stop - 1}")
+
+
+def _claim(port: int, room: int) -> bool:
+    """Claims ports port .. port + room - 1 for this process's lifetime, against every other process
+    using free_port: a bindable port can still be drawn by a second process before the first one's
+    child binds it. POSIX record locks (not flock) on one file: one descriptor holds any number of
+    them, they are not inherited by children, and they vanish when the process dies, however it dies.
+    The descriptor stays open: closing any descriptor of the file would drop this process's locks."""
+    global _claims_fd
+    if fcntl is None:
+        return True
+    if _claims_fd is None:
+        try:
+            _claims_fd = os.open(_CLAIMS_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # no writable temp directory: unique within this process only
+            _claims_fd = -1
+    if _claims_fd < 0:
+        return True
+    try:
+        fcntl.lockf(_claims_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, room, port)
+    except OSError:  # held by another live process
+        return False
+    return True
 
 
 def _bindable(port: int) -> bool:

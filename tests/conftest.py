@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import suite_order
 from support import start_gateway, start_server
 
 from esm2_wire.proto import pb_grpc
@@ -15,10 +16,17 @@ from service.models.random_checkpoints import write_random_checkpoint
 _UNIT = Path(__file__).parent / "unit"
 
 
-def pytest_collection_modifyitems(items) -> None:
-    """tests/unit is `unit` (no server, no model file); everything else starts real processes: `e2e`."""
+def pytest_configure(config) -> None:
+    suite_order.configure(config)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items) -> None:
+    """tests/unit is `unit` (no server, no model file); everything else starts real processes: `e2e`.
+    Then the groups and order of parallel runs (suite_order)."""
     for item in items:
         item.add_marker(pytest.mark.unit if _UNIT in Path(item.fspath).parents else pytest.mark.e2e)
+    suite_order.arrange(config, items)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -62,9 +63,15 @@ class Podman:
         self.root = root
         self.conf = root / "containers.conf"
         self.conf.write_text("[containers]\ndefault_ulimits = []\n")
+        # podman refuses a runroot longer than 50 characters, which a parallel worker's tmp
+        # directory (/tmp/pytest-of-root/pytest-N/popen-gwN/image0/run) is: a short one of its own.
+        self.runroot = Path(tempfile.mkdtemp(prefix="esm2-podman-"))
+
+    def remove_runroot(self) -> None:
+        shutil.rmtree(self.runroot, ignore_errors=True)
 
     def __call__(self, *args: str, timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        command = [PODMAN, "--root", str(self.root / "storage"), "--runroot", str(self.root / "run"),
+        command = [PODMAN, "--root", str(self.root / "storage"), "--runroot", str(self.runroot),
                    "--storage-driver", "vfs", "--runtime", "runc", "--cgroup-manager", "cgroupfs", *args]
         result = subprocess.run(command, env={**os.environ, "CONTAINERS_CONF": str(self.conf)}, capture_output=True,
                                 text=True, timeout=timeout, **kwargs)
@@ -132,6 +139,7 @@ def image(tmp_path_factory):
     yield podman, tag
     podman("rm", "--all", "--force", check=False, timeout=600)
     shutil.rmtree(tmp / "storage", ignore_errors=True)  # gigabytes of layer copies
+    podman.remove_runroot()
 
 
 @pytest.fixture(scope="module")

@@ -201,16 +201,16 @@ def test_what_the_page_draws_is_what_the_api_answered(served, browser, tmp_path)
     assert browser.find_element(By.ID, "track-readout").text == \
         f"{letter}{position + 1}: log p({letter}) {wild_type_log_prob:.4f}, entropy {entropy:.4f}"
 
-    # Downloads: the scan CSV equals `esm2 score`'s for the same variants; the raw JSON holds the
-    # API's answers; each panel's PNG is the canvas.
+    # Downloads: the scan CSV equals `esm2 score --scan`'s for the same sequence; the raw JSON holds
+    # the API's answers; each panel's PNG is the canvas.
     downloads = tmp_path / "downloads"
     browser.find_element(By.ID, "download-csv").click()
     page_csv = downloaded(downloads, "-scan.csv").read_bytes()
     cli_csv = tmp_path / "cli.csv"
     subprocess.run([*ESM2_COMMAND, "score", "--server", server.target, "--model", MODEL, "--sequence", SEQUENCE,
-                    "--mutations", *variants, "-o", str(cli_csv), "--quiet"], check=True, timeout=120)
+                    "--scan", "-o", str(cli_csv), "--quiet"], check=True, timeout=120)
     assert page_csv == cli_csv.read_bytes()
-    assert [row["mutant"] for row in csv.DictReader(page_csv.decode().splitlines())] == variants
+    assert [row["variant"] for row in csv.DictReader(page_csv.decode().splitlines())] == variants
 
     browser.find_element(By.ID, "download-json").click()
     raw = json.loads(downloaded(downloads, ".json").read_text())
@@ -244,6 +244,14 @@ def test_a_bad_letter_shows_the_apis_message_and_request_id(served, browser, tmp
     assert re.fullmatch(r"[0-9a-f-]{36}", request_id) and request_id != refused.json()["request_id"]
     assert f"[request_id={request_id}]" in server.log()  # the id of the page's own request
     browser.save_screenshot(str(tmp_path / "playground-400.png"))
+    # Two FASTA records: refused on the page, before any request.
+    field = browser.find_element(By.ID, "sequence")
+    field.clear()
+    field.send_keys(">a\nMKT\n>b\nMKV\n")
+    browser.find_element(By.ID, "run").click()
+    browser_wait(browser, lambda d: d.find_element(By.ID, "error-status").text == "Input:")
+    assert browser.find_element(By.ID, "error-detail").text == "paste one FASTA record; found 2"
+    assert not browser.find_element(By.ID, "error-request-id").is_displayed()
     no_policy_violations(browser)
 
 
@@ -260,7 +268,8 @@ def test_cancel_stops_the_scan_between_blocks(served, browser):
     browser.find_element(By.ID, "block").clear()
     browser.find_element(By.ID, "block").send_keys("1")
     browser.find_element(By.ID, "run").click()
-    browser_wait(browser, lambda d: "(3 of 120 scored" in d.find_element(By.ID, "progress-text").text)
+    browser_wait(browser, lambda d: int((re.search(r"\((\d+) of 120 scored", d.find_element(By.ID, "progress-text").text)
+                                         or [0, 0])[1]) >= 3)
     browser.find_element(By.ID, "cancel").click()
     status = browser_wait(browser, lambda d: re.search(r"cancelled after .*: (\d+) of 120 positions scanned",
                                                        d.find_element(By.ID, "progress-text").text))

@@ -1,6 +1,8 @@
 """free_port: ports that outgoing connections cannot take before a child process binds them."""
 
 import socket
+import subprocess
+import sys
 
 from gateway.processes import ephemeral_port_range, free_port
 
@@ -40,3 +42,32 @@ def test_a_port_another_process_holds_is_skipped(monkeypatch):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", held_port))
         assert free_port() == next_port
+
+
+def test_a_port_another_live_process_drew_is_skipped_though_still_bindable(monkeypatch):
+    """Parallel test workers (and launchers) draw ports before their children bind them: while
+    the process that drew a port lives, no other process is handed it; once it exits, it is free."""
+    from gateway import processes
+
+    drawer = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from gateway.processes import free_port; "
+                               "print(free_port(room=2), flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = int(drawer.stdout.readline())
+        mine = free_port()
+        draws = iter([theirs, theirs + 1, mine, theirs])
+
+        class Draws:
+            def choice(self, candidates):
+                return next(draws)
+
+        monkeypatch.setattr(processes, "_handed_out", set())
+        monkeypatch.setattr(processes, "_RANDOM", Draws())
+        with socket.socket() as sock:  # nothing is bound there: only the other process's claim stands in the way
+            sock.bind(("127.0.0.1", theirs))
+        assert free_port() == mine
+    finally:
+        drawer.stdin.close()
+        drawer.wait(30)
+    assert free_port() == theirs  # the claim died with its process

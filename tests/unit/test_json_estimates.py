@@ -26,7 +26,10 @@ def _result(kinds, length, dim, layers, rng) -> ItemResult:
     return result
 
 
-@pytest.mark.parametrize("kinds", [{k} for k in OutputKind] + [set(OutputKind)], ids=str)
+# ids in a fixed order: str() of a set follows string hashing, which differs between processes,
+# and parallel workers must collect the same ids.
+@pytest.mark.parametrize("kinds", [{k} for k in OutputKind] + [set(OutputKind)],
+                         ids=lambda kinds: "+".join(sorted(kind.value for kind in kinds)))
 def test_the_encode_estimate_is_within_a_quarter_of_the_rendered_size(kinds):
     rng = np.random.default_rng(0)
     lengths, dim, layers = [40, 75], 320, (0, 6)

@@ -44,3 +44,13 @@ def test_no_test_module_imports_another():
         for line, name in _test_module_imports(ast.parse(path.read_text(), str(path)))
     ]
     assert not offenders, "move what is shared into tests/support.py or conftest.py:\n" + "\n".join(offenders)
+
+
+def test_no_two_test_modules_share_a_file_name():
+    """tests/ and tests/unit/ are not packages: pytest imports each test module by its file name,
+    so a second test_x.py stops the whole suite's collection ("import file mismatch"), though
+    each directory alone collects. tests/unit alone is what runs before a landing."""
+    by_name: dict[str, list[str]] = {}
+    for path in sorted(TESTS.rglob("test_*.py")):
+        by_name.setdefault(path.name, []).append(str(path.relative_to(TESTS)))
+    assert not {name: paths for name, paths in by_name.items() if len(paths) > 1}

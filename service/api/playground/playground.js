@@ -399,13 +399,17 @@ function save(blob, filename) {
   setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
 }
 
-// The columns and number format of `esm2 score` (esm2_client/cli.py); rows in scan order.
+// The columns, order and number format of `esm2 score --scan` (esm2_client/cli.py): position by
+// position, substitutions in alphabetical order; only what has been scored (a cancelled scan's part).
 function scanCsv(run) {
-  const lines = ["mutant,masked_marginal_score"];
+  const lines = ["position,wild_type,mutant,variant,method,score"];
   for (let position = 0; position < run.sequence.length; position++) {
     for (let row = 0; row < 20; row++) {
       const value = run.scores[position * 20 + row];
-      if (!Number.isNaN(value)) lines.push(`${run.sequence[position]}${position + 1}${AMINO_ACIDS[row]},${value.toFixed(6)}`);
+      if (Number.isNaN(value)) continue;
+      const wildType = run.sequence[position], substitute = AMINO_ACIDS[row];
+      lines.push([position + 1, wildType, substitute, `${wildType}${position + 1}${substitute}`, "masked_marginal",
+                  value.toFixed(6)].join(","));
     }
   }
   return lines.join("\r\n") + "\r\n";
