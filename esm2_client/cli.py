@@ -90,7 +90,10 @@ class _Interrupts:
 
 
 # ---- embed -----------------------------------------------------------------------
-def _fit_lengths(records: list[Record], limit: int, truncate: int | None, model: str) -> list[Record]:
+def _fit_lengths(records: list[Record], limit: int, truncate: int | None, model: str,
+                 windowed: int = 0) -> list[Record]:
+    """`records` within `limit` residues, cut with --truncate, else refused naming the long ones (and
+    --window where the server offers windowed mode up to `windowed` residues)."""
     if truncate is not None:
         cut = limit if truncate <= 0 else min(truncate, limit)
         return [Record(r.id, r.sequence[:cut]) for r in records]
@@ -100,6 +103,8 @@ def _fit_lengths(records: list[Record], limit: int, truncate: int | None, model:
         raise UsageError(
             f"{len(long)} sequences are longer than {model}'s limit of {limit} residues: {shown}; "
             f"pass --truncate to cut them to {limit}"
+            + (f", or --window LENGTH[:STRIDE] (this server embeds up to {windowed} residues in windows)"
+               if windowed > limit else "")
         )
     return records
 
@@ -133,7 +138,8 @@ def cmd_embed(args) -> int:
     records = read_fasta(args.fasta)
     with _client(args) as client:
         info = client.model_info(args.model)
-        records = _fit_lengths(records, _length_limit(info, args.window, args.model), args.truncate, args.model)
+        records = _fit_lengths(records, _length_limit(info, args.window, args.model), args.truncate, args.model,
+                               0 if args.window else info.max_windowed_residues)
         n = info.num_layers
         bad_layers = [layer for layer in args.repr_layers if not -(n + 1) <= layer <= n]
         if bad_layers:

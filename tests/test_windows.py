@@ -321,6 +321,10 @@ def test_client_and_cli_carry_the_window(windowed, server, tmp_path):
                               "--server", server.target, "-q", "--window", "1022"], capture_output=True, text=True,
                              timeout=120)
     assert refused.returncode != 0 and "does not offer windowed mode" in refused.stderr
+    unwindowed = subprocess.run([*command, "embed", str(fasta), "-o", str(tmp_path / "no.npz"), "-m", "esm2-8m",
+                                 "--server", windowed.target, "-q"], capture_output=True, text=True, timeout=120)
+    assert unwindowed.returncode != 0
+    assert "or --window LENGTH[:STRIDE] (this server embeds up to 6000 residues in windows)" in unwindowed.stderr
     variants = [f"{protein[1010]}1011A" if protein[1010] != "A" else f"{protein[1010]}1011C"]
     score = pb.ScoreRequest(model="esm2-8m", params=pb.ScoreParams(window=pb.Window(length=1022, stride=1000)),
                             items=[pb.ScoreItem(sequence=protein, variants=variants)])
