@@ -61,8 +61,11 @@ deploy-config: protos
 	$(PY) -m gateway.envoy_config $(K8S_ENVOY) --pool esm2-650m=esm2-650m.esm2.svc.cluster.local:50051 \
 		> deploy/k8s/overlays/gpu/envoy-config.yaml
 
+# The whole suite in TEST_WORKERS pytest-xdist worker processes (README "Tests"): most tests wait
+# on servers, Envoys and subprocesses, so more workers than cores pays. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 4
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The fast layer alone: no server, no model, seconds.
 test-unit: setup

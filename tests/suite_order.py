@@ -1,8 +1,9 @@
 """How the suite spreads over pytest-xdist's workers (`make test` runs `-n`, README "Tests").
 
-Units of work: the tests marked `slow` (soak, benchmark smoke, packaging, schemathesis: CPU-bound
-for tens of seconds each) form one unit, SLOW_GROUP, so they run one after another on one worker
-beside the rest instead of all at once, each stretched past its time limit. Otherwise the tests
+Units of work: a module's tests marked `slow` (benchmark smoke, soak, packaging, schemathesis:
+CPU-bound for tens of seconds each) form one unit, so that they run one after another on one
+worker beside the rest rather than all at once, each stretched past its time limit (the benchmark
+smoke tests did, under -n 4, as four units). Otherwise the tests
 of a module that use a module- or class-scoped fixture (a server, an Envoy, a fleet, the image)
 form one unit, an `xdist_group` named after the module, so that each such fixture is built once,
 on one worker; every other test is a unit of its own and goes to whichever worker is free.
@@ -26,7 +27,6 @@ import pytest
 DURATIONS_KEY = "esm2/durations"
 WORKER_INPUT_KEY = "esm2_durations"
 SHARED_SCOPES = {"module", "class", "package"}
-SLOW_GROUP = "slow"
 # Seconds, for a unit never measured: rough figures for a 2-core machine (README "Tests").
 ESTIMATE_PACKAGING_S = 300.0
 ESTIMATE_SLOW_S = 30.0
@@ -34,15 +34,16 @@ ESTIMATE_TEST_S = 1.0
 
 
 def group_name(item: pytest.Item) -> str | None:
-    """SLOW_GROUP for a `slow` test; else the module's nodeid where the test uses a fixture shared
-    beyond one test and not the whole session (module, class or package scope); None where it can
-    run on any worker on its own. (A module fixture used by slow and other tests is built on both
-    workers.)"""
+    """For a `slow` test, "slow:" and its module's nodeid; else the module's nodeid where the test
+    uses a fixture shared beyond one test and not the whole session (module, class or package
+    scope); None where it can run on any worker on its own. (A module fixture used by slow and
+    other tests is built on both workers.)"""
+    module = item.nodeid.split("::")[0]
     if item.get_closest_marker("slow"):
-        return SLOW_GROUP
+        return f"slow:{module}"
     definitions = item._fixtureinfo.name2fixturedefs  # pytest offers no public reader of fixture scopes
     if any(d.scope in SHARED_SCOPES for defs in definitions.values() for d in defs):
-        return item.nodeid.split("::")[0]
+        return module
     return None
 
 
