@@ -81,6 +81,9 @@ def other_callers(envoy, rounds: int) -> list[float]:
     return seen
 
 
+SCHEDULING_MARGIN_S = 0.5
+
+
 def p99(latencies: list[float]) -> float:
     return float(np.percentile(latencies, 99))
 
@@ -107,7 +110,11 @@ def test_unread_streams_through_envoy_do_not_stall_other_callers(edge):
     finally:
         for channel in channels:
             channel.close()
-    assert p99(under_attack) <= 2 * p99(idle), (sorted(idle), sorted(under_attack))
+    # A stall is the stream idle timeout (300 s). The two samples are taken seconds apart and, in a
+    # parallel run, other workers' tests take the CPU in one and not the other: 25 ms latencies
+    # then differ by tens of ms (p99 139 ms against 25 ms idle, in a -n 4 run), so twice the idle
+    # p99 plus a scheduling margin far below any stall.
+    assert p99(under_attack) <= 2 * p99(idle) + SCHEDULING_MARGIN_S, (sorted(idle), sorted(under_attack))
 
 
 def _statuses(server, method: str) -> dict[str, float]:
