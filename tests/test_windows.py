@@ -94,11 +94,16 @@ def test_unwindowed_requests_answer_byte_for_byte_as_on_a_server_without_the_fla
                                                                                   windowed_gateway):
     """The flag changes nothing for a request without a window: same messages, same errors, same
     JSON bodies, as the server without it (the shared fixture) answers."""
-    ordinary = encode_request("esm2-8m", ["MKTAYIAKQRQISFVKSHFSRQ", "ACDEFGHIKLMNPQRSTVWY"],
+    # Sequences no other test sends: the shared server may hold another test's answer for a common
+    # one in its cache, computed in a batch with other items (equal only within the batch-invariance
+    # tolerance; a serial full run once differed by 7e-5 in a log_prob).
+    first, second, third = ("".join(random.Random(f"byte-for-byte {n}").choice(AMINO) for _ in range(length))
+                            for n, length in ((1, 22), (2, 20), (3, 10)))
+    ordinary = encode_request("esm2-8m", [first, second],
                               include=["mean", "per_token", "bos", "contacts", "logits", "attentions"])
     assert (windowed.stub.Encode(ordinary).SerializeToString(deterministic=True)
             == stub.Encode(ordinary).SerializeToString(deterministic=True))
-    log_prob = pb.LogProbRequest(model="esm2-8m", items=[pb.SequenceItem(sequence="MKTAYIAKQR")])
+    log_prob = pb.LogProbRequest(model="esm2-8m", items=[pb.SequenceItem(sequence=third)])
     assert windowed.stub.LogProb(log_prob) == stub.LogProb(log_prob)
     errors = []
     for target in (stub, windowed.stub):
@@ -107,7 +112,7 @@ def test_unwindowed_requests_answer_byte_for_byte_as_on_a_server_without_the_fla
         errors.append((caught.value.code(), caught.value.details()))
     assert errors[0] == errors[1] == (grpc.StatusCode.INVALID_ARGUMENT,
                                       "items[0].sequence: 5000 residues; at most 2048 are allowed")
-    body = {"items": [{"sequence": "MKTAYIAKQRQISFVKSHFSRQ"}], "params": {"include": ["mean", "logits"]}}
+    body = {"items": [{"sequence": first}], "params": {"include": ["mean", "logits"]}}
     answers = [requests.post(g.url + "/api/v3/esm2-8m/encode/", json=body, timeout=60) for g in (gateway, windowed_gateway)]
     assert answers[0].status_code == answers[1].status_code == 200
     assert answers[0].content == answers[1].content
