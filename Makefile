@@ -8,7 +8,7 @@ GEN := esm2_wire/gen
 DESCRIPTOR := gateway/esm2_descriptor.pb
 CHECKPOINTS ?= checkpoints
 
-.PHONY: settings-doc setup protos docs-assets serve demo fleet deploy-config test test-unit bench clean lint-protos
+.PHONY: settings-doc setup protos docs-assets docs serve demo fleet deploy-config test test-unit bench clean lint-protos
 
 setup: $(VENV)/.installed protos docs-assets
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The pinned CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[server,dev,bench,plot,otel]'
+	$(PY) -m pip install --quiet -e '.[server,dev,bench,plot,otel,docs]'
 	touch $@
 
 # Python stubs and Envoy's descriptor set, generated from protos/ (never hand-edited). The package
@@ -83,8 +83,15 @@ lint-protos: $(VENV)/.installed
 	cd build/buf && npx --yes @bufbuild/buf@1.75.0 lint
 
 clean:
-	rm -rf $(GEN) $(DESCRIPTOR) $(CHECKPOINTS)
+	rm -rf $(GEN) $(DESCRIPTOR) $(CHECKPOINTS) site
 
-# README's settings tables, rewritten from the declarations (service/config.py, gateway/launch.py).
+# The documentation site (mkdocs.yml): docs/ built with MkDocs and the Material theme into site/
+# (ignored). --strict fails on any warning, a broken internal link or anchor included; the banner
+# about Material's successor is not one. tests/test_docs_site.py runs the same build.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# The settings tables of docs/configuration.md, rewritten from the declarations (service/config.py,
+# gateway/launch.py); tests/unit/test_settings.py keeps them equal.
 settings-doc: setup
-	$(PY) -m service.config --write-readme README.md
+	$(PY) -m service.config --write-doc docs/configuration.md

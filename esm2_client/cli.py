@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--mutations-csv", type=Path, help="CSV file with a column of mutations")
     score.add_argument("--column", default="mutant", help="mutation column of --mutations-csv (default mutant)")
     score.add_argument("--method", choices=scoring.METHODS, default="masked_marginal",
-                       help="how variants are scored (default masked_marginal; README, Scoring)")
+                       help="how variants are scored (default masked_marginal; docs/scoring.md)")
     score.add_argument("--scan", action="store_true",
                        help="score every single substitution at every position (or --positions): a long CSV")
     score.add_argument("--positions", metavar="FIRST-LAST", help="--scan only these positions, e.g. 10-80 (1-based)")

@@ -6,7 +6,7 @@ retry UNAVAILABLE, and RESOURCE_EXHAUSTED when the server asks for a retry (queu
 with exponential backoff and jitter, stop at the caller's deadline, return results in
 input order, and cancel the requests still running when the caller stops early. Every request goes through the streaming RPCs: the server packs chunks
 ~17x faster than it fills repeated-float messages, no message nears gRPC's 4 MiB limit,
-and mean-only requests cost the same either way (see README, "Client").
+and mean-only requests cost the same either way (see docs/client.md).
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ class Esm2Client(_Base):
                repr_layers: Sequence[int] = (-1,), *, timeout: float | None = None,
                data_type: int = pb.DATA_TYPE_FLOAT32, window: WindowArg = None) -> list[ItemOutputs]:
         """Outputs of every sequence, in input order. `timeout` bounds the whole call. `window`
-        (a length, or (length, stride); 0: the default) asks for windowed mode (README, "Long proteins")."""
+        (a length, or (length, stride); 0: the default) asks for windowed mode (docs/long-proteins.md)."""
         return [out for _, out in self.encode_iter(model, sequences, include, repr_layers,
                                                    timeout=timeout, data_type=data_type, window=window)]
 
@@ -345,7 +345,7 @@ class Esm2Client(_Base):
     @model_first
     def log_prob(self, model: str, sequences: Iterable[str], *, timeout: float | None = None,
                  window: WindowArg = None) -> list[float]:
-        """BioLM's log_prob of each sequence (service README, "Scoring"), in input order."""
+        """BioLM's log_prob of each sequence (docs/scoring.md), in input order."""
         sequences = list(sequences)
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
         limit = self.model_info(model, deadline.remaining()).max_items
@@ -375,8 +375,8 @@ class Esm2Client(_Base):
     def score_stream(self, model: str, items: Sequence[tuple[str, Sequence[str]]], method: str = "masked_marginal",
                      *, timeout: float | None = None, progress=None, window: WindowArg = None) -> list[ScoreResult]:
         """Score's results through ScoreStream, for requests too large to finish within one call's deadline
-        (README, "Admission"): the server sends the variants each block of passes completes, and
-        `progress(passes_done, passes_total)` is called as they come. Equal to score()'s results."""
+        (docs/how-it-works.md, "Admission"): the server sends the variants each block of passes
+        completes, and `progress(passes_done, passes_total)` is called as they come. Equal to score()'s results."""
         deadline = _Deadline(timeout if timeout is not None else self.timeout)
         request = _score_request(model, items, method, pb.ScoreStreamRequest, window)
 

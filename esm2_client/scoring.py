@@ -1,4 +1,4 @@
-"""Zero-shot scores for `esm2 score`, computed by the server's Score RPC (README, "Scoring").
+"""Zero-shot scores for `esm2 score`, computed by the server's Score RPC (docs/scoring.md).
 
 - Masked marginal (Meier et al. 2021): mask position i alone and score a substitution
   as log p(mt | x with i masked) - log p(wt | x with i masked), the log-softmax taken over
@@ -13,8 +13,8 @@ equal passes and come from its cache when repeated. This module only cuts the wo
 requests within the model's bounds (ModelInfo: max_items, max_score_passes,
 max_score_mutations) and keeps up to the client's max_in_flight of them running. A request of
 STREAM_MIN_PASSES passes or more goes through ScoreStream: it may run longer than one call's
-deadline allows (the server refuses such a unary call at once, README "Admission"), and its
-progress is reported pass by pass to `bar` (a tqdm, or anything with `total` and `update`).
+deadline allows (the server refuses such a unary call at once: docs/how-it-works.md, "Admission"),
+and its progress is reported pass by pass to `bar` (a tqdm, or anything with `total` and `update`).
 """
 
 from __future__ import annotations

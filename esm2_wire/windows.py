@@ -1,4 +1,4 @@
-"""Where the windows of windowed mode lie (README, "Long proteins"): shared by the server, which
+"""Where the windows of windowed mode lie (docs/long-proteins.md): shared by the server, which
 runs them, and the client, which counts a Score request's passes before sending it."""
 
 from __future__ import annotations

@@ -200,7 +200,7 @@ def _seconds(value: float) -> str:
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 # Envoy's headers stay on (no suppress_envoy_headers): the servers read x-envoy-expected-rq-timeout-ms,
 # the route's timeout or a unary route's per-try timeout, as the deadline of a call that has no gRPC
-# deadline (every JSON call), and refuse at once what cannot finish before it (README, "Admission").
+# deadline (every JSON call), and refuse at once what cannot finish before it (docs/how-it-works.md, "Admission").
 ROUTER_FILTER = {"name": "envoy.filters.http.router",
                  "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
 
@@ -261,7 +261,7 @@ def json_listener(config: GatewayConfig, pools: tuple[Pool, ...], descriptor: Pa
             # Slow or idle clients cannot hold connections: the headers must arrive within
             # request_headers_timeout, the whole request within request_timeout, a stream may sit
             # silent for stream_idle_timeout and a connection without requests for idle_timeout
-            # (README, "Security and limits").
+            # (docs/security.md).
             request_headers_timeout=_seconds(config.request_headers_timeout_s),
             request_timeout=_seconds(config.request_receive_timeout_s),
             stream_idle_timeout=_seconds(config.stream_idle_timeout_s),

@@ -1,13 +1,13 @@
 """Every setting of the server, declared once: flag, ESM_* variable, type, default, bounds, help.
 
-    python -m service.config --markdown                           # the README's server table
+    python -m service.config --markdown                           # the docs' server table
     python -m service.config --markdown gateway.launch:LaunchSettings  # ... and the gateway's
 
 A setting is a pydantic field made by `setting()`. pydantic-settings reads its environment
 variable (ESM_ plus the field name in capitals); `add_flags` builds its argparse flag from the
 same field, and `from_flags` lets the flags given win over the environment, then validates
 the lot, so a bad value stops start-up with one message naming the flag and the variable.
-`--help` and the README's settings table are made from the declaration too.
+`--help` and the settings tables of docs/configuration.md are made from the declaration too.
 
 The per-model settings (`ModelSettings`) are a subset: the flags give every model's
 defaults, and a models file (service.model_specs) sets them per model under the same
@@ -164,7 +164,7 @@ def from_flags(cls: type[Declared], namespace: argparse.Namespace, parser: argpa
 
 
 def markdown_table(cls: type[BaseModel]) -> str:
-    """The README's table of `cls`: every setting but the hidden test aids."""
+    """The docs' table of `cls` (docs/configuration.md): every setting but the hidden test aids."""
     rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
     for name, info in ordered(cls):
         if _meta(info).get("hidden"):
@@ -178,7 +178,7 @@ def markdown_table(cls: type[BaseModel]) -> str:
 
 
 def _device_default(name: str) -> str:
-    """A per-device default as --help and the README say it: `0.92 on cpu, 0.75 on cuda`."""
+    """A per-device default as --help and the docs say it: `0.92 on cpu, 0.75 on cuda`."""
     return ", ".join(f"{getattr(d, name):,} on {device}" for device, d in DEVICE_DEFAULTS.items())
 
 
@@ -395,7 +395,7 @@ class ServerSettings(Declared, ModelSettings, JsonEdgeLimits):
     device_plugin: Path | None = setting(
         None, flag=None, help="tests only: a Python file whose cuda_runtime() stands in for the CUDA runtime "
                               "(tests/simulated_cuda.py; service.platforms)")
-    # Testing aids, hidden from --help and the README.
+    # Testing aids, hidden from --help and the docs.
     simulate_oom_above_tokens: int = setting(0, env=False, hidden=True, ge=0, help="testing: fake OOM")
     simulate_cpu_native: Literal["present", "absent"] | None = setting(
         None, env=False, hidden=True, help="testing: pretend the CPU has (or lacks) native bf16/fp16")
@@ -420,33 +420,36 @@ def _load(spec: str) -> type[BaseModel]:
     return getattr(importlib.import_module(module), name)
 
 
-README_TABLES = {"server": "service.config:ServerSettings", "gateway": "gateway.launch:LaunchSettings"}
+# The page holding the settings tables, and which declaration makes each.
+SETTINGS_PAGE = Path("docs/configuration.md")
+SETTINGS_TABLES = {"server": "service.config:ServerSettings", "gateway": "gateway.launch:LaunchSettings"}
 
 
-def write_readme_tables(readme: Path) -> None:
-    """Replace each `<!-- settings:NAME -->` table in `readme` with the one its declaration makes."""
-    text = readme.read_text()
-    for section, declaration in README_TABLES.items():
+def write_settings_tables(page: Path) -> None:
+    """Replace each `<!-- settings:NAME -->` table in `page` with the one its declaration makes."""
+    text = page.read_text()
+    for section, declaration in SETTINGS_TABLES.items():
         start, end = f"<!-- settings:{section} -->\n", f"<!-- /settings:{section} -->"
         head, found, rest = text.partition(start)
         if not found:
-            raise SystemExit(f"{readme} has no {start.strip()} table")
+            raise SystemExit(f"{page} has no {start.strip()} table")
         text = head + start + markdown_table(_load(declaration)) + end + rest.partition(end)[2]
-    readme.write_text(text)
+    page.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.config", description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print the settings table")
-    parser.add_argument("--write-readme", type=Path, metavar="README", help="rewrite README's settings tables")
+    parser.add_argument("--write-doc", type=Path, metavar="PAGE",
+                        help=f"rewrite the settings tables of PAGE ({SETTINGS_PAGE})")
     parser.add_argument("declaration", nargs="?", default="service.config:ServerSettings", help="MODULE:CLASS")
     args = parser.parse_args(argv)
-    if args.write_readme:
-        write_readme_tables(args.write_readme)
+    if args.write_doc:
+        write_settings_tables(args.write_doc)
     elif args.markdown:
         sys.stdout.write(markdown_table(_load(args.declaration)))
     else:
-        parser.error("give --markdown or --write-readme")
+        parser.error("give --markdown or --write-doc")
     return 0
 
 

@@ -46,7 +46,7 @@ JSON_BYTES_IN_FLIGHT = Gauge("esm_json_response_bytes_in_flight",
                              "(bounded by --json-response-budget-mb)")
 RESPONSE_BYTES_HELD = Gauge("esm_response_bytes_held",
                             "Bytes of results and rendered responses held for callers that have not received them yet")
-# What the server may use, read at start-up (service.cgroup_limits; README, "Container limits").
+# What the server may use, read at start-up (service.cgroup_limits; docs/deploy.md, "Container limits").
 MEMORY_LIMIT = Gauge("esm_memory_limit_bytes",
                      "Memory this server may use: its cgroup's limit (memory.max, memory.limit_in_bytes), "
                      "else the host's total")
@@ -60,7 +60,7 @@ IGNORED_TRACE_HEADERS = Counter(
     "esm_ignored_trace_headers_total",
     "Callers' W3C trace headers ignored (tracing on): a traceparent too long, malformed, of version ff or with a zero "
     "id starts a new trace; a tracestate too long is dropped (service/tracing.py)", ["reason"])
-# The autoscaling signal (see README, Deploy): how long work waits for the model, which grows
+# The autoscaling signal (see docs/deploy.md): how long work waits for the model, which grows
 # with load before latency targets are missed, whatever the sequence lengths.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 QUEUE_WAIT = Histogram(

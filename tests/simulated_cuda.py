@@ -1,4 +1,4 @@
-"""A simulated CUDA device: computes on the CPU, keeps CUDA's contracts (README, "Running on GPUs").
+"""A simulated CUDA device: computes on the CPU, keeps CUDA's contracts (docs/gpus.md).
 
 It is a `CudaRuntime` (service/platforms/cuda.py) under the service's own CudaPlatform, so the
 server's real start-up and request path run with `--device cuda` on a machine without a GPU:

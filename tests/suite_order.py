@@ -1,4 +1,4 @@
-"""How the suite spreads over pytest-xdist's workers (`make test` runs `-n`, README "Tests").
+"""How the suite spreads over pytest-xdist's workers (`make test` runs `-n`, docs/tests.md).
 
 Units of work: a module's tests marked `slow` (benchmark smoke, soak, packaging, schemathesis:
 CPU-bound for tens of seconds each) form one unit, so that they run one after another on one
@@ -27,7 +27,7 @@ import pytest
 DURATIONS_KEY = "esm2/durations"
 WORKER_INPUT_KEY = "esm2_durations"
 SHARED_SCOPES = {"module", "class", "package"}
-# Seconds, for a unit never measured: rough figures for a 2-core machine (README "Tests").
+# Seconds, for a unit never measured: rough figures for a 2-core machine (docs/tests.md).
 ESTIMATE_PACKAGING_S = 300.0
 ESTIMATE_SLOW_S = 30.0
 ESTIMATE_TEST_S = 1.0

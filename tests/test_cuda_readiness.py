@@ -1,4 +1,4 @@
-"""The CUDA path, checked where it can be on a CPU (issue 22; README, "Running on GPUs"): the
+"""The CUDA path, checked where it can be on a CPU (issue 22; docs/gpus.md): the
 numerics of reduced precision under CPU autocast, the host copies, weights cast once at load,
 bf16 accepted by the worker's device's compute capability, replicate's host memory and the
 liveness signal of a stuck worker. Timings wait for a GPU (BENCHMARKS.md)."""

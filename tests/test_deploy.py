@@ -53,7 +53,7 @@ def test_there_is_a_cpu_and_a_gpu_overlay(rendered):
     gpu_servers = [d for d in by_kind(rendered["gpu"], "Deployment").values()
                    if "nvidia.com/gpu" in d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]]
     assert gpu_servers, "the gpu overlay asks for no nvidia.com/gpu"
-    for deployment in gpu_servers:  # the GPU settings (README, "Running on GPUs")
+    for deployment in gpu_servers:  # the GPU settings (docs/gpus.md)
         variables = env(deployment["spec"]["template"]["spec"]["containers"][0])
         assert variables["ESM_PRECISION"] == "bf16" and variables["ESM_DEVICE"] == "cuda"
         assert int(variables["OMP_NUM_THREADS"]) >= 1

@@ -213,7 +213,7 @@ def _metric(port: int, name: str) -> float:
     return 0.0
 
 
-# ---- container limits (README, "Container limits") ------------------------------------------
+# ---- container limits (docs/deploy.md, "Container limits") -------------------------------------
 def _wait_started(podman: Podman, name: str, timeout: float = 300) -> str:
     """The container's log once the server is ready or the container has stopped."""
     def settled() -> bool:

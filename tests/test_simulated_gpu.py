@@ -1,5 +1,5 @@
 """The server's real start-up and request path with `--device cuda`, on simulated CUDA devices
-(tests/simulated_cuda.py, loaded through ESM_DEVICE_PLUGIN; README, "Running on GPUs"): encode
+(tests/simulated_cuda.py, loaded through ESM_DEVICE_PLUGIN; docs/gpus.md): encode
 with every output, predict, the streams, log_prob and score against fair-esm at the CPU tests'
 tolerances, on two devices (`cuda:0,cuda:1`); a bare `cuda` through gateway.launch; `auto`
 choosing the simulated GPU and its precision; `cuda:7` refused at start-up."""

@@ -1,7 +1,7 @@
 """Windowed mode (issue 29): proteins longer than the model's context, cut into overlapping
 windows that run as ordinary items and are stitched. Every output is checked against solo
 fair-esm passes over each window's tokens: a position covered by one window equals that
-window's row; a position covered by several, the average of theirs (README, "Long proteins").
+window's row; a position covered by several, the average of theirs (docs/long-proteins.md).
 The stitching arithmetic is written out here again, independently of service.api.windows."""
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ INDEX_HTML = f"""<!doctype html>
 </head>
 <body>
 <nav class="esm2-links">Also: <a href="#python-client">the Python client</a> &middot;
-<a href="#command-line">the esm2 command line</a> (README: "Python client and the esm2 command line")</nav>
+<a href="#command-line">the esm2 command line</a> (docs/client.md)</nav>
 {{banner}}<div id="swagger-ui"></div>
 <section id="python-client" class="esm2-section">
 <h2>Python client</h2>

@@ -1,4 +1,4 @@
-"""log_prob and Score in windowed mode (README, "Long proteins").
+"""log_prob and Score in windowed mode (docs/long-proteins.md).
 
 The passes are windows: a window of the wild type (wt_marginal, log_prob), or a window of a
 sequence with one position masked, for each window covering that position (masked_marginal,

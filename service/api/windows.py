@@ -1,7 +1,7 @@
 """Windowed mode (our extension, issue 29): proteins longer than the model's context.
 
 An item is cut into windows of `length` residues starting every `stride` residues, the last
-ending at the item's last residue (README, "Long proteins"). Each window is an ordinary item
+ending at the item's last residue (docs/long-proteins.md). Each window is an ordinary item
 for the scheduler, with its own BOS and EOS, so that windows batch with any other work, merge
 with equal windows in flight and hit the result cache. Per-residue outputs are stitched: each
 position is a convex combination of its rows in the windows that cover it, with the weights
@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_LENGTH", "Cover", "Span", "Window", "stitch_result", "window
 # weights (Brandes et al. 2023, Extended Data Fig. 5): 1, but a logistic ramp over the first and
 # last quarter of the window (256 of 1,022 residues, midpoint 128, scale 16, scaled with the length).
 RULES = ("mean", "centre", "edge")
-STITCH_RULE = "mean"  # README, "Long proteins": the measured distances that chose it
+STITCH_RULE = "mean"  # docs/long-proteins.md: the measured distances that chose it
 # An item's stitched contact map is [L, L] float32: at most this many residues (256 MiB).
 MAX_CONTACT_RESIDUES = 8192
 _PAIR_ROW_BLOCK = 256  # rows of a contact map stitched at a time: float64 working memory is 2 * 256 * L * 8 bytes

@@ -1,4 +1,4 @@
-"""Scheduling on a device that runs ahead of the host (issue 22; README, "Running on GPUs"):
+"""Scheduling on a device that runs ahead of the host (issue 22; docs/gpus.md):
 warm-up is not learned from, an out-of-memory error between another batch's layers waits for
 that batch to end, cuBLAS allocation failures count as out of memory, and the scheduling
 defaults follow the device type. The real ModelWorker and Interleaver over a random-weight

@@ -25,7 +25,7 @@ ALLOWED = {
     "service.request_context": set(),
     "service.tracing": {"service.metrics"},  # it counts the trace headers it ignores
     "service.logs": {"service.request_context"},
-    # The device seam: the only caller of torch.cuda (README, "Running on GPUs").
+    # The device seam: the only caller of torch.cuda (docs/gpus.md).
     "service.platforms": {"service.platforms"},
     "service.cgroup_limits": set(),
 }

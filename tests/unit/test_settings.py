@@ -1,6 +1,6 @@
 """One declaration per setting (service.config): flags and ESM_* variables read from it, bounds
 refused naming the setting, the models file's keys are its per-model subset, the JSON edge's
-limits are declared once for server and gateway, and --help and the README come from it."""
+limits are declared once for server and gateway, and --help and the docs' settings tables come from it."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import pytest
 from gateway import envoy_config
 from gateway.launch import LaunchSettings, server_commands
 from service import config
+from service.config import SETTINGS_PAGE as SETTINGS_PAGE_PATH
 from service.config import JsonEdgeLimits, ModelSettings, ServerSettings, env_of, flag_of, markdown_table
 from service.engine.faults import FaultHook
 from service.server import parse_args
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+SETTINGS_PAGE = Path(__file__).resolve().parents[2] / SETTINGS_PAGE_PATH
 DECLARATIONS = {"service.server": ServerSettings, "gateway.launch": LaunchSettings,
                 "gateway.envoy_config": envoy_config.RenderSettings}
 
@@ -162,7 +163,7 @@ def test_the_json_edge_limits_are_declared_once_and_read_by_server_and_gateway(m
     assert (parse_args(argv).max_json_response_mb, parse_args(argv).max_request_bytes) == (7, 123456)
 
 
-# ---- --help and the README ----------------------------------------------------------------
+# ---- --help and docs/configuration.md ------------------------------------------------------
 
 @pytest.mark.parametrize("module", DECLARATIONS)
 def test_help_lists_every_declared_setting(module, capsys):
@@ -176,10 +177,10 @@ def test_help_lists_every_declared_setting(module, capsys):
 
 
 @pytest.mark.parametrize("section,cls", [("server", ServerSettings), ("gateway", LaunchSettings)])
-def test_readme_settings_tables_are_the_generated_ones(section, cls):
-    text = README.read_text()
+def test_the_docs_settings_tables_are_the_generated_ones(section, cls):
+    text = SETTINGS_PAGE.read_text()
     found = re.search(rf"<!-- settings:{section} -->\n(.*?)<!-- /settings:{section} -->", text, re.S)
-    assert found, f"README has no settings:{section} table"
+    assert found, f"{SETTINGS_PAGE_PATH} has no settings:{section} table"
     assert found.group(1) == markdown_table(cls), (
-        f"README's {section} settings differ from the declaration: regenerate with "
-        "`python -m service.config --write-readme README.md` (make settings-doc)")
+        f"{SETTINGS_PAGE_PATH}'s {section} settings differ from the declaration: regenerate with "
+        f"`python -m service.config --write-doc {SETTINGS_PAGE_PATH}` (make settings-doc)")

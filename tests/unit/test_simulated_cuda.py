@@ -1,6 +1,6 @@
-"""The CUDA path on the simulated CUDA device (tests/simulated_cuda.py; README, "Running on
-GPUs"): the real ModelWorker, scheduler, batch sweep and memory check over CudaPlatform, with
-the device computing on the CPU. Issue 26's defects each have a test here; every result is
+"""The CUDA path on the simulated CUDA device (tests/simulated_cuda.py; docs/gpus.md): the real
+ModelWorker, scheduler, batch sweep and memory check over CudaPlatform, with the device computing
+on the CPU. Issue 26's defects each have a test here; every result is
 compared with the same worker on the CPU, which the parity suites compare with fair-esm."""
 
 from __future__ import annotations
