@@ -312,3 +312,37 @@ def test_every_command_the_docs_show_works_as_shown():
 def test_a_command_that_no_longer_works_is_named(segment, problem):
     found = problems_of(segment)
     assert any(f.startswith(problem) for f in found), found
+
+
+# ---- the files the docs name --------------------------------------------------------------------
+
+REPO_PATH = re.compile(r"`((?:service|gateway|esm2_client|esm2_wire|tests|bench|deploy|protos|harness|examples|docs|\.ci)"
+                       r"/[\w./-]*(?:::\w+)?)`")
+
+
+def missing_files(source: str, text: str) -> list[str]:
+    """Repository paths in `text`'s inline code (`tests/test_cli.py::test_x` names a test in a
+    file) that name nothing: neither a file, a folder nor a path git ignores (made at run time)."""
+    missing = []
+    for named in sorted(set(REPO_PATH.findall(text))):
+        path, _, function = named.partition("::")
+        target = REPO / path
+        if not target.exists():
+            ignored = any(subprocess.run(["git", "check-ignore", "-q", name], cwd=REPO).returncode == 0
+                          for name in (path, path.rstrip("/") + "/"))  # `bench/.cache/` ignores a folder
+            missing += [] if ignored else [f"{source}: no {path}"]
+        elif function and not re.search(rf"(?m)^\s*(?:async )?def {function}\(", target.read_text()):
+            missing.append(f"{source}: no test {function} in {path}")
+    return missing
+
+
+def test_every_file_the_docs_name_exists():
+    named = {source: source.read_text() for source in SOURCES}
+    assert sum(len(REPO_PATH.findall(text)) for text in named.values()) > 100
+    assert not [m for source, text in named.items() for m in missing_files(str(source.relative_to(REPO)), text)]
+
+
+def test_a_file_or_test_that_is_gone_is_named():
+    text = "`service/engine/no_such_module.py`, `tests/test_cli.py::test_no_such_test`, `bench/.cache/x.pt`"
+    assert missing_files("page.md", text) == ["page.md: no service/engine/no_such_module.py",
+                                              "page.md: no test test_no_such_test in tests/test_cli.py"]
