@@ -44,6 +44,7 @@ PEER_EMBED = "peer: esm2 embed, whole process (server already up)"
 BEST_STOCK = "peer: stock fair-esm at its best token budget, mean"
 HF_MEAN = "peer: HF transformers EsmModel sdpa at its best token budget, mean"
 HF_LOGITS = "peer: HF transformers EsmForMaskedLM sdpa, logits"
+ORT_MEAN = "peer: ONNX Runtime fp32 (HF EsmModel exported) at its best token budget, mean"
 # Token budgets each peer's sweep tries (sorted-length batches, as a user who batches well would).
 PEER_BUDGETS = {"cpu": (1024, 2048, 4096), "cuda": (4096, 8192, 16384, 32768)}
 
@@ -134,6 +135,7 @@ class ModelCases:
         self._files = tempfile.TemporaryDirectory(prefix="esm-bench-peer-")
         self.peer_budgets: dict[str, int] | None = None  # peer -> its best toks_per_batch, swept once
         self.hf = self.hf_parity = self.peer_sweep = None
+        self.ort = self.ort_budget = None
 
     def server(self, mode: str) -> Server:
         """'fast': the server's default settings; 'exact': --attention exact (fair-esm's attention)."""
@@ -168,6 +170,8 @@ class ModelCases:
         return self.envoy
 
     def close(self) -> None:
+        if self.ort is not None:
+            self.ort.close()
         if self.envoy is not None:
             self.envoy.stop()
             self.envoy = None
@@ -236,6 +240,29 @@ class ModelCases:
                          lambda loaded, seqs: self.hf.mean_pass(seqs, budgets["hf"], self.autocast))
         self.results[HF_MEAN].extra.update(common, toks_per_batch=budgets["hf"], parity_vs_stock=self.hf_parity,
                                            precision=self.precision)
+
+    def ort_mean(self) -> None:
+        """ONNX Runtime fp32 over the HF peer's exported EsmModel, at its own best token budget."""
+        if importlib.util.find_spec("onnxruntime") is None:
+            self._record(ORT_MEAN, self.workload).skipped = "onnxruntime not installed (the bench extra has it)"
+            return
+        if self.device != "cpu" or self.precision != "fp32":
+            self._record(ORT_MEAN, self.workload).skipped = "the ONNX Runtime peer is the CPU fp32 peer"
+            return
+        if self.ort is None:
+            from bench.ort_peer import OrtPeer
+
+            self._peer_budgets()  # the HF peer whose EsmModel is exported
+            self.ort = OrtPeer(self.hf)
+            sample = self.workload.sequences[::3]
+            seconds = {budget: self.ort.mean_pass(sample, budget) for budget in PEER_BUDGETS["cpu"]}
+            self.ort_budget = min(seconds, key=seconds.get)
+            self.ort_sweep = {b: sum(map(len, sample)) / s for b, s in seconds.items()}
+            self.ort_parity = self.ort.parity(self.loaded, sample[:4])
+        self._in_process(ORT_MEAN, self.workload, lambda loaded, seqs: self.ort.mean_pass(seqs, self.ort_budget))
+        self.results[ORT_MEAN].extra.update(toks_per_batch=self.ort_budget, sweep_residues_per_s=self.ort_sweep,
+                                            parity_vs_stock=self.ort_parity, onnxruntime=self.ort.version,
+                                            export=self.ort.export_description)
 
     def peer_logits(self) -> None:
         budgets = self._peer_budgets()

@@ -1,4 +1,4 @@
-"""The GPU suite: `python -m bench.run --gpu-suite` (README, "Running on GPUs"; BENCHMARKS.md, "GPU").
+"""The GPU suite: `python -m bench.run --gpu-suite` (docs/gpus.md; BENCHMARKS.md, "GPU").
 
 In-process, at the 650M and 3B shapes (random weights made on the device, read through the
 service's loader), over a log-normal mix: stock fair-esm fp32 and HF transformers sdpa (fp32 and

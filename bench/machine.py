@@ -22,9 +22,33 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The CPU flags that decide which kernels MKL, oneDNN, aten and ONNX Runtime's MLAS run.
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+              "amx_tile", "amx_bf16", "amx_int8")
+# Environment variables that cap the instruction set torch's libraries use (an AVX2 run on an
+# AVX-512 machine sets all three; ONNX Runtime has no such switch, so its kernels stay native).
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD flags of /proc/cpuinfo that matter to the kernels, in SIMD_FLAGS order."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                present = set(line.split(":", 1)[1].split())
+                return [f for f in SIMD_FLAGS if f in present]
+    except OSError:
+        pass
+    return []
+
+
 def describe() -> dict:
     info = {
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_caps": {name: os.environ[name] for name in ISA_CAPS if name in os.environ},
+        "onnxruntime": _version("onnxruntime"),
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "torch": torch.__version__,
@@ -37,6 +61,13 @@ def describe() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     return info
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def synchronize_all() -> None:

@@ -15,6 +15,7 @@ from bench.cases import (
     HF_LOGITS,
     HF_MEAN,
     LATENCY,
+    ORT_MEAN,
     PEER_EMBED,
     PEER_EXTRACT,
     SERVER_RSS,
@@ -88,14 +89,21 @@ def targets(measurements: list[Measurement], matmul_flops: float) -> list[dict]:
         if pairs:
             add(f"gRPC 8x8 mean, default settings / best peer ({best.case.split(': ', 1)[1].split(' at ')[0]}), "
                 "median of the back-to-back pairs", statistics.median(pairs), 1.1)
+        # Issue 28's fp32 targets on CPU: >= 1.0x ONNX Runtime fp32 and >= 1.15x HF sdpa fp32.
+        for peer_case, threshold in ((ORT_MEAN, 1.0), (HF_MEAN, 1.15)):
+            pairs = paired_ratios(cases.get(GRPC_88), cases.get(peer_case))
+            if pairs and cases[peer_case].extra.get("precision", "fp32") == "fp32":
+                add(f"gRPC 8x8 mean, default settings / {peer_case.split(': ', 1)[1].split(' at ')[0]}, "
+                    "median of the back-to-back pairs", statistics.median(pairs), threshold)
         if base and forward_fast and fast_name.endswith("autocast"):  # GPU: >= 3x stock fp32 at 650M
             add(f"{fast_name} / stock fp32 baseline", forward_fast / base, 3.0)
     return checks
 
 
 def best_peer(cases: dict[str, Measurement]) -> Measurement | None:
-    """The fastest of the mean-embedding peers (stock fair-esm and HF sdpa, each at its best budget)."""
-    peers = [cases[c] for c in (BEST_STOCK, HF_MEAN) if c in cases and cases[c].seconds]
+    """The fastest of the mean-embedding peers (stock fair-esm, HF sdpa and ONNX Runtime, each at its
+    best budget)."""
+    peers = [cases[c] for c in (BEST_STOCK, HF_MEAN, ORT_MEAN) if c in cases and cases[c].seconds]
     return max(peers, key=lambda m: m.residues_per_s, default=None)
 
 
@@ -119,15 +127,18 @@ def peer_table(by_model: dict[str, dict[str, Measurement]]) -> list[str]:
             m = cases.get(name)
             return (m.residues_per_s, m.extra.get("toks_per_batch")) if m is not None and m.seconds else (None, None)
 
-        (stock, stock_toks), (hf, hf_toks) = rate(BEST_STOCK), rate(HF_MEAN)
+        (stock, stock_toks), (hf, hf_toks), (ort, ort_toks) = rate(BEST_STOCK), rate(HF_MEAN), rate(ORT_MEAN)
         service, _ = rate(GRPC_88)
         hf_logits, _ = rate(HF_LOGITS)
         logits, _ = rate(STREAM_LOGITS)
         parity = cases[HF_MEAN].extra.get("parity_vs_stock", {}) if HF_MEAN in cases else {}
-        pairs = paired_ratios(cases.get(GRPC_88), best)
-        paired = f"**{statistics.median(pairs):.2f}** ({min(pairs):.2f}-{max(pairs):.2f})" if pairs else "-"
+        def paired(peer_case):
+            pairs = paired_ratios(cases.get(GRPC_88), cases.get(peer_case))
+            return f"**{statistics.median(pairs):.2f}** ({min(pairs):.2f}-{max(pairs):.2f})" if pairs else "-"
+
         rows.append(f"| {model} | {_fmt(stock, ',.0f')} ({stock_toks}) | {_fmt(hf, ',.0f')} ({hf_toks}) "
-                    f"| {_fmt(service, ',.0f')} | {paired} "
+                    f"| {_fmt(ort, ',.0f')} ({ort_toks}) | {_fmt(service, ',.0f')} | {paired(best.case)} "
+                    f"| {paired(HF_MEAN)} | {paired(ORT_MEAN)} "
                     f"| {_fmt(hf_logits, ',.0f')} | {_fmt(logits, ',.0f')} | {_fmt(logits and hf_logits and logits / hf_logits)} "
                     f"| {_fmt(parity.get('max_abs_diff_representations'), '.1e')} |")
     if not rows:
@@ -135,10 +146,14 @@ def peer_table(by_model: dict[str, dict[str, Measurement]]) -> list[str]:
     return ["", "Against the peers a user would run instead, each at the token budget its sweep in this run found "
             "best (in brackets): residues/s, median of the runs. Service = gRPC Encode mean, 8 clients x 8 items, "
             "default flags, run right after the peers in every repeat; service / best peer = the median (min-max) "
-            "of the per-repeat ratios of those back-to-back runs; logits = EncodeStream logits, 8 x 8, vs EsmForMaskedLM. HF parity = max |HF - stock| "
-            "of the last layer on 4 of the sequences (the peer computes the same function):", "",
-            "| model | stock fair-esm | HF EsmModel sdpa | service | service / best peer | HF MaskedLM logits "
-            "| service logits | service / HF logits | HF parity |", "|---|---|---|---|---|---|---|---|---|", *rows]
+            "of the per-repeat ratios of those back-to-back runs; ONNX Runtime = the HF EsmModel exported to ONNX, "
+            "fp32, every graph optimization, same threads (bench/ort_peer.py); logits = EncodeStream logits, 8 x 8, "
+            "vs EsmForMaskedLM. HF parity = max |HF - stock| of the last layer on 4 of the sequences (the peer "
+            "computes the same function):", "",
+            "| model | stock fair-esm | HF EsmModel sdpa | ONNX Runtime fp32 | service | service / best peer "
+            "| service / HF | service / ONNX Runtime | HF MaskedLM logits "
+            "| service logits | service / HF logits | HF parity |", "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *rows]
 
 
 def peer(measurements: list[Measurement]) -> list[dict]:
@@ -168,6 +183,11 @@ def markdown(run: dict, measurements: list[Measurement]) -> str:
         f"Run {run['started']} ({run['wall_seconds']:.0f} s), command: `{run['command']}`",
         "",
         f"Machine: {machine['cpu']}, {machine['cpu_cores']} cores, {machine['memory_gib']} GiB; "
+        f"CPU flags: {' '.join(machine.get('cpu_flags') or ['not recorded'])}; "
+        f"torch's CPU capability {machine.get('torch_cpu_capability', '-')}"
+        + (f" (capped: {', '.join(f'{k}={v}' for k, v in machine['isa_caps'].items())}; ONNX Runtime's kernels "
+           "are not capped)" if machine.get("isa_caps") else "") + "; "
+        f"onnxruntime {machine.get('onnxruntime') or 'not installed'}; "
         f"torch {machine['torch']} ({machine['torch_threads']} threads), fair-esm {machine['fair_esm']}, "
         f"grpcio {machine['grpcio']}, Python {machine['python']}; load average at start "
         f"{', '.join(f'{x:.2f}' for x in machine['load_average_at_start'])}; "

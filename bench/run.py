@@ -23,10 +23,10 @@ from service.models.random_checkpoints import SHAPES, write_random_checkpoint
 log = logging.getLogger("bench")
 HERE = Path(__file__).resolve().parent
 # --cases: groups of the per-model cases, plus the --mfu-models and --rss-models runs.
-CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "hf", "mfu", "rss", "hol", "cache",
-               "depth", "int8", "packed")
+CASE_GROUPS = ("baseline", "forward", "grpc", "stream", "json", "latency", "peer", "hf", "ort", "mfu", "rss", "hol",
+               "cache", "depth", "int8", "packed")
 SPEED_GROUPS = ("depth", "int8", "packed")  # bench/speedups.py: each a comparison of its own
-SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer", "hf"}  # the ones that need a server
+SERVED_GROUPS = {"grpc", "stream", "json", "latency", "peer", "hf", "ort"}  # the ones that need a server
 
 
 def parse_args(argv):
@@ -132,9 +132,9 @@ def full_cases(m: cases.ModelCases, clients, items, groups) -> list:
     # The service's 8x8 case runs right after the peers, so that each repeat gives a back-to-back
     # pair (report.paired_ratios); with "hf" it runs there even when "grpc" is not asked for.
     pairs = [(c, i) for i in items for c in clients]
-    steps = [("baseline", m.baseline_mean), ("hf", m.peers_mean)]
-    if "hf" in groups:
-        steps.append(("hf", lambda: m.grpc_mean(8, 8)))
+    steps = [("baseline", m.baseline_mean), ("hf", m.peers_mean), ("ort", m.ort_mean)]
+    if groups & {"hf", "ort"}:
+        steps.append((next(iter(groups & {"hf", "ort"})), lambda: m.grpc_mean(8, 8)))
         pairs = [p for p in pairs if p != (8, 8)]
     steps += [("forward", m.forward_fast), ("forward", m.forward_exact)]
     steps += [("grpc", lambda c=c, i=i: m.grpc_mean(c, i)) for c, i in pairs]
@@ -146,7 +146,7 @@ def full_cases(m: cases.ModelCases, clients, items, groups) -> list:
 
 
 def mfu_cases(m: cases.ModelCases, groups) -> list:
-    peers = [m.peers_mean] if "hf" in groups else []
+    peers = ([m.peers_mean] if "hf" in groups else []) + ([m.ort_mean] if "ort" in groups else [])
     return [m.baseline_mean, *peers, lambda: m.grpc_mean(8, 8), m.forward_fast]  # 8x8 right after the peers
 
 

@@ -7,6 +7,7 @@ ran against real servers and the report is well formed.
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -67,6 +68,17 @@ def test_quick_bench_writes_a_complete_report(tmp_path):
     assert set(hf["sweep_residues_per_s"]) == {"stock", "hf"}
     assert any(t["target"].startswith("gRPC 8x8 mean, default settings / best peer") for t in run["targets"])
     assert "service / best peer" in markdown_file.read_text()
+    # ONNX Runtime fp32 on the exported HF EsmModel: timed at its best budget, the same function as
+    # stock, and both of issue 28's fp32 targets checked against it and HF; the CPU flags are named.
+    ort = by_case[cases.ORT_MEAN]
+    assert ort["seconds"] and ort["extra"]["toks_per_batch"] in (1024, 2048, 4096)
+    assert ort["extra"]["parity_vs_stock"]["max_abs_diff_representations"] < 1e-4
+    fp32_targets = {t["target"] for t in run["targets"] if t["model"] == "esm2-tiny"}
+    assert any("/ ONNX Runtime fp32" in t for t in fp32_targets) and any("/ HF transformers EsmModel" in t
+                                                                       for t in fp32_targets)
+    assert platform.machine() != "x86_64" or "avx2" in run["machine"]["cpu_flags"]
+    assert "| service / ONNX Runtime |" in markdown_file.read_text()
+    assert "CPU flags: " in markdown_file.read_text()
 
     latency = by_case[cases.LATENCY]["extra"]
     assert latency["requests"] == 20 and 0 < latency["p50_ms"] <= latency["p99_ms"]

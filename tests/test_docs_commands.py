@@ -161,8 +161,8 @@ def makefile() -> tuple[set[str], set[str]]:
 @functools.cache
 def served_paths() -> list[re.Pattern]:
     document = json.loads((REPO / "service" / "api" / "openapi.json").read_text())
-    # The proto's http rules are what Envoy's transcoder routes; score_stream is one the OpenAPI
-    # document lacks.
+    # The proto's http rules are what Envoy's transcoder routes (the health and docs routes are
+    # not in the OpenAPI document).
     rules = re.findall(r'(?:get|post): "([^"]+)"', (REPO / "protos" / "esm" / "v1" / "esm2.proto").read_text())
     paths = [re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(p.rstrip("/"))) for p in [*document["paths"], *rules]]
     return [re.compile(f"{p}/?") for p in paths]

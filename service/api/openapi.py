@@ -204,6 +204,38 @@ def _action(action: str, result: dict, limits: Limits) -> dict:
     }
 
 
+# One line of score_stream's newline-delimited JSON (service.api.rendering.score_stream_json_line):
+# progress, and each item's scores as their passes finish.
+SCORE_STREAM_LINE = {
+    "type": "object",
+    "description": "One line: the passes done so far of all the request's passes, and, where a block of scores "
+                   "is ready, the item (sequence_index) and the variants (variant_indexes) it scores.",
+    "required": ["passes_done", "passes_total"],
+    "properties": {
+        "passes_done": {"type": "integer", "minimum": 0},
+        "passes_total": {"type": "integer", "minimum": 0},
+        "sequence_index": {"type": "integer", "minimum": 0},
+        "variant_indexes": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "scores": {"type": "array", "items": {"type": ["number", "null"]}},
+        "variant_pseudo_log_likelihoods": {"type": "array", "items": {"type": ["number", "null"]}},
+        "pseudo_log_likelihood": {"type": ["number", "null"]},
+        "scored_positions": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+def _score_stream(limits: Limits) -> dict:
+    """score's body, answered as newline-delimited JSON while the passes run (idle timeout, no total one)."""
+    operation = _action("score", SCORE_RESULT, limits)
+    post = operation["post"]
+    post["operationId"] = "score_stream"
+    post["summary"] = "score, streamed: one JSON line per block of scores as it is ready, with progress"
+    ok = post["responses"]["200"]
+    ok["description"] = "Newline-delimited JSON (application/x-ndjson), one object per line"
+    ok["content"] = {"application/x-ndjson": {"schema": SCORE_STREAM_LINE}}
+    return operation
+
+
 def document(limits: Limits = Limits()) -> dict:
     return {
         "openapi": "3.1.0",
@@ -218,6 +250,7 @@ def document(limits: Limits = Limits()) -> dict:
             "/api/v3/{model}/predict/": _action("predict", PREDICT_RESULT, limits),
             "/api/v3/{model}/log_prob/": _action("log_prob", LOG_PROB_RESULT, limits),
             "/api/v3/{model}/score/": _action("score", SCORE_RESULT, limits),
+            "/api/v3/{model}/score_stream/": _score_stream(limits),
             "/api/v3/schema/{model}/{action}/": {
                 "get": {
                     "operationId": "schema",

@@ -78,8 +78,8 @@ class DeviceDefaults:
     seconds_per_work: float  # the cost model's rate until a model's first batch is measured
 
 
-# CPU: measured on the 2-core CPU (BENCHMARKS.md). CUDA: reasoned, not measured yet (README,
-# "Running on GPUs"): a GPU runs a batch in nearly the same time up to its token budget (it is
+# CPU: measured on the 2-core CPU (BENCHMARKS.md). CUDA: reasoned, not measured yet (docs/gpus.md):
+# a GPU runs a batch in nearly the same time up to its token budget (it is
 # underfilled below), so padding costs little there and a lower floor lets batches reach the
 # 8,192-token budget; fused attention (SDPA) makes the quadratic term cheap beside the Linear
 # layers, so the pair cap admits a full budget of full-length rows (8 x 1024^2); the initial

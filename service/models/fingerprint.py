@@ -5,7 +5,7 @@ sorted order: each key's name, dtype, shape and bytes. Two servers that report t
 fingerprint computed with the same weights, whatever file format held them; a fine-tune,
 another seed or a damaged copy reports another one. Precision is reported beside it, not in it.
 
-Hashing reads every weight once (one SHA-256 pass; README, "Provenance", has the figures). The result is cached beside the
+Hashing reads every weight once (one SHA-256 pass; docs/api.md, "Provenance", has the figures). The result is cached beside the
 checkpoint, keyed by its files' size, mtime, ctime and inode, so that a restart skips the hash
 and a changed file is hashed again. A checkpoint directory that cannot be written (a read-only
 volume in a container image) keeps the cache in the user's cache directory instead

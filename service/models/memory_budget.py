@@ -101,7 +101,7 @@ def check_fits(needs: list[Need], assume_gib: float | None = None) -> None:
             where = f" ({cgroup_limits.describe_memory()})" if device.type == "cpu" and assume_gib is None else ""
             problems.append(
                 f"{device} has {free / GIB:.2f} GiB available{where} but needs {total / GIB:.2f} GiB for {parts} "
-                "(weights plus one batch's working memory: README, \"Running on GPUs\")"
+                "(weights plus one batch's working memory: docs/gpus.md)"
             )
     if problems:
         raise DoesNotFit("models do not fit: " + "; ".join(problems)

@@ -13,7 +13,7 @@ Activations use 7 bits (0..127), as PyTorch's own x86 dynamic quantization does 
 without VNNI: there the u8 x s8 products are summed in pairs into int16, which 8-bit inputs
 can overflow. Every machine uses 7 bits, so that int8 results do not depend on the CPU.
 
-Consequences callers should know (README "Choosing int8"): outputs differ from fp32 by the
+Consequences callers should know (docs/benchmarks.md, "Choosing int8"): outputs differ from fp32 by the
 figures in BENCHMARKS.md's accuracy tables, and they depend slightly on the batch an item ran
 in, since the activation scale is measured over the whole batch (padding rows included).
 
