@@ -119,12 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path("bench/.cache"))
     args = p.parse_args(argv)
     workload = mixed_workload(args.sequences, 0)
-    info = machine.describe()
-    caps = ", ".join(f"{k}={v}" for k, v in info["isa_caps"].items()) or "none"
-    print(f"{info['cpu']}, {info['cpu_cores']} cores; CPU flags: {' '.join(info['cpu_flags'])}; torch "
-          f"{info['torch']} ({info['torch_threads']} threads, CPU capability {info['torch_cpu_capability']}); "
-          f"instruction-set caps: {caps}; onnxruntime {info['onnxruntime']}; load average "
-          f"{', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}")
+    print(machine.headline())
     print(f"{workload.describe()}; {args.budget}-token batches; median of {args.rounds} alternating rounds\n")
     print("| model | engine | residues/s | / default, median of pairs (min-max) | start-up s | max abs diff vs stock |")
     print("|---|---|---|---|---|---|")

@@ -77,11 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path("bench/.cache"))
     args = p.parse_args(argv)
     workload = mixed_workload(args.sequences, 0)
-    info = machine.describe()
-    caps = ", ".join(f"{k}={v}" for k, v in info["isa_caps"].items()) or "none"
-    print(f"{info['cpu']}, {info['cpu_cores']} cores; CPU flags: {' '.join(info['cpu_flags'])}; torch "
-          f"{info['torch']} ({info['torch_threads']} threads, CPU capability {info['torch_cpu_capability']}); "
-          f"instruction-set caps: {caps}; load average {', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}")
+    print(machine.headline())
     print(f"{workload.describe()}; {args.clients} clients x {args.items} items; median of {args.rounds} rounds\n")
     print("| model | in-process forward s | served s | served / in-process speed, pairs | worker busy s "
           "| busy - forward s | idle s | batches served (in-process) | server CPU s | client CPU s |")
