@@ -136,8 +136,11 @@ def peer_table(by_model: dict[str, dict[str, Measurement]]) -> list[str]:
             pairs = paired_ratios(cases.get(GRPC_88), cases.get(peer_case))
             return f"**{statistics.median(pairs):.2f}** ({min(pairs):.2f}-{max(pairs):.2f})" if pairs else "-"
 
-        rows.append(f"| {model} | {_fmt(stock, ',.0f')} ({stock_toks}) | {_fmt(hf, ',.0f')} ({hf_toks}) "
-                    f"| {_fmt(ort, ',.0f')} ({ort_toks}) | {_fmt(service, ',.0f')} | {paired(best.case)} "
+        def at_budget(rate, toks):  # residues/s (its sweep's best budget), or "-" where the peer did not run
+            return "-" if rate is None else f"{rate:,.0f} ({toks})"
+
+        rows.append(f"| {model} | {at_budget(stock, stock_toks)} | {at_budget(hf, hf_toks)} "
+                    f"| {at_budget(ort, ort_toks)} | {_fmt(service, ',.0f')} | {paired(best.case)} "
                     f"| {paired(HF_MEAN)} | {paired(ORT_MEAN)} "
                     f"| {_fmt(hf_logits, ',.0f')} | {_fmt(logits, ',.0f')} | {_fmt(logits and hf_logits and logits / hf_logits)} "
                     f"| {_fmt(parity.get('max_abs_diff_representations'), '.1e')} |")
