@@ -58,18 +58,34 @@ def stock_pass(loaded, sequences, contacts: bool = False, toks_per_batch: int = 
     return time.perf_counter() - start
 
 
+@torch.inference_mode()
+def stock_last_layer_rows(loaded, sequences) -> list[torch.Tensor]:
+    """Stock fair-esm's last layer over `sequences` in one padded batch: each one's residue rows,
+    the reference the bench's parity checks compare with."""
+    _, _, tokens = loaded.alphabet.get_batch_converter()([(str(i), s) for i, s in enumerate(sequences)])
+    reps = loaded.model(tokens.to(_device(loaded.model)), repr_layers=[loaded.num_layers])
+    return [reps["representations"][loaded.num_layers][i, 1 : len(s) + 1] for i, s in enumerate(sequences)]
+
+
+def max_abs_diff(rows, reference) -> float:
+    """The largest |a - b| over matching lists of row tensors."""
+    return max((torch.as_tensor(a) - b).abs().max().item() for a, b in zip(rows, reference))
+
+
 def service_forward_pass(loaded, sequences, fast: bool, toks_per_batch: int = TOKS_PER_BATCH,
-                         autocast: torch.dtype | None = None) -> float:
+                         autocast: torch.dtype | None = None, last_layer=None) -> float:
     """Seconds for the service's forward (service.models.forward) over the same batches, in-process:
-    the model's share of the service's time, without the serving layers."""
+    the model's share of the service's time, without the serving layers. `last_layer`, if given,
+    replaces the forward: tokens [B, T] -> the last layer [B, T, E] (bench.engines' compiled one)."""
     plan = BatchPlan(layers=frozenset({loaded.num_layers}), fast_attention=fast)
+    last_layer = last_layer or (lambda tokens: forward(loaded.model, tokens, plan).representations[loaded.num_layers])
     device = _device(loaded.model)
     precision = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     start = time.perf_counter()
     for strs, tokens in _batches(loaded.alphabet, sequences, toks_per_batch, device):
         with precision:
-            out = forward(loaded.model, tokens, plan)
-        reps = out.representations[loaded.num_layers].float().cpu()
+            reps = last_layer(tokens)
+        reps = reps.float().cpu()
         for i, s in enumerate(strs):
             reps[i, 1 : len(s) + 1].mean(0).clone()
     _sync(device)

@@ -135,7 +135,7 @@ class ModelCases:
         self._files = tempfile.TemporaryDirectory(prefix="esm-bench-peer-")
         self.peer_budgets: dict[str, int] | None = None  # peer -> its best toks_per_batch, swept once
         self.hf = self.hf_parity = self.peer_sweep = None
-        self.ort = self.ort_budget = None
+        self.ort = self.ort_budget = self.ort_sweep = self.ort_parity = None  # ONNX Runtime, swept once
 
     def server(self, mode: str) -> Server:
         """'fast': the server's default settings; 'exact': --attention exact (fair-esm's attention)."""
@@ -221,10 +221,14 @@ class ModelCases:
                     "hf": lambda b: self.hf.mean_pass(sample, b, self.autocast)}
             self.peer_budgets, self.peer_sweep = {}, {}
             for peer, run in runs.items():
-                seconds = {budget: run(budget) for budget in PEER_BUDGETS[self.device.split(":")[0]]}
-                self.peer_sweep[peer] = {b: sum(map(len, sample)) / s for b, s in seconds.items()}
-                self.peer_budgets[peer] = min(seconds, key=seconds.get)
+                self.peer_budgets[peer], self.peer_sweep[peer] = self._sweep(run, sample)
         return self.peer_budgets
+
+    def _sweep(self, run, sample) -> tuple[int, dict[int, float]]:
+        """`run(budget)` over `sample` at each of this device's PEER_BUDGETS: the fastest budget,
+        and residues/s at each."""
+        seconds = {budget: run(budget) for budget in PEER_BUDGETS[self.device.split(":")[0]]}
+        return min(seconds, key=seconds.get), {b: sum(map(len, sample)) / s for b, s in seconds.items()}
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -255,9 +259,7 @@ class ModelCases:
             self._peer_budgets()  # the HF peer whose EsmModel is exported
             self.ort = OrtPeer(self.hf)
             sample = self.workload.sequences[::3]
-            seconds = {budget: self.ort.mean_pass(sample, budget) for budget in PEER_BUDGETS["cpu"]}
-            self.ort_budget = min(seconds, key=seconds.get)
-            self.ort_sweep = {b: sum(map(len, sample)) / s for b, s in seconds.items()}
+            self.ort_budget, self.ort_sweep = self._sweep(lambda b: self.ort.mean_pass(sample, b), sample)
             self.ort_parity = self.ort.parity(self.loaded, sample[:4])
         self._in_process(ORT_MEAN, self.workload, lambda loaded, seqs: self.ort.mean_pass(seqs, self.ort_budget))
         self.results[ORT_MEAN].extra.update(toks_per_batch=self.ort_budget, sweep_residues_per_s=self.ort_sweep,

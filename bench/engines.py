@@ -28,20 +28,14 @@ from pathlib import Path
 import torch
 
 from bench import machine
-from bench.baseline import _batches, service_forward_pass, service_packed_pass
+from bench.baseline import max_abs_diff, service_forward_pass, service_packed_pass, stock_last_layer_rows
 from bench.run import checkpoint_for, shapes
 from bench.workload import mixed_workload
 from service.models.checkpoints import load
 from service.models.forward import BatchPlan, forward
+from service.models.packed import pack, packed_forward
 
 DEFAULT = "torch eager, packed (default)"
-
-
-def _stock_last_layer(loaded, sequences) -> list[torch.Tensor]:
-    _, _, tokens = loaded.alphabet.get_batch_converter()([(str(i), s) for i, s in enumerate(sequences)])
-    with torch.inference_mode():
-        reps = loaded.model(tokens, repr_layers=[loaded.num_layers])["representations"][loaded.num_layers]
-    return [reps[i, 1 : len(s) + 1] for i, s in enumerate(sequences)]
 
 
 def _padded_rows(run, loaded, sequences) -> list[torch.Tensor]:
@@ -49,11 +43,16 @@ def _padded_rows(run, loaded, sequences) -> list[torch.Tensor]:
     with torch.inference_mode():  # tokens made here too: the compiled graph is guarded on inference tensors
         _, _, tokens = loaded.alphabet.get_batch_converter()([(str(i), s) for i, s in enumerate(sequences)])
         reps = run(tokens)
-    return [torch.as_tensor(reps)[i, 1 : len(s) + 1] for i, s in enumerate(sequences)]
+    return [reps[i, 1 : len(s) + 1] for i, s in enumerate(sequences)]
 
 
-def _max_diff(rows, reference) -> float:
-    return max((a - b).abs().max().item() for a, b in zip(rows, reference))
+def _packed_rows(loaded, sequences) -> list[torch.Tensor]:
+    """The service's packed forward over `sequences` in one packed batch: each one's residue rows."""
+    plan = BatchPlan(layers=frozenset({loaded.num_layers}))
+    tokens, cu_seqlens = pack([torch.tensor(loaded.tokenize(tuple(s)), dtype=torch.int64) for s in sequences])
+    reps = packed_forward(loaded.model, tokens, cu_seqlens, plan).representations[loaded.num_layers]
+    cu = cu_seqlens.tolist()
+    return [reps[begin + 1 : end - 1] for begin, end in zip(cu[:-1], cu[1:])]
 
 
 class Compiled:
@@ -72,13 +71,9 @@ class Compiled:
         self.startup_s = time.perf_counter() - start
 
     def mean_pass(self, sequences, budget: int = 1024) -> float:
-        start = time.perf_counter()
+        # Tokens made under inference mode too: the compiled graph is guarded on inference tensors.
         with torch.inference_mode():
-            for strs, tokens in _batches(self.loaded.alphabet, sequences, budget, torch.device("cpu")):
-                reps = self.run(tokens)
-                for i, s in enumerate(strs):
-                    reps[i, 1 : len(s) + 1].mean(0).clone()
-        return time.perf_counter() - start
+            return service_forward_pass(self.loaded, sequences, True, budget, last_layer=self.run)
 
 
 def candidates(loaded, sequences, budget: int) -> tuple[dict, dict, dict]:
@@ -87,20 +82,20 @@ def candidates(loaded, sequences, budget: int) -> tuple[dict, dict, dict]:
     from bench.ort_peer import OrtPeer
 
     check = sequences[:4]
-    reference = _stock_last_layer(loaded, check)
+    reference = stock_last_layer_rows(loaded, check)
     plan = BatchPlan(layers=frozenset({loaded.num_layers}), fast_attention=True)
     runs = {DEFAULT: lambda: service_packed_pass(loaded, sequences, budget),
             "torch eager, padded": lambda: service_forward_pass(loaded, sequences, True, budget)}
     startup = {DEFAULT: 0.0, "torch eager, padded": 0.0}
     eager_rows = _padded_rows(lambda t: forward(loaded.model, t, plan).representations[loaded.num_layers],
                               loaded, check)
-    parity = {"torch eager, padded": _max_diff(eager_rows, reference)}
-    parity[DEFAULT] = parity["torch eager, padded"]  # tests/test_packed.py holds packed to padded
+    parity = {DEFAULT: max_abs_diff(_packed_rows(loaded, check), reference),
+              "torch eager, padded": max_abs_diff(eager_rows, reference)}
 
     compiled = Compiled(loaded, sequences)
     runs["torch.compile (inductor, dynamic)"] = lambda: compiled.mean_pass(sequences, budget)
     startup["torch.compile (inductor, dynamic)"] = compiled.startup_s
-    parity["torch.compile (inductor, dynamic)"] = _max_diff(_padded_rows(compiled.run, loaded, check), reference)
+    parity["torch.compile (inductor, dynamic)"] = max_abs_diff(_padded_rows(compiled.run, loaded, check), reference)
 
     start = time.perf_counter()
     ort = OrtPeer(HfPeer(loaded))

@@ -57,6 +57,13 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def tokenized_batches(tokenizer, sequences, toks_per_batch: int, device="cpu"):
+    """esm-extract's sorted token-budget batches, each as (its sequences, EsmTokenizer's padded encoding)."""
+    for indices in extract_batches(sequences, toks_per_batch):
+        batch = [sequences[i] for i in indices]
+        yield batch, tokenizer(batch, padding=True, return_tensors="pt").to(device)
+
+
 class HfPeer:
     """EsmForMaskedLM (and its `.esm`, an EsmModel) with SDPA attention, plus EsmTokenizer."""
 
@@ -90,12 +97,6 @@ class HfPeer:
         peer.embedder = peer.mlm.esm
         return peer
 
-    def _batches(self, sequences, toks_per_batch):
-        for indices in extract_batches(sequences, toks_per_batch):
-            batch = [sequences[i] for i in indices]
-            encoded = self.tokenizer(batch, padding=True, return_tensors="pt").to(self.device)
-            yield batch, encoded
-
     def mean_pass(self, sequences, toks_per_batch: int, autocast: torch.dtype | None = None) -> float:
         """Seconds for mean-of-last-layer embeddings of every sequence (EsmModel)."""
         return self._timed(sequences, toks_per_batch, autocast,
@@ -112,7 +113,7 @@ class HfPeer:
         """Seconds to run `model` over the batches and `per_item` on each sequence's residue rows."""
         start = time.perf_counter()
         with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
-            for batch, encoded in self._batches(sequences, toks_per_batch):
+            for batch, encoded in tokenized_batches(self.tokenizer, sequences, toks_per_batch, self.device):
                 out = model(encoded).float().cpu()
                 for i, s in enumerate(batch):
                     per_item(out[i, 1 : len(s) + 1])

@@ -63,10 +63,10 @@ def describe() -> dict:
     return info
 
 
-def headline(info: dict | None = None) -> str:
+def headline() -> str:
     """One line naming the machine as every table of the engine benches heads it: CPU, flags,
     torch's threads and CPU capability, instruction-set caps, onnxruntime and the load."""
-    info = info or describe()
+    info = describe()
     caps = ", ".join(f"{k}={v}" for k, v in info["isa_caps"].items()) or "none"
     return (f"{info['cpu']}, {info['cpu_cores']} cores; CPU flags: {' '.join(info['cpu_flags'])}; torch "
             f"{info['torch']} ({info['torch_threads']} threads, CPU capability {info['torch_cpu_capability']}); "

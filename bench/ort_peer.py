@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.baseline import extract_batches
+from bench.baseline import max_abs_diff, stock_last_layer_rows
+from bench.hf_peer import tokenized_batches
 
 
 class _LastHidden(torch.nn.Module):
@@ -92,19 +93,14 @@ class OrtPeer:
     def mean_pass(self, sequences, toks_per_batch: int) -> float:
         """Seconds for mean-of-last-layer embeddings of every sequence."""
         start = time.perf_counter()
-        for indices in extract_batches(sequences, toks_per_batch):
-            batch = [sequences[i] for i in indices]
-            out = self._run(self.tokenizer(batch, padding=True, return_tensors="pt"))
+        for batch, encoded in tokenized_batches(self.tokenizer, sequences, toks_per_batch):
+            out = self._run(encoded)
             for i, s in enumerate(batch):
                 out[i, 1 : len(s) + 1].mean(0)
         return time.perf_counter() - start
 
-    @torch.inference_mode()
     def parity(self, loaded, sequences) -> dict[str, float]:
         """Max |ONNX Runtime - stock fair-esm| of the last layer over `sequences`, one batch."""
-        _, _, tokens = loaded.alphabet.get_batch_converter()([(str(i), s) for i, s in enumerate(sequences)])
-        stock = loaded.model(tokens, repr_layers=[loaded.num_layers])["representations"][loaded.num_layers]
-        ours = torch.from_numpy(self._run(self.tokenizer(list(sequences), padding=True, return_tensors="pt")))
-        diff = max((ours[i, 1 : len(s) + 1] - stock[i, 1 : len(s) + 1]).abs().max().item()
-                   for i, s in enumerate(sequences))
-        return {"max_abs_diff_representations": diff}
+        ours = self._run(self.tokenizer(list(sequences), padding=True, return_tensors="pt"))
+        rows = [ours[i, 1 : len(s) + 1] for i, s in enumerate(sequences)]
+        return {"max_abs_diff_representations": max_abs_diff(rows, stock_last_layer_rows(loaded, sequences))}

@@ -134,7 +134,7 @@ def full_cases(m: cases.ModelCases, clients, items, groups) -> list:
     pairs = [(c, i) for i in items for c in clients]
     steps = [("baseline", m.baseline_mean), ("hf", m.peers_mean), ("ort", m.ort_mean)]
     if groups & {"hf", "ort"}:
-        steps.append((next(iter(groups & {"hf", "ort"})), lambda: m.grpc_mean(8, 8)))
+        steps.append(("hf" if "hf" in groups else "ort", lambda: m.grpc_mean(8, 8)))
         pairs = [p for p in pairs if p != (8, 8)]
     steps += [("forward", m.forward_fast), ("forward", m.forward_exact)]
     steps += [("grpc", lambda c=c, i=i: m.grpc_mean(c, i)) for c, i in pairs]
